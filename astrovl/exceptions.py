@@ -1,0 +1,54 @@
+"""Exception types raised by astrovl.
+
+Every error derives from :class:`AstroVLError` and from the built-in exception
+that best describes it, so ``except ValueError`` keeps working for callers that
+do not know about astrovl.
+"""
+
+__all__ = [
+    "AstroVLError",
+    "ImageInputError",
+    "ImageFileError",
+    "ModelNotFoundError",
+    "CheckpointError",
+    "DatasetError",
+    "ManifestError",
+    "IndexMismatchError",
+    "GenerationError",
+]
+
+
+class AstroVLError(Exception):
+    """Base class of all astrovl errors."""
+
+
+class ImageInputError(AstroVLError, ValueError):
+    """An image input cannot be turned into an :class:`~astrovl.AstroImage`."""
+
+
+class ModelNotFoundError(AstroVLError, OSError):
+    """A model name, path or hub id cannot be resolved (for example offline)."""
+
+
+class CheckpointError(AstroVLError, OSError):
+    """A saved model, index or training checkpoint is missing, partial or corrupt."""
+
+
+class DatasetError(AstroVLError, ValueError):
+    """A dataset, its inputs or its configuration is invalid."""
+
+
+class ManifestError(DatasetError):
+    """A dataset manifest is malformed or points outside its dataset root."""
+
+
+class IndexMismatchError(AstroVLError, ValueError):
+    """An embedding index and an embedder (or vectors) do not match."""
+
+
+class GenerationError(AstroVLError, RuntimeError):
+    """A language model failed to produce valid structured output."""
+
+
+class ImageFileError(AstroVLError, OSError):
+    """An image file is missing, truncated, corrupt or of an unknown format."""

@@ -1,0 +1,86 @@
+"""Cutouts that keep the WCS, via :class:`astropy.nddata.Cutout2D`."""
+
+from __future__ import annotations
+
+import numpy as np
+from astropy import units as u
+from astropy.coordinates import SkyCoord
+from astropy.nddata import Cutout2D
+from astropy.nddata.utils import NoOverlapError
+
+from ..exceptions import ImageInputError
+from .core import AstroImage
+
+__all__ = ["cutout"]
+
+
+def cutout(image, position, size, *, stretch=None, interval=None, mode: str = "trim",
+           **load_kwargs) -> AstroImage:
+    """Cut a region out of an image, keeping its WCS.
+
+    Parameters
+    ----------
+    image : any input of :func:`~astrovl.load_image`, or an AstroImage
+    position : astropy.coordinates.SkyCoord or (x, y)
+        Centre of the cutout: sky position (needs a WCS) or pixel coordinates
+        (0-based, x along columns).
+    size : int, (ny, nx), astropy.units.Quantity or pair of Quantity
+        Size in pixels, or an angle (needs a WCS).
+    stretch, interval
+        Scaling of the cutout (as in :func:`~astrovl.load_image`); the interval is
+        recomputed on the cutout.
+    mode : {"trim", "partial", "strict"}
+        As in :class:`~astropy.nddata.Cutout2D`: how to treat cutouts that run off
+        the image edge ("partial" fills with NaN, shown as 0).
+
+    Returns
+    -------
+    AstroImage
+    """
+    from .readers import load_image
+
+    base = image if isinstance(image, AstroImage) else load_image(image, **load_kwargs)
+    needs_wcs = isinstance(position, SkyCoord) or isinstance(size, u.Quantity) or (
+        isinstance(size, (tuple, list)) and any(isinstance(s, u.Quantity) for s in size))
+    if needs_wcs and base.wcs is None:
+        raise ImageInputError(
+            f"{base.source}: a sky position or angular size needs a celestial WCS, and this "
+            "image has none; give the position and size in pixels"
+        )
+    raw = base.raw
+    planes = [raw[..., i] for i in range(raw.shape[2])] if raw.ndim == 3 else [raw]
+    try:
+        cuts = [Cutout2D(p, position, size, wcs=base.wcs, mode=mode, fill_value=np.nan, copy=True)
+                for p in planes]
+    except NoOverlapError as exc:
+        raise ImageInputError(f"{base.source}: the cutout at {position} does not overlap the image") from exc
+    except ValueError as exc:
+        raise ImageInputError(f"{base.source}: cannot cut out {size} at {position}: {exc}") from exc
+    data = cuts[0].data if len(cuts) == 1 else np.stack([c.data for c in cuts], axis=-1)
+    header = base.header.copy() if base.header is not None else None
+    if header is not None and cuts[0].wcs is not None:
+        header.update(cuts[0].wcs.to_header())
+    mask = None
+    if base.mask is not None:
+        mcut = Cutout2D(base.mask.astype(float), position, size, wcs=base.wcs, mode=mode,
+                        fill_value=1.0, copy=True)
+        mask = mcut.data > 0
+    if stretch is None and base.meta.get("stretch") not in (None, "none"):
+        stretch = base.meta["stretch"]
+    if mask is None:
+        src = (data, cuts[0].wcs) if cuts[0].wcs is not None else data
+        out = load_image(src, stretch=stretch, interval=interval)
+    else:
+        out = _with_mask(data, cuts[0].wcs, mask, stretch, interval)
+    out.header = header
+    out.source = f"cutout({base.source}, {position}, {size})"
+    out.meta.update(origin=base.meta.get("origin", "lower"), bbox=cuts[0].bbox_original)
+    return out
+
+
+def _with_mask(data, wcs, mask, stretch, interval):
+    from astropy.nddata import NDData
+
+    from .readers import load_image
+
+    return load_image(NDData(data, wcs=wcs, mask=mask), stretch=stretch, interval=interval)

@@ -1,0 +1,484 @@
+"""Turn any astronomical image input into an :class:`~astrovl.imaging.AstroImage`."""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from astropy.io import fits
+from astropy.nddata import NDData, block_reduce
+from astropy.utils.exceptions import AstropyUserWarning
+from astropy.wcs import WCS, FITSFixedWarning
+
+from ..config import conf
+from ..exceptions import ImageFileError, ImageInputError
+from .core import AstroImage
+from .scaling import scale_to_unit
+
+__all__ = ["load_image", "FITS_SUFFIXES", "PICTURE_SUFFIXES"]
+
+FITS_SUFFIXES = (".fits", ".fit", ".fts", ".fits.gz", ".fit.gz", ".fts.gz", ".fz", ".fits.fz")
+PICTURE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".gif", ".webp")
+
+# extension names that hold auxiliary planes rather than the science image
+_AUX_EXTNAMES = {"ERR", "DQ", "WHT", "VAR", "MASK", "CTX", "SAMP", "TIME", "CON", "EXP", "WGT", "IVM", "RMS"}
+
+
+def load_image(
+    obj: Any,
+    *,
+    hdu: int | str | tuple | None = None,
+    plane: int | None = None,
+    stretch=None,
+    interval=None,
+    max_pixels: int | None = None,
+) -> AstroImage:
+    """Load an astronomical image from any supported input.
+
+    Parameters
+    ----------
+    obj : str, path-like, HDUList, PrimaryHDU, ImageHDU, CompImageHDU, NDData, CCDData, tuple, numpy.ndarray, PIL.Image.Image or AstroImage
+        Accepted inputs:
+
+        * a path to a FITS file (``.fits``, ``.fit``, ``.fts``, gzip-compressed
+          ``.fits.gz``, tile-compressed ``.fz``) or to a picture (JPEG, PNG, TIFF...);
+        * an :class:`~astropy.io.fits.HDUList` (see ``hdu``);
+        * a :class:`~astropy.io.fits.PrimaryHDU`, :class:`~astropy.io.fits.ImageHDU`
+          or :class:`~astropy.io.fits.CompImageHDU`;
+        * an :class:`~astropy.nddata.NDData` or :class:`~astropy.nddata.CCDData`
+          (its mask is honoured, its WCS kept);
+        * an ``(array, Header)`` or ``(array, WCS)`` tuple;
+        * a 2-D numpy array, or a 3-D one (a cube with ``plane=``, or an
+          ``(H, W, 3|4)`` colour array kept as colour);
+        * a :class:`PIL.Image.Image`;
+        * an :class:`AstroImage` (rescaled if ``stretch``/``interval`` are given).
+    hdu : int, str or (str, int), optional
+        HDU to use from a file or HDUList. When omitted, the first HDU with 2-D or
+        higher image data is used; if several science images are present (not just
+        ``SCI`` with its ``ERR``/``DQ`` planes) the choice is ambiguous and an error
+        asks for ``hdu=``.
+    plane : int, optional
+        Plane of a 3-D cube (axis 0 in numpy order). A cube of three planes with no
+        ``plane`` is shown as colour (planes taken as R, G, B).
+    stretch : str or astropy stretch, optional
+        ``"asinh"`` (default, ``astrovl.conf.stretch``), ``"linear"``, ``"log"``,
+        ``"sqrt"``... or any :class:`astropy.visualization.BaseStretch`.
+    interval : str, float, pair or astropy interval, optional
+        ``"percentile"`` (default: 0.5-99.5 %), ``"zscale"``, ``"minmax"``, a
+        percentile, a ``(vmin, vmax)`` pair or any astropy interval.
+    max_pixels : int, optional
+        Images with more pixels are block-averaged by an integer factor (NaN-aware)
+        before scaling so that huge mosaics fit in memory; the WCS is adjusted.
+        Defaults to ``astrovl.conf.max_pixels``.
+
+    Returns
+    -------
+    AstroImage
+
+    Raises
+    ------
+    ImageFileError
+        Missing, truncated, corrupt or unrecognised file.
+    ImageInputError
+        Table HDU, HDU without data, no finite pixel, unsupported dimensionality,
+        ambiguous HDU choice.
+    TypeError
+        Unsupported input type.
+
+    Notes
+    -----
+    Picture inputs that are already 8-bit (JPEG, PNG, ``uint8`` arrays) are only
+    divided by 255 unless ``stretch`` or ``interval`` is given explicitly.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from astrovl import load_image
+    >>> img = load_image(np.arange(16.0).reshape(4, 4), stretch="linear", interval="minmax")
+    >>> img.data.shape, float(img.data.max())
+    ((4, 4), 1.0)
+    """
+    explicit_scaling = stretch is not None or interval is not None
+    stretch = conf.stretch if stretch is None else stretch
+    interval = conf.interval if interval is None else interval
+    max_pixels = int(conf.max_pixels if max_pixels is None else max_pixels)
+    if max_pixels < 1:
+        raise ValueError(f"max_pixels={max_pixels!r} must be a positive integer")
+
+    parsed = _parse(obj, hdu=hdu)
+    return _finish(parsed, plane=plane, stretch=stretch, interval=interval,
+                   max_pixels=max_pixels, explicit_scaling=explicit_scaling)
+
+
+class _Parsed:
+    """Intermediate result: the array and its metadata before scaling."""
+
+    def __init__(self, array, header=None, wcs=None, source="<array>", mask=None,
+                 origin="lower", picture=False, meta=None):
+        self.array = array
+        self.header = header
+        self.wcs = wcs
+        self.source = source
+        self.mask = mask
+        self.origin = origin
+        self.picture = picture
+        self.meta = meta or {}
+
+
+def _parse(obj, *, hdu) -> _Parsed:
+    if isinstance(obj, AstroImage):
+        return _Parsed(obj.raw, obj.header, obj.wcs, obj.source, obj.mask,
+                       obj.meta.get("origin", "lower"), obj.meta.get("picture", False))
+    if isinstance(obj, (str, os.PathLike)):
+        return _parse_path(Path(obj), hdu=hdu)
+    if isinstance(obj, fits.HDUList):
+        return _parse_hdulist(obj, hdu=hdu, source="<HDUList>")
+    if isinstance(obj, (fits.PrimaryHDU, fits.ImageHDU, fits.CompImageHDU)):
+        return _parse_hdu(obj, source=f"<{type(obj).__name__} {obj.name}>")
+    if isinstance(obj, (fits.BinTableHDU, fits.TableHDU)):
+        raise ImageInputError(
+            f"{type(obj).__name__} {obj.name!r} holds a table, not an image; pass an image "
+            "HDU (PrimaryHDU, ImageHDU or CompImageHDU)"
+        )
+    if isinstance(obj, NDData):
+        return _parse_nddata(obj)
+    if isinstance(obj, tuple):
+        return _parse_tuple(obj)
+    if isinstance(obj, np.ndarray):
+        return _Parsed(obj, source=f"<ndarray {obj.shape}>",
+                       origin="upper" if _looks_like_picture(obj) else "lower",
+                       picture=obj.dtype == np.uint8)
+    try:
+        from PIL import Image
+    except ImportError:  # pragma: no cover
+        Image = None
+    if Image is not None and isinstance(obj, Image.Image):
+        return _parse_pil(obj, source=f"<PIL.Image {obj.mode} {obj.size[0]}x{obj.size[1]}>")
+    raise TypeError(
+        f"cannot load an image from an object of type {type(obj).__name__}; pass a FITS or "
+        "picture path, an HDUList or image HDU, NDData/CCDData, an (array, Header|WCS) tuple, "
+        "a numpy array or a PIL image"
+    )
+
+
+def _looks_like_picture(arr: np.ndarray) -> bool:
+    return arr.ndim == 3 and arr.shape[-1] in (3, 4) and arr.shape[0] > 4
+
+
+def _is_fits_path(path: Path) -> bool:
+    name = path.name.lower()
+    return any(name.endswith(s) for s in FITS_SUFFIXES)
+
+
+def _has_fits_signature(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        return fh.read(6) == b"SIMPLE"
+
+
+def _parse_path(path: Path, *, hdu) -> _Parsed:
+    if not path.exists():
+        raise ImageFileError(f"image file {str(path)!r} does not exist; check the path")
+    if path.is_dir():
+        raise ImageFileError(f"{str(path)!r} is a directory; pass an image file")
+    if _is_fits_path(path) or _has_fits_signature(path):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", AstropyUserWarning)
+                warnings.filterwarnings("ignore", category=FITSFixedWarning)
+                warnings.filterwarnings("ignore", message=".*non-standard.*")
+                with fits.open(path, memmap=False, lazy_load_hdus=False) as hdul:
+                    parsed = _parse_hdulist(hdul, hdu=hdu, source=str(path))
+                    parsed.array = np.array(parsed.array)  # force the read inside the context
+        except (ImageInputError, ImageFileError):
+            raise
+        except (OSError, ValueError, TypeError, EOFError, IndexError, KeyError,
+                AstropyUserWarning) as exc:
+            raise ImageFileError(
+                f"FITS file {str(path)!r} could not be read ({type(exc).__name__}: {exc}); "
+                "it may be truncated or corrupt: download it again"
+            ) from exc
+        return parsed
+    try:
+        from PIL import Image, UnidentifiedImageError
+    except ImportError as exc:  # pragma: no cover
+        raise ImageFileError("reading pictures needs pillow: pip install pillow") from exc
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return _parse_pil(im, source=str(path))
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise ImageFileError(
+            f"{str(path)!r} is neither a FITS file nor a readable picture ({exc}); supported: "
+            f"FITS ({', '.join(FITS_SUFFIXES)}) and pictures ({', '.join(PICTURE_SUFFIXES)})"
+        ) from exc
+
+
+def _parse_pil(im, *, source: str) -> _Parsed:
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(im, dtype=np.float32)
+        return _Parsed(arr, source=source, origin="upper", picture=False)
+    if im.mode not in ("L", "RGB"):
+        im = im.convert("RGB")
+    arr = np.asarray(im)
+    return _Parsed(arr, source=source, origin="upper", picture=True)
+
+
+def _image_hdus(hdul: fits.HDUList) -> list[int]:
+    out = []
+    for i, h in enumerate(hdul):
+        if isinstance(h, (fits.PrimaryHDU, fits.ImageHDU, fits.CompImageHDU)) and h.header.get("NAXIS", 0) >= 2:
+            shape = h.shape if hasattr(h, "shape") else ()
+            if len(shape) >= 2 and all(s > 0 for s in shape):
+                out.append(i)
+    return out
+
+
+def _describe_hdus(hdul: fits.HDUList) -> str:
+    parts = []
+    for i, h in enumerate(hdul):
+        shape = getattr(h, "shape", None)
+        parts.append(f"[{i}] {h.name!r} {type(h).__name__} {tuple(shape) if shape else 'no data'}")
+    return "; ".join(parts)
+
+
+def _parse_hdulist(hdul: fits.HDUList, *, hdu, source: str) -> _Parsed:
+    if len(hdul) == 0:
+        raise ImageInputError(f"{source}: the HDUList is empty")
+    if hdu is not None:
+        try:
+            chosen = hdul[hdu]
+        except (KeyError, IndexError) as exc:
+            raise ImageInputError(
+                f"{source}: hdu={hdu!r} does not exist; available HDUs: {_describe_hdus(hdul)}"
+            ) from exc
+        label = hdu
+    else:
+        candidates = _image_hdus(hdul)
+        if not candidates:
+            raise ImageInputError(
+                f"{source}: no HDU holds 2-D image data (HDUs: {_describe_hdus(hdul)}); "
+                "pass a file with an image or choose one with hdu="
+            )
+        idx = _choose_hdu(hdul, candidates, source)
+        chosen, label = hdul[idx], idx
+    parsed = _parse_hdu(chosen, source=f"{source}[{label}]")
+    parsed.meta["hdu"] = label
+    parsed.meta["extname"] = chosen.name
+    return parsed
+
+
+def _choose_hdu(hdul, candidates: list[int], source: str) -> int:
+    if len(candidates) == 1:
+        return candidates[0]
+    names = [hdul[i].name.upper() for i in candidates]
+    science = [i for i, n in zip(candidates, names) if n not in _AUX_EXTNAMES]
+    sci_named = [i for i, n in zip(candidates, names) if n == "SCI"]
+    if sci_named:
+        return sci_named[0]
+    if len(science) == 1:
+        return science[0]
+    raise ImageInputError(
+        f"{source}: {len(science)} image HDUs could hold the science image "
+        f"({_describe_hdus(hdul)}); choose one with hdu= (an index or an EXTNAME)"
+    )
+
+
+def _parse_hdu(h, *, source: str) -> _Parsed:
+    if isinstance(h, (fits.BinTableHDU, fits.TableHDU)):
+        raise ImageInputError(
+            f"{source}: HDU {h.name!r} is a table, not an image; choose an image HDU with hdu="
+        )
+    if not isinstance(h, (fits.PrimaryHDU, fits.ImageHDU, fits.CompImageHDU)):
+        raise ImageInputError(f"{source}: HDU of type {type(h).__name__} does not hold an image")
+    data = h.data
+    if data is None or np.size(data) == 0:
+        raise ImageInputError(
+            f"{source}: HDU {h.name!r} has no data (header only); in multi-extension files the "
+            "image usually sits in extension 1: pass hdu=1 or the EXTNAME"
+        )
+    header = h.header.copy()
+    return _Parsed(np.asarray(data), header=header, source=source)
+
+
+def _parse_nddata(nd: NDData) -> _Parsed:
+    data = np.asarray(nd.data)
+    mask = None if nd.mask is None else np.asarray(nd.mask, dtype=bool)
+    if mask is not None and mask.shape != data.shape:
+        raise ImageInputError(
+            f"NDData mask shape {mask.shape} does not match data shape {data.shape}"
+        )
+    header = None
+    meta = getattr(nd, "meta", None) or {}
+    if isinstance(meta, fits.Header):
+        header = meta.copy()
+    elif isinstance(meta.get("header", None), fits.Header):
+        header = meta["header"].copy()
+    wcs = nd.wcs if isinstance(nd.wcs, WCS) else None
+    return _Parsed(data, header=header, wcs=wcs, source=f"<{type(nd).__name__} {data.shape}>", mask=mask)
+
+
+def _parse_tuple(obj: tuple) -> _Parsed:
+    if len(obj) != 2:
+        raise TypeError(
+            f"a tuple input must be (array, Header) or (array, WCS); got a tuple of {len(obj)} items"
+        )
+    arr, second = obj
+    arr = np.asarray(arr)
+    if isinstance(second, fits.Header):
+        return _Parsed(arr, header=second.copy(), source=f"<(ndarray {arr.shape}, Header)>")
+    if isinstance(second, WCS):
+        return _Parsed(arr, wcs=second, source=f"<(ndarray {arr.shape}, WCS)>")
+    raise TypeError(
+        f"the second item of an (array, ...) tuple must be an astropy Header or WCS, "
+        f"not {type(second).__name__}"
+    )
+
+
+def _celestial_wcs(header, wcs, ndim: int):
+    """Return a 2-D celestial WCS, or None."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if wcs is None and header is not None:
+                wcs = WCS(header)
+            if wcs is None:
+                return None
+            if not wcs.has_celestial:
+                return None
+            cel = wcs.celestial
+            return cel if cel.naxis == 2 else None
+    except Exception:  # malformed WCS keywords: keep the image, drop the WCS
+        warnings.warn("the WCS in the header could not be interpreted and was dropped",
+                      AstropyUserWarning, stacklevel=4)
+        return None
+
+
+def _reduce_dims(parsed: _Parsed, plane: int | None) -> tuple[np.ndarray, bool]:
+    """Return (array, is_colour) with shape (H, W) or (H, W, 3)."""
+    arr = parsed.array
+    if arr.dtype.kind not in "biuf":
+        raise ImageInputError(f"{parsed.source}: pixel type {arr.dtype} is not numeric")
+    if arr.ndim < 2:
+        raise ImageInputError(
+            f"{parsed.source}: a {arr.ndim}-D array (shape {arr.shape}) is not an image; "
+            "images must be 2-D (or a 3-D cube with plane=)"
+        )
+    if arr.ndim > 4:
+        raise ImageInputError(
+            f"{parsed.source}: {arr.ndim}-D data (shape {arr.shape}) is not supported; slice it "
+            "to a 2-D image or 3-D cube first"
+        )
+    if arr.ndim == 4:
+        if arr.shape[0] != 1:
+            raise ImageInputError(
+                f"{parsed.source}: 4-D data of shape {arr.shape} has a non-trivial 4th axis; "
+                "slice it to a 3-D cube or 2-D image first (for example data[0])"
+            )
+        arr = arr[0]
+    if arr.ndim == 2:
+        if plane not in (None, 0):
+            raise ImageInputError(f"{parsed.source}: plane={plane} given for a 2-D image")
+        return arr, False
+    # 3-D
+    colour_last = arr.shape[-1] in (3, 4) and parsed.header is None and (
+        parsed.picture or parsed.origin == "upper" or arr.shape[0] > 4)
+    if colour_last and plane is None:
+        return arr[..., :3], True
+    if plane is not None:
+        n = arr.shape[0]
+        if not -n <= plane < n:
+            raise ImageInputError(
+                f"{parsed.source}: plane={plane} is out of range for a cube of {n} planes"
+            )
+        return arr[plane], False
+    if arr.shape[0] == 1:
+        return arr[0], False
+    if arr.shape[0] == 3:
+        return np.moveaxis(arr, 0, -1), True
+    raise ImageInputError(
+        f"{parsed.source}: a cube of shape {arr.shape} has {arr.shape[0]} planes; choose one "
+        "with plane="
+    )
+
+
+def _finish(parsed: _Parsed, *, plane, stretch, interval, max_pixels, explicit_scaling) -> AstroImage:
+    arr, colour = _reduce_dims(parsed, plane)
+    mask = parsed.mask
+    if mask is not None:
+        mask = np.asarray(mask, dtype=bool)
+        if mask.ndim == 3 and mask.shape[0] == 1:
+            mask = mask[0]
+        elif mask.ndim == 3 and plane is not None:
+            mask = mask[plane]
+        if mask.shape != arr.shape[:2]:
+            mask = None
+    wcs = _celestial_wcs(parsed.header, parsed.wcs, arr.ndim)
+    if wcs is not None and wcs.pixel_shape is None:
+        wcs.pixel_shape = (arr.shape[1], arr.shape[0])
+
+    raw = np.asarray(arr, dtype=np.float32)
+    factor = 1
+    npix = raw.shape[0] * raw.shape[1]
+    if npix > max_pixels:
+        factor = int(math.ceil(math.sqrt(npix / max_pixels)))
+        raw = _block_downsample(raw, mask, factor)
+        if mask is not None:
+            mask = block_reduce(mask.astype(np.float32), factor, func=np.min)[: raw.shape[0], : raw.shape[1]] > 0
+        if wcs is not None:
+            wcs = wcs.slice((slice(None, None, factor), slice(None, None, factor)))
+            wcs.pixel_shape = (raw.shape[1], raw.shape[0])
+
+    if not np.isfinite(raw).any() or (mask is not None and not (np.isfinite(raw) & ~_expand(mask, raw)).any()):
+        raise ImageInputError(
+            f"{parsed.source}: the image has no finite, unmasked pixel (all NaN/inf or masked); "
+            "choose another HDU or plane"
+        )
+
+    if parsed.picture and not explicit_scaling and parsed.array.dtype == np.uint8:
+        data = raw / np.float32(255.0)
+        used = {"stretch": "none", "interval": "uint8/255"}
+    else:
+        data = scale_to_unit(raw, stretch=stretch, interval=interval, mask=mask)
+        used = {"stretch": _name(stretch), "interval": _name(interval)}
+    invalid = ~np.isfinite(raw)
+    if raw.ndim == 3:
+        invalid = invalid.any(axis=2)
+    if mask is not None:
+        invalid |= mask
+    data = np.asarray(data, dtype=np.float32)
+    if invalid.any():
+        data[invalid] = 0.0
+    meta = dict(parsed.meta)
+    meta.update(origin=parsed.origin, picture=parsed.picture, downsample=factor, **used)
+    return AstroImage(
+        data=data,
+        raw=raw,
+        wcs=wcs,
+        header=parsed.header,
+        source=parsed.source,
+        mask=invalid if invalid.any() else None,
+        meta=meta,
+    )
+
+
+def _expand(mask, raw):
+    return np.repeat(mask[:, :, None], raw.shape[2], axis=2) if raw.ndim == 3 else mask
+
+
+def _block_downsample(raw: np.ndarray, mask, factor: int) -> np.ndarray:
+    work = raw.copy() if mask is not None else raw
+    if mask is not None:
+        work[_expand(mask, work)] = np.nan
+    block = (factor, factor, 1) if work.ndim == 3 else factor
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN blocks give NaN
+        out = block_reduce(work, block, func=np.nanmean)
+    return np.asarray(out, dtype=np.float32)
+
+
+def _name(x) -> str:
+    return x if isinstance(x, str) else type(x).__name__

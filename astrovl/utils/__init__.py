@@ -1,0 +1,17 @@
+"""Small shared helpers (files, paths, devices, optional imports, progress)."""
+
+from .files import atomic_write, atomic_write_bytes, atomic_write_text, atomic_directory, safe_join
+from .devices import resolve_device
+from .imports import optional_import
+from .progress import progress_bar
+
+__all__ = [
+    "atomic_write",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "atomic_directory",
+    "safe_join",
+    "resolve_device",
+    "optional_import",
+    "progress_bar",
+]

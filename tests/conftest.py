@@ -1,0 +1,78 @@
+"""Shared test fixtures: real telescope images shipped inside installed packages."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+try:
+    from pytest_astropy_header.display import PYTEST_HEADER_MODULES
+
+    PYTEST_HEADER_MODULES.clear()
+    PYTEST_HEADER_MODULES.update({"Numpy": "numpy", "Astropy": "astropy", "Torch": "torch",
+                                  "Transformers": "transformers", "open_clip": "open_clip"})
+except ImportError:  # pragma: no cover
+    pass
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def _astropy_file(*parts: str) -> Path:
+    import astropy
+
+    path = Path(astropy.__file__).parent.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"astropy test file {path.name} is not installed")
+    return path
+
+
+@pytest.fixture(scope="session")
+def m13_path() -> Path:
+    """M13 globular cluster, 300x300, uncompressed FITS with WCS (astropy test data)."""
+    return _astropy_file("io", "fits", "hdu", "compressed", "tests", "data", "m13.fits")
+
+
+@pytest.fixture(scope="session")
+def m13_rice_path() -> Path:
+    """M13, Rice tile-compressed (CompImageHDU)."""
+    return _astropy_file("io", "fits", "hdu", "compressed", "tests", "data", "m13_rice.fits")
+
+
+@pytest.fixture(scope="session")
+def m13_gzip_path() -> Path:
+    """M13, gzip tile-compressed."""
+    return _astropy_file("io", "fits", "hdu", "compressed", "tests", "data", "m13_gzip.fits")
+
+
+@pytest.fixture(scope="session")
+def ngc1316_path() -> Path:
+    """NGC 1316, 300x440, tile-compressed in extension 1 with WCS (astropy test data)."""
+    return _astropy_file("io", "fits", "tests", "data", "comp.fits")
+
+
+@pytest.fixture(scope="session")
+def dss_path() -> Path:
+    """A DSS plate cutout, gzip-compressed FITS with a table extension (astropy test data)."""
+    return _astropy_file("wcs", "tests", "data", "dss.14.29.56-62.41.05.fits.gz")
+
+
+@pytest.fixture(scope="session")
+def acs_path() -> Path:
+    """An HST ACS/WFC flt file header set with SCI/ERR/DQ extensions (astropy test data)."""
+    return _astropy_file("wcs", "tests", "data", "j94f05bgq_flt.fits")
+
+
+@pytest.fixture(scope="session")
+def xdf_array() -> np.ndarray:
+    """The Hubble eXtreme Deep Field colour image shipped with scikit-image."""
+    skdata = pytest.importorskip("skimage.data")
+    return skdata.hubble_deep_field()
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(12345)

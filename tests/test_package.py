@@ -1,0 +1,40 @@
+import subprocess
+import sys
+
+
+def test_import_is_light():
+    code = (
+        "import sys, astrovl; "
+        "heavy = [m for m in ('torch', 'transformers', 'open_clip', 'outlines', 'faiss', 'napari') "
+        "if m in sys.modules]; print(','.join(heavy))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
+
+
+def test_public_names_resolve():
+    import astrovl
+
+    for name in ("load_image", "AstroImage", "make_rgb", "cutout", "conf"):
+        assert getattr(astrovl, name) is not None
+    assert "load_image" in astrovl.__all__
+
+
+def test_conf_defaults():
+    from astrovl import conf
+
+    assert conf.clip_model == "ViT-B-16"
+    assert conf.clip_pretrained == "openai"
+    with conf.set_temp("device", "cpu"):
+        assert conf.device == "cpu"
+
+
+def test_cli_version_and_help():
+    from astrovl import __version__
+
+    out = subprocess.run([sys.executable, "-m", "astrovl.cli", "--version"], capture_output=True,
+                         text=True, check=True)
+    assert out.stdout.strip() == f"astrovl {__version__}"
+    out = subprocess.run([sys.executable, "-m", "astrovl.cli", "--help"], capture_output=True,
+                         text=True, check=True)
+    assert "usage: astrovl" in out.stdout
