@@ -1,0 +1,505 @@
+"""CLIP image and text embeddings for astronomical images (open_clip models)."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..exceptions import CheckpointError, ModelNotFoundError
+from ..utils.devices import resolve_device
+from ..utils.files import atomic_directory
+from ..utils.progress import progress_bar
+from .categories import DEFAULT_TEMPLATES, HUBBLE_CATEGORIES
+from .inputs import as_image_list, describe_input
+
+__all__ = ["CLIPEmbedder", "TINY_CLIP_CONFIG", "CONFIG_NAME", "WEIGHTS_NAME"]
+
+log = logging.getLogger(__name__)
+
+CONFIG_NAME = "astrovl_clip.json"
+WEIGHTS_NAME = "model.safetensors"
+FORMAT = "astrovl-clip"
+
+#: A small CLIP (about 4 M parameters) that trains from scratch in minutes on a CPU;
+#: used by the demo, the tests and quick experiments.
+TINY_CLIP_CONFIG: dict = {
+    "model_name": "astrovl-tiny",
+    "embed_dim": 64,
+    "vision_cfg": {"image_size": 64, "layers": 2, "width": 128, "head_width": 32,
+                   "patch_size": 8, "mlp_ratio": 2.0},
+    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2,
+                 "mlp_ratio": 2.0},
+}
+
+
+def _build_model(model_cfg: dict):
+    import open_clip
+
+    cfg = {k: copy.deepcopy(v) for k, v in model_cfg.items() if k not in ("model_name",)}
+    text_cfg = cfg.get("text_cfg", {})
+    if "hf_model_name" in text_cfg or cfg.pop("custom_text", False):
+        return open_clip.CustomTextCLIP(**cfg)
+    return open_clip.CLIP(**cfg)
+
+
+def _weights_digest(model) -> str:
+    h = hashlib.blake2b(digest_size=8)
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().to("cpu").contiguous().view(-1).numpy().view(np.uint8).tobytes())
+    return h.hexdigest()
+
+
+class CLIPEmbedder:
+    """Embed astronomical images and text into one space with a CLIP model.
+
+    Create one with :meth:`from_pretrained` (open_clip names with pretrained tags,
+    ``hf-hub:`` ids, directories written by :meth:`save_pretrained`, or local
+    open_clip checkpoint files) or :meth:`from_config` (untrained).
+
+    Attributes
+    ----------
+    model : open_clip.CLIP
+        The underlying module.
+    tokenizer : callable
+        ``tokenizer(list_of_str) -> LongTensor`` of shape ``(N, context_length)``.
+    preprocess : callable
+        The model's own evaluation transform (PIL image -> tensor).
+    device : torch.device
+    model_name : str
+    config : dict
+        JSON-serialisable description of the architecture and preprocessing.
+    model_id : str
+        Identity of the weights (used by :class:`~astrovl.EmbeddingIndex`).
+    """
+
+    def __init__(self, model, tokenizer, preprocess, *, model_name: str, model_cfg: dict,
+                 preprocess_cfg: dict, device=None, precision: str | None = None,
+                 model_id: str | None = None):
+        import torch
+
+        self.device = resolve_device(device)
+        self.model = model.to(self.device).eval()
+        self.tokenizer = tokenizer
+        self.preprocess = preprocess
+        self.model_name = model_name
+        self.model_cfg = dict(model_cfg)
+        self.preprocess_cfg = dict(preprocess_cfg)
+        if precision is None:
+            precision = "bf16" if self.device.type == "cuda" else "fp32"
+        if precision not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"precision={precision!r} must be 'fp32', 'bf16' or 'fp16'")
+        self.precision = precision
+        self._autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        self.model_id = model_id or f"{model_name}@{_weights_digest(self.model)}"
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def config(self) -> dict:
+        """Architecture and preprocessing, enough to rebuild the model."""
+        return {"model_name": self.model_name, "model_cfg": self.model_cfg,
+                "preprocess_cfg": self.preprocess_cfg, "embed_dim": self.embed_dim}
+
+    @property
+    def embed_dim(self) -> int:
+        """Dimension of the joint embedding space."""
+        return int(self.model_cfg["embed_dim"])
+
+    @property
+    def image_size(self) -> int:
+        """Side of the square model input in pixels."""
+        size = self.preprocess_cfg.get("size", self.model_cfg["vision_cfg"].get("image_size", 224))
+        return int(size[0] if isinstance(size, (list, tuple)) else size)
+
+    @property
+    def context_length(self) -> int:
+        """Maximum number of text tokens."""
+        return int(self.model_cfg.get("text_cfg", {}).get("context_length", 77))
+
+    @property
+    def image_mean(self) -> tuple[float, ...]:
+        return tuple(self.preprocess_cfg.get("mean", (0.48145466, 0.4578275, 0.40821073)))
+
+    @property
+    def image_std(self) -> tuple[float, ...]:
+        return tuple(self.preprocess_cfg.get("std", (0.26862954, 0.26130258, 0.27577711)))
+
+    def __repr__(self) -> str:
+        return (f"<CLIPEmbedder {self.model_name} dim={self.embed_dim} image_size={self.image_size} "
+                f"device={self.device} id={self.model_id}>")
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_config(cls, name_or_dict: str | dict, *, device=None, precision=None,
+                    seed: int | None = None) -> CLIPEmbedder:
+        """Build an untrained (randomly initialised) model.
+
+        Parameters
+        ----------
+        name_or_dict : str or dict
+            An open_clip model name (``"ViT-B-16"``, ``"ViT-B-32"``...) or a dict with
+            ``embed_dim``, ``vision_cfg`` and ``text_cfg`` (and optionally
+            ``model_name``), such as :data:`TINY_CLIP_CONFIG`.
+        seed : int, optional
+            Seed for the random initialisation.
+        """
+        import open_clip
+        import torch
+
+        if isinstance(name_or_dict, str):
+            cfg = open_clip.get_model_config(name_or_dict)
+            if cfg is None:
+                raise ModelNotFoundError(
+                    f"{name_or_dict!r} is not an open_clip model name; choose one of "
+                    f"open_clip.list_models() (e.g. 'ViT-B-16') or pass a config dict"
+                )
+            name, model_cfg = name_or_dict, copy.deepcopy(cfg)
+        elif isinstance(name_or_dict, dict):
+            missing = [k for k in ("embed_dim", "vision_cfg", "text_cfg") if k not in name_or_dict]
+            if missing:
+                raise ValueError(f"a CLIP config dict needs the keys {missing}")
+            model_cfg = copy.deepcopy(name_or_dict)
+            name = str(model_cfg.pop("model_name", "custom-clip"))
+        else:
+            raise TypeError(f"from_config takes a model name or a dict, not {type(name_or_dict).__name__}")
+        if seed is not None:
+            torch.manual_seed(seed)
+        model = _build_model(model_cfg)
+        pp = cls._preprocess_cfg_for(model_cfg)
+        return cls(model, *cls._tokenizer_and_transform(model_cfg, pp), model_name=name,
+                   model_cfg=model_cfg, preprocess_cfg=pp, device=device, precision=precision)
+
+    @staticmethod
+    def _preprocess_cfg_for(model_cfg: dict, base: dict | None = None) -> dict:
+        pp = {"size": int(model_cfg["vision_cfg"].get("image_size", 224)),
+              "mean": [0.48145466, 0.4578275, 0.40821073],
+              "std": [0.26862954, 0.26130258, 0.27577711],
+              "interpolation": "bicubic", "resize_mode": "shortest", "fill_color": 0}
+        if base:
+            for k in pp:
+                if k in base and base[k] is not None:
+                    v = base[k]
+                    pp[k] = list(v) if isinstance(v, tuple) else v
+        if isinstance(pp["size"], (list, tuple)):
+            pp["size"] = int(pp["size"][0])
+        return pp
+
+    @staticmethod
+    def _tokenizer_and_transform(model_cfg: dict, pp: dict):
+        import open_clip
+
+        text_cfg = model_cfg.get("text_cfg", {})
+        ctx = int(text_cfg.get("context_length", 77))
+        if "hf_tokenizer_name" in text_cfg:
+            tokenizer = open_clip.HFTokenizer(text_cfg["hf_tokenizer_name"], context_length=ctx)
+        else:
+            tokenizer = open_clip.SimpleTokenizer(context_length=ctx)
+        transform = open_clip.image_transform(
+            pp["size"], is_train=False, mean=tuple(pp["mean"]), std=tuple(pp["std"]),
+            resize_mode=pp.get("resize_mode"), interpolation=pp.get("interpolation"),
+            fill_color=pp.get("fill_color", 0))
+        return tokenizer, transform
+
+    @classmethod
+    def from_pretrained(cls, name: str | os.PathLike, pretrained: str | None = None, *,
+                        device=None, precision: str | None = None,
+                        cache_dir: str | None = None) -> CLIPEmbedder:
+        """Load a model.
+
+        Parameters
+        ----------
+        name : str or path-like
+            * a directory written by :meth:`save_pretrained`;
+            * an open_clip model name (``"ViT-B-16"``) with ``pretrained`` a tag
+              (``"openai"``, ``"laion2b_s34b_b88k"``...) or a local checkpoint file;
+            * ``"hf-hub:org/repo"`` (``pretrained`` ignored).
+            Downloads happen only here and are cached (``cache_dir``).
+        pretrained : str, optional
+            Pretrained tag or checkpoint file path for open_clip model names.
+        device : str or torch.device, optional
+        precision : {"fp32", "bf16", "fp16"}, optional
+            Inference precision (autocast); default bf16 on CUDA, fp32 on CPU.
+
+        Raises
+        ------
+        ModelNotFoundError
+            If the model cannot be found or downloaded (for example offline).
+        """
+        path = Path(name)
+        if path.is_dir() and (path / CONFIG_NAME).is_file():
+            return cls._from_directory(path, device=device, precision=precision)
+        if path.is_dir():
+            raise ModelNotFoundError(
+                f"directory {str(path)!r} has no {CONFIG_NAME}; pass a directory written by "
+                "CLIPEmbedder.save_pretrained, or an open_clip model name with pretrained="
+            )
+        import open_clip
+
+        name = str(name)
+        if pretrained is not None and Path(pretrained).is_file():
+            return cls._from_checkpoint_file(name, Path(pretrained), device=device, precision=precision)
+        if not name.startswith("hf-hub:") and open_clip.get_model_config(name) is None:
+            raise ModelNotFoundError(
+                f"{name!r} is neither a saved astrovl model directory nor an open_clip model name; "
+                "pass a directory written by save_pretrained, an open_clip name such as 'ViT-B-16' "
+                "with pretrained='openai', or 'hf-hub:org/repo'"
+            )
+        try:
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                name, pretrained=pretrained, cache_dir=cache_dir, require_pretrained=pretrained is not None)
+        except Exception as exc:  # network errors, missing tags, hub errors
+            raise ModelNotFoundError(
+                f"could not load CLIP weights {name!r} (pretrained={pretrained!r}): {exc}. Offline, "
+                "pass a directory written by CLIPEmbedder.save_pretrained, a local open_clip "
+                "checkpoint file as pretrained='/path/to/weights.safetensors', or use "
+                "CLIPEmbedder.from_config for an untrained model"
+            ) from exc
+        if name.startswith("hf-hub:"):
+            model_cfg = open_clip.factory._get_hf_config(name[len("hf-hub:"):], cache_dir=cache_dir)["model_cfg"]
+        else:
+            model_cfg = copy.deepcopy(open_clip.get_model_config(name))
+        pp_base = dict(getattr(model.visual, "preprocess_cfg", {}) or {})
+        pp = cls._preprocess_cfg_for(model_cfg, pp_base)
+        tokenizer = open_clip.get_tokenizer(name, cache_dir=cache_dir) if name.startswith("hf-hub:") \
+            else cls._tokenizer_and_transform(model_cfg, pp)[0]
+        model_id = f"{name}:{pretrained}" if pretrained else None
+        return cls(model, tokenizer, preprocess, model_name=name, model_cfg=model_cfg,
+                   preprocess_cfg=pp, device=device, precision=precision, model_id=model_id)
+
+    @classmethod
+    def _from_checkpoint_file(cls, name: str, file: Path, *, device, precision) -> CLIPEmbedder:
+        import torch
+
+        emb = cls.from_config(name, device="cpu", precision=precision)
+        if file.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(file))
+        else:
+            try:
+                state = torch.load(str(file), map_location="cpu", weights_only=True)
+            except Exception as exc:
+                raise CheckpointError(
+                    f"checkpoint {str(file)!r} could not be read safely ({exc}); astrovl only loads "
+                    "safetensors files or plain tensor checkpoints (weights_only=True)"
+                ) from exc
+            if isinstance(state, dict) and "state_dict" in state:
+                state = state["state_dict"]
+        state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+        try:
+            emb.model.load_state_dict(state)
+        except RuntimeError as exc:
+            raise CheckpointError(f"checkpoint {str(file)!r} does not match architecture {name!r}: {exc}") from exc
+        return cls(emb.model, emb.tokenizer, emb.preprocess, model_name=name, model_cfg=emb.model_cfg,
+                   preprocess_cfg=emb.preprocess_cfg, device=device, precision=precision)
+
+    @classmethod
+    def _from_directory(cls, path: Path, *, device, precision) -> CLIPEmbedder:
+        from safetensors.torch import load_model
+
+        try:
+            cfg = json.loads((path / CONFIG_NAME).read_text("utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"{str(path / CONFIG_NAME)!r} is not valid JSON: {exc}") from exc
+        if cfg.get("format") != FORMAT:
+            raise CheckpointError(f"{str(path)!r} is not an astrovl CLIP directory (format={cfg.get('format')!r})")
+        weights = path / WEIGHTS_NAME
+        if not weights.is_file():
+            raise CheckpointError(f"{str(path)!r} has no {WEIGHTS_NAME}; the save is incomplete")
+        model_cfg = cfg["model_cfg"]
+        pp = cfg["preprocess_cfg"]
+        model = _build_model(model_cfg)
+        try:
+            load_model(model, str(weights), strict=True, device="cpu")
+        except Exception as exc:
+            raise CheckpointError(f"weights in {str(weights)!r} could not be loaded: {exc}") from exc
+        tokenizer, transform = cls._tokenizer_and_transform(model_cfg, pp)
+        return cls(model, tokenizer, transform, model_name=cfg["model_name"], model_cfg=model_cfg,
+                   preprocess_cfg=pp, device=device, precision=precision, model_id=cfg.get("model_id"))
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write safetensors weights and a JSON config to ``directory`` (atomically).
+
+        The directory reloads with :meth:`from_pretrained`; nothing is pickled.
+        """
+        from safetensors.torch import save_model
+
+        from .. import __version__
+
+        self.model_id = f"{self.model_name}@{_weights_digest(self.model)}"
+        directory = Path(directory)
+        with atomic_directory(directory) as tmp:
+            save_model(self.model, str(tmp / WEIGHTS_NAME))
+            cfg = {"format": FORMAT, "format_version": 1, "astrovl_version": __version__,
+                   "model_id": self.model_id, **self.config}
+            (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=2), encoding="utf-8")
+        return directory
+
+    def to(self, device) -> CLIPEmbedder:
+        """Move the model to ``device``; returns self."""
+        self.device = resolve_device(device)
+        self.model.to(self.device)
+        return self
+
+    # ------------------------------------------------------------------ embedding
+    def _autocast(self):
+        import contextlib
+
+        import torch
+
+        if self._autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self._autocast_dtype)
+
+    def image_tensor(self, image) -> Any:
+        """Load one image input and apply the model's preprocessing (returns a CHW tensor)."""
+        from ..imaging import AstroImage, load_image
+
+        img = image if isinstance(image, AstroImage) else load_image(image)
+        return self.preprocess(img.to_pil())
+
+    def embed_images(self, images, *, batch_size: int = 64, progress: bool = True,
+                     num_workers: int | None = None) -> np.ndarray:
+        """Embed images.
+
+        Parameters
+        ----------
+        images : image input, sequence of inputs, or ManifestDataset
+            Anything :func:`~astrovl.load_image` accepts, a list of such inputs, or a
+            dataset from the dataset builders.
+        batch_size : int
+        progress : bool
+            Show a progress bar.
+        num_workers : int, optional
+            DataLoader workers that decode and preprocess images; default 0 on CPU
+            and up to 8 on CUDA.
+
+        Returns
+        -------
+        numpy.ndarray
+            float32 ``(N, D)``, rows of unit length.
+        """
+        import torch
+        from torch.utils.data import DataLoader
+
+        items, _ = as_image_list(images)
+        if not items:
+            raise ValueError("no images to embed: the input is empty")
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size} must be >= 1")
+        if num_workers is None:
+            num_workers = min(8, os.cpu_count() or 1) if self.device.type == "cuda" else 0
+        loader = DataLoader(_ImageItems(items, self), batch_size=batch_size, shuffle=False,
+                            num_workers=num_workers, pin_memory=self.device.type == "cuda",
+                            persistent_workers=False)
+        out = []
+        self.model.eval()
+        with torch.inference_mode():
+            bar = progress_bar(total=len(items), enabled=progress and len(items) > batch_size,
+                               desc="embedding images", unit="img")
+            for batch in loader:
+                batch = batch.to(self.device, non_blocking=True)
+                with self._autocast():
+                    feats = self.model.encode_image(batch)
+                feats = torch.nn.functional.normalize(feats.float(), dim=-1)
+                out.append(feats.cpu().numpy())
+                bar.update(len(batch))
+            bar.close()
+        return np.ascontiguousarray(np.concatenate(out).astype(np.float32))
+
+    def embed_text(self, texts: str | Sequence[str], *, batch_size: int = 256,
+                   progress: bool = False) -> np.ndarray:
+        """Embed texts; returns float32 ``(N, D)`` unit rows (a single string gives N=1)."""
+        import torch
+
+        if isinstance(texts, str):
+            texts = [texts]
+        texts = [str(t) for t in texts]
+        if not texts:
+            raise ValueError("no texts to embed: the input is empty")
+        out = []
+        with torch.inference_mode():
+            for start in progress_bar(range(0, len(texts), batch_size), enabled=progress,
+                                      desc="embedding texts"):
+                tokens = self.tokenizer(texts[start:start + batch_size]).to(self.device)
+                with self._autocast():
+                    feats = self.model.encode_text(tokens)
+                out.append(torch.nn.functional.normalize(feats.float(), dim=-1).cpu().numpy())
+        return np.ascontiguousarray(np.concatenate(out).astype(np.float32))
+
+    def similarity(self, images, texts) -> np.ndarray:
+        """Cosine similarity matrix ``(N_images, N_texts)``."""
+        return self.embed_images(images, progress=False) @ self.embed_text(texts).T
+
+    def zero_shot(self, images, categories: Sequence[str] | None = None, top_k: int = 3, *,
+                  templates: Sequence[str] = DEFAULT_TEMPLATES, batch_size: int = 64):
+        """Rank categories for each image.
+
+        Parameters
+        ----------
+        images : image input(s) or dataset
+        categories : sequence of str, optional
+            Default: the 77 Hubble categories (:data:`~astrovl.clip.HUBBLE_CATEGORIES`).
+        top_k : int
+            Categories kept per image.
+        templates : sequence of str
+            Prompt templates with ``{}`` for the category; embeddings of all templates
+            are averaged per category.
+
+        Returns
+        -------
+        astropy.table.Table
+            Columns ``image`` (index), ``source``, ``rank`` (1 = best), ``category``,
+            ``score`` (cosine similarity) and ``probability`` (softmax over all
+            categories with the model's temperature).
+        """
+        import torch
+        from astropy.table import Table
+
+        cats = list(HUBBLE_CATEGORIES if categories is None else categories)
+        if not cats:
+            raise ValueError("categories is empty; pass at least one category")
+        if not templates or any("{}" not in t for t in templates):
+            raise ValueError("every template must contain '{}' where the category goes")
+        top_k = max(1, min(int(top_k), len(cats)))
+        items, _ = as_image_list(images)
+        img = self.embed_images(items, batch_size=batch_size, progress=False)
+        txt = np.stack([
+            self.embed_text([t.format(c) for t in templates]).mean(axis=0) for c in cats])
+        txt /= np.linalg.norm(txt, axis=1, keepdims=True)
+        sims = img @ txt.T
+        scale = float(self.model.logit_scale.detach().exp().cpu()) if hasattr(self.model, "logit_scale") else 100.0
+        probs = torch.softmax(torch.from_numpy(sims * scale), dim=1).numpy()
+        rows = []
+        for i in range(len(items)):
+            order = np.argsort(-sims[i], kind="stable")[:top_k]
+            for r, j in enumerate(order, start=1):
+                rows.append((i, describe_input(items[i]), r, cats[j], float(sims[i, j]), float(probs[i, j])))
+        return Table(rows=rows, names=("image", "source", "rank", "category", "score", "probability"),
+                     dtype=(int, str, int, str, float, float)) if rows else Table()
+
+
+class _ImageItems:
+    """Map-style dataset: image input -> preprocessed tensor (runs in DataLoader workers)."""
+
+    def __init__(self, items: list, embedder: CLIPEmbedder):
+        self.items = items
+        self.preprocess = embedder.preprocess
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        from ..imaging import AstroImage, load_image
+
+        item = self.items[i]
+        img = item if isinstance(item, AstroImage) else load_image(item)
+        return self.preprocess(img.to_pil())

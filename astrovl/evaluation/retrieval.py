@@ -1,0 +1,192 @@
+"""Retrieval metrics of the HubbleCLIP evaluation, computed in bounded memory.
+
+Row ``i`` of ``image_embeddings`` and row ``i`` of ``text_embeddings`` form a
+true pair. For every query (an image for ``direction="image_to_text"``, a text
+for ``"text_to_image"``) the candidates of the other modality are ranked by
+cosine similarity, and the *rank* of the true partner is
+
+    rank = 1 + (number of candidates with a strictly higher similarity)
+
+so ties are resolved in favour of the true partner. The top-k% accuracy is the
+fraction of queries whose true partner has ``rank <= ceil(k / 100 * N)`` (at
+least 1), where ``N`` is the number of candidates. For random embeddings it is
+about ``k %``; for identical pairs it is 1.
+
+Similarities are computed in blocks of ``chunk_size`` queries, so ``N = 100,000``
+needs about ``chunk_size * N * 4`` bytes at a time, not ``N * N``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+__all__ = [
+    "true_partner_ranks",
+    "top_k_percent_accuracy",
+    "retrieval_curve",
+    "recall_at_k",
+    "median_rank",
+    "plot_retrieval_curve",
+]
+
+_DIRECTIONS = ("image_to_text", "text_to_image")
+
+
+def _normalize(x: np.ndarray, name: str) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    if x.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D array (N, D); got shape {x.shape}")
+    if len(x) == 0:
+        raise ValueError(f"{name} is empty; retrieval metrics need at least one pair")
+    if not np.isfinite(x).all():
+        raise ValueError(f"{name} contains NaN or inf values")
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    if (norms == 0).any():
+        raise ValueError(f"{name} has all-zero rows, which have no direction")
+    return x / norms
+
+
+def true_partner_ranks(image_embeddings, text_embeddings, direction: str = "image_to_text",
+                       chunk_size: int = 512) -> np.ndarray:
+    """Return the 1-based rank of each query's true partner (see module notes for ties).
+
+    Parameters
+    ----------
+    image_embeddings, text_embeddings : array-like, shape (N, D)
+        Row ``i`` of each forms a pair. Rows need not be normalized.
+    direction : {"image_to_text", "text_to_image"}
+    chunk_size : int
+        Number of queries per block.
+    """
+    if direction not in _DIRECTIONS:
+        raise ValueError(f"direction={direction!r} is not known; use one of {_DIRECTIONS}")
+    img = _normalize(image_embeddings, "image_embeddings")
+    txt = _normalize(text_embeddings, "text_embeddings")
+    if img.shape != txt.shape:
+        raise ValueError(
+            f"image_embeddings {img.shape} and text_embeddings {txt.shape} must have the same "
+            "shape: row i of each is one image-text pair"
+        )
+    queries, cands = (img, txt) if direction == "image_to_text" else (txt, img)
+    n = len(queries)
+    ranks = np.empty(n, dtype=np.int64)
+    for start in range(0, n, max(1, int(chunk_size))):
+        stop = min(n, start + chunk_size)
+        sims = queries[start:stop] @ cands.T
+        true = sims[np.arange(stop - start), np.arange(start, stop)]
+        ranks[start:stop] = 1 + (sims > true[:, None]).sum(axis=1)
+    return ranks
+
+
+def _k_count(k_percent: float, n: int) -> int:
+    if not 0 < k_percent <= 100:
+        raise ValueError(f"k_percent={k_percent!r} must be in (0, 100]")
+    return max(1, math.ceil(k_percent / 100.0 * n - 1e-9))
+
+
+def top_k_percent_accuracy(image_embeddings, text_embeddings, k_percent: float = 10.0,
+                           direction: str = "image_to_text", chunk_size: int = 512) -> float:
+    """Fraction of queries whose true partner is within the top ``k_percent`` % of candidates.
+
+    Parameters
+    ----------
+    image_embeddings, text_embeddings : array-like, shape (N, D)
+        Row ``i`` of each forms a pair.
+    k_percent : float
+        Percentage of the ``N`` candidates that counts as a hit: the true partner
+        must have ``rank <= ceil(k_percent / 100 * N)`` (at least 1).
+    direction : {"image_to_text", "text_to_image"}
+        Which modality is the query.
+
+    Returns
+    -------
+    float
+        Accuracy in ``[0, 1]``; about ``k_percent / 100`` for random embeddings.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> x = np.eye(4)
+    >>> top_k_percent_accuracy(x, x, k_percent=25)
+    1.0
+    """
+    ranks = true_partner_ranks(image_embeddings, text_embeddings, direction, chunk_size)
+    return float(np.mean(ranks <= _k_count(k_percent, len(ranks))))
+
+
+def retrieval_curve(image_embeddings, text_embeddings, k_percents=None,
+                    direction: str = "image_to_text", chunk_size: int = 512):
+    """Top-k% accuracy as a function of k.
+
+    Returns
+    -------
+    k_percents, accuracy : numpy.ndarray
+        ``k_percents`` defaults to 1, 2, ..., 100.
+    """
+    ks = np.arange(1, 101, dtype=float) if k_percents is None else np.asarray(k_percents, float)
+    ranks = true_partner_ranks(image_embeddings, text_embeddings, direction, chunk_size)
+    n = len(ranks)
+    acc = np.array([np.mean(ranks <= _k_count(k, n)) for k in ks])
+    return ks, acc
+
+
+def recall_at_k(image_embeddings, text_embeddings, k: int = 1,
+                direction: str = "image_to_text", chunk_size: int = 512) -> float:
+    """Fraction of queries whose true partner ranks within the first ``k`` candidates."""
+    if int(k) < 1:
+        raise ValueError(f"k={k!r} must be a positive integer")
+    ranks = true_partner_ranks(image_embeddings, text_embeddings, direction, chunk_size)
+    return float(np.mean(ranks <= int(k)))
+
+
+def median_rank(image_embeddings, text_embeddings, direction: str = "image_to_text",
+                chunk_size: int = 512) -> float:
+    """Median rank of the true partner (1 is best)."""
+    return float(np.median(true_partner_ranks(image_embeddings, text_embeddings, direction, chunk_size)))
+
+
+def plot_retrieval_curve(results: dict, *, direction: str = "image_to_text", ax=None,
+                         title: str | None = None):
+    """Plot top-k% accuracy curves of several models on one axes.
+
+    Parameters
+    ----------
+    results : dict
+        ``{label: (image_embeddings, text_embeddings)}`` or
+        ``{label: (k_percents, accuracy)}`` (1-D arrays) per model.
+    direction : str
+        Used when embeddings are given.
+    ax : matplotlib.axes.Axes, optional
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        Curves with the random expectation (``accuracy = k / 100``) as a dashed line.
+    """
+    import matplotlib
+
+    if ax is None:
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=(5, 4))
+        ax = fig.add_subplot(1, 1, 1)
+    else:
+        fig = ax.figure
+    for label, (a, b) in results.items():
+        a_arr, b_arr = np.asarray(a), np.asarray(b)
+        if a_arr.ndim == 1 and b_arr.ndim == 1:
+            ks, acc = a_arr, b_arr
+        else:
+            ks, acc = retrieval_curve(a_arr, b_arr, direction=direction)
+        ax.plot(ks, acc, label=str(label))
+    ax.plot([0, 100], [0, 1], ls="--", color="0.5", label="random")
+    ax.set_xlabel("k (% of candidates)")
+    ax.set_ylabel("top-k% accuracy")
+    ax.set_xlim(0, 100)
+    ax.set_ylim(0, 1.02)
+    ax.set_title(title or direction.replace("_", " "))
+    ax.legend(loc="lower right")
+    _ = matplotlib  # matplotlib is a hard dependency; imported for clarity
+    return fig
