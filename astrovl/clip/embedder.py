@@ -44,10 +44,17 @@ def _build_model(model_cfg: dict):
     import open_clip
 
     cfg = {k: copy.deepcopy(v) for k, v in model_cfg.items() if k not in ("model_name",)}
+    head = cfg.pop("projection_head", None)
     text_cfg = cfg.get("text_cfg", {})
     if "hf_model_name" in text_cfg or cfg.pop("custom_text", False):
-        return open_clip.CustomTextCLIP(**cfg)
-    return open_clip.CLIP(**cfg)
+        model = open_clip.CustomTextCLIP(**cfg)
+    else:
+        model = open_clip.CLIP(**cfg)
+    if head:
+        from .heads import HeadCLIP
+
+        model = HeadCLIP(model, int(cfg["embed_dim"]), int(head.get("hidden", 1024)))
+    return model
 
 
 def _weights_digest(model) -> str:

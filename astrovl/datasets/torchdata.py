@@ -1,0 +1,153 @@
+"""PyTorch views of manifest datasets, with the HubbleCLIP augmentations.
+
+Training reads images through :class:`ImageTextTorchDataset`: FITS or picture
+files are decoded with :func:`~astrovl.load_image` (display scaling to
+``[0, 1]``), turned into 3-channel tensors, augmented with random 90-degree
+rotations, flips and a random crop of the model's input size
+(:mod:`torchvision.transforms.v2`), and normalized with the model's mean and
+standard deviation. Every sample's randomness comes from a seed given with its
+index, so a run resumed at step ``s`` sees exactly the batches it would have
+seen without the interruption.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import torch
+from torchvision.transforms import v2
+
+from ..exceptions import DatasetError
+from .records import ManifestDataset
+
+__all__ = ["ImageTextTorchDataset", "image_to_tensor", "sentence_chunk"]
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def image_to_tensor(path, size: int | None = None) -> torch.Tensor:
+    """Load an image file as a float ``(3, H, W)`` tensor in ``[0, 1]`` (row 0 at the top).
+
+    With ``size``, the shorter side is resized to ``size`` (antialiased).
+    """
+    from ..imaging import load_image
+
+    img = load_image(path)
+    arr = img.to_uint8()
+    t = torch.from_numpy(np.ascontiguousarray(arr))
+    t = t.unsqueeze(0).repeat(3, 1, 1) if t.ndim == 2 else t.permute(2, 0, 1)
+    t = t.float() / 255.0
+    if size is not None and min(t.shape[-2:]) != size:
+        t = v2.functional.resize(t, size, antialias=True)
+    return t
+
+
+def sentence_chunk(text: str, rng: np.random.Generator, fits) -> str:
+    """Pick a random run of consecutive sentences of ``text`` for which ``fits(chunk)`` holds.
+
+    Used for raw-abstract captions, which are longer than the text encoder's context:
+    a random starting sentence is chosen and sentences are appended while the run
+    still fits. A first sentence that alone is too long is returned as is (the
+    tokenizer truncates it).
+    """
+    sentences = [s for s in _SENTENCE_END.split(text.strip()) if s]
+    if len(sentences) <= 1 or fits(text):
+        return text
+    start = int(rng.integers(len(sentences)))
+    chunk = sentences[start]
+    for s in sentences[start + 1:]:
+        candidate = chunk + " " + s
+        if not fits(candidate):
+            break
+        chunk = candidate
+    return chunk
+
+
+class ImageTextTorchDataset(torch.utils.data.Dataset):
+    """Map-style dataset of ``(image_tensor, caption)`` pairs for contrastive training.
+
+    Items are requested as ``(index, seed)`` pairs; the seed drives the
+    augmentation and caption sampling of that item.
+
+    Parameters
+    ----------
+    dataset : ManifestDataset
+    image_size : int
+        Model input size (the crop size).
+    mean, std : sequence of float
+        Normalization of the model.
+    augment : bool
+        Random 90-degree rotations, flips and random crops (training); without it
+        images are resized and centre-cropped (validation).
+    captions : list of str, optional
+        Override the manifest captions (e.g. a shuffled control).
+    caption_mode : {"caption", "abstract"}
+        ``"abstract"`` picks random runs of sentences that fit ``fits_context``.
+    fits_context : callable, optional
+        ``fits_context(text) -> bool``, needed for ``caption_mode="abstract"``.
+    cache : bool
+        Keep decoded images in memory (uint8) after the first read.
+    """
+
+    def __init__(self, dataset: ManifestDataset, image_size: int, mean, std, *, augment: bool = True,
+                 captions: list[str] | None = None, caption_mode: str = "caption",
+                 fits_context=None, cache: bool = True):
+        if len(dataset) == 0:
+            raise DatasetError("the dataset is empty")
+        if caption_mode not in ("caption", "abstract"):
+            raise ValueError(f"caption_mode={caption_mode!r} must be 'caption' or 'abstract'")
+        if caption_mode == "abstract" and fits_context is None:
+            raise ValueError("caption_mode='abstract' needs fits_context")
+        self.paths = [str(p) for p in dataset.image_paths]
+        if captions is None:
+            col = "abstract" if caption_mode == "abstract" and "abstract" in dataset.manifest.colnames else "caption"
+            captions = [str(c) for c in dataset.manifest[col]]
+        if len(captions) != len(self.paths):
+            raise ValueError("captions must have one entry per image")
+        self.captions = list(captions)
+        self.image_size = int(image_size)
+        self.augment = augment
+        self.caption_mode = caption_mode
+        self.fits_context = fits_context
+        self.normalize = v2.Normalize(mean=list(mean), std=list(std))
+        self.cache = cache
+        self._cache: dict[int, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def _image(self, i: int) -> torch.Tensor:
+        if i in self._cache:
+            return self._cache[i].float() / 255.0
+        t = image_to_tensor(self.paths[i])
+        if min(t.shape[-2:]) < self.image_size:
+            raise DatasetError(
+                f"image {self.paths[i]!r} is {t.shape[-1]}x{t.shape[-2]} pixels, smaller than the "
+                f"model input ({self.image_size}); use larger images or a model with a smaller input"
+            )
+        if self.cache:
+            self._cache[i] = (t * 255.0).round().to(torch.uint8)
+        return t
+
+    def __getitem__(self, item):
+        i, seed = item if isinstance(item, tuple) else (item, 0)
+        img = self._image(int(i))
+        gen = torch.Generator().manual_seed(int(seed))
+        if self.augment:
+            k = int(torch.randint(0, 4, (1,), generator=gen))
+            img = torch.rot90(img, k, dims=(-2, -1))
+            if torch.rand(1, generator=gen) < 0.5:
+                img = img.flip(-1)
+            h, w = img.shape[-2:]
+            s = self.image_size
+            top = int(torch.randint(0, h - s + 1, (1,), generator=gen))
+            left = int(torch.randint(0, w - s + 1, (1,), generator=gen))
+            img = img[..., top:top + s, left:left + s]
+        else:
+            img = v2.functional.resize(img, self.image_size, antialias=True)
+            img = v2.functional.center_crop(img, [self.image_size, self.image_size])
+        caption = self.captions[int(i)]
+        if self.caption_mode == "abstract":
+            caption = sentence_chunk(caption, np.random.default_rng(int(seed)), self.fits_context)
+        return self.normalize(img.contiguous()), caption

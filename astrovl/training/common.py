@@ -1,0 +1,144 @@
+"""Shared training utilities: schedules, seeds, checkpoints, metric logs and plots."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+
+import numpy as np
+
+from ..exceptions import CheckpointError
+from ..utils.files import atomic_directory, atomic_write
+
+__all__ = [
+    "seed_everything",
+    "lr_lambda",
+    "save_checkpoint",
+    "load_checkpoint",
+    "write_history",
+    "plot_history",
+    "CHECKPOINT_DIR",
+]
+
+CHECKPOINT_DIR = "checkpoint"
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch."""
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def lr_lambda(warmup_steps: int, total_steps: int, schedule: str = "constant"):
+    """Multiplier of the base learning rate at each step: linear warm-up, then constant or cosine."""
+    if schedule not in ("constant", "cosine"):
+        raise ValueError(f"schedule={schedule!r} must be 'constant' or 'cosine'")
+
+    def f(step: int) -> float:
+        if warmup_steps > 0 and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if schedule == "constant":
+            return 1.0
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
+
+
+def save_checkpoint(directory, *, model, optimizer, scheduler, state: dict, extra_files: dict | None = None) -> Path:
+    """Write a resumable checkpoint atomically.
+
+    ``model.safetensors`` (weights), ``optimizer.pt`` and ``scheduler.pt`` (plain
+    tensor state dicts, loaded with ``weights_only=True``), ``rng.pt`` (RNG
+    states) and ``state.json`` (step, data position, history).
+    """
+    import torch
+    from safetensors.torch import save_model
+
+    directory = Path(directory)
+    with atomic_directory(directory) as tmp:
+        save_model(model, str(tmp / "model.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state()[1].copy(),
+               "python": random.getstate()[1]}
+        torch.save({"torch": rng["torch"], "numpy": torch.from_numpy(rng["numpy"].astype(np.int64)),
+                    "python": torch.tensor(rng["python"], dtype=torch.int64)}, tmp / "rng.pt")
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
+        (tmp / "state.json").write_text(json.dumps(state, indent=2), encoding="utf-8")
+    return directory
+
+
+def load_checkpoint(directory, *, model, optimizer, scheduler) -> dict:
+    """Restore a checkpoint written by :func:`save_checkpoint`; returns its state dict.
+
+    Raises
+    ------
+    CheckpointError
+        If files are missing, unreadable or do not match the model.
+    """
+    import torch
+    from safetensors.torch import load_model
+
+    directory = Path(directory)
+    try:
+        state = json.loads((directory / "state.json").read_text("utf-8"))
+        load_model(model, str(directory / "model.safetensors"), strict=True)
+        optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True))
+        scheduler.load_state_dict(torch.load(directory / "scheduler.pt", weights_only=True))
+        rng = torch.load(directory / "rng.pt", weights_only=True)
+        torch.set_rng_state(rng["torch"])
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"checkpoint {str(directory)!r} is incomplete ({exc.filename} missing); "
+                              "delete it or start without resume") from exc
+    except Exception as exc:
+        raise CheckpointError(f"checkpoint {str(directory)!r} is corrupt or does not match the model "
+                              f"({type(exc).__name__}: {exc}); delete it or start without resume") from exc
+    return state
+
+
+def write_history(history, path) -> None:
+    """Write a history table as CSV atomically."""
+    with atomic_write(path, "w") as fh:
+        history.write(fh, format="ascii.csv")
+
+
+def plot_history(history, path=None, *, title: str = "training"):
+    """Plot loss and accuracy curves; returns the matplotlib Figure (saved to ``path`` if given)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(9, 3.5))
+    ax1, ax2 = fig.subplots(1, 2)
+    steps = np.asarray(history["step"])
+    for col, style in (("train_loss", "-"), ("val_loss", "--")):
+        if col in history.colnames:
+            vals = np.asarray(history[col], dtype=float)
+            ok = np.isfinite(vals)
+            ax1.plot(steps[ok], vals[ok], style, label=col.replace("_", " "))
+    ax1.set_xlabel("step")
+    ax1.set_ylabel("loss")
+    ax1.legend()
+    ax1.set_title(f"{title}: loss")
+    acc_cols = [c for c in history.colnames if c.startswith("val_top")]
+    for col in acc_cols:
+        vals = np.asarray(history[col], dtype=float)
+        ok = np.isfinite(vals)
+        ax2.plot(steps[ok], vals[ok], "o-", label=col.replace("_", " "))
+    if "random_top10" in history.meta:
+        ax2.axhline(history.meta["random_top10"], ls="--", color="0.5", label="random")
+    ax2.set_xlabel("step")
+    ax2.set_ylabel("accuracy")
+    ax2.set_ylim(0, 1)
+    ax2.legend()
+    ax2.set_title(f"{title}: retrieval")
+    fig.tight_layout()
+    if path is not None:
+        with atomic_write(path, "wb") as fh:
+            fig.savefig(fh, format="png", dpi=100)
+    return fig
