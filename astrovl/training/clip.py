@@ -258,11 +258,14 @@ def _make_loss(config: CLIPTrainingConfig, rank: int, world: int):
 
 
 def _forward_loss(model, loss_fn, images, tokens):
-    img = model.encode_image(images, normalize=True)
-    txt = model.encode_text(tokens, normalize=True)
-    scale = model.logit_scale.exp()
+    """Loss through ``model.forward`` (so DistributedDataParallel synchronises gradients)."""
+    out = model(images, tokens)
+    if isinstance(out, dict):
+        img, txt, scale, bias = out["image_features"], out["text_features"], out["logit_scale"], out.get("logit_bias")
+    else:
+        img, txt, scale = out[0], out[1], out[2]
+        bias = out[3] if len(out) > 3 else None
     if loss_fn.__class__.__name__ == "SigLipLoss":
-        bias = getattr(model, "logit_bias", None)
         if bias is None:
             import torch
 

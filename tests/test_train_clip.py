@@ -1,0 +1,159 @@
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from astrovl.clip import TINY_CLIP_CONFIG, CLIPEmbedder
+from astrovl.datasets import SyntheticSkyDataset
+from astrovl.exceptions import CheckpointError, DatasetError
+from astrovl.training import CLIPTrainingConfig, interpolate_weights, train_clip
+
+
+@pytest.fixture(scope="module")
+def sky(tmp_path_factory):
+    return SyntheticSkyDataset.generate(tmp_path_factory.mktemp("sky"), n_images=330, image_size=64,
+                                        seed=0, val_fraction=0.2, progress=False)
+
+
+@pytest.fixture(scope="module")
+def base():
+    return CLIPEmbedder.from_config(TINY_CLIP_CONFIG, seed=0)
+
+
+def _cfg(tmp_path, name, **kw):
+    defaults = dict(steps=20, batch_size=16, lr=1e-3, warmup_steps=5, eval_every=10, output_dir=str(tmp_path / name),
+                    progress=False, tensorboard=False, weight_decay=0.1)
+    defaults.update(kw)
+    return CLIPTrainingConfig(**defaults)
+
+
+def test_scratch_learns_and_shuffled_stays_at_chance(sky, base, tmp_path):
+    train, val = sky.split("train"), sky.split("val")
+    good = train_clip(base, train, val, _cfg(tmp_path, "scratch", mode="scratch", steps=150, batch_size=32,
+                                              eval_every=75, best_metric="val_top10"))
+    ctrl = train_clip(base, train, val, _cfg(tmp_path, "shuf", mode="shuffled", steps=150, batch_size=32,
+                                             eval_every=75, best_metric="val_top10"))
+    h = good.history
+    assert list(h.colnames[:4]) == ["step", "train_loss", "val_loss", "val_top10"]
+    assert h["train_loss"][-1] < h["train_loss"][0]
+    assert max(h["val_top10"]) > 0.3, h
+    assert max(ctrl.history["val_top10"]) < 0.22, ctrl.history
+    # outputs on disk
+    out = tmp_path / "scratch"
+    assert (out / "metrics.csv").is_file() and (out / "training_curves.png").is_file()
+    reloaded = CLIPEmbedder.from_pretrained(good.best_path)
+    vec = reloaded.embed_images(val, progress=False)
+    from astrovl.evaluation import top_k_percent_accuracy
+
+    acc = top_k_percent_accuracy(vec, reloaded.embed_text(val.captions), 10)
+    assert acc == pytest.approx(max(h["val_top10"]), abs=1e-6)
+
+
+def test_head_mode_changes_only_head_parameters(sky, base, tmp_path):
+    res = train_clip(base, sky.split("train"), sky.split("val"), _cfg(tmp_path, "head", mode="head", steps=6,
+                                                                     eval_every=6, head_hidden=32))
+    trained = CLIPEmbedder.from_pretrained(tmp_path / "head" / "final")
+    sd_new = trained.model.state_dict()
+    sd_old = base.model.state_dict()
+    changed_heads = 0
+    for k, v in sd_new.items():
+        if k.startswith("base."):
+            assert torch.equal(v, sd_old[k[len("base."):]]), k
+        else:
+            assert k.startswith(("image_head.", "text_head.")), k
+            changed_heads += 1
+    assert changed_heads == 8
+    assert res.history["step"][-1] == 6
+
+
+def test_resume_after_interruption_matches_uninterrupted(sky, base, tmp_path):
+    train, val = sky.split("train"), sky.split("val")
+    full = train_clip(base, train, val, _cfg(tmp_path, "full", mode="finetune", steps=20, eval_every=10))
+    # "interrupted" run: stops at step 10, then resumes to 20
+    train_clip(base, train, val, _cfg(tmp_path, "part", mode="finetune", steps=10, eval_every=10))
+    resumed = train_clip(base, train, val, _cfg(tmp_path, "part", mode="finetune", steps=20, eval_every=10,
+                                                resume=True))
+    a = CLIPEmbedder.from_pretrained(tmp_path / "full" / "final").model.state_dict()
+    b = CLIPEmbedder.from_pretrained(tmp_path / "part" / "final").model.state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(resumed.history["train_loss"]),
+                               np.asarray(full.history["train_loss"]), rtol=1e-5)
+
+
+def test_corrupt_checkpoint_is_a_clear_error(sky, base, tmp_path):
+    train, val = sky.split("train"), sky.split("val")
+    train_clip(base, train, val, _cfg(tmp_path, "c", steps=5, eval_every=5))
+    (tmp_path / "c" / "checkpoint" / "model.safetensors").write_bytes(b"not weights")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        train_clip(base, train, val, _cfg(tmp_path, "c", steps=10, eval_every=5, resume=True))
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(batch_size=1), "at least 2"),
+    (dict(mode="nonsense"), "mode="),
+    (dict(lr=0.0), "lr="),
+    (dict(grad_accum=3), "grad_accum"),
+])
+def test_bad_config(sky, base, tmp_path, kw, match):
+    with pytest.raises(ValueError, match=match):
+        train_clip(base, sky.split("train"), sky.split("val"), _cfg(tmp_path, "bad", **kw))
+
+
+def test_bad_data(sky, base, tmp_path):
+    empty_val = sky.split("test")
+    with pytest.raises(DatasetError, match="validation set is empty"):
+        train_clip(base, sky.split("train"), empty_val, _cfg(tmp_path, "bad"))
+    big = CLIPEmbedder.from_config(dict(TINY_CLIP_CONFIG, vision_cfg=dict(TINY_CLIP_CONFIG["vision_cfg"],
+                                                                            image_size=96)))
+    with pytest.raises(DatasetError, match="smaller than the model input"):
+        train_clip(big, sky.split("train"), sky.split("val"), _cfg(tmp_path, "bad"))
+
+
+def test_wise_ft_interpolation(sky, base, tmp_path):
+    res = train_clip(base, sky.split("train"), sky.split("val"), _cfg(tmp_path, "w", steps=5, eval_every=5))
+    ft = CLIPEmbedder.from_pretrained(tmp_path / "w" / "final")
+    zero, one, half = (interpolate_weights(base, ft, a) for a in (0.0, 1.0, 0.5))
+    k = "visual.conv1.weight"
+    torch.testing.assert_close(zero.model.state_dict()[k], base.model.state_dict()[k])
+    torch.testing.assert_close(one.model.state_dict()[k], ft.model.state_dict()[k])
+    torch.testing.assert_close(half.model.state_dict()[k],
+                               (base.model.state_dict()[k] + ft.model.state_dict()[k]) / 2)
+    with pytest.raises(ValueError, match="alpha"):
+        interpolate_weights(base, ft, 1.5)
+    assert res.best_path.is_dir()
+
+
+def _ddp_worker(rank, world, root, out, queue):
+    import torch.distributed as dist
+
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = "29533"
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        ds = SyntheticSkyDataset(root)
+        emb = CLIPEmbedder.from_config(TINY_CLIP_CONFIG, seed=0)
+        res = train_clip(emb, ds.split("train"), ds.split("val"),
+                         CLIPTrainingConfig(mode="finetune", steps=4, batch_size=16, lr=1e-3, warmup_steps=0,
+                                            eval_every=4, output_dir=out, progress=False, tensorboard=False,
+                                            augment=False))
+        if rank == 0:
+            queue.put(float(res.history["train_loss"][0]))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_process_gloo_matches_single_process(sky, tmp_path):
+    import torch.multiprocessing as mp
+
+    single = train_clip(CLIPEmbedder.from_config(TINY_CLIP_CONFIG, seed=0), sky.split("train"), sky.split("val"),
+                        CLIPTrainingConfig(mode="finetune", steps=4, batch_size=16, lr=1e-3, warmup_steps=0,
+                                           eval_every=4, output_dir=str(tmp_path / "single"), progress=False,
+                                           tensorboard=False, augment=False))
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    mp.start_processes(_ddp_worker, args=(2, str(sky.root), str(tmp_path / "ddp"), queue), nprocs=2,
+                       join=True, start_method="spawn")
+    ddp_loss = queue.get(timeout=10)
+    assert ddp_loss == pytest.approx(float(single.history["train_loss"][0]), rel=1e-3)
