@@ -1,0 +1,180 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from astrovl import AstroLLaVA
+from astrovl.exceptions import CheckpointError, ModelNotFoundError
+from astrovl.llava import convert_llava_checkpoint
+from astrovl.llava.testing import make_tiny_llava
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return make_tiny_llava(tmp_path_factory.mktemp("llava") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def llava(tiny_dir):
+    return AstroLLaVA.from_pretrained(tiny_dir, device="cpu")
+
+
+def test_caption_ask_chat_on_fits(llava, m13_path, ngc1316_path):
+    text = llava.caption(m13_path, max_new_tokens=12)
+    assert isinstance(text, str)
+    many = llava.caption([m13_path, ngc1316_path], max_new_tokens=12)
+    assert isinstance(many, list) and len(many) == 2
+    assert many[0] == text
+    assert isinstance(llava.ask(m13_path, "What kind of object is this?", max_new_tokens=8), str)
+    reply = llava.chat(m13_path, [("user", "Describe it."), ("assistant", "A cluster."), ("user", "How old?")],
+                       max_new_tokens=8)
+    assert isinstance(reply, str)
+
+
+def test_batched_equals_unbatched_greedy(llava, m13_path, ngc1316_path, dss_path):
+    images = [m13_path, ngc1316_path, dss_path, np.linspace(0, 1, 40 * 70).reshape(40, 70)]
+    batched = llava.caption(images, max_new_tokens=10, batch_size=4)
+    single = [llava.caption(im, max_new_tokens=10) for im in images]
+    assert batched == single
+
+
+def test_generation_stops_at_end_of_turn(llava, m13_path):
+    out = llava.caption(m13_path, max_new_tokens=40)
+    for marker in ("USER:", "ASSISTANT:"):
+        assert marker not in out
+
+
+def test_score_ranks_own_answer_above_unrelated_text(llava, m13_path):
+    prompt = "Describe this astronomical image in detail."
+    inputs = llava.processor(images=[llava._pil(m13_path)], text=[llava._prompt([llava._user(prompt)])],
+                             return_tensors="pt")
+    with torch.inference_mode():
+        out = llava.model.generate(**inputs, max_new_tokens=6, do_sample=False,
+                                   pad_token_id=llava.processor.tokenizer.pad_token_id)
+    own_ids = out[0, inputs["input_ids"].shape[1]:]
+    own = llava.processor.tokenizer.decode(own_ids, skip_special_tokens=True).strip() or "A"
+    scores = llava.score(m13_path, [own, "Unbarred Loose Spiral, Edge-on with Bulge, Disturbed"], prompt=prompt)
+    assert scores.shape == (2,)
+    assert np.all(np.isfinite(scores))
+    assert scores[0] > scores[1]
+
+
+def test_save_and_reload(llava, tmp_path, m13_path):
+    llava.save_pretrained(tmp_path / "saved")
+    assert (tmp_path / "saved" / "model.safetensors").is_file()
+    again = AstroLLaVA.from_pretrained(tmp_path / "saved")
+    assert again.caption(m13_path, max_new_tokens=8) == llava.caption(m13_path, max_new_tokens=8)
+
+
+def test_bad_inputs(llava, tmp_path):
+    with pytest.raises(TypeError):
+        llava.caption(object())
+    with pytest.raises(ValueError, match="empty"):
+        llava.ask(np.ones((8, 8)), "   ")
+    with pytest.raises(ValueError, match="empty"):
+        llava.caption([])
+    with pytest.raises(ValueError, match="user turn"):
+        llava.chat(np.ones((8, 8)), [("assistant", "hi")])
+    with pytest.raises(ModelNotFoundError, match="transformers LLaVA layout"):
+        AstroLLaVA.from_pretrained(tmp_path / "does-not-exist")
+
+
+def _write_original_layout(tiny_dir, dst):
+    """Write the tiny model the way the original LLaVA repository saves checkpoints."""
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer, CLIPVisionModel, LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(tiny_dir)
+    dst.mkdir(parents=True)
+    state = {}
+    for k, v in model.state_dict().items():
+        if k.startswith("model.language_model."):
+            state["model." + k[len("model.language_model."):]] = v
+        elif k.startswith("model.multi_modal_projector.linear_1."):
+            state["model.mm_projector.0." + k.rsplit(".", 1)[1]] = v
+        elif k.startswith("model.multi_modal_projector.linear_2."):
+            state["model.mm_projector.2." + k.rsplit(".", 1)[1]] = v
+        elif k == "lm_head.weight":
+            state[k] = v
+    keys = sorted(state)
+    half = len(keys) // 2  # sharded, as large checkpoints are
+    save_file({k: state[k].contiguous() for k in keys[:half]}, str(dst / "model-00001-of-00002.safetensors"))
+    save_file({k: state[k].contiguous() for k in keys[half:]}, str(dst / "model-00002-of-00002.safetensors"))
+    tower = CLIPVisionModel(model.config.vision_config)
+    tower.load_state_dict({k[len("model.vision_tower."):]: v for k, v in model.state_dict().items()
+                           if k.startswith("model.vision_tower.")})
+    tower.save_pretrained(dst.parent / "vision_tower")
+    tc = model.config.text_config
+    cfg = {"model_type": "llava_llama", "architectures": ["LlavaLlamaForCausalLM"],
+           "hidden_size": tc.hidden_size, "intermediate_size": tc.intermediate_size,
+           "num_attention_heads": tc.num_attention_heads, "num_hidden_layers": tc.num_hidden_layers,
+           "num_key_value_heads": tc.num_key_value_heads, "rms_norm_eps": tc.rms_norm_eps,
+           "max_position_embeddings": tc.max_position_embeddings, "vocab_size": tc.vocab_size,
+           "mm_vision_tower": str(dst.parent / "vision_tower"), "mm_hidden_size": 32,
+           "mm_vision_select_layer": -2, "mm_vision_select_feature": "patch",
+           "mm_projector_type": "mlp2x_gelu", "image_aspect_ratio": "pad"}
+    (dst / "config.json").write_text(json.dumps(cfg))
+    AutoTokenizer.from_pretrained(tiny_dir).save_pretrained(dst)
+    return model
+
+
+def test_conversion_of_original_layout_matches_logits(tiny_dir, tmp_path, m13_path):
+    original = _write_original_layout(tiny_dir, tmp_path / "orig")
+    with pytest.raises(CheckpointError, match="convert-llava"):
+        AstroLLaVA.from_pretrained(tmp_path / "orig")
+    out = convert_llava_checkpoint(tmp_path / "orig", tmp_path / "converted")
+    converted = AstroLLaVA.from_pretrained(out)
+    ref = AstroLLaVA.from_pretrained(tiny_dir)
+    prompt = ref._prompt([ref._user("Describe this.")])
+    inputs = ref.processor(images=[ref._pil(m13_path)], text=[prompt], return_tensors="pt")
+    with torch.inference_mode():
+        expected = original(**inputs).logits
+        got = converted.model(**inputs).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert converted.caption(m13_path, max_new_tokens=8) == ref.caption(m13_path, max_new_tokens=8)
+
+
+def test_convert_flag_converts_into_cache(tiny_dir, tmp_path, m13_path):
+    from astrovl import conf
+
+    _write_original_layout(tiny_dir, tmp_path / "orig2")
+    with conf.set_temp("cache_dir", str(tmp_path / "cache")):
+        model = AstroLLaVA.from_pretrained(tmp_path / "orig2", convert=True)
+    assert str(tmp_path / "cache") in model.source
+    assert isinstance(model.caption(m13_path, max_new_tokens=4), str)
+
+
+def test_conversion_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="config.json"):
+        convert_llava_checkpoint(tmp_path, tmp_path / "out")
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(CheckpointError, match="original-layout"):
+        convert_llava_checkpoint(tmp_path, tmp_path / "out")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_bf16_caption(tiny_dir, m13_path):
+    model = AstroLLaVA.from_pretrained(tiny_dir, device="cuda")
+    assert model.model.dtype == torch.bfloat16
+    assert isinstance(model.caption(m13_path, max_new_tokens=8), str)
+
+
+def test_key_renaming_handles_both_vision_tower_layouts():
+    from astrovl.llava.convert import _match_vision_prefix, rename_llava_key
+
+    assert rename_llava_key("model.mm_projector.0.weight") == "model.multi_modal_projector.linear_1.weight"
+    assert rename_llava_key("model.mm_projector.2.bias") == "model.multi_modal_projector.linear_2.bias"
+    assert rename_llava_key("model.layers.3.self_attn.q_proj.weight") == \
+        "model.language_model.layers.3.self_attn.q_proj.weight"
+    assert rename_llava_key("lm_head.weight") == "lm_head.weight"
+    assert rename_llava_key("optimizer_step") is None
+    with pytest.raises(CheckpointError, match="mlp2x_gelu"):
+        rename_llava_key("model.mm_projector.4.weight")
+    old = rename_llava_key("model.vision_tower.vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight")
+    flat = {"model.vision_tower.encoder.layers.0.mlp.fc1.weight"}
+    nested = {"model.vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight"}
+    assert set(_match_vision_prefix({old: 1}, flat)) == flat
+    assert set(_match_vision_prefix({old: 1}, nested)) == nested
+    assert set(_match_vision_prefix({next(iter(flat)): 1}, nested)) == nested
