@@ -1,3 +1,37 @@
-"""napari plugin for astrovl: read FITS images, caption, ask, search and classify."""
+"""napari plugin for astrovl: read FITS images, caption, ask, search and classify.
 
-__all__: list[str] = []
+The plugin is declared in ``napari.yaml`` (npe2). Importing this package is
+light; napari, Qt and the models load only when a widget or the reader is used.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+# public name -> module that defines it
+_LAZY = {
+    "napari_get_reader": "astrovl_napari._reader",
+    "read_fits": "astrovl_napari._reader",
+    "fits_layer_data": "astrovl_napari._reader",
+    "image_layer_data": "astrovl_napari._reader",
+    "ModelRegistry": "astrovl_napari._models",
+    "ModelSpec": "astrovl_napari._models",
+    "default_registry": "astrovl_napari._models",
+    "CaptionWidget": "astrovl_napari._caption_widget",
+    "SearchWidget": "astrovl_napari._search_widget",
+    "ClassifyWidget": "astrovl_napari._classify_widget",
+}
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'astrovl_napari' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

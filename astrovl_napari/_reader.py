@@ -1,0 +1,305 @@
+"""Read FITS files into napari image layers through :func:`astrovl.load_image`.
+
+Display convention
+------------------
+Each layer holds the **raw pixel values** (float32) of its HDU, so napari's
+status bar and any analysis on ``layer.data`` see physical values. The contrast
+limits are the limits of the library's display interval
+(``astrovl.conf.interval``, by default the 0.5-99.5 percentile of the finite
+pixels), computed with the same :func:`astrovl.imaging.get_interval` that
+:func:`astrovl.load_image` uses; napari maps them linearly. When a region is
+sent to a model the library's full scaling (interval and ``asinh`` stretch) is
+applied to the same raw pixels, exactly as for a file loaded with
+:func:`astrovl.load_image`.
+
+FITS images store row 0 at the bottom. The array is not flipped (so
+``layer.data[row, col]`` stays at FITS pixel ``(col + 1, row + 1)`` and the WCS
+in the metadata applies to it directly); instead the layer gets a vertical scale
+of ``-1`` so that napari shows the image the right way up. The vertical world
+coordinate in the status bar is therefore ``-row``.
+
+Layer metadata
+--------------
+``metadata["header"]`` (:class:`astropy.io.fits.Header`), ``metadata["wcs"]``
+(celestial :class:`astropy.wcs.WCS` of the layer's pixel grid, or None) and
+``metadata["astrovl"]`` (a dict: ``source``, ``hdu``, ``extname``, ``extver``,
+``origin``, ``downsample``, ``interval``, ``stretch``, ``contrast_limits``).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "FITS_PATTERNS",
+    "napari_get_reader",
+    "read_fits",
+    "fits_layer_data",
+    "list_image_hdus",
+    "is_fits_path",
+    "contrast_limits_for",
+    "image_layer_data",
+]
+
+#: filename patterns of the napari reader contribution (matched case-insensitively by napari)
+FITS_PATTERNS = ("*.fits", "*.fit", "*.fts", "*.fits.gz", "*.fit.gz", "*.fts.gz", "*.fz")
+
+# extensions that hold auxiliary planes: opened hidden so the science image is what shows
+_AUXILIARY_EXTNAMES = frozenset(
+    {"ERR", "DQ", "WHT", "VAR", "MASK", "CTX", "SAMP", "TIME", "CON", "EXP", "WGT", "IVM", "RMS"})
+
+LayerData = tuple  # (data, kwargs, "image")
+
+
+def is_fits_path(path: str | os.PathLike) -> bool:
+    """True when ``path`` has a FITS file name (``.fits``, ``.fit``, ``.fts``, ``.fz``, gzipped)."""
+    from astrovl.imaging import FITS_SUFFIXES
+
+    name = os.fspath(path).lower()
+    return any(name.endswith(s) for s in FITS_SUFFIXES)
+
+
+def napari_get_reader(path: str | os.PathLike | Sequence[str | os.PathLike]
+                      ) -> Callable[[Any], list[LayerData]] | None:
+    """Return :func:`read_fits` when every path is a FITS file, else None (napari tries others)."""
+    paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
+    if not paths or not all(is_fits_path(p) for p in paths):
+        return None
+    return read_fits
+
+
+def read_fits(path: str | os.PathLike | Sequence[str | os.PathLike]) -> list[LayerData]:
+    """Read one or several FITS files into napari layer data tuples.
+
+    Parameters
+    ----------
+    path : str, path-like or list of them
+
+    Returns
+    -------
+    list of (numpy.ndarray, dict, "image")
+        One image layer per image HDU (see :func:`fits_layer_data`).
+    """
+    paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
+    layers: list[LayerData] = []
+    for p in paths:
+        layers.extend(fits_layer_data(p))
+    return layers
+
+
+def list_image_hdus(path: str | os.PathLike) -> list[tuple[int, str, int, tuple[int, ...]]]:
+    """List the HDUs of a FITS file that hold an image of two or more dimensions.
+
+    Returns
+    -------
+    list of (index, extname, extver, shape)
+
+    Raises
+    ------
+    astrovl.exceptions.ImageFileError
+        Missing or unreadable file.
+    """
+    from astropy.io import fits
+    from astropy.utils.exceptions import AstropyUserWarning
+    from astropy.wcs import FITSFixedWarning
+
+    from astrovl.exceptions import ImageFileError
+
+    path = Path(path)
+    if not path.is_file():
+        raise ImageFileError(f"FITS file {str(path)!r} does not exist; check the path")
+    out = []
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", AstropyUserWarning)  # "file may have been truncated"
+            warnings.filterwarnings("ignore", category=FITSFixedWarning)
+            warnings.filterwarnings("ignore", message=".*non-standard.*")
+            with fits.open(path, memmap=False, lazy_load_hdus=False) as hdul:
+                for i, h in enumerate(hdul):
+                    if not isinstance(h, (fits.PrimaryHDU, fits.ImageHDU, fits.CompImageHDU)):
+                        continue
+                    shape = tuple(int(s) for s in (h.shape or ()))
+                    if len(shape) >= 2 and all(s > 0 for s in shape):
+                        out.append((i, str(h.name), int(h.ver), shape))
+    except (OSError, ValueError, TypeError, EOFError, IndexError, KeyError,
+            AstropyUserWarning) as exc:
+        raise ImageFileError(
+            f"FITS file {str(path)!r} could not be read ({type(exc).__name__}: {exc}); it may be "
+            "truncated or corrupt: download it again"
+        ) from exc
+    return out
+
+
+def contrast_limits_for(raw: np.ndarray, interval=None, mask: np.ndarray | None = None
+                        ) -> tuple[float, float]:
+    """Contrast limits of ``raw`` from the library's display interval.
+
+    Parameters
+    ----------
+    raw : numpy.ndarray
+        Pixel values (any shape); non-finite values are ignored.
+    interval : optional
+        Anything :func:`astrovl.imaging.get_interval` accepts; default
+        ``astrovl.conf.interval``.
+    mask : numpy.ndarray, optional
+        True for pixels to ignore (broadcast over colour channels).
+
+    Returns
+    -------
+    (float, float)
+        ``vmin < vmax`` (a constant image gets ``(v, v + 1)``).
+    """
+    from astrovl import conf
+    from astrovl.imaging import get_interval
+
+    values = np.asarray(raw, dtype=np.float64)
+    valid = np.isfinite(values)
+    if mask is not None:
+        m = np.asarray(mask, dtype=bool)
+        if values.ndim == m.ndim + 1:
+            m = m[..., None]
+        valid &= ~np.broadcast_to(m, values.shape)
+    finite = values[valid]
+    if finite.size == 0:
+        return 0.0, 1.0
+    vmin, vmax = get_interval(conf.interval if interval is None else interval).get_limits(finite)
+    vmin, vmax = float(vmin), float(vmax)
+    if not (np.isfinite(vmin) and np.isfinite(vmax)) or vmax <= vmin:
+        base = float(np.min(finite))
+        return base, base + 1.0
+    return vmin, vmax
+
+
+def _layer_name(path: Path, extname: str, extver: int, index: int, several: bool,
+                names: Sequence[str]) -> str:
+    stem = path.name
+    for suffix in (".gz", ".fz"):
+        if stem.lower().endswith(suffix):
+            stem = stem[: -len(suffix)]
+    stem = os.path.splitext(stem)[0]
+    if not several:
+        return stem
+    if extname and extname != "PRIMARY":
+        repeated = sum(1 for n in names if n == extname) > 1
+        return f"{stem} [{extname},{extver}]" if repeated else f"{stem} [{extname}]"
+    return f"{stem} [{index}]"
+
+
+def _is_cube(shape: tuple[int, ...]) -> bool:
+    core = shape[1:] if len(shape) == 4 and shape[0] == 1 else shape
+    return len(core) == 3 and core[0] not in (1, 3)
+
+
+def fits_layer_data(path: str | os.PathLike, *, interval=None) -> list[LayerData]:
+    """Napari layer data for every image HDU of one FITS file.
+
+    Two-dimensional HDUs (and three-plane colour cubes) go through
+    :func:`astrovl.load_image` (``hdu=`` each index); cubes of other depths open as
+    a stack of planes with a slider, each plane read by :func:`astrovl.load_image`
+    with the same downsampling. See the module docstring for the display
+    convention and the metadata kept.
+
+    Parameters
+    ----------
+    path : str or path-like
+    interval : optional
+        Display interval for the contrast limits (default ``astrovl.conf.interval``).
+
+    Returns
+    -------
+    list of (numpy.ndarray, dict, "image")
+
+    Raises
+    ------
+    astrovl.exceptions.ImageFileError
+        Missing, truncated or corrupt file.
+    astrovl.exceptions.ImageInputError
+        The file has no image HDU.
+    """
+    from astrovl import load_image
+    from astrovl.exceptions import ImageInputError
+
+    path = Path(path)
+    hdus = list_image_hdus(path)
+    if not hdus:
+        raise ImageInputError(
+            f"{str(path)!r} holds no image HDU (only tables or empty headers); open a FITS file "
+            "with image data"
+        )
+    several = len(hdus) > 1
+    names = [h[1] for h in hdus]
+    layers = []
+    for index, extname, extver, shape in hdus:
+        if _is_cube(shape):
+            nplanes = shape[-3]
+            planes = [load_image(path, hdu=index, plane=k) for k in range(nplanes)]
+            img = planes[0]
+            raw = np.stack([p.raw for p in planes])
+            masks = [p.mask if p.mask is not None else np.zeros(p.raw.shape[:2], bool) for p in planes]
+            mask = np.stack(masks) if any(p.mask is not None for p in planes) else None
+        else:
+            img = load_image(path, hdu=index)
+            raw, mask = img.raw, img.mask
+        vmin, vmax = contrast_limits_for(raw, interval, mask)
+        rgb = raw.ndim == 3 and not _is_cube(shape)
+        spatial_scale = (-1.0, 1.0)
+        scale = spatial_scale if rgb or raw.ndim == 2 else (1.0, *spatial_scale)
+        info = {
+            "source": img.source,
+            "hdu": index,
+            "extname": extname,
+            "extver": extver,
+            "origin": "lower",
+            "downsample": int(img.meta.get("downsample", 1)),
+            "stretch": img.meta.get("stretch"),
+            "interval": img.meta.get("interval"),
+            "contrast_limits": [vmin, vmax],
+        }
+        kwargs = {
+            "name": _layer_name(path, extname, extver, index, several, names),
+            "metadata": {"header": img.header, "wcs": img.wcs, "astrovl": info},
+            "contrast_limits": [vmin, vmax],
+            "scale": scale,
+            "rgb": rgb,
+            "visible": extname.upper() not in _AUXILIARY_EXTNAMES,
+        }
+        if not rgb:
+            kwargs["colormap"] = "gray"
+        layers.append((np.ascontiguousarray(raw, dtype=np.float32), kwargs, "image"))
+    return layers
+
+
+def image_layer_data(path: str | os.PathLike) -> list[LayerData]:
+    """Napari layer data for any image file :func:`astrovl.load_image` reads.
+
+    FITS files go through :func:`fits_layer_data`. Pictures (JPEG, PNG, TIFF...)
+    open as they are stored: 8-bit ones as ``uint8`` (RGB or grey), others as raw
+    values with contrast limits from the library's interval.
+    """
+    from astrovl import load_image
+
+    path = Path(path)
+    if is_fits_path(path):
+        return fits_layer_data(path)
+    img = load_image(path)
+    stem = os.path.splitext(path.name)[0]
+    info = {"source": img.source, "origin": "upper", "stretch": img.meta.get("stretch"),
+            "interval": img.meta.get("interval")}
+    kwargs: dict[str, Any] = {"name": stem, "metadata": {"header": img.header, "wcs": img.wcs,
+                                                          "astrovl": info},
+                              "rgb": img.is_color}
+    if img.meta.get("picture"):
+        data = np.clip(np.rint(img.raw), 0, 255).astype(np.uint8)
+        kwargs["contrast_limits"] = [0, 255]
+    else:
+        data = np.ascontiguousarray(img.raw, dtype=np.float32)
+        kwargs["contrast_limits"] = list(contrast_limits_for(data, mask=img.mask))
+    if not img.is_color:
+        kwargs["colormap"] = "gray"
+    return [(data, kwargs, "image")]
