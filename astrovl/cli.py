@@ -244,6 +244,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
+    p.add_argument("--mix-data", default=None, help="general instruction data (LLaVA JSON) to mix in")
+    p.add_argument("--mix-ratio", type=float, default=0.0, help="fraction of records from --mix-data")
+    p.add_argument("--save-every", type=int, default=500, help="checkpoint every N optimizer steps")
+    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true")
     _add_model_args(p)
     p.set_defaults(func=_cmd_train_llava)
@@ -258,6 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="val")
     p.add_argument("--k-percent", type=float, default=10.0)
     p.add_argument("--limit", type=int, default=None, help="evaluate at most this many images")
+    p.add_argument("--max-new-tokens", type=int, default=200,
+                   help="galaxy10: tokens generated per description (protocol: 200)")
     p.add_argument("--plot", default=None, help="write a PNG plot here")
     _add_model_args(p, pretrained=True)
     _add_output_args(p)
@@ -585,15 +592,22 @@ def _cmd_train_llava(args):
     options = {k: getattr(args, k) for k in ("epochs", "max_steps", "batch_size", "lr")
                if getattr(args, k) is not None}
     config = LLaVATrainingConfig(stage=args.stage, output_dir=args.output, lora=args.lora,
-                                 resume=args.resume, **options)
+                                 resume=args.resume, device=args.device,
+                                 gradient_accumulation_steps=args.grad_accum, mix_data=args.mix_data,
+                                 mix_ratio=args.mix_ratio, save_every=args.save_every, seed=args.seed,
+                                 **options)
     data = args.data
-    if args.stage == 1 or Path(data).is_dir():
+    if Path(data).is_dir():
         from .datasets import ManifestDataset
 
         data = ManifestDataset(data)
-    result = train_llava(model, data, config, image_root=args.image_root) if args.image_root else \
-        train_llava(model, data, config)
-    print(f"model written to {result.output_dir}")
+    result = train_llava(model, data, config, image_root=args.image_root)
+    _emit(result.history, argparse.Namespace(output=None, format="table"))
+    if result.adapter_dir is not None:
+        print(f"LoRA adapter written to {result.adapter_dir} "
+              f"(load with AstroLLaVA.from_pretrained(BASE, adapter=...))")
+    else:
+        print(f"model written to {result.model_dir}")
     return 0
 
 
@@ -626,7 +640,7 @@ def _cmd_evaluate(args):
 
         images, labels = load_galaxy10(args.data, limit=args.limit)
         evaluator = DescriptionEvaluator()
-        table = evaluator.evaluate_model(_llava(args), images, labels)
+        table = evaluator.evaluate_model(_llava(args), images, labels, max_new_tokens=args.max_new_tokens)
         if args.plot:
             evaluator.plot_summary(table).savefig(args.plot)
     _emit(table, args)

@@ -310,11 +310,12 @@ class DescriptionEvaluator:
         -------
         matplotlib.figure.Figure
         """
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure
 
         summary = self.summarize(table)
         if ax is None:
-            fig, ax = plt.subplots(figsize=(8, 4.5), layout="constrained")
+            fig = Figure(figsize=(8, 4.5), layout="constrained")
+            ax = fig.subplots()
         else:
             fig = ax.figure
         y = np.arange(len(summary))

@@ -1,0 +1,437 @@
+"""Two-stage LLaVA training (the AstroLLaVA recipe), resumable, multi-GPU through accelerate.
+
+Stage 1 trains only the projector (vision tower and language model frozen) on
+image-caption records; stage 2 trains the language model and projector end to end
+(vision tower frozen, as LLaVA-1.5), or LoRA adapters, on conversations. The loss
+covers only the assistant's answers.
+
+Several GPUs or nodes: launch the same script with ``accelerate launch``
+(``--config_file`` for DeepSpeed ZeRO-3 with 7B models: the package ships
+``astrovl/data/deepspeed_zero3.json``; see the training documentation).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from astropy.table import Table
+
+from ..exceptions import CheckpointError
+from ..utils.files import atomic_directory
+from ..utils.progress import progress_bar
+from .common import lr_lambda, plot_history, seed_everything, write_history
+from .llava_data import LLaVATorchDataset, collate_llava, load_conversation_records
+
+__all__ = ["LLaVATrainingConfig", "LLaVATrainingResult", "train_llava", "DEEPSPEED_ZERO3_CONFIG",
+           "LORA_TARGET_MODULES"]
+
+log = logging.getLogger(__name__)
+
+#: DeepSpeed ZeRO-3 configuration shipped with the package (for ``accelerate launch``).
+DEEPSPEED_ZERO3_CONFIG = Path(__file__).resolve().parents[1] / "data" / "deepspeed_zero3.json"
+
+#: Linear layers of the language model that LoRA adapts (attention and MLP).
+LORA_TARGET_MODULES = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+
+_DEFAULT_LR = {1: 1e-3, 2: 2e-5, "lora": 2e-4}
+
+
+@dataclass
+class LLaVATrainingConfig:
+    """Settings of :func:`train_llava` (defaults: the LLaVA-1.5 / AstroLLaVA recipe).
+
+    Parameters
+    ----------
+    stage : {1, 2}
+        1: projector only, on captions (lr 1e-3). 2: language model + projector
+        end to end (lr 2e-5), or LoRA adapters with ``lora=True`` (lr 2e-4).
+    output_dir : str
+        Where the checkpoint, the trained model, metrics and plots go.
+    epochs : float
+        Passes over the data (1 in the recipe); ``max_steps`` overrides it.
+    max_steps : int, optional
+        Optimizer steps to run.
+    batch_size : int
+        Records per device per micro-batch.
+    gradient_accumulation_steps : int
+    lr : float, optional
+        Default by stage (see above).
+    weight_decay, warmup_ratio, schedule, max_grad_norm : float, float, str, float
+        AdamW weight decay; linear warm-up over this fraction of steps; then
+        ``"cosine"`` (recipe) or ``"constant"``; gradient clipping.
+    lora, lora_r, lora_alpha, lora_dropout
+        LoRA on the language model's attention and MLP layers (peft); the
+        projector is trained fully alongside.
+    max_length : int
+        Tokens per record (longer conversations are truncated).
+    system_prompt : str, optional
+        System text put before each conversation.
+    mix_data : str, optional
+        General instruction data (LLaVA JSON) mixed in to limit forgetting.
+    mix_ratio : float
+        Fraction of each epoch's records drawn from ``mix_data`` (0 to < 1).
+    mix_image_root : str, optional
+        Image root of ``mix_data``.
+    bf16 : bool, optional
+        bf16 mixed precision; default on CUDA.
+    gradient_checkpointing : bool, optional
+        Default on CUDA for stage 2.
+    device : str, optional
+        ``"cpu"`` forces the CPU; otherwise accelerate chooses (CUDA when present).
+    num_workers : int
+        DataLoader workers decoding images.
+    save_every : int
+        Write a resumable checkpoint every N optimizer steps (and at the end).
+    log_every : int
+    seed : int
+    resume : bool
+        Continue from ``output_dir/checkpoint`` at the same step and data position.
+    progress : bool
+    """
+
+    stage: int = 1
+    output_dir: str = "astrollava-training"
+    epochs: float = 1.0
+    max_steps: int | None = None
+    batch_size: int = 16
+    gradient_accumulation_steps: int = 1
+    lr: float | None = None
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    schedule: str = "cosine"
+    max_grad_norm: float = 1.0
+    lora: bool = False
+    lora_r: int = 128
+    lora_alpha: int = 256
+    lora_dropout: float = 0.05
+    max_length: int = 2048
+    system_prompt: str | None = None
+    mix_data: str | None = None
+    mix_ratio: float = 0.0
+    mix_image_root: str | None = None
+    bf16: bool | None = None
+    gradient_checkpointing: bool | None = None
+    device: str | None = None
+    num_workers: int = 0
+    save_every: int = 500
+    log_every: int = 10
+    seed: int = 0
+    resume: bool = False
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.stage not in (1, 2):
+            raise ValueError(f"stage={self.stage!r}; use 1 (projector) or 2 (end to end)")
+        if self.lora and self.stage != 2:
+            raise ValueError("lora=True applies to stage 2; stage 1 trains the projector only")
+        if not 0.0 <= self.mix_ratio < 1.0:
+            raise ValueError(f"mix_ratio={self.mix_ratio} must be in [0, 1)")
+        if self.mix_ratio > 0 and not self.mix_data:
+            raise ValueError("mix_ratio > 0 needs mix_data (a LLaVA conversation JSON file)")
+        for name in ("batch_size", "gradient_accumulation_steps", "save_every", "log_every"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps={self.max_steps} must be >= 1")
+        if self.lr is None:
+            self.lr = _DEFAULT_LR["lora"] if self.lora else _DEFAULT_LR[self.stage]
+
+
+@dataclass
+class LLaVATrainingResult:
+    """What :func:`train_llava` returns.
+
+    Attributes
+    ----------
+    model : AstroLLaVA
+        The trained model, ready for captioning.
+    model_dir : pathlib.Path or None
+        A directory :meth:`AstroLLaVA.from_pretrained` loads (None for LoRA without merging).
+    adapter_dir : pathlib.Path or None
+        The LoRA adapter (load with ``AstroLLaVA.from_pretrained(base, adapter=adapter_dir)``).
+    output_dir : pathlib.Path
+    history : astropy.table.Table
+        ``step``, ``epoch``, ``train_loss``, ``lr``.
+    """
+
+    model: Any
+    model_dir: Path | None
+    adapter_dir: Path | None
+    output_dir: Path
+    history: Table
+
+
+def _freeze_for_stage(model, config: LLaVATrainingConfig):
+    """Set ``requires_grad`` per stage; wrap with LoRA when asked. Returns the model."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    projector = model.model.multi_modal_projector
+    if config.stage == 1:
+        for p in projector.parameters():
+            p.requires_grad_(True)
+        return model
+    if config.lora:
+        from peft import LoraConfig, get_peft_model
+
+        lcfg = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                          target_modules=LORA_TARGET_MODULES, modules_to_save=["multi_modal_projector"],
+                          bias="none")
+        return get_peft_model(model, lcfg)
+    for p in model.model.language_model.parameters():
+        p.requires_grad_(True)
+    for p in model.lm_head.parameters():
+        p.requires_grad_(True)
+    for p in projector.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+def _trainable_state(model) -> dict:
+    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _epoch_order(n: int, epoch: int, seed: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def _save_checkpoint(path: Path, model, optimizer, scheduler, state: dict) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    with atomic_directory(path) as tmp:
+        save_file(_trainable_state(model), str(tmp / "trainable.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save({"torch": torch.get_rng_state()}, tmp / "rng.pt")
+        (tmp / "state.json").write_text(json.dumps(state, indent=2), encoding="utf-8")
+
+
+def _load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
+    import torch
+    from safetensors.torch import load_file
+
+    try:
+        state = json.loads((path / "state.json").read_text("utf-8"))
+        weights = load_file(str(path / "trainable.safetensors"))
+        params = dict(model.named_parameters())
+        expected = {n for n, p in params.items() if p.requires_grad}
+        if set(weights) != expected:
+            raise ValueError(f"{len(set(weights) ^ expected)} trainable weights differ (another stage or "
+                             "model?)")
+        with torch.no_grad():
+            for n, w in weights.items():
+                params[n].copy_(w.to(params[n].dtype))
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+        torch.set_rng_state(torch.load(path / "rng.pt", weights_only=True)["torch"])
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"checkpoint {str(path)!r} is incomplete ({exc.filename} missing); delete it "
+                              "or train without resume") from exc
+    except Exception as exc:
+        raise CheckpointError(f"checkpoint {str(path)!r} is corrupt or belongs to another run "
+                              f"({type(exc).__name__}: {exc}); delete it or train without resume") from exc
+    return state
+
+
+def _as_llava(model, device):
+    from ..llava import AstroLLaVA
+
+    if isinstance(model, AstroLLaVA):
+        return model
+    return AstroLLaVA.from_pretrained(model, device=device or "cpu", dtype="float32")
+
+
+def train_llava(model, data, config: LLaVATrainingConfig | None = None, *,
+                image_root: str | os.PathLike | None = None) -> LLaVATrainingResult:
+    """Train a LLaVA model (stage 1 or 2 of the AstroLLaVA recipe).
+
+    Parameters
+    ----------
+    model : AstroLLaVA or str
+        The model to train (for stage 2 usually the stage-1 output), or its path.
+    data : ManifestDataset, path or list of dict
+        Stage 1: image-caption records (e.g. an outreach dataset). Stage 2: LLaVA
+        conversation JSON, or a dataset whose manifest has a ``conversations`` column.
+        See :func:`astrovl.training.llava_data.load_conversation_records`.
+    config : LLaVATrainingConfig
+    image_root : path, optional
+        Root of the image paths in a conversation JSON file.
+
+    Returns
+    -------
+    LLaVATrainingResult
+    """
+    import torch
+    from accelerate import Accelerator
+
+    config = config or LLaVATrainingConfig()
+    out = Path(config.output_dir)
+    llava = _as_llava(model, config.device)
+    processor = llava.processor
+    use_cpu = (config.device or "").startswith("cpu") or not torch.cuda.is_available()
+    bf16 = config.bf16 if config.bf16 is not None else not use_cpu
+    accelerator = Accelerator(cpu=use_cpu, mixed_precision="bf16" if bf16 else "no",
+                              gradient_accumulation_steps=config.gradient_accumulation_steps)
+    seed_everything(config.seed)
+
+    records = load_conversation_records(data, stage=config.stage, image_root=image_root, seed=config.seed)
+    if not records:
+        raise ValueError("no training records: the data is empty")
+    if config.mix_ratio > 0:
+        general = load_conversation_records(config.mix_data, stage=2, image_root=config.mix_image_root,
+                                            seed=config.seed)
+        n_mix = int(round(config.mix_ratio / (1 - config.mix_ratio) * len(records)))
+        pick = np.random.default_rng(config.seed).choice(len(general), size=n_mix,
+                                                         replace=n_mix > len(general))
+        records = records + [general[i] for i in pick]
+    dataset = LLaVATorchDataset(records, processor, max_length=config.max_length,
+                                pad_to_square=llava.pad_to_square, system=config.system_prompt)
+
+    net = llava.model
+    net.train()
+    net = _freeze_for_stage(net, config)
+    gc = config.gradient_checkpointing if config.gradient_checkpointing is not None else \
+        (config.stage == 2 and not use_cpu)
+    if gc:
+        net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(net, "enable_input_require_grads"):
+            net.enable_input_require_grads()
+    params = [p for p in net.parameters() if p.requires_grad]
+    n_trainable = sum(p.numel() for p in params)
+    world = accelerator.num_processes
+    per_step = config.batch_size * config.gradient_accumulation_steps * world
+    micro_per_epoch = math.ceil(len(records) / (config.batch_size * world))
+    total = config.max_steps or max(1, math.ceil(len(records) * config.epochs / per_step))
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay,
+                                  fused=not use_cpu and torch.cuda.is_available())
+    warmup = int(round(config.warmup_ratio * total))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(warmup, total, config.schedule))
+
+    step, epoch, micro = 0, 0, 0
+    rows: list[dict] = []
+    ckpt = out / "checkpoint"
+    if config.resume and ckpt.is_dir():
+        state = _load_checkpoint(ckpt, net, optimizer, scheduler)
+        if state.get("n_records") != len(records):
+            raise CheckpointError(f"checkpoint {str(ckpt)!r} was written for {state.get('n_records')} records, "
+                                  f"the data now has {len(records)}; resume with the same data")
+        step, epoch, micro = int(state["step"]), int(state["epoch"]), int(state["micro"])
+        rows = list(state.get("history", []))
+        log.info("resuming at step %d (epoch %d, micro-batch %d)", step, epoch, micro)
+    net, optimizer = accelerator.prepare(net, optimizer)
+
+    def batches():
+        nonlocal epoch, micro
+        while True:
+            order = _epoch_order(len(records), epoch, config.seed)
+            mine = order[accelerator.process_index::world]
+            start = micro * config.batch_size
+            loader = torch.utils.data.DataLoader(
+                torch.utils.data.Subset(dataset, mine[start:].tolist()), batch_size=config.batch_size,
+                shuffle=False, num_workers=config.num_workers, pin_memory=not use_cpu,
+                collate_fn=lambda b: collate_llava(b, processor.tokenizer.pad_token_id),
+                persistent_workers=False)
+            for batch in loader:
+                micro += 1
+                yield batch
+            epoch += 1
+            micro = 0
+
+    def save(final: bool = False):
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            state = {"step": step, "epoch": epoch, "micro": micro, "n_records": len(records),
+                     "config": {k: v for k, v in asdict(config).items() if k != "extra"}, "history": rows,
+                     "trainable_parameters": n_trainable}
+            _save_checkpoint(ckpt, accelerator.unwrap_model(net), optimizer, scheduler, state)
+
+    bar = progress_bar(total=total, initial=step, enabled=config.progress and accelerator.is_main_process,
+                       desc=f"LLaVA stage {config.stage}", unit="step")
+    running, count = 0.0, 0
+    it = batches()
+    while step < total:
+        batch = next(it)
+        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        with accelerator.accumulate(net):
+            outputs = net(**batch)
+            loss = outputs.loss
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(params, config.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        running += float(loss.detach())
+        count += 1
+        if accelerator.sync_gradients:
+            scheduler.step()
+            step += 1
+            bar.update(1)
+            if step % config.log_every == 0 or step == total:
+                mean = float(accelerator.reduce(torch.tensor(running / count, device=accelerator.device),
+                                                "mean"))
+                rows.append({"step": step, "epoch": round(epoch + micro / micro_per_epoch, 4),
+                             "train_loss": mean, "lr": float(scheduler.get_last_lr()[0])})
+                bar.set_postfix(loss=f"{mean:.4f}")
+                running, count = 0.0, 0
+            if step % config.save_every == 0 or step == total:
+                save()
+    bar.close()
+
+    history = Table(rows=rows) if rows else Table(names=("step", "epoch", "train_loss", "lr"),
+                                                 dtype=(int, float, float, float))
+    history.meta.update({"stage": config.stage, "lora": config.lora, "trainable_parameters": n_trainable,
+                         "records": len(records)})
+    unwrapped = accelerator.unwrap_model(net)
+    unwrapped.eval()
+    model_dir = adapter_dir = None
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        write_history(history, out / "metrics.csv")
+        if len(history):
+            _plot_loss(history, out / "loss.png", config)
+        if config.lora:
+            adapter_dir = out / "adapter"
+            with atomic_directory(adapter_dir) as tmp:
+                unwrapped.save_pretrained(tmp, safe_serialization=True)
+                processor.save_pretrained(tmp)
+        else:
+            model_dir = out / "model"
+            with atomic_directory(model_dir) as tmp:
+                unwrapped.save_pretrained(tmp, safe_serialization=True)
+                processor.save_pretrained(tmp)
+        (out / "training.json").write_text(json.dumps(
+            {"config": {k: v for k, v in asdict(config).items() if k != "extra"}, "steps": step,
+             "model_dir": str(model_dir) if model_dir else None,
+             "adapter_dir": str(adapter_dir) if adapter_dir else None}, indent=2), encoding="utf-8")
+    accelerator.wait_for_everyone()
+    from ..llava import AstroLLaVA
+
+    trained = AstroLLaVA(unwrapped, processor, device=accelerator.device, pad_to_square=llava.pad_to_square,
+                         source=str(model_dir or adapter_dir or out))
+    return LLaVATrainingResult(model=trained, model_dir=model_dir, adapter_dir=adapter_dir, output_dir=out,
+                               history=history)
+
+
+def _plot_loss(history: Table, path: Path, config: LLaVATrainingConfig) -> None:
+    from matplotlib.figure import Figure
+
+    from ..utils.files import atomic_write
+
+    fig = Figure(figsize=(6, 3.5))
+    ax = fig.subplots()
+    ax.plot(history["step"], history["train_loss"], "-o", ms=3)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss (answers only)")
+    kind = "LoRA" if config.lora else ("projector" if config.stage == 1 else "end to end")
+    ax.set_title(f"LLaVA stage {config.stage} ({kind})")
+    fig.tight_layout()
+    with atomic_write(path, "wb") as fh:
+        fig.savefig(fh, format="png", dpi=100)

@@ -1,0 +1,210 @@
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from astrovl import AstroLLaVA
+from astrovl.datasets import SyntheticSkyDataset
+from astrovl.exceptions import CheckpointError, DatasetError
+from astrovl.llava.testing import make_tiny_llava
+from astrovl.training import LLaVATrainingConfig, train_llava
+from astrovl.training.llava import DEEPSPEED_ZERO3_CONFIG
+from astrovl.training.llava_data import IGNORE_INDEX, encode_conversation, load_conversation_records
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return make_tiny_llava(tmp_path_factory.mktemp("llava") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def sky(tmp_path_factory):
+    return SyntheticSkyDataset.generate(tmp_path_factory.mktemp("sky") / "ds", n_images=8, image_size=32,
+                                        classes=["elliptical", "cigar"],
+                                        seed=0, val_fraction=0.25)
+
+
+def _load(tiny_dir):
+    return AstroLLaVA.from_pretrained(tiny_dir, device="cpu")
+
+
+def _cfg(tmp_path, **kw):
+    base = dict(output_dir=str(tmp_path / "run"), device="cpu", batch_size=2, progress=False, log_every=1,
+                warmup_ratio=0.0, schedule="constant")
+    base.update(kw)
+    return LLaVATrainingConfig(**base)
+
+
+def test_loss_mask_covers_answers_only(tiny_dir):
+    from PIL import Image
+
+    model = _load(tiny_dir)
+    turns = [("user", "What is it?"), ("assistant", "A spiral galaxy."),
+             ("user", "Is there a bar?"), ("assistant", "Yes, a bar.")]
+    enc = encode_conversation(model.processor, Image.new("RGB", (32, 32), (9, 9, 9)), turns)
+    tok = model.processor.tokenizer
+    ids, labels = enc["input_ids"], enc["labels"]
+    assert ids.shape == labels.shape
+    image_id = model.model.config.image_token_index
+    assert int((ids == image_id).sum()) == model.model.config.image_seq_length
+    assert bool((labels[ids == image_id] == IGNORE_INDEX).all())
+    answer_text = tok.decode(ids[labels != IGNORE_INDEX])
+    assert answer_text.replace(" ", "") == "Aspiralgalaxy.</s>Yes,abar.</s>"
+    prompt_text = tok.decode(ids[labels == IGNORE_INDEX], skip_special_tokens=True)
+    assert "What is it?" in prompt_text and "USER:" in prompt_text and "ASSISTANT:" in prompt_text
+    assert enc["pixel_values"].shape == (3, 32, 32)
+
+
+def test_stage1_trains_only_the_projector(tiny_dir, sky, tmp_path):
+    model = _load(tiny_dir)
+    before = {n: p.detach().clone() for n, p in model.model.named_parameters()}
+    result = train_llava(model, sky.split("train"), _cfg(tmp_path, stage=1, max_steps=3, lr=1e-2))
+    after = dict(result.model.model.named_parameters())
+    changed = {n for n in before if not torch.equal(before[n], after[n].detach())}
+    assert changed and all(".multi_modal_projector." in n for n in changed)
+    assert any("linear_1" in n for n in changed) and any("linear_2" in n for n in changed)
+    assert list(result.history["step"]) == [1, 2, 3]
+    assert np.all(np.isfinite(result.history["train_loss"]))
+    assert result.history.meta["trainable_parameters"] == sum(
+        p.numel() for p in model.model.model.multi_modal_projector.parameters())
+    assert (result.output_dir / "metrics.csv").is_file() and (result.output_dir / "loss.png").is_file()
+    reloaded = AstroLLaVA.from_pretrained(result.model_dir)
+    w = "model.multi_modal_projector.linear_1.weight"
+    torch.testing.assert_close(dict(reloaded.model.named_parameters())[w], after[w].detach())
+
+
+def _conversation_json(tmp_path, m13_path, answer):
+    root = tmp_path / "data"
+    (root / "img").mkdir(parents=True)
+    shutil.copy(m13_path, root / "img" / "m13.fits")
+    records = [{"id": "m13", "image": "img/m13.fits",
+                "conversations": [{"from": "human", "value": "<image>\nWhat is this object?"},
+                                  {"from": "gpt", "value": answer}]}]
+    (root / "conv.json").write_text(json.dumps(records))
+    return root / "conv.json"
+
+
+def test_stage2_learns_an_answer_and_stops(tiny_dir, tmp_path, m13_path):
+    answer = "A globular cluster of old stars."
+    path = _conversation_json(tmp_path, m13_path, answer)
+    model = _load(tiny_dir)
+    assert model.ask(m13_path, "What is this object?", max_new_tokens=20) != answer
+    result = train_llava(model, path, _cfg(tmp_path, stage=2, max_steps=40, batch_size=1, lr=3e-3))
+    assert result.history["train_loss"][-1] < 0.1 * result.history["train_loss"][0]
+    # the learned answer comes back, and generation stops at the end of the turn
+    assert result.model.ask(m13_path, "What is this object?", max_new_tokens=30) == answer
+    reloaded = AstroLLaVA.from_pretrained(result.model_dir)
+    assert reloaded.ask(m13_path, "What is this object?", max_new_tokens=30) == answer
+
+
+def test_lora_adapter_saves_and_reloads(tiny_dir, tmp_path, m13_path):
+    path = _conversation_json(tmp_path, m13_path, "A dense cluster.")
+    result = train_llava(_load(tiny_dir), path,
+                         _cfg(tmp_path, stage=2, lora=True, lora_r=4, lora_alpha=8, max_steps=3, batch_size=1,
+                              lr=1e-2))
+    assert result.model_dir is None and (result.adapter_dir / "adapter_config.json").is_file()
+    assert any(f.suffix == ".safetensors" for f in result.adapter_dir.iterdir())
+    with_adapter = AstroLLaVA.from_pretrained(tiny_dir, adapter=result.adapter_dir)
+    base = _load(tiny_dir)
+    prompt = base._prompt([base._user("What is this object?")])
+    inputs = base.processor(images=[base._pil(m13_path)], text=[prompt], return_tensors="pt")
+    with torch.inference_mode():
+        trained = result.model.model(**inputs).logits
+        reloaded = with_adapter.model(**inputs).logits
+        original = base.model(**inputs).logits
+    torch.testing.assert_close(reloaded, trained, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(trained, original, atol=1e-4)
+
+
+def test_resume_continues_exactly(tiny_dir, sky, tmp_path):
+    data = sky.split("train")
+    full = train_llava(_load(tiny_dir), data, _cfg(tmp_path / "a", stage=1, max_steps=4, lr=1e-2))
+    part = train_llava(_load(tiny_dir), data, _cfg(tmp_path / "b", stage=1, max_steps=2, lr=1e-2))
+    assert json.loads((part.output_dir / "checkpoint" / "state.json").read_text())["step"] == 2
+    resumed = train_llava(_load(tiny_dir), data,
+                          _cfg(tmp_path / "b", stage=1, max_steps=4, lr=1e-2, resume=True))
+    assert list(resumed.history["step"]) == [1, 2, 3, 4]
+    a = dict(full.model.model.named_parameters())
+    b = dict(resumed.model.model.named_parameters())
+    for n in a:
+        if ".multi_modal_projector." in n:
+            torch.testing.assert_close(a[n], b[n], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(full.history["train_loss"], resumed.history["train_loss"], rtol=1e-5)
+
+
+def test_corrupt_checkpoint_is_reported(tiny_dir, sky, tmp_path):
+    cfg = _cfg(tmp_path, stage=1, max_steps=1)
+    train_llava(_load(tiny_dir), sky.split("train"), cfg)
+    (tmp_path / "run" / "checkpoint" / "trainable.safetensors").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        train_llava(_load(tiny_dir), sky.split("train"), _cfg(tmp_path, stage=1, max_steps=2, resume=True))
+
+
+def test_mixing_general_data(tiny_dir, sky, tmp_path, m13_path):
+    general = _conversation_json(tmp_path, m13_path, "General answer.")
+    records = load_conversation_records(sky.split("train"), stage=1)
+    cfg = _cfg(tmp_path, stage=1, max_steps=1, mix_data=str(general), mix_ratio=0.5)
+    result = train_llava(_load(tiny_dir), sky.split("train"), cfg)
+    assert result.history.meta["records"] == 2 * len(records)
+
+
+def test_bad_configs_and_data(tmp_path, sky):
+    with pytest.raises(ValueError, match="stage"):
+        LLaVATrainingConfig(stage=3)
+    with pytest.raises(ValueError, match="lora"):
+        LLaVATrainingConfig(stage=1, lora=True)
+    with pytest.raises(ValueError, match="mix_data"):
+        LLaVATrainingConfig(stage=2, mix_ratio=0.2)
+    assert LLaVATrainingConfig(stage=1).lr == 1e-3 and LLaVATrainingConfig(stage=2).lr == 2e-5
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(DatasetError, match="not valid JSON"):
+        load_conversation_records(tmp_path / "bad.json", stage=2)
+    (tmp_path / "esc.json").write_text(json.dumps([{"image": "../../etc/passwd", "conversations": [
+        {"from": "human", "value": "<image>\nhi"}, {"from": "gpt", "value": "x"}]}]))
+    with pytest.raises(Exception, match="escape|outside"):
+        load_conversation_records(tmp_path / "esc.json", stage=2)
+    (tmp_path / "noans.json").write_text(json.dumps([{"image": "a.png", "conversations": [
+        {"from": "human", "value": "hi"}]}]))
+    with pytest.raises(DatasetError, match="gpt turn"):
+        load_conversation_records(tmp_path / "noans.json", stage=2)
+    recs = load_conversation_records(sky, stage=1)
+    assert len(recs) == len(sky) and recs[0]["turns"][1] == ("assistant", sky.captions[0])
+
+
+def test_deepspeed_zero3_config_is_shipped():
+    cfg = json.loads(DEEPSPEED_ZERO3_CONFIG.read_text())
+    assert cfg["zero_optimization"]["stage"] == 3 and cfg["bf16"]["enabled"] is True
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_stage1_on_cuda_bf16(tiny_dir, sky, tmp_path):
+    model = AstroLLaVA.from_pretrained(tiny_dir, device="cuda", dtype="float32")
+    result = train_llava(model, sky.split("train"), LLaVATrainingConfig(
+        stage=1, output_dir=str(tmp_path / "cuda"), max_steps=3, batch_size=2, progress=False, log_every=1))
+    assert np.all(np.isfinite(result.history["train_loss"]))
+
+
+def test_cli_train_then_evaluate_galaxy10(tiny_dir, sky, tmp_path, capsys):
+    import h5py
+    from astropy.table import Table
+
+    from astrovl.cli import main
+
+    rc = main(["train-llava", "--model", str(tiny_dir), "--stage", "1", "--data", str(sky.root),
+               "--output", str(tmp_path / "cli"), "--max-steps", "2", "--batch-size", "2", "--device", "cpu"])
+    assert rc == 0
+    assert "model written to" in capsys.readouterr().out
+    rng = np.random.default_rng(0)
+    with h5py.File(tmp_path / "g10.h5", "w") as f:
+        f["images"] = rng.integers(0, 255, size=(20, 24, 24, 3), dtype=np.uint8)
+        f["ans"] = np.repeat(np.arange(10), 2)
+    rc = main(["evaluate", "galaxy10", str(tmp_path / "g10.h5"), "--model", str(tmp_path / "cli" / "model"),
+               "--device", "cpu", "--limit", "3", "--max-new-tokens", "5", "--output",
+               str(tmp_path / "scores.ecsv"), "--plot", str(tmp_path / "scores.png")])
+    assert rc == 0
+    scores = Table.read(tmp_path / "scores.ecsv")
+    assert len(scores) == 3 and np.all(np.isfinite(scores["semantic_score"]))
+    assert (tmp_path / "scores.png").stat().st_size > 5000
