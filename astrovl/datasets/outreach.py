@@ -1,0 +1,413 @@
+"""Image-caption datasets from outreach archives (APOD, ESO, ESA/Hubble).
+
+:class:`OutreachDatasetBuilder` takes caption records, fetches or reads their
+images, resizes them like the Hubble builder (longer side ``image_size``,
+Lanczos, centred on a white square, see
+:func:`~astrovl.datasets.hubble.resize_and_pad`), writes them as PNG files under
+``images/<source>/`` and writes ``manifest.ecsv`` in the shared schema.
+
+Records
+-------
+Each record is a mapping with these fields:
+
+``image``
+    Local path (absolute, or relative to the records file it comes from; FITS or
+    any picture format) or an ``http(s)://`` URL (downloaded with
+    :func:`astropy.utils.data.download_file`, cached under the ``astrovl``
+    package). When absent, ``image_url`` or ``hdurl`` are used, and ``url``
+    for APOD-style records whose ``media_type`` is ``"image"``.
+``caption``
+    The text (``explanation`` or ``description`` are accepted instead). HTML
+    tags are removed and entities decoded.
+``title``, ``source``
+    Title, and archive name (``"apod"``, ``"eso"``, ``"esahubble"``...).
+    Without ``source``, records in the APOD API layout (``date`` and
+    ``explanation``) are ``"apod"``, others ``"outreach"``.
+``credit``, ``url``, ``id``, ``date`` (optional)
+    Credit line, page URL, archive identifier (used in the record id).
+
+Records with a ``media_type`` other than ``"image"`` (APOD videos), without
+image or without caption are excluded; repeated images are kept once. Both are
+counted in the build report.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import html
+import json
+import os
+import re
+import time
+from collections.abc import Mapping
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from astropy.table import Row, Table
+
+from ..exceptions import DatasetError, ImageFileError
+from ..utils.files import atomic_write_text, safe_join
+from ..utils.progress import progress_bar
+from .hubble import (
+    BuildReport,
+    assign_splits,
+    is_complete_png,
+    open_verified_image,
+    resize_and_pad,
+    save_png,
+)
+from .records import ManifestDataset, write_manifest
+
+__all__ = ["OutreachDatasetBuilder", "load_outreach_records", "strip_html"]
+
+_RECORD_SUFFIXES = (".json", ".jsonl", ".ndjson", ".ecsv", ".csv")
+_FITS_SUFFIXES = (".fits", ".fit", ".fts", ".fz", ".fits.gz", ".fit.gz", ".fts.gz")
+_SLUG = re.compile(r"[^A-Za-z0-9_.-]+")
+_REPORT_NAME = "build_report.json"
+
+
+class _TextExtractor(HTMLParser):
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.parts: list[str] = []
+
+    def handle_data(self, data):
+        self.parts.append(data)
+
+    def handle_starttag(self, tag, attrs):
+        if tag in ("br", "p", "div", "li"):
+            self.parts.append(" ")
+
+
+def strip_html(text: str) -> str:
+    """Remove HTML tags, decode entities and collapse white space.
+
+    Examples
+    --------
+    >>> strip_html("<p>The <b>Crab</b> Nebula &amp; its pulsar</p>")
+    'The Crab Nebula & its pulsar'
+    """
+    parser = _TextExtractor()
+    parser.feed(str(text))
+    parser.close()
+    return " ".join(html.unescape("".join(parser.parts)).split())
+
+
+def _first(rec: Mapping, *names: str) -> str:
+    for n in names:
+        value = rec.get(n)
+        if value is None or value is np.ma.masked:
+            continue
+        value = str(value).strip()
+        if value:
+            return value
+    return ""
+
+
+def _row_dict(row: Row) -> dict[str, Any]:
+    out = {}
+    for c in row.colnames:
+        v = row[c]
+        if v is np.ma.masked:
+            continue
+        if isinstance(v, np.generic):
+            v = v.item()
+        if isinstance(v, bytes):
+            v = v.decode()
+        out[c] = v
+    return out
+
+
+def _read_records_file(path: Path) -> list[dict]:
+    suffix = path.suffix.lower()
+    if not path.is_file():
+        raise DatasetError(f"records file {str(path)!r} does not exist")
+    if suffix not in _RECORD_SUFFIXES:
+        raise DatasetError(
+            f"records file {str(path)!r} has an unknown type; use JSON (a list of records), "
+            f"JSON Lines, ECSV or CSV ({', '.join(_RECORD_SUFFIXES)})"
+        )
+    try:
+        if suffix in (".jsonl", ".ndjson"):
+            recs = []
+            for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+                if line.strip():
+                    try:
+                        recs.append(json.loads(line))
+                    except ValueError as exc:
+                        raise DatasetError(
+                            f"line {lineno} of {str(path)!r} is not valid JSON: {exc}") from exc
+        elif suffix == ".json":
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if isinstance(data, Mapping):
+                for key in ("records", "data", "items", "images", "releases"):
+                    if isinstance(data.get(key), list):
+                        data = data[key]
+                        break
+                else:
+                    data = [data]
+            recs = data
+        else:
+            fmt = "ascii.ecsv" if suffix == ".ecsv" else "ascii.csv"
+            recs = [_row_dict(r) for r in Table.read(path, format=fmt)]
+    except DatasetError:
+        raise
+    except Exception as exc:
+        raise DatasetError(f"records file {str(path)!r} could not be read: {exc}") from exc
+    if not isinstance(recs, list) or not all(isinstance(r, Mapping) for r in recs):
+        raise DatasetError(f"records file {str(path)!r} must hold a list of JSON objects")
+    return [dict(r) for r in recs]
+
+
+def load_outreach_records(records) -> list[dict[str, Any]]:
+    """Collect raw records from files, tables and mappings.
+
+    Parameters
+    ----------
+    records : str, path-like, Mapping, astropy.table.Table or list of them
+        JSON (a list of objects, or an object with a ``records``/``data``/``items``
+        list), JSON Lines, ECSV or CSV files; tables; single records.
+
+    Returns
+    -------
+    list of dict
+        The records in input order, each with a private ``_base`` key (the
+        directory that relative image paths refer to) and ``_origin`` (where it
+        came from).
+    """
+    if isinstance(records, (str, os.PathLike, Mapping, Table)):
+        records = [records]
+    out: list[dict] = []
+    for item in records:
+        if isinstance(item, Mapping):
+            out.append({**item, "_base": str(Path.cwd()), "_origin": "<dict>"})
+        elif isinstance(item, Table):
+            out.extend({**_row_dict(r), "_base": str(Path.cwd()), "_origin": "<Table>"}
+                       for r in item)
+        elif isinstance(item, (str, os.PathLike)):
+            path = Path(item).expanduser()
+            out.extend({**r, "_base": str(path.resolve().parent), "_origin": str(path)}
+                       for r in _read_records_file(path))
+        else:
+            raise TypeError(
+                f"records must be file paths, dicts or astropy Tables; got {type(item).__name__}"
+            )
+    return out
+
+
+def _is_url(text: str) -> bool:
+    return text.lower().startswith(("http://", "https://", "ftp://"))
+
+
+def _slug(text: str, default: str) -> str:
+    s = _SLUG.sub("_", str(text)).strip("._")
+    return s[:60] or default
+
+
+class OutreachDatasetBuilder:
+    """Build an image-caption dataset from outreach records (APOD, ESO, ESA/Hubble).
+
+    See the module documentation (:mod:`astrovl.datasets.outreach`) for the
+    record fields.
+
+    Parameters
+    ----------
+    records : str, path-like, Mapping, astropy.table.Table or list of them
+        Record files (JSON, JSON Lines, ECSV, CSV), tables or dicts.
+    directory : str or path-like
+        Dataset root; an existing partial build is resumed.
+    image_size : int
+        Side of the square output images (default 512).
+    seed : int
+        Seed of the train/validation split.
+    val_fraction : float
+        Fraction of records in the validation split (default 0.1).
+    max_retries : int
+        Retries after a failed or corrupt download (default 3).
+    retry_delay : float
+        First back-off delay in seconds; doubled after every retry.
+    progress : bool, optional
+        Show a progress bar (default: ``astrovl.conf.progress``).
+
+    Attributes
+    ----------
+    report : BuildReport
+        Counts of the last :meth:`build`: ``records`` (input records),
+        ``excluded`` (non-image media, missing image or caption),
+        ``duplicates``, ``downloaded`` (images fetched or converted in this run),
+        ``skipped`` (already complete), ``failed`` (missing, unreadable or
+        undownloadable images) and ``written`` (manifest rows).
+
+    Examples
+    --------
+    >>> builder = OutreachDatasetBuilder(["apod.json", "eso.jsonl"], "outreach_ds")  # doctest: +SKIP
+    >>> ds = builder.build()  # doctest: +SKIP
+    """
+
+    def __init__(self, records, directory: str | os.PathLike, *, image_size: int = 512,
+                 seed: int = 0, val_fraction: float = 0.1, max_retries: int = 3,
+                 retry_delay: float = 1.0, progress: bool | None = None):
+        if int(image_size) < 8:
+            raise DatasetError(f"image_size={image_size!r} must be at least 8 pixels")
+        if not 0.0 <= float(val_fraction) < 1.0:
+            raise DatasetError(f"val_fraction={val_fraction!r} must be in [0, 1)")
+        if int(max_retries) < 0:
+            raise DatasetError(f"max_retries={max_retries!r} must be >= 0")
+        self.raw_records = load_outreach_records(records)
+        self.directory = Path(directory)
+        self.image_size = int(image_size)
+        self.seed = int(seed)
+        self.val_fraction = float(val_fraction)
+        self.max_retries = int(max_retries)
+        self.retry_delay = float(retry_delay)
+        self.progress = progress
+        self.report = BuildReport(self._report_keys())
+
+    @staticmethod
+    def _report_keys() -> tuple[str, ...]:
+        return ("records", "excluded", "duplicates", "downloaded", "skipped", "failed", "written")
+
+    # -- records -------------------------------------------------------------------
+    def _normalize(self, rec: dict, index: int) -> dict | None:
+        where = f"record {index} ({rec.get('_origin', '?')})"
+        media = _first(rec, "media_type").lower()
+        if media and media != "image":
+            self.report.add_exclusion(where, f"media_type {media!r} is not an image")
+            return None
+        image = _first(rec, "image", "image_url", "hdurl")
+        page_url = _first(rec, "url", "page_url", "link")
+        if not image and media == "image" and page_url:
+            image, page_url = page_url, ""
+        caption = strip_html(_first(rec, "caption", "explanation", "description"))
+        if not image:
+            self.report.add_exclusion(where, "no image path or URL")
+            return None
+        if not caption:
+            self.report.add_exclusion(where, "no caption")
+            return None
+        source = _first(rec, "source").lower()
+        if not source and _first(rec, "explanation") and _first(rec, "date"):
+            source = "apod"  # the APOD API's record layout
+        source = _slug(source, "outreach")
+        if image.lower().startswith("file://"):
+            image = image[7:]
+        if _is_url(image):
+            key = image
+        else:
+            path = Path(image).expanduser()
+            if not path.is_absolute():
+                path = Path(rec["_base"]) / path
+            image = str(path.resolve())
+            key = image
+        ident = _first(rec, "id", "date") or Path(image.split("?")[0]).stem
+        digest = hashlib.sha1(key.encode()).hexdigest()[:8]
+        stem = f"{_slug(ident, 'image')}-{digest}"
+        return {
+            "key": key, "source_image": image, "caption": caption,
+            "title": strip_html(_first(rec, "title")), "source": source,
+            "credit": strip_html(_first(rec, "credit", "copyright")), "url": page_url,
+            "id": f"{source}-{stem}", "image": f"images/{source}/{stem}.png",
+        }
+
+    def _plan(self) -> list[dict]:
+        plan, seen = [], set()
+        for i, rec in enumerate(self.raw_records):
+            item = self._normalize(rec, i)
+            if item is None:
+                continue
+            if item["key"] in seen:
+                self.report["duplicates"] += 1
+                continue
+            seen.add(item["key"])
+            plan.append(item)
+        return plan
+
+    # -- images ----------------------------------------------------------------------
+    @staticmethod
+    def _read_local(path: Path):
+        from ..imaging import load_image
+
+        with open(path, "rb") as fh:
+            head = fh.read(9)
+        if head.startswith(b"SIMPLE  =") or path.name.lower().endswith(_FITS_SUFFIXES):
+            try:
+                img = load_image(path)
+            except Exception as exc:
+                raise ImageFileError(f"image file {str(path)!r} could not be read: {exc}") from exc
+            return img.to_pil("RGB" if img.is_color else "L")
+        return open_verified_image(path)
+
+    def _fetch_url(self, url: str):
+        from astropy.utils import data as _data
+
+        last: Exception | None = None
+        for attempt in range(self.max_retries + 1):
+            if attempt:
+                time.sleep(self.retry_delay * 2 ** (attempt - 1))
+            try:
+                path = _data.download_file(url, cache=True, pkgname="astrovl",
+                                           show_progress=False)
+                return self._read_local(Path(path))
+            except Exception as exc:  # network errors, corrupt or truncated files
+                last = exc
+                with contextlib.suppress(Exception):
+                    _data.clear_download_cache(url, pkgname="astrovl")
+        raise ImageFileError(f"{type(last).__name__}: {last}")
+
+    def _process(self, item: dict) -> bool:
+        out = safe_join(self.directory, item["image"])
+        if is_complete_png(out, self.image_size):
+            self.report["skipped"] += 1
+            return True
+        try:
+            if _is_url(item["source_image"]):
+                image = self._fetch_url(item["source_image"])
+            else:
+                path = Path(item["source_image"])
+                if not path.is_file():
+                    raise ImageFileError(f"local image {str(path)!r} does not exist")
+                image = self._read_local(path)
+        except (ImageFileError, OSError) as exc:
+            self.report.add_failure(item["source_image"], str(exc))
+            return False
+        save_png(resize_and_pad(image, self.image_size), out)
+        self.report["downloaded"] += 1
+        return True
+
+    # -- build -----------------------------------------------------------------------
+    def build(self) -> ManifestDataset:
+        """Run (or resume) the build and return the dataset.
+
+        Returns
+        -------
+        ManifestDataset
+            The dataset in ``directory``.
+        """
+        self.report = BuildReport(self._report_keys())
+        self.report["records"] = len(self.raw_records)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        plan = self._plan()
+        splits = assign_splits([p["id"] for p in plan], self.seed, self.val_fraction)
+        rows = []
+        for item in progress_bar(plan, enabled=self.progress, desc="outreach images",
+                                 unit="image"):
+            if self._process(item):
+                rows.append(item)
+        rows.sort(key=lambda r: r["id"])
+        names = ("id", "split", "image", "caption", "title", "source", "credit", "url",
+                 "original")
+        data = [[r["id"], splits[r["id"]], r["image"], r["caption"], r["title"], r["source"],
+                 r["credit"], r["url"], r["source_image"]] for r in rows]
+        table = (Table(rows=data, names=names, dtype=[str] * len(names)) if data
+                 else Table(names=names, dtype=[str] * len(names)))
+        table.meta.update(image_size=self.image_size, seed=self.seed,
+                          val_fraction=self.val_fraction,
+                          padding="white (255), image centred")
+        write_manifest(table, self.directory, kind="outreach")
+        self.report["written"] = len(rows)
+        atomic_write_text(self.directory / _REPORT_NAME,
+                          json.dumps(self.report.to_dict(), indent=1))
+        return ManifestDataset(self.directory)
