@@ -47,6 +47,23 @@ def test_semantic_score_prefers_the_right_class(evaluator):
     assert list(table["class_mentioned"]) == [True, True, True, True]
 
 
+def test_semantic_score_of_texts(evaluator):
+    ref = GALAXY10_REFERENCES["Barred Spiral"]
+    assert evaluator.semantic_score(ref, ref) == pytest.approx(1.0, abs=1e-5)
+    related = evaluator.semantic_score("A spiral galaxy with a strong central bar.", ref)
+    unrelated = evaluator.semantic_score("The telescope dome was closed because of rain.", ref)
+    assert related > unrelated + 0.2
+
+
+def test_user_references_define_the_classes():
+    ev = DescriptionEvaluator({"lens": "Gravitational lens. Features: arc, ring", "cluster": "Star cluster."},
+                              keywords={"lens": ("arc", "ring")})
+    assert ev.classes == ("lens", "cluster")
+    t = ev.evaluate_descriptions(["a bright arc around a galaxy", "many stars"], ["lens", 1])
+    assert list(t["label"]) == ["lens", "cluster"] and t["keyword_score"][0] == pytest.approx(0.5)
+    assert list(t["nearest_class"]) == ["lens", "cluster"]
+
+
 def test_keyword_and_mention_rules(evaluator):
     assert evaluator.keyword_score("A SPIRAL with a Bar.", "Barred Spiral") == pytest.approx(2 / 5)
     assert evaluator.keyword_score("barely visible spirals", "Barred Spiral") == 0.0  # whole words only
@@ -74,7 +91,7 @@ def test_bad_inputs(evaluator):
     with pytest.raises(ValueError, match="align"):
         evaluator.evaluate_descriptions(["x", "y"], [0])
     with pytest.raises(ValueError, match="no reference"):
-        DescriptionEvaluator(classes=["A"], references={"B": "b"})
+        DescriptionEvaluator({"B": "b"}, classes=["A"])
 
 
 def test_evaluate_model_with_tiny_llava(evaluator, tmp_path):

