@@ -10,8 +10,7 @@ imported lazily, so ``import astrovl`` is fast.
 
 from __future__ import annotations
 
-import importlib
-
+from ._lazy import lazy_exports
 from .config import conf
 
 try:
@@ -40,14 +39,4 @@ _LAZY = {
 __all__ = ["__version__", "conf", *_LAZY]
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        module = importlib.import_module(_LAZY[name])
-        value = getattr(module, name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'astrovl' has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)

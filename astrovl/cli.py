@@ -365,9 +365,8 @@ def _clip(args):
 
 
 def _llava(args):
-    from .llava import AstroLLaVA
-
     from .config import conf
+    from .llava import AstroLLaVA
 
     return AstroLLaVA.from_pretrained(args.model or conf.llava_model, device=args.device)
 

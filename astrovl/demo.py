@@ -15,8 +15,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 __all__ = ["run_demo", "DemoResult", "DEMO_QUERIES", "bundled_real_images"]
 
 log = logging.getLogger(__name__)

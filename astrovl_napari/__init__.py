@@ -6,7 +6,7 @@ light; napari, Qt and the models load only when a widget or the reader is used.
 
 from __future__ import annotations
 
-import importlib
+from astrovl._lazy import lazy_exports
 
 # public name -> module that defines it
 _LAZY = {
@@ -25,13 +25,4 @@ _LAZY = {
 __all__ = list(_LAZY)
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'astrovl_napari' has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import importlib
+from .._lazy import lazy_exports
 
 _LAZY = {
     "top_k_percent_accuracy": "astrovl.evaluation.retrieval",
@@ -13,14 +13,12 @@ _LAZY = {
     "DescriptionEvaluator": "astrovl.evaluation.descriptions",
     "GALAXY10_CLASSES": "astrovl.evaluation.descriptions",
     "GALAXY10_REFERENCES": "astrovl.evaluation.descriptions",
+    "GALAXY10_KEYWORDS": "astrovl.evaluation.descriptions",
+    "GALAXY10_PROMPT": "astrovl.evaluation.descriptions",
+    "load_galaxy10": "astrovl.evaluation.descriptions",
 }
 
 __all__ = list(_LAZY)
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'astrovl.evaluation' has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)

@@ -147,8 +147,8 @@ class AstroLLaVA:
             if dev.type != "cuda":
                 raise ValueError("load_in_4bit needs a CUDA device; pass device='cuda' or drop load_in_4bit")
             try:
-                from transformers import BitsAndBytesConfig
                 import bitsandbytes  # noqa: F401
+                from transformers import BitsAndBytesConfig
             except ImportError as exc:
                 raise ImportError("load_in_4bit needs bitsandbytes: pip install bitsandbytes") from exc
             kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=dtype)

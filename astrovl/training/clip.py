@@ -20,7 +20,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -303,7 +302,7 @@ def _evaluate(embedder, val_ds, config, loss_fn, autocast, val_paths, val_captio
             img_feats.append(img.cpu().numpy())
             txt_feats.append(txt.cpu().numpy())
     img_all, txt_all = np.concatenate(img_feats), np.concatenate(txt_feats)
-    val_loss = sum(l * n for l, n in losses) / max(1, sum(n for _, n in losses)) if losses else float("nan")
+    val_loss = sum(v * n for v, n in losses) / max(1, sum(n for _, n in losses)) if losses else float("nan")
     top10 = top_k_percent_accuracy(img_all, txt_all, 10.0)
     return float(val_loss), float(top10)
 

@@ -26,7 +26,7 @@ from astropy.table import Table
 from ..exceptions import CheckpointError
 from ..utils.files import atomic_directory
 from ..utils.progress import progress_bar
-from .common import lr_lambda, plot_history, seed_everything, write_history
+from .common import lr_lambda, seed_everything, write_history
 from .llava_data import LLaVATorchDataset, collate_llava, load_conversation_records
 
 __all__ = ["LLaVATrainingConfig", "LLaVATrainingResult", "train_llava", "DEEPSPEED_ZERO3_CONFIG",

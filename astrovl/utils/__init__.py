@@ -1,7 +1,7 @@
 """Small shared helpers (files, paths, devices, optional imports, progress)."""
 
-from .files import atomic_write, atomic_write_bytes, atomic_write_text, atomic_directory, safe_join
 from .devices import resolve_device
+from .files import atomic_directory, atomic_write, atomic_write_bytes, atomic_write_text, safe_join
 from .imports import optional_import
 from .progress import progress_bar
 

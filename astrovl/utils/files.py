@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ..exceptions import ManifestError
 
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
