@@ -286,9 +286,19 @@ def _retry(fn: Callable[[], Any], *, attempts: int, delay: float, what: str):
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def _slug(text: str, default: str = "item") -> str:
+def _slug(text: str, default: str = "item", max_len: int = 80) -> str:
     s = _SLUG.sub("_", str(text)).strip("._")
-    return s[:80] or default
+    return s[:max_len] or default
+
+
+def check_builder_options(image_size, val_fraction, max_retries) -> None:
+    """Validate the options every image dataset builder shares (DatasetError if bad)."""
+    if int(image_size) < 8:
+        raise DatasetError(f"image_size={image_size!r} must be at least 8 pixels")
+    if not 0.0 <= float(val_fraction) < 1.0:
+        raise DatasetError(f"val_fraction={val_fraction!r} must be in [0, 1)")
+    if int(max_retries) < 0:
+        raise DatasetError(f"max_retries={max_retries!r} must be >= 0")
 
 
 def _cell(row, name: str, default=""):
@@ -455,12 +465,7 @@ class HubblePreviewDatasetBuilder:
             )
         if int(max_images_per_proposal) < 1:
             raise DatasetError(f"max_images_per_proposal={max_images_per_proposal!r} must be >= 1")
-        if int(image_size) < 8:
-            raise DatasetError(f"image_size={image_size!r} must be at least 8 pixels")
-        if not 0.0 <= float(val_fraction) < 1.0:
-            raise DatasetError(f"val_fraction={val_fraction!r} must be in [0, 1)")
-        if int(max_retries) < 0:
-            raise DatasetError(f"max_retries={max_retries!r} must be >= 0")
+        check_builder_options(image_size, val_fraction, max_retries)
         self.directory = Path(directory)
         self.abstracts = None if abstracts is None else read_abstracts(abstracts)
         self.summarizer = summarizer

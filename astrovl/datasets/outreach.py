@@ -53,7 +53,9 @@ from ..utils.files import atomic_write_text, safe_join
 from ..utils.progress import progress_bar
 from .hubble import (
     BuildReport,
+    _slug,
     assign_splits,
+    check_builder_options,
     is_complete_png,
     open_verified_image,
     resize_and_pad,
@@ -202,11 +204,6 @@ def _is_url(text: str) -> bool:
     return text.lower().startswith(("http://", "https://", "ftp://"))
 
 
-def _slug(text: str, default: str) -> str:
-    s = _SLUG.sub("_", str(text)).strip("._")
-    return s[:60] or default
-
-
 class OutreachDatasetBuilder:
     """Build an image-caption dataset from outreach records (APOD, ESO, ESA/Hubble).
 
@@ -250,12 +247,7 @@ class OutreachDatasetBuilder:
     def __init__(self, records, directory: str | os.PathLike, *, image_size: int = 512,
                  seed: int = 0, val_fraction: float = 0.1, max_retries: int = 3,
                  retry_delay: float = 1.0, progress: bool | None = None):
-        if int(image_size) < 8:
-            raise DatasetError(f"image_size={image_size!r} must be at least 8 pixels")
-        if not 0.0 <= float(val_fraction) < 1.0:
-            raise DatasetError(f"val_fraction={val_fraction!r} must be in [0, 1)")
-        if int(max_retries) < 0:
-            raise DatasetError(f"max_retries={max_retries!r} must be >= 0")
+        check_builder_options(image_size, val_fraction, max_retries)
         self.raw_records = load_outreach_records(records)
         self.directory = Path(directory)
         self.image_size = int(image_size)
@@ -291,7 +283,7 @@ class OutreachDatasetBuilder:
         source = _first(rec, "source").lower()
         if not source and _first(rec, "explanation") and _first(rec, "date"):
             source = "apod"  # the APOD API's record layout
-        source = _slug(source, "outreach")
+        source = _slug(source, "outreach", 60)
         if image.lower().startswith("file://"):
             image = image[7:]
         if _is_url(image):
@@ -304,7 +296,7 @@ class OutreachDatasetBuilder:
             key = image
         ident = _first(rec, "id", "date") or Path(image.split("?")[0]).stem
         digest = hashlib.sha1(key.encode()).hexdigest()[:8]
-        stem = f"{_slug(ident, 'image')}-{digest}"
+        stem = f"{_slug(ident, 'image', 60)}-{digest}"
         return {
             "key": key, "source_image": image, "caption": caption,
             "title": strip_html(_first(rec, "title")), "source": source,
