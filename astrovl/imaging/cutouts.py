@@ -10,6 +10,7 @@ from astropy.nddata.utils import NoOverlapError
 
 from ..exceptions import ImageInputError
 from .core import AstroImage
+from .scaling import get_stretch
 
 __all__ = ["cutout"]
 
@@ -65,22 +66,25 @@ def cutout(image, position, size, *, stretch=None, interval=None, mode: str = "t
         mcut = Cutout2D(base.mask.astype(float), position, size, wcs=base.wcs, mode=mode,
                         fill_value=1.0, copy=True)
         mask = mcut.data > 0
-    if stretch is None and base.meta.get("stretch") not in (None, "none"):
-        stretch = base.meta["stretch"]
-    if mask is None:
-        src = (data, cuts[0].wcs) if cuts[0].wcs is not None else data
-        out = load_image(src, stretch=stretch, interval=interval)
-    else:
-        out = _with_mask(data, cuts[0].wcs, mask, stretch, interval)
+    if stretch is None:
+        stretch = _known_stretch(base.meta.get("stretch"))
+    # an AstroImage keeps the layout (colour or grey), the mask and the 8-bit picture flag
+    piece = AstroImage(data=data, raw=data, wcs=cuts[0].wcs, header=None, source=base.source,
+                       mask=mask, meta={"origin": base.meta.get("origin", "lower"),
+                                        "picture": base.meta.get("picture", False)})
+    out = load_image(piece, stretch=stretch, interval=interval)
     out.header = header
     out.source = f"cutout({base.source}, {position}, {size})"
     out.meta.update(origin=base.meta.get("origin", "lower"), bbox=cuts[0].bbox_original)
     return out
 
 
-def _with_mask(data, wcs, mask, stretch, interval):
-    from astropy.nddata import NDData
-
-    from .readers import load_image
-
-    return load_image(NDData(data, wcs=wcs, mask=mask), stretch=stretch, interval=interval)
+def _known_stretch(name):
+    """The stretch name an image was scaled with, if it can be used again (else None)."""
+    if not isinstance(name, str) or name == "none":
+        return None
+    try:
+        get_stretch(name)
+    except ValueError:  # a class name recorded for a stretch instance
+        return None
+    return name

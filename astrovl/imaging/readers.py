@@ -55,7 +55,9 @@ def load_image(
         * a 2-D numpy array, or a 3-D one (a cube with ``plane=``, or an
           ``(H, W, 3|4)`` colour array kept as colour);
         * a :class:`PIL.Image.Image`;
-        * an :class:`AstroImage` (rescaled if ``stretch``/``interval`` are given).
+        * an :class:`AstroImage`: scaled again from its ``raw`` pixels (8-bit
+          pictures are again divided by 255 unless ``stretch``/``interval`` are
+          given).
     hdu : int, str or (str, int), optional
         HDU to use from a file or HDUList. When omitted, the first HDU with 2-D or
         higher image data is used; if several science images are present (not just
@@ -63,7 +65,8 @@ def load_image(
         asks for ``hdu=``.
     plane : int, optional
         Plane of a 3-D cube (axis 0 in numpy order). A cube of three planes with no
-        ``plane`` is shown as colour (planes taken as R, G, B).
+        ``plane`` is shown as colour (planes taken as R, G, B). For an
+        ``(H, W, 3|4)`` colour array, ``plane`` picks one colour channel.
     stretch : str or astropy stretch, optional
         ``"asinh"`` (default, ``astrovl.conf.stretch``), ``"linear"``, ``"log"``,
         ``"sqrt"``... or any :class:`astropy.visualization.BaseStretch`.
@@ -118,7 +121,7 @@ class _Parsed:
     """Intermediate result: the array and its metadata before scaling."""
 
     def __init__(self, array, header=None, wcs=None, source="<array>", mask=None,
-                 origin="lower", picture=False, meta=None):
+                 origin="lower", picture=False, meta=None, colour_last=None):
         self.array = array
         self.header = header
         self.wcs = wcs
@@ -127,12 +130,15 @@ class _Parsed:
         self.origin = origin
         self.picture = picture
         self.meta = meta or {}
+        # True/False when the layout is known (an AstroImage input), None to guess
+        self.colour_last = colour_last
 
 
 def _parse(obj, *, hdu) -> _Parsed:
     if isinstance(obj, AstroImage):
         return _Parsed(obj.raw, obj.header, obj.wcs, obj.source, obj.mask,
-                       obj.meta.get("origin", "lower"), obj.meta.get("picture", False))
+                       obj.meta.get("origin", "lower"), bool(obj.meta.get("picture", False)),
+                       colour_last=obj.is_color)
     if isinstance(obj, (str, os.PathLike)):
         return _parse_path(Path(obj), hdu=hdu)
     if isinstance(obj, fits.HDUList):
@@ -190,7 +196,9 @@ def _parse_path(path: Path, *, hdu) -> _Parsed:
                 warnings.simplefilter("error", AstropyUserWarning)
                 warnings.filterwarnings("ignore", category=FITSFixedWarning)
                 warnings.filterwarnings("ignore", message=".*non-standard.*")
-                with fits.open(path, memmap=False, lazy_load_hdus=False) as hdul:
+                # our own handle is closed even when fits.open fails half-way
+                with open(path, "rb") as fh, fits.open(fh, memmap=False,
+                                                       lazy_load_hdus=False) as hdul:
                     parsed = _parse_hdulist(hdul, hdu=hdu, source=str(path))
                     parsed.array = np.array(parsed.array)  # force the read inside the context
         except (ImageInputError, ImageFileError):
@@ -240,8 +248,12 @@ def _image_hdus(hdul: fits.HDUList) -> list[int]:
 def _describe_hdus(hdul: fits.HDUList) -> str:
     parts = []
     for i, h in enumerate(hdul):
-        shape = getattr(h, "shape", None)
-        parts.append(f"[{i}] {h.name!r} {type(h).__name__} {tuple(shape) if shape else 'no data'}")
+        if isinstance(h, (fits.BinTableHDU, fits.TableHDU)):
+            what = f"table of {h.header.get('NAXIS2', 0)} rows"
+        else:
+            shape = getattr(h, "shape", None)
+            what = str(tuple(shape)) if shape else "no data"
+        parts.append(f"[{i}] {h.name!r} {type(h).__name__} {what}")
     return "; ".join(parts)
 
 
@@ -357,8 +369,13 @@ def _celestial_wcs(header, wcs, ndim: int):
         return None
 
 
-def _reduce_dims(parsed: _Parsed, plane: int | None) -> tuple[np.ndarray, bool]:
-    """Return (array, is_colour) with shape (H, W) or (H, W, 3)."""
+def _reduce_dims(parsed: _Parsed, plane: int | None) -> tuple[np.ndarray, bool, Any]:
+    """Return ``(array, is_colour, select)`` with the array of shape (H, W) or (H, W, 3).
+
+    ``select`` applies the same plane selection to a boolean array of the input's
+    shape (a mask) and returns an ``(H, W)`` mask (a pixel is bad when any of its
+    colour channels is bad).
+    """
     arr = parsed.array
     if arr.dtype.kind not in "biuf":
         raise ImageInputError(f"{parsed.source}: pixel type {arr.dtype} is not numeric")
@@ -372,50 +389,67 @@ def _reduce_dims(parsed: _Parsed, plane: int | None) -> tuple[np.ndarray, bool]:
             f"{parsed.source}: {arr.ndim}-D data (shape {arr.shape}) is not supported; slice it "
             "to a 2-D image or 3-D cube first"
         )
-    if arr.ndim == 4:
+    squeeze = arr.ndim == 4
+    if squeeze:
         if arr.shape[0] != 1:
             raise ImageInputError(
                 f"{parsed.source}: 4-D data of shape {arr.shape} has a non-trivial 4th axis; "
                 "slice it to a 3-D cube or 2-D image first (for example data[0])"
             )
         arr = arr[0]
+
+    def lift(index):
+        return lambda m: (m[0] if squeeze else m)[index]
+
     if arr.ndim == 2:
         if plane not in (None, 0):
             raise ImageInputError(f"{parsed.source}: plane={plane} given for a 2-D image")
-        return arr, False
+        return arr, False, lift(Ellipsis)
     # 3-D
-    colour_last = arr.shape[-1] in (3, 4) and parsed.header is None and (
-        parsed.picture or parsed.origin == "upper" or arr.shape[0] > 4)
-    if colour_last and plane is None:
-        return arr[..., :3], True
+    colour_last = parsed.colour_last
+    if colour_last is None:
+        colour_last = arr.shape[-1] in (3, 4) and parsed.header is None and (
+            parsed.picture or parsed.origin == "upper" or arr.shape[0] > 4)
+    if colour_last:
+        if plane is None:
+            return arr[..., :3], True, lambda m: lift((Ellipsis, slice(0, 3)))(m).any(axis=-1)
+        n = arr.shape[-1]
+        if not -n <= plane < n:
+            raise ImageInputError(
+                f"{parsed.source}: plane={plane} is out of range for a colour image of "
+                f"{n} channels"
+            )
+        return arr[..., plane], False, lift((Ellipsis, plane))
     if plane is not None:
         n = arr.shape[0]
         if not -n <= plane < n:
             raise ImageInputError(
                 f"{parsed.source}: plane={plane} is out of range for a cube of {n} planes"
             )
-        return arr[plane], False
+        return arr[plane], False, lift(plane)
     if arr.shape[0] == 1:
-        return arr[0], False
+        return arr[0], False, lift(0)
     if arr.shape[0] == 3:
-        return np.moveaxis(arr, 0, -1), True
+        return np.moveaxis(arr, 0, -1), True, lambda m: lift(Ellipsis)(m).any(axis=0)
     raise ImageInputError(
         f"{parsed.source}: a cube of shape {arr.shape} has {arr.shape[0]} planes; choose one "
         "with plane="
     )
 
 
+def _reduce_mask(mask, parsed: _Parsed, arr: np.ndarray, select) -> np.ndarray | None:
+    """Bring a mask to the ``(H, W)`` grid of ``arr`` (None if it cannot match)."""
+    mask = np.asarray(mask, dtype=bool)
+    if mask.shape == parsed.array.shape:
+        mask = select(mask)
+    return mask if mask.shape == arr.shape[:2] else None
+
+
 def _finish(parsed: _Parsed, *, plane, stretch, interval, max_pixels, explicit_scaling) -> AstroImage:
-    arr, colour = _reduce_dims(parsed, plane)
+    arr, _colour, select = _reduce_dims(parsed, plane)
     mask = parsed.mask
     if mask is not None:
-        mask = np.asarray(mask, dtype=bool)
-        if mask.ndim == 3 and mask.shape[0] == 1:
-            mask = mask[0]
-        elif mask.ndim == 3 and plane is not None:
-            mask = mask[plane]
-        if mask.shape != arr.shape[:2]:
-            mask = None
+        mask = _reduce_mask(mask, parsed, arr, select)
     wcs = _celestial_wcs(parsed.header, parsed.wcs, arr.ndim)
     if wcs is not None and wcs.pixel_shape is None:
         wcs.pixel_shape = (arr.shape[1], arr.shape[0])
@@ -425,6 +459,7 @@ def _finish(parsed: _Parsed, *, plane, stretch, interval, max_pixels, explicit_s
     npix = raw.shape[0] * raw.shape[1]
     if npix > max_pixels:
         factor = int(math.ceil(math.sqrt(npix / max_pixels)))
+        factor = max(1, min(factor, raw.shape[0], raw.shape[1]))  # keep at least one pixel
         raw = _block_downsample(raw, mask, factor)
         if mask is not None:
             mask = block_reduce(mask.astype(np.float32), factor, func=np.min)[: raw.shape[0], : raw.shape[1]] > 0
@@ -438,7 +473,7 @@ def _finish(parsed: _Parsed, *, plane, stretch, interval, max_pixels, explicit_s
             "choose another HDU or plane"
         )
 
-    if parsed.picture and not explicit_scaling and parsed.array.dtype == np.uint8:
+    if parsed.picture and not explicit_scaling:
         data = raw / np.float32(255.0)
         used = {"stretch": "none", "interval": "uint8/255"}
     else:

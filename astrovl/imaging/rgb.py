@@ -76,7 +76,11 @@ def make_rgb(
     vmin, vmax = get_interval(interval).get_limits(finite)
     filled = [np.nan_to_num(a, nan=vmin, posinf=vmax, neginf=vmin) for a in arrays]
     if method == "lupton":
-        rgb = vis.make_lupton_rgb(*filled, minimum=vmin, stretch=max(vmax - vmin, 1e-12) / 5, Q=8)
+        # pixels at the minimum have zero intensity: astropy divides 0 by 0 there before
+        # replacing the result with 0, which numpy reports as a RuntimeWarning
+        with np.errstate(invalid="ignore", divide="ignore"):
+            rgb = vis.make_lupton_rgb(*filled, minimum=vmin,
+                                      stretch=max(vmax - vmin, 1e-12) / 5, Q=8)
         data = rgb.astype(np.float32) / 255.0
     elif method == "make_rgb":
         if vmax <= vmin:
