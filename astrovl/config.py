@@ -2,7 +2,9 @@
 
 Values can be changed at run time (``astrovl.conf.device = "cuda"``), for a
 block (``with astrovl.conf.set_temp("device", "cpu"): ...``) or permanently in
-the astropy configuration file ``~/.astropy/config/astrovl.cfg``.
+the file ``astrovl.cfg`` of the astropy configuration directory
+(``astropy.config.get_config_dir_path()``, e.g. ``~/.config/astropy`` or
+``~/.astropy/config``), under a ``[config]`` section.
 """
 
 from astropy import config as _config

@@ -228,6 +228,7 @@ class CLIPEmbedder:
             * an open_clip model name (``"ViT-B-16"``) with ``pretrained`` a tag
               (``"openai"``, ``"laion2b_s34b_b88k"``...) or a local checkpoint file;
             * ``"hf-hub:org/repo"`` (``pretrained`` ignored).
+
             Downloads happen only here and are cached (``cache_dir``).
         pretrained : str, optional
             Pretrained tag or checkpoint file path for open_clip model names.

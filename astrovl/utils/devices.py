@@ -11,8 +11,8 @@ def resolve_device(device=None):
     Parameters
     ----------
     device : str, torch.device or None
-        ``None`` or ``"auto"`` uses ``astrovl.conf.device``; ``"auto"`` there
-        means CUDA when available, else CPU.
+        ``None`` uses ``astrovl.conf.device``. ``"auto"`` (given here or set
+        in the configuration) means CUDA when available, else CPU.
 
     Raises
     ------
