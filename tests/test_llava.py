@@ -178,3 +178,10 @@ def test_key_renaming_handles_both_vision_tower_layouts():
     assert set(_match_vision_prefix({old: 1}, flat)) == flat
     assert set(_match_vision_prefix({old: 1}, nested)) == nested
     assert set(_match_vision_prefix({next(iter(flat)): 1}, nested)) == nested
+
+
+def test_static_kv_cache_gives_the_same_captions(llava, m13_path, ngc1316_path):
+    images = [m13_path, ngc1316_path]
+    dynamic = llava.caption(images, max_new_tokens=12)
+    static = llava.caption(images, max_new_tokens=12, cache_implementation="static")
+    assert static == dynamic
