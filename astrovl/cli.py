@@ -587,7 +587,9 @@ def _cmd_train_clip(args):
 def _cmd_train_llava(args):
     from .training import LLaVATrainingConfig, train_llava
 
-    model = _llava(args)
+    # a path, not a loaded model: train_llava loads on the CPU and accelerate places it on
+    # each process's device (also under `accelerate launch` with several GPUs)
+    model = args.model or _conf().llava_model
     options = {k: getattr(args, k) for k in ("epochs", "max_steps", "batch_size", "lr")
                if getattr(args, k) is not None}
     config = LLaVATrainingConfig(stage=args.stage, output_dir=args.output, lora=args.lora,

@@ -71,6 +71,9 @@ def test_build_search_save_load_round_trip(embedder, tmp_path, m13_path, ngc1316
     hit = idx.search(ngc1316_path, k=1)
     assert hit["target"][0] == "NGC 1316"
     assert hit["score"][0] == pytest.approx(1.0, abs=1e-4)
+    # a string naming an existing image file is an image query, not text
+    as_str = idx.search(str(ngc1316_path), k=1)
+    assert as_str["target"][0] == "NGC 1316" and as_str["score"][0] == pytest.approx(1.0, abs=1e-4)
     text_hits = idx.search("a globular cluster", k=3)
     assert len(text_hits) == 3 and set(text_hits["target"]) == {"M13", "NGC 1316", "DSS"}
     idx.save(tmp_path / "idx")

@@ -206,6 +206,8 @@ class EmbeddingIndex:
 
     # ------------------------------------------------------------------ search
     def _query_vector(self, query) -> np.ndarray:
+        if isinstance(query, str) and _names_image_file(query):
+            query = Path(query)
         if isinstance(query, str):
             if self.embedder is None:
                 raise ValueError(
@@ -213,8 +215,8 @@ class EmbeddingIndex:
                     "embedder= to EmbeddingIndex.load"
                 )
             return self.embedder.embed_text([query])
-        if isinstance(query, np.ndarray) and query.ndim in (1, 2) and query.shape[-1] == self.dim \
-                and query.dtype.kind == "f" and (query.ndim == 1 or query.shape[0] <= 64):
+        if isinstance(query, np.ndarray) and query.dtype.kind == "f" and query.shape[-1] == self.dim \
+                and (query.ndim == 1 or (query.ndim == 2 and query.shape[0] == 1)):
             q = np.atleast_2d(query).astype(np.float32)
             return q / np.linalg.norm(q, axis=1, keepdims=True)
         if self.embedder is None:
@@ -230,8 +232,9 @@ class EmbeddingIndex:
         Parameters
         ----------
         query : str, image input or numpy.ndarray
-            A text, anything :func:`~astrovl.load_image` accepts, or an embedding of
-            shape ``(dim,)``.
+            A text; anything :func:`~astrovl.load_image` accepts (a string naming an
+            existing image or FITS file is read as an image, not as text); or an
+            embedding of shape ``(dim,)`` or ``(1, dim)``.
         k : int
 
         Returns
@@ -338,3 +341,15 @@ class EmbeddingIndex:
         return index
 
 
+_IMAGE_SUFFIXES = (".fits", ".fit", ".fts", ".fz", ".gz", ".png", ".jpg", ".jpeg", ".gif", ".tif", ".tiff",
+                   ".bmp", ".webp")
+
+
+def _names_image_file(text: str) -> bool:
+    """True if ``text`` is the path of an existing image or FITS file (not a text query)."""
+    if len(text) > 4096 or "\n" in text or not text.lower().endswith(_IMAGE_SUFFIXES):
+        return False
+    try:
+        return Path(text).is_file()
+    except OSError:
+        return False

@@ -483,6 +483,10 @@ def train_clip(embedder, train, val, config: CLIPTrainingConfig | None = None, *
         if len(history):
             plot_history(history, out / "training_curves.png", title=f"CLIP {config.mode}")
         (out / "config.json").write_text(json.dumps(_jsonable(dataclasses.asdict(config)), indent=2), "utf-8")
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()  # rank 0 has finished writing best/ and final/
     best_path = out / "best"
     best = CLIPEmbedder.from_pretrained(best_path, device=device) if (best_path / "astrovl_clip.json").is_file() else emb
     return CLIPTrainingResult(history=history, best_path=best_path, embedder=best, output_dir=out,

@@ -241,12 +241,13 @@ def _load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     return state
 
 
-def _as_llava(model, device):
+def _as_llava(model):
+    """An AstroLLaVA from an instance or a path; paths load on the CPU (accelerate places them)."""
     from ..llava import AstroLLaVA
 
     if isinstance(model, AstroLLaVA):
         return model
-    return AstroLLaVA.from_pretrained(model, device=device or "cpu", dtype="float32")
+    return AstroLLaVA.from_pretrained(model, device="cpu", dtype="float32")
 
 
 def train_llava(model, data, config: LLaVATrainingConfig | None = None, *,
@@ -274,13 +275,21 @@ def train_llava(model, data, config: LLaVATrainingConfig | None = None, *,
 
     config = config or LLaVATrainingConfig()
     out = Path(config.output_dir)
-    llava = _as_llava(model, config.device)
-    processor = llava.processor
     use_cpu = (config.device or "").startswith("cpu") or not torch.cuda.is_available()
     bf16 = config.bf16 if config.bf16 is not None else not use_cpu
     accelerator = Accelerator(cpu=use_cpu, mixed_precision="bf16" if bf16 else "no",
                               gradient_accumulation_steps=config.gradient_accumulation_steps)
+    deepspeed = getattr(accelerator.state, "deepspeed_plugin", None)
+    if deepspeed is not None:
+        # no DataLoader goes through prepare(): give DeepSpeed the batch geometry itself
+        ds = deepspeed.deepspeed_config
+        ds["train_micro_batch_size_per_gpu"] = config.batch_size
+        ds["gradient_accumulation_steps"] = config.gradient_accumulation_steps
+        ds["train_batch_size"] = (config.batch_size * config.gradient_accumulation_steps
+                                  * accelerator.num_processes)
     seed_everything(config.seed)
+    llava = _as_llava(model)
+    processor = llava.processor
 
     records = load_conversation_records(data, stage=config.stage, image_root=image_root, seed=config.seed)
     if not records:
@@ -318,15 +327,22 @@ def train_llava(model, data, config: LLaVATrainingConfig | None = None, *,
     step, epoch, micro = 0, 0, 0
     rows: list[dict] = []
     ckpt = out / "checkpoint"
-    if config.resume and ckpt.is_dir():
+    resume = config.resume and (ckpt / "state.json").is_file()
+    if resume and deepspeed is None:
         state = _load_checkpoint(ckpt, net, optimizer, scheduler)
+    net, optimizer = accelerator.prepare(net, optimizer)
+    if resume and deepspeed is not None:
+        # partitioned weights and optimizer state: DeepSpeed's own checkpoint format
+        state = json.loads((ckpt / "state.json").read_text("utf-8"))
+        accelerator.load_state(str(ckpt / "deepspeed"))
+        scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
+    if resume:
         if state.get("n_records") != len(records):
             raise CheckpointError(f"checkpoint {str(ckpt)!r} was written for {state.get('n_records')} records, "
                                   f"the data now has {len(records)}; resume with the same data")
         step, epoch, micro = int(state["step"]), int(state["epoch"]), int(state["micro"])
         rows = list(state.get("history", []))
         log.info("resuming at step %d (epoch %d, micro-batch %d)", step, epoch, micro)
-    net, optimizer = accelerator.prepare(net, optimizer)
 
     def batches():
         nonlocal epoch, micro
@@ -345,13 +361,19 @@ def train_llava(model, data, config: LLaVATrainingConfig | None = None, *,
             epoch += 1
             micro = 0
 
-    def save(final: bool = False):
+    def save():
         accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            state = {"step": step, "epoch": epoch, "micro": micro, "n_records": len(records),
-                     "config": {k: v for k, v in asdict(config).items() if k != "extra"}, "history": rows,
-                     "trainable_parameters": n_trainable}
+        state = {"step": step, "epoch": epoch, "micro": micro, "n_records": len(records),
+                 "config": {k: v for k, v in asdict(config).items() if k != "extra"}, "history": rows,
+                 "trainable_parameters": n_trainable}
+        if deepspeed is not None:
+            accelerator.save_state(str(ckpt / "deepspeed"))  # collective
+            if accelerator.is_main_process:
+                torch.save(scheduler.state_dict(), ckpt / "scheduler.pt")
+                (ckpt / "state.json").write_text(json.dumps(state, indent=2), encoding="utf-8")
+        elif accelerator.is_main_process:
             _save_checkpoint(ckpt, accelerator.unwrap_model(net), optimizer, scheduler, state)
+        accelerator.wait_for_everyone()
 
     bar = progress_bar(total=total, initial=step, enabled=config.progress and accelerator.is_main_process,
                        desc=f"LLaVA stage {config.stage}", unit="step")
@@ -391,6 +413,7 @@ def train_llava(model, data, config: LLaVATrainingConfig | None = None, *,
                          "records": len(records)})
     unwrapped = accelerator.unwrap_model(net)
     unwrapped.eval()
+    full_state = accelerator.get_state_dict(net)  # gathers partitioned weights (collective under ZeRO-3)
     model_dir = adapter_dir = None
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -400,12 +423,12 @@ def train_llava(model, data, config: LLaVATrainingConfig | None = None, *,
         if config.lora:
             adapter_dir = out / "adapter"
             with atomic_directory(adapter_dir) as tmp:
-                unwrapped.save_pretrained(tmp, safe_serialization=True)
+                unwrapped.save_pretrained(tmp, state_dict=full_state, safe_serialization=True)
                 processor.save_pretrained(tmp)
         else:
             model_dir = out / "model"
             with atomic_directory(model_dir) as tmp:
-                unwrapped.save_pretrained(tmp, safe_serialization=True)
+                unwrapped.save_pretrained(tmp, state_dict=full_state, safe_serialization=True)
                 processor.save_pretrained(tmp)
         (out / "training.json").write_text(json.dumps(
             {"config": {k: v for k, v in asdict(config).items() if k != "extra"}, "steps": step,
