@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +22,7 @@ __all__ = [
     "write_history",
     "plot_history",
     "CHECKPOINT_DIR",
+    "checkpoint_errors",
 ]
 
 CHECKPOINT_DIR = "checkpoint"
@@ -87,20 +90,27 @@ def load_checkpoint(directory, *, model, optimizer, scheduler) -> dict:
     from safetensors.torch import load_model
 
     directory = Path(directory)
-    try:
+    with checkpoint_errors(directory):
         state = json.loads((directory / "state.json").read_text("utf-8"))
         load_model(model, str(directory / "model.safetensors"), strict=True)
         optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True))
         scheduler.load_state_dict(torch.load(directory / "scheduler.pt", weights_only=True))
         rng = torch.load(directory / "rng.pt", weights_only=True)
         torch.set_rng_state(rng["torch"])
+    return state
+
+
+@contextlib.contextmanager
+def checkpoint_errors(directory) -> Iterator[None]:
+    """Turn any failure while restoring ``directory`` into one clear :class:`CheckpointError`."""
+    try:
+        yield
     except FileNotFoundError as exc:
         raise CheckpointError(f"checkpoint {str(directory)!r} is incomplete ({exc.filename} missing); "
                               "delete it or start without resume") from exc
     except Exception as exc:
         raise CheckpointError(f"checkpoint {str(directory)!r} is corrupt or does not match the model "
                               f"({type(exc).__name__}: {exc}); delete it or start without resume") from exc
-    return state
 
 
 def write_history(history, path) -> None:

@@ -26,7 +26,7 @@ from astropy.table import Table
 from ..exceptions import CheckpointError
 from ..utils.files import atomic_directory
 from ..utils.progress import progress_bar
-from .common import lr_lambda, seed_everything, write_history
+from .common import checkpoint_errors, lr_lambda, seed_everything, write_history
 from .llava_data import LLaVATorchDataset, collate_llava, load_conversation_records
 
 __all__ = ["LLaVATrainingConfig", "LLaVATrainingResult", "train_llava", "DEEPSPEED_ZERO3_CONFIG",
@@ -218,7 +218,7 @@ def _load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     import torch
     from safetensors.torch import load_file
 
-    try:
+    with checkpoint_errors(path):
         state = json.loads((path / "state.json").read_text("utf-8"))
         weights = load_file(str(path / "trainable.safetensors"))
         params = dict(model.named_parameters())
@@ -232,12 +232,6 @@ def _load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
         optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
         scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
         torch.set_rng_state(torch.load(path / "rng.pt", weights_only=True)["torch"])
-    except FileNotFoundError as exc:
-        raise CheckpointError(f"checkpoint {str(path)!r} is incomplete ({exc.filename} missing); delete it "
-                              "or train without resume") from exc
-    except Exception as exc:
-        raise CheckpointError(f"checkpoint {str(path)!r} is corrupt or belongs to another run "
-                              f"({type(exc).__name__}: {exc}); delete it or train without resume") from exc
     return state
 
 
