@@ -194,6 +194,17 @@ def _freeze_for_stage(model, config: LLaVATrainingConfig):
     return model
 
 
+def _enable_checkpointing(net) -> None:
+    """Recompute activations in the backward pass (newer transformers call it activation checkpointing)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(net, "activation_checkpointing_enable"):
+        net.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:  # transformers < 5.2x
+        net.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if hasattr(net, "enable_input_require_grads"):
+        net.enable_input_require_grads()
+
+
 def _trainable_state(model) -> dict:
     return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
@@ -304,9 +315,7 @@ def train_llava(model, data, config: LLaVATrainingConfig | None = None, *,
     gc = config.gradient_checkpointing if config.gradient_checkpointing is not None else \
         (config.stage == 2 and not use_cpu)
     if gc:
-        net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if hasattr(net, "enable_input_require_grads"):
-            net.enable_input_require_grads()
+        _enable_checkpointing(net)
     params = [p for p in net.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in params)
     world = accelerator.num_processes
