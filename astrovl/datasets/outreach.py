@@ -38,7 +38,6 @@ import hashlib
 import html
 import json
 import os
-import re
 import time
 from collections.abc import Mapping
 from html.parser import HTMLParser
@@ -67,7 +66,6 @@ __all__ = ["OutreachDatasetBuilder", "load_outreach_records", "strip_html"]
 
 _RECORD_SUFFIXES = (".json", ".jsonl", ".ndjson", ".ecsv", ".csv")
 _FITS_SUFFIXES = (".fits", ".fit", ".fts", ".fz", ".fits.gz", ".fit.gz", ".fts.gz")
-_SLUG = re.compile(r"[^A-Za-z0-9_.-]+")
 _REPORT_NAME = "build_report.json"
 
 
