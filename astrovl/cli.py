@@ -92,11 +92,16 @@ def build_parser() -> argparse.ArgumentParser:
              """
              astrovl search ./hst-index "barred spiral galaxy" -k 5
              astrovl search ./hst-index --image m13.fits -k 10 -o hits.ecsv
+             astrovl search ./big "edge-on disk galaxy" --nprobe 64
              """)
     p.add_argument("index", help="index directory")
     p.add_argument("query", nargs="?", default=None, help="text query")
     p.add_argument("--image", default=None, help="query by this image instead of text")
     p.add_argument("-k", type=int, default=10, help="number of results (default 10)")
+    p.add_argument("--nprobe", type=int, default=None,
+                   help="cells searched by an 'ivf' index for this query (default: the index's)")
+    p.add_argument("--ef-search", type=int, default=None,
+                   help="search breadth of an 'hnsw' index for this query (default: the index's)")
     _add_model_args(p, pretrained=True)
     _add_output_args(p)
     p.set_defaults(func=_cmd_search)
@@ -425,7 +430,7 @@ def _cmd_search(args):
     embedder = _clip(args) if args.model else None
     index = EmbeddingIndex.load(args.index, embedder=embedder)
     query = args.query if args.query is not None else _load_query_image(args.image)
-    _emit(index.search(query, k=args.k), args)
+    _emit(index.search(query, k=args.k, nprobe=args.nprobe, ef_search=args.ef_search), args)
     return 0
 
 

@@ -13,14 +13,20 @@ Two data sets of unit vectors (``--dim``, 512 by default as for ViT-B/16):
     image vectors (the problem quantized indexes have with text queries).
 
 For every kind the table gives the build time (``add`` and the first search,
-which builds the faiss structure), the median and 95th-percentile latency of one
+which builds the faiss structure), the memory the index added to the process
+(its resident set size after building minus before: the metadata table, the
+stored vectors and the faiss structure), the median, 95th- and 99th-percentile latency of one
 ``EmbeddingIndex.search(vector, k)`` call (including the astropy table it
 returns), queries/s, and recall@k against a brute-force numpy ground truth.
+``--sweep`` measures several search breadths (``ef_search`` or ``nprobe``, set per
+query) on one built structure.
 
 Usage::
 
     python benchmarks/bench_index.py --quick
     python benchmarks/bench_index.py -n 1000000 --queries 1000 --output index.json
+    python benchmarks/bench_index.py -n 1000000 --datasets modality-gap --kinds ivf \\
+        --sweep 8,16,24,32
 """
 
 from __future__ import annotations
@@ -85,37 +91,62 @@ def ground_truth(vectors: np.ndarray, queries: np.ndarray, k: int, chunk: int = 
     return out
 
 
-def run_kind(kind: str, vectors: np.ndarray, query_sets: dict, truth: dict, k: int, params: dict):
+def _rss_gib() -> float:
+    """Resident memory of this process in GiB."""
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**30
+
+
+def run_kind(
+    kind: str,
+    vectors: np.ndarray,
+    query_sets: dict,
+    truth: dict,
+    k: int,
+    params: dict,
+    sweep: list[int] | None = None,
+):
     from astrovl import EmbeddingIndex
 
     index = EmbeddingIndex(vectors.shape[1], kind=kind, model_id="benchmark", **params)
     first = next(iter(query_sets.values()))[0]
+    rss0 = _rss_gib()
     t0 = time.perf_counter()
     index.add(vectors)
     index.search(first, k=k)  # builds the faiss structure
     build_s = time.perf_counter() - t0
+    mem_gib = _rss_gib() - rss0
     rows = []
-    for name, queries in query_sets.items():
-        times, recalls = [], []
-        for qi, q in enumerate(queries):
-            t = time.perf_counter()
-            result = index.search(q, k=k)
-            times.append(time.perf_counter() - t)
-            found = set(int(r) for r in result["row"])
-            recalls.append(len(found & set(truth[name][qi].tolist())) / k)
-        times_ms = np.asarray(times) * 1e3
-        rows.append(
-            {
-                "queries": name,
-                "kind": kind,
-                "n": len(vectors),
-                "build_s": build_s,
-                "median_ms": float(np.median(times_ms)),
-                "p95_ms": float(np.percentile(times_ms, 95)),
-                "queries_s": 1e3 / float(np.mean(times_ms)),
-                f"recall@{k}": float(statistics.fmean(recalls)),
-            }
-        )
+    breadths = (sweep or [None]) if kind != "exact" else [None]
+    option = {"hnsw": "ef_search", "ivf": "nprobe"}.get(kind)
+    default = params.get(option) if option else None
+    for breadth in breadths:
+        extra = {option: breadth} if breadth is not None else {}
+        for name, queries in query_sets.items():
+            times, recalls = [], []
+            for qi, q in enumerate(queries):
+                t = time.perf_counter()
+                result = index.search(q, k=k, **extra)
+                times.append(time.perf_counter() - t)
+                found = set(int(r) for r in result["row"])
+                recalls.append(len(found & set(truth[name][qi].tolist())) / k)
+            times_ms = np.asarray(times) * 1e3
+            rows.append(
+                {
+                    "queries": name,
+                    "kind": kind,
+                    "n": len(vectors),
+                    "search": f"{option}={breadth or default}" if option else "-",
+                    "build_s": build_s,
+                    "mem_GiB": mem_gib,
+                    "median_ms": float(np.median(times_ms)),
+                    "p95_ms": float(np.percentile(times_ms, 95)),
+                    "p99_ms": float(np.percentile(times_ms, 99)),
+                    "queries_s": 1e3 / float(np.mean(times_ms)),
+                    f"recall@{k}": float(statistics.fmean(recalls)),
+                }
+            )
     return rows
 
 
@@ -148,6 +179,13 @@ def main(argv=None) -> None:
     parser.add_argument("--ef-construction", type=int, default=200)
     parser.add_argument("--nlist", type=int, default=None, help="IVF lists (default ~4 sqrt(N))")
     parser.add_argument("--nprobe", type=int, default=32)
+    parser.add_argument(
+        "--sweep",
+        type=lambda text: [int(x) for x in str_list(text)],
+        default=None,
+        help="comma-separated search breadths to measure on the same structure, passed per "
+        "query as ef_search (hnsw) or nprobe (ivf), e.g. 8,16,32",
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     unknown = [x for x in args.kinds if x not in KINDS]
@@ -192,7 +230,7 @@ def main(argv=None) -> None:
             )
         rows = []
         for kind in args.kinds:
-            rows += run_kind(kind, vectors, query_sets, truth, args.k, params)
+            rows += run_kind(kind, vectors, query_sets, truth, args.k, params, args.sweep)
             print(f"  done: {dataset} {kind}", flush=True)
         tables[dataset] = rows
         print_table(f"EmbeddingIndex on the {dataset} set ({n:,} x {args.dim})", rows)

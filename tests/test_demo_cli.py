@@ -126,3 +126,19 @@ def test_report_escapes_untrusted_text(tmp_path):
     assert "<img src=x" not in text
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in text
     assert "&lt;i&gt;cap&lt;/i&gt;" in text
+
+
+def test_cli_approximate_index_search_breadth(tmp_path, tiny_clip_dir, capsys):
+    sky = tmp_path / "sky"
+    assert main(["synth", str(sky), "--n-images", "60", "--image-size", "48", "--seed", "1"]) == 0
+    index = tmp_path / "ivf-index"
+    assert main(["index", "build", str(sky / "images"), "--index", str(index), "--approximate", "ivf",
+                 "--model", str(tiny_clip_dir)]) == 0
+    capsys.readouterr()
+    assert main(["search", str(index), "a spiral galaxy", "-k", "60", "--nprobe", "2",
+                 "--model", str(tiny_clip_dir), "--format", "csv"]) == 0
+    rows = capsys.readouterr().out.strip().splitlines()
+    assert rows[0].startswith("rank,score,row,path") and len(rows) == 61
+    assert main(["search", str(index), "a spiral galaxy", "--ef-search", "64",
+                 "--model", str(tiny_clip_dir)]) != 0
+    assert "ef_search does not apply to an index of kind 'ivf'" in capsys.readouterr().err

@@ -131,3 +131,31 @@ def test_sharded_build_on_local_cluster_matches(embedder, tmp_path, m13_path, ng
         sharded = EmbeddingIndex.build(embedder, images, client=client, shard_size=2, progress=False)
     np.testing.assert_allclose(sharded.vectors, single.vectors, atol=1e-5)
     assert list(sharded.metadata["source"]) == list(single.metadata["source"])
+
+
+def test_search_breadth_can_be_set_per_call():
+    rng = np.random.default_rng(5)
+    vec = _unit(rng.normal(size=(8_000, 64)).astype(np.float32))
+    queries = _unit(rng.normal(size=(30, 64)).astype(np.float32))
+    exact = EmbeddingIndex(64)
+    exact.add(vec)
+    truth = [set(exact.search(q, k=10)["row"]) for q in queries]
+
+    def recall(index, **kw):
+        return np.mean([len(t & set(index.search(q, k=10, **kw)["row"])) / 10
+                        for q, t in zip(queries, truth)])
+
+    hnsw = EmbeddingIndex(64, kind="hnsw", hnsw_m=8, ef_construction=40, ef_search=16)
+    hnsw.add(vec)
+    narrow, wide = recall(hnsw, ef_search=10), recall(hnsw, ef_search=1_000)
+    assert narrow < 0.6 < 0.9 <= wide, (narrow, wide)
+    assert recall(hnsw) < wide  # the override does not stick
+    ivf = EmbeddingIndex(64, kind="ivf", nlist=64, nprobe=4)
+    ivf.add(vec)
+    assert recall(ivf, nprobe=1) < recall(ivf) < recall(ivf, nprobe=64) == 1.0
+    with pytest.raises(ValueError, match="nprobe does not apply"):
+        hnsw.search(queries[0], nprobe=4)
+    with pytest.raises(ValueError, match="ef_search does not apply"):
+        exact.search(queries[0], ef_search=4)
+    with pytest.raises(ValueError, match="must be >= 1"):
+        ivf.search(queries[0], nprobe=0)
