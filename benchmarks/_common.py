@@ -136,7 +136,8 @@ def time_call(
     }
 
 
-def _rss_bytes() -> int | None:
+def rss_bytes() -> int | None:
+    """Resident memory of this process in bytes, or None without psutil."""
     try:
         import psutil
 
@@ -178,7 +179,7 @@ class MemoryMeter:
 
     def _sample(self) -> None:
         while not self._stop.is_set():
-            rss = _rss_bytes() or 0
+            rss = rss_bytes() or 0
             self._peak = max(self._peak, rss)
             self._stop.wait(self.interval)
 
@@ -193,9 +194,9 @@ class MemoryMeter:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             self.kind = "cuda_max_allocated"
-        elif _rss_bytes() is not None:
+        elif rss_bytes() is not None:
             self.kind = "rss_sampled"
-            self._peak = _rss_bytes() or 0
+            self._peak = rss_bytes() or 0
             self._stop.clear()
             thread = threading.Thread(target=self._sample, daemon=True)
             thread.start()
@@ -212,7 +213,7 @@ class MemoryMeter:
             elif thread is not None:
                 self._stop.set()
                 thread.join()
-                self._peak = max(self._peak, _rss_bytes() or 0)
+                self._peak = max(self._peak, rss_bytes() or 0)
                 self.peak_mib = self._peak / 2**20
             else:
                 self.peak_mib = _maxrss_bytes() / 2**20

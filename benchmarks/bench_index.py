@@ -35,7 +35,15 @@ import statistics
 import time
 
 import numpy as np
-from _common import base_parser, environment, finish, print_environment, print_table, str_list
+from _common import (
+    base_parser,
+    environment,
+    finish,
+    print_environment,
+    print_table,
+    rss_bytes,
+    str_list,
+)
 
 KINDS = ("exact", "hnsw", "ivf")
 
@@ -91,13 +99,6 @@ def ground_truth(vectors: np.ndarray, queries: np.ndarray, k: int, chunk: int = 
     return out
 
 
-def _rss_gib() -> float:
-    """Resident memory of this process in GiB."""
-    import psutil
-
-    return psutil.Process().memory_info().rss / 2**30
-
-
 def run_kind(
     kind: str,
     vectors: np.ndarray,
@@ -111,12 +112,13 @@ def run_kind(
 
     index = EmbeddingIndex(vectors.shape[1], kind=kind, model_id="benchmark", **params)
     first = next(iter(query_sets.values()))[0]
-    rss0 = _rss_gib()
+    rss0 = rss_bytes()
     t0 = time.perf_counter()
     index.add(vectors)
     index.search(first, k=k)  # builds the faiss structure
     build_s = time.perf_counter() - t0
-    mem_gib = _rss_gib() - rss0
+    rss1 = rss_bytes()
+    mem_gib = (rss1 - rss0) / 2**30 if rss0 is not None and rss1 is not None else float("nan")
     rows = []
     breadths = (sweep or [None]) if kind != "exact" else [None]
     option = {"hnsw": "ef_search", "ivf": "nprobe"}.get(kind)

@@ -265,10 +265,7 @@ class EmbeddingIndex:
         structure = self._structure()
         search_params = self._search_parameters(ef_search, nprobe)
         q = self._query_vector(query)
-        if search_params is None:
-            scores, rows = structure.search(q[:1], min(k, len(self)))
-        else:
-            scores, rows = structure.search(q[:1], min(k, len(self)), params=search_params)
+        scores, rows = structure.search(q[:1], min(k, len(self)), params=search_params)
         keep = rows[0] >= 0
         rows, scores = rows[0][keep], scores[0][keep]
         out = self.metadata[rows] if len(self.metadata.colnames) else Table()
@@ -280,6 +277,8 @@ class EmbeddingIndex:
 
     def _search_parameters(self, ef_search: int | None, nprobe: int | None):
         """faiss search parameters for one call, or None to use the index's own."""
+        if ef_search is None and nprobe is None:
+            return None
         import faiss
 
         for name, value in (("ef_search", ef_search), ("nprobe", nprobe)):
@@ -289,13 +288,11 @@ class EmbeddingIndex:
             return faiss.SearchParametersHNSW(efSearch=int(ef_search))
         if nprobe is not None and self.kind == "ivf":
             return faiss.SearchParametersIVF(nprobe=int(nprobe))
-        if ef_search is not None or nprobe is not None:
-            given = "ef_search" if ef_search is not None else "nprobe"
-            raise ValueError(
-                f"{given} does not apply to an index of kind {self.kind!r}: ef_search is for "
-                "kind='hnsw' and nprobe for kind='ivf'"
-            )
-        return None
+        given = "ef_search" if ef_search is not None else "nprobe"
+        raise ValueError(
+            f"{given} does not apply to an index of kind {self.kind!r}: ef_search is for "
+            "kind='hnsw' and nprobe for kind='ivf'"
+        )
 
     # ------------------------------------------------------------------ persistence
     def save(self, directory: str | os.PathLike) -> Path:
