@@ -1,0 +1,34 @@
+"""The ``demo`` command: the offline end-to-end run with its HTML report."""
+
+from __future__ import annotations
+
+from ._common import add_command
+
+__all__ = ["register"]
+
+
+def register(sub) -> None:
+    """Add the ``demo`` subcommand to ``sub``."""
+    p = add_command(sub, "demo", "run the offline end-to-end demonstration and write an HTML report",
+                    """
+                    astrovl demo --output ./astrovl-demo
+                    astrovl demo --output ./demo --steps 1000 --device cuda
+                    """, _cmd_demo)
+    p.add_argument("--output", default="astrovl-demo", help="output directory (default ./astrovl-demo)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: a quick run)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-images", type=int, default=None)
+    p.add_argument("--model", default=None,
+                   help="open_clip model to fine-tune instead of a small model from scratch")
+    p.add_argument("--pretrained", default=None, help="pretrained tag for --model (needs a network)")
+    p.add_argument("--device", default=None)
+
+
+def _cmd_demo(args):
+    from ..demo import run_demo
+
+    result = run_demo(args.output, steps=args.steps, seed=args.seed, device=args.device,
+                      model=args.model, pretrained=args.pretrained, n_images=args.n_images)
+    result.summary.pprint_all()
+    print(f"report: {result.report_path}")
+    return 0

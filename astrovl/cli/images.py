@@ -1,0 +1,137 @@
+"""Commands on images and CLIP search: ``embed``, ``index``, ``search``, ``classify``."""
+
+from __future__ import annotations
+
+from ._common import (
+    add_command,
+    add_model_args,
+    add_output_args,
+    emit,
+    expand_images,
+    load_clip,
+    parse_hdu,
+    read_lines,
+)
+
+__all__ = ["register"]
+
+
+def register(sub) -> None:
+    """Add this family's subcommands to ``sub``."""
+    p = add_command(sub, "embed", "embed images (and optionally texts) with a CLIP model",
+                    """
+                    astrovl embed m13.fits ngc1316.fits --model ./my-clip --save embeddings.npy
+                    astrovl embed *.fits --model ViT-B-16 --pretrained openai --device cuda
+                    """, _cmd_embed)
+    p.add_argument("images", nargs="+", help="image files (FITS, JPEG, PNG, TIFF)")
+    p.add_argument("--hdu", default=None, help="HDU index or name for FITS files")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--save", default=None, help="save the embedding matrix as .npy")
+    add_model_args(p, pretrained=True)
+    add_output_args(p)
+
+    p = add_command(sub, "index", "build or extend a searchable embedding index",
+                    """
+                    astrovl index build ./previews --index ./hst-index --model ./my-clip
+                    astrovl index add ./more-previews --index ./hst-index
+                    astrovl index build ./previews --index ./big --approximate hnsw
+                    """, _cmd_index)
+    p.add_argument("action", choices=("build", "add"))
+    p.add_argument("inputs", nargs="+", help="image files or directories of images")
+    p.add_argument("--index", required=True, help="index directory")
+    p.add_argument("--approximate", default=None, choices=("ivf", "hnsw"),
+                   help="approximate search structure for large archives (default: exact)")
+    p.add_argument("--batch-size", type=int, default=64)
+    add_model_args(p, pretrained=True)
+
+    p = add_command(sub, "search", "search an index with a text or an image",
+                    """
+                    astrovl search ./hst-index "barred spiral galaxy" -k 5
+                    astrovl search ./hst-index --image m13.fits -k 10 -o hits.ecsv
+                    astrovl search ./big "edge-on disk galaxy" --nprobe 64
+                    """, _cmd_search)
+    p.add_argument("index", help="index directory")
+    p.add_argument("query", nargs="?", default=None, help="text query")
+    p.add_argument("--image", default=None, help="query by this image instead of text")
+    p.add_argument("-k", type=int, default=10, help="number of results (default 10)")
+    p.add_argument("--nprobe", type=int, default=None,
+                   help="cells searched by an 'ivf' index for this query (default: the index's)")
+    p.add_argument("--ef-search", type=int, default=None,
+                   help="search breadth of an 'hnsw' index for this query (default: the index's)")
+    add_model_args(p, pretrained=True)
+    add_output_args(p)
+
+    p = add_command(sub, "classify", "zero-shot classification against a category list",
+                    """
+                    astrovl classify m13.fits --model ./my-clip --top-k 3
+                    astrovl classify *.fits --categories my_categories.txt
+                    """, _cmd_classify)
+    p.add_argument("images", nargs="+")
+    p.add_argument("--categories", default=None,
+                   help="text file with one category per line (default: the 77 Hubble categories)")
+    p.add_argument("--top-k", type=int, default=3)
+    add_model_args(p, pretrained=True)
+    add_output_args(p)
+
+
+def _cmd_embed(args):
+    import numpy as np
+    from astropy.table import Table
+
+    from ..imaging import load_image
+
+    emb = load_clip(args)
+    images = [load_image(p, hdu=parse_hdu(args.hdu)) for p in args.images]
+    vectors = emb.embed_images(images, batch_size=args.batch_size)
+    if args.save:
+        from ..utils.files import atomic_write
+
+        with atomic_write(args.save, "wb") as fh:
+            np.save(fh, vectors)
+    table = Table({"image": list(args.images), "norm": np.linalg.norm(vectors, axis=1),
+                   "dim": [vectors.shape[1]] * len(args.images)})
+    emit(table, args)
+    return 0
+
+
+def _cmd_index(args):
+    from astropy.table import Table
+
+    from ..clip import EmbeddingIndex
+
+    files = expand_images(args.inputs)
+    meta = Table({"path": files})
+    if args.action == "build":
+        emb = load_clip(args)
+        index = EmbeddingIndex.build(emb, files, metadata=meta, batch_size=args.batch_size,
+                                     approximate=args.approximate)
+    else:
+        index = EmbeddingIndex.load(args.index, embedder=load_clip(args) if args.model else None)
+        if index.embedder is None:
+            raise ValueError("index add needs the index's model: pass --model")
+        vectors = index.embedder.embed_images(files, batch_size=args.batch_size)
+        index.add(vectors, meta)
+    index.save(args.index)
+    print(f"index {args.index}: {len(index)} images")
+    return 0
+
+
+def _cmd_search(args):
+    from ..clip import EmbeddingIndex
+    from ..imaging import load_image
+
+    if (args.query is None) == (args.image is None):
+        raise ValueError("give either a text query or --image, not both or neither")
+    embedder = load_clip(args) if args.model else None
+    index = EmbeddingIndex.load(args.index, embedder=embedder)
+    query = args.query if args.query is not None else load_image(args.image)
+    emit(index.search(query, k=args.k, nprobe=args.nprobe, ef_search=args.ef_search), args)
+    return 0
+
+
+def _cmd_classify(args):
+    emb = load_clip(args)
+    cats = read_lines(args.categories) if args.categories else None
+    table = emb.zero_shot(list(args.images), categories=cats, top_k=args.top_k)
+    emit(table, args)
+    return 0
