@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["run_demo", "DemoResult", "DEMO_QUERIES", "bundled_real_images"]
+__all__ = ["run_demo", "DemoResult", "DEMO_QUERIES", "bundled_real_images", "follow_up_command"]
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,8 @@ class DemoResult:
     searches: dict = field(default_factory=dict)
     zero_shot: object = None
     seconds: float = 0.0
+    index_path: Path | None = None
+    search_command: str = ""
 
 
 def bundled_real_images() -> list[tuple[str, object]]:
@@ -85,7 +87,9 @@ def run_demo(output_dir: str | os.PathLike = "astrovl-demo", *, steps: int | Non
        and the shuffled-caption control;
     3. measure top-10% retrieval accuracy of both (random expectation 10%);
     4. index the validation images plus real telescope images shipped inside
-       installed packages, run text searches and zero-shot classification;
+       installed packages (``OUTPUT/index``, which records the trained model, so
+       ``astrovl search OUTPUT/index "text"`` searches it again), run text searches
+       and zero-shot classification;
     5. write ``report.html`` (image grids with scores, retrieval curves, the
        accuracy table, training curves).
 
@@ -122,6 +126,9 @@ def run_demo(output_dir: str | os.PathLike = "astrovl-demo", *, steps: int | Non
     from .training import CLIPTrainingConfig, train_clip
     from .training.common import plot_history
 
+    if pretrained is not None and model is None:
+        raise ValueError(f"pretrained={pretrained!r} needs model= (the open_clip model name it is a tag "
+                         "of); without a model the demo trains a small CLIP from scratch")
     t0 = time.perf_counter()
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -170,8 +177,11 @@ def run_demo(output_dir: str | os.PathLike = "astrovl-demo", *, steps: int | Non
     meta = Table({"name": [f"{r['id']} ({r['label']})" for r in val] + [n for n, _ in real],
                   "label": [str(r["label"]) for r in val] + ["real image"] * len(real),
                   "kind": ["synthetic"] * len(val) + ["real"] * len(real)})
+    # the trained model was loaded from its run directory, so the index records where it is and
+    # `astrovl search OUT/index "text"` works without naming the model
     index = EmbeddingIndex.build(trained, items, metadata=meta, progress=False)
     index.save(out / "index")
+    search_command = follow_up_command(out / "index")
     thumbs = {i: load_image(obj) for i, obj in enumerate(items)}
     searches = {q: index.search(q, k=6) for q in DEMO_QUERIES}
 
@@ -194,6 +204,8 @@ def run_demo(output_dir: str | os.PathLike = "astrovl-demo", *, steps: int | Non
         if len(res.history):
             report.figure(plot_history(res.history, title=name), name)
     report.heading("Text searches over validation and real telescope images")
+    report.paragraph(f"The index in {out / 'index'} remembers its model; search it again with: "
+                     f"{search_command}", css_class="note")
     for q, hits in searches.items():
         report.image_grid([(thumbs[int(r["row"])], f"{r['name']}  score {float(r['score']):.3f}") for r in hits],
                           title=f"query: {q}")
@@ -207,4 +219,12 @@ def run_demo(output_dir: str | os.PathLike = "astrovl-demo", *, steps: int | Non
         report.image_grid([(load_image(obj), name) for name, obj in real])
     path = report.write(out / "report.html")
     return DemoResult(report_path=path, summary=summary, output_dir=out, searches=searches, zero_shot=zs,
-                      seconds=time.perf_counter() - t0)
+                      seconds=time.perf_counter() - t0, index_path=out / "index",
+                      search_command=search_command)
+
+
+def follow_up_command(index_dir: str | os.PathLike, query: str = "two merging galaxies") -> str:
+    """The shell command that searches the demo's index again (the index loads its own model)."""
+    import shlex
+
+    return f"astrovl search {shlex.quote(str(index_dir))} {shlex.quote(query)}"

@@ -112,6 +112,11 @@ def test_demo_quick_writes_escaped_report(tmp_path):
     assert "<script" not in text
     assert html.escape("query: barred spiral galaxy with prominent arms") in text
     assert re.search(r"M13 \(astropy test image\)", text)
+    # the index remembers the trained model: the follow-up search the report shows works as is
+    assert result.search_command == f"astrovl search {result.index_path} 'two merging galaxies'"
+    assert html.escape(result.search_command) in text
+    argv = result.search_command.split(" ", 2)[1:2] + [str(result.index_path), "two merging galaxies"]
+    assert main(argv + ["-k", "3", "--format", "csv"]) == 0
 
 
 def test_report_escapes_untrusted_text(tmp_path):

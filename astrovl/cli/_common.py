@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 __all__ = ["add_command", "add_model_args", "add_output_args", "emit", "expand_images",
-           "load_clip", "load_llava", "parse_hdu", "read_lines", "conf"]
+           "load_clip", "load_clip_if_named", "load_llava", "parse_hdu", "read_lines", "conf"]
 
 
 def conf():
@@ -127,11 +127,23 @@ def load_clip(args):
     from ..clip import CLIPEmbedder
 
     model = args.model
+    pretrained = getattr(args, "pretrained", None)
     if model is None:
+        if pretrained is not None:
+            raise ValueError(f"--pretrained {pretrained!r} needs --model (the open_clip model name "
+                             "it is a tag of)")
         model, pretrained = conf().clip_model, conf().clip_pretrained
-    else:
-        pretrained = getattr(args, "pretrained", None)
     return CLIPEmbedder.from_pretrained(model, pretrained, device=args.device)
+
+
+def load_clip_if_named(args):
+    """The CLIP model named by ``--model``, or None (``--pretrained`` alone is refused)."""
+    if args.model is None:
+        if getattr(args, "pretrained", None) is not None:
+            raise ValueError(f"--pretrained {args.pretrained!r} needs --model (the open_clip model name "
+                             "it is a tag of)")
+        return None
+    return load_clip(args)
 
 
 def load_llava(args):

@@ -19,8 +19,11 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-images", type=int, default=None)
     p.add_argument("--model", default=None,
-                   help="open_clip model to fine-tune instead of a small model from scratch")
-    p.add_argument("--pretrained", default=None, help="pretrained tag for --model (needs a network)")
+                   help="CLIP model to fine-tune instead of training a small model from scratch: an "
+                   "open_clip name (with --pretrained), a hub id or a local directory")
+    p.add_argument("--pretrained", default=None,
+                   help="pretrained tag of the open_clip --model (needs the weights: a network or the "
+                   "hub cache); refused without --model")
     p.add_argument("--device", default=None)
 
 
@@ -31,4 +34,5 @@ def _cmd_demo(args):
                       model=args.model, pretrained=args.pretrained, n_images=args.n_images)
     result.summary.pprint_all()
     print(f"report: {result.report_path}")
+    print(f"search the index again: {result.search_command}")
     return 0

@@ -9,6 +9,7 @@ from ._common import (
     emit,
     expand_images,
     load_clip,
+    load_clip_if_named,
     parse_hdu,
     read_lines,
 )
@@ -34,21 +35,34 @@ def register(sub) -> None:
                     """
                     astrovl index build ./previews --index ./hst-index --model ./my-clip
                     astrovl index add ./more-previews --index ./hst-index
-                    astrovl index build ./previews --index ./big --approximate hnsw
+                    astrovl index build ./previews --index ./big --approximate hnsw --model ./my-clip
                     """, _cmd_index)
-    p.add_argument("action", choices=("build", "add"))
-    p.add_argument("inputs", nargs="+", help="image files or directories of images")
-    p.add_argument("--index", required=True, help="index directory")
-    p.add_argument("--approximate", default=None, choices=("ivf", "hnsw"),
+    actions = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    b = add_command(actions, "build", "embed images and write a new index (it records its model)",
+                    """
+                    astrovl index build ./previews --index ./hst-index --model ./my-clip
+                    astrovl index build ./previews --index ./big --approximate hnsw --model ./my-clip
+                    """, _cmd_index_build)
+    b.add_argument("inputs", nargs="+", help="image files or directories of images")
+    b.add_argument("--index", required=True, help="index directory to write")
+    b.add_argument("--approximate", default=None, choices=("ivf", "hnsw"),
                    help="approximate search structure for large archives (default: exact)")
-    p.add_argument("--batch-size", type=int, default=64)
-    add_model_args(p, pretrained=True)
+    b.add_argument("--batch-size", type=int, default=64, help="images per model call (default 64)")
+    add_model_args(b, pretrained=True)
+    a = add_command(actions, "add", "embed more images into an existing index with the index's own model",
+                    """
+                    astrovl index add ./more-previews --index ./hst-index
+                    """, _cmd_index_add)
+    a.add_argument("inputs", nargs="+", help="image files or directories of images")
+    a.add_argument("--index", required=True, help="index directory to extend")
+    a.add_argument("--batch-size", type=int, default=64, help="images per model call (default 64)")
+    _add_index_model_args(a)
 
     p = add_command(sub, "search", "search an index with a text or an image",
                     """
                     astrovl search ./hst-index "barred spiral galaxy" -k 5
                     astrovl search ./hst-index --image m13.fits -k 10 -o hits.ecsv
-                    astrovl search ./big "edge-on disk galaxy" --nprobe 64
+                    astrovl search ./big "edge-on disk galaxy" --ef-search 256
                     """, _cmd_search)
     p.add_argument("index", help="index directory")
     p.add_argument("query", nargs="?", default=None, help="text query")
@@ -58,7 +72,7 @@ def register(sub) -> None:
                    help="cells searched by an 'ivf' index for this query (default: the index's)")
     p.add_argument("--ef-search", type=int, default=None,
                    help="search breadth of an 'hnsw' index for this query (default: the index's)")
-    add_model_args(p, pretrained=True)
+    _add_index_model_args(p)
     add_output_args(p)
 
     p = add_command(sub, "classify", "zero-shot classification against a category list",
@@ -72,6 +86,16 @@ def register(sub) -> None:
     p.add_argument("--top-k", type=int, default=3)
     add_model_args(p, pretrained=True)
     add_output_args(p)
+
+
+def _add_index_model_args(p) -> None:
+    """``--model``/``--pretrained``/``--device`` of commands that use an existing index."""
+    p.add_argument("--model", default=None,
+                   help="the index's model, for an index that cannot load it itself (default: the "
+                   "model the index recorded when it was built); another model is refused")
+    p.add_argument("--pretrained", default=None,
+                   help="open_clip pretrained tag (e.g. 'openai') when --model is an open_clip name")
+    p.add_argument("--device", default=None, help="torch device for the model: auto, cpu, cuda, cuda:N")
 
 
 def _cmd_embed(args):
@@ -94,26 +118,44 @@ def _cmd_embed(args):
     return 0
 
 
-def _cmd_index(args):
+def _cmd_index(args):  # pragma: no cover - argparse requires an action
+    raise ValueError("give an action: index build or index add")
+
+
+def _cmd_index_build(args):
     from astropy.table import Table
 
     from ..clip import EmbeddingIndex
 
     files = expand_images(args.inputs)
-    meta = Table({"path": files})
-    if args.action == "build":
-        emb = load_clip(args)
-        index = EmbeddingIndex.build(emb, files, metadata=meta, batch_size=args.batch_size,
-                                     approximate=args.approximate)
-    else:
-        index = EmbeddingIndex.load(args.index, embedder=load_clip(args) if args.model else None)
-        if index.embedder is None:
-            raise ValueError("index add needs the index's model: pass --model")
-        vectors = index.embedder.embed_images(files, batch_size=args.batch_size)
-        index.add(vectors, meta)
+    index = EmbeddingIndex.build(load_clip(args), files, metadata=Table({"path": files}),
+                                 batch_size=args.batch_size, approximate=args.approximate)
     index.save(args.index)
-    print(f"index {args.index}: {len(index)} images")
+    print(f"index {args.index}: {len(index)} images, model {index.model_id}")
     return 0
+
+
+def _cmd_index_add(args):
+    from astropy.table import Table
+
+    from ..clip import EmbeddingIndex
+
+    files = expand_images(args.inputs)
+    index = EmbeddingIndex.load(args.index, embedder=load_clip_if_named(args),
+                                device=args.device)
+    vectors = _index_embedder(index, "index add").embed_images(files, batch_size=args.batch_size)
+    index.add(vectors, Table({"path": files}))
+    index.save(args.index)
+    print(f"index {args.index}: {len(index)} images, model {index.model_id}")
+    return 0
+
+
+def _index_embedder(index, command: str):
+    embedder = index.embedder
+    if embedder is None:
+        raise ValueError(f"{command} needs the index's model, which the index does not record; "
+                         "pass --model (the model that built the index)")
+    return embedder
 
 
 def _cmd_search(args):
@@ -122,8 +164,8 @@ def _cmd_search(args):
 
     if (args.query is None) == (args.image is None):
         raise ValueError("give either a text query or --image, not both or neither")
-    embedder = load_clip(args) if args.model else None
-    index = EmbeddingIndex.load(args.index, embedder=embedder)
+    index = EmbeddingIndex.load(args.index, embedder=load_clip_if_named(args),
+                                device=args.device)
     query = args.query if args.query is not None else load_image(args.image)
     emit(index.search(query, k=args.k, nprobe=args.nprobe, ef_search=args.ef_search), args)
     return 0

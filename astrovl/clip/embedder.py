@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import logging
 import os
@@ -13,20 +12,28 @@ from typing import Any
 
 import numpy as np
 
-from ..exceptions import CheckpointError, ModelNotFoundError
+from ..exceptions import ModelNotFoundError
 from ..utils.devices import resolve_device
 from ..utils.files import atomic_directory
 from ..utils.progress import progress_bar
 from .categories import DEFAULT_TEMPLATES, HUBBLE_CATEGORIES
+from .identity import DigestCache, digest_from_model_id
 from .inputs import as_image_list, describe_input
+from .loading import (
+    ASTROVL_CONFIG,
+    ASTROVL_FORMAT,
+    ASTROVL_WEIGHTS,
+    build_model,
+    resolve_pretrained,
+)
 
 __all__ = ["CLIPEmbedder", "TINY_CLIP_CONFIG", "CONFIG_NAME", "WEIGHTS_NAME"]
 
 log = logging.getLogger(__name__)
 
-CONFIG_NAME = "astrovl_clip.json"
-WEIGHTS_NAME = "model.safetensors"
-FORMAT = "astrovl-clip"
+CONFIG_NAME = ASTROVL_CONFIG
+WEIGHTS_NAME = ASTROVL_WEIGHTS
+FORMAT = ASTROVL_FORMAT
 
 #: A small CLIP (about 4 M parameters) that trains from scratch in minutes on a CPU;
 #: used by the demo, the tests and quick experiments.
@@ -38,31 +45,6 @@ TINY_CLIP_CONFIG: dict = {
     "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2,
                  "mlp_ratio": 2.0},
 }
-
-
-def _build_model(model_cfg: dict):
-    import open_clip
-
-    cfg = {k: copy.deepcopy(v) for k, v in model_cfg.items() if k not in ("model_name",)}
-    head = cfg.pop("projection_head", None)
-    text_cfg = cfg.get("text_cfg", {})
-    if "hf_model_name" in text_cfg or cfg.pop("custom_text", False):
-        model = open_clip.CustomTextCLIP(**cfg)
-    else:
-        model = open_clip.CLIP(**cfg)
-    if head:
-        from .heads import HeadCLIP
-
-        model = HeadCLIP(model, int(cfg["embed_dim"]), int(head.get("hidden", 1024)))
-    return model
-
-
-def _weights_digest(model) -> str:
-    h = hashlib.blake2b(digest_size=8)
-    for name, tensor in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(tensor.detach().to("cpu").contiguous().view(-1).numpy().view(np.uint8).tobytes())
-    return h.hexdigest()
 
 
 class CLIPEmbedder:
@@ -85,12 +67,19 @@ class CLIPEmbedder:
     config : dict
         JSON-serialisable description of the architecture and preprocessing.
     model_id : str
-        Identity of the weights (used by :class:`~astrovl.EmbeddingIndex`).
+        Identity of the weights, ``"model_name@weights_digest"``.
+    weights_digest : str
+        Digest of the weights (:mod:`astrovl.clip.identity`), the same for the same
+        weights however they were loaded; used by :class:`~astrovl.EmbeddingIndex`
+        to recognise the model that built it.
+    source : dict or None
+        How to load these weights again (see :mod:`astrovl.clip.loading`); None
+        for a model that exists only in memory (built from a config and never saved).
     """
 
     def __init__(self, model, tokenizer, preprocess, *, model_name: str, model_cfg: dict,
                  preprocess_cfg: dict, device=None, precision: str | None = None,
-                 model_id: str | None = None):
+                 model_id: str | None = None, source: dict | None = None):
         import torch
 
         self.device = resolve_device(device)
@@ -106,7 +95,22 @@ class CLIPEmbedder:
             raise ValueError(f"precision={precision!r} must be 'fp32', 'bf16' or 'fp16'")
         self.precision = precision
         self._autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-        self.model_id = model_id or f"{model_name}@{_weights_digest(self.model)}"
+        self.source = dict(source) if source else None
+        self._digest = DigestCache()
+        known = digest_from_model_id(model_id)
+        if known is not None:  # a digest recorded with the weights (saved config, a copy's id)
+            self._digest.prime(self.model, known)
+
+    # ------------------------------------------------------------------ identity
+    @property
+    def weights_digest(self) -> str:
+        """Digest of the current weights (recomputed only after they change)."""
+        return self._digest.get(self.model)
+
+    @property
+    def model_id(self) -> str:
+        """``"model_name@weights_digest"``: the identity of the weights."""
+        return f"{self.model_name}@{self.weights_digest}"
 
     # ------------------------------------------------------------------ properties
     @property
@@ -179,7 +183,7 @@ class CLIPEmbedder:
             raise TypeError(f"from_config takes a model name or a dict, not {type(name_or_dict).__name__}")
         if seed is not None:
             torch.manual_seed(seed)
-        model = _build_model(model_cfg)
+        model = build_model(model_cfg)
         pp = cls._preprocess_cfg_for(model_cfg)
         return cls(model, *cls._tokenizer_and_transform(model_cfg, pp), model_name=name,
                    model_cfg=model_cfg, preprocess_cfg=pp, device=device, precision=precision)
@@ -205,8 +209,10 @@ class CLIPEmbedder:
 
         text_cfg = model_cfg.get("text_cfg", {})
         ctx = int(text_cfg.get("context_length", 77))
-        if "hf_tokenizer_name" in text_cfg:
-            tokenizer = open_clip.HFTokenizer(text_cfg["hf_tokenizer_name"], context_length=ctx)
+        if text_cfg.get("hf_tokenizer_name"):
+            tokenizer = open_clip.HFTokenizer(text_cfg["hf_tokenizer_name"], context_length=ctx,
+                                              tokenizer_mode=text_cfg.get("tokenizer_mode"),
+                                              **(text_cfg.get("tokenizer_kwargs") or {}))
         else:
             tokenizer = open_clip.SimpleTokenizer(context_length=ctx)
         transform = open_clip.image_transform(
@@ -217,137 +223,73 @@ class CLIPEmbedder:
 
     @classmethod
     def from_pretrained(cls, name: str | os.PathLike, pretrained: str | None = None, *,
-                        device=None, precision: str | None = None,
+                        device=None, precision: str | None = None, revision: str | None = None,
                         cache_dir: str | None = None) -> CLIPEmbedder:
         """Load a model.
 
         Parameters
         ----------
         name : str or path-like
-            * a directory written by :meth:`save_pretrained`;
+            * a local directory: one written by :meth:`save_pretrained`, an open_clip
+              directory (``open_clip_config.json`` with ``open_clip_model.safetensors``)
+              or a transformers ``CLIPModel`` directory (``config.json`` with
+              ``model.safetensors``), converted to the open_clip architecture;
             * an open_clip model name (``"ViT-B-16"``) with ``pretrained`` a tag
               (``"openai"``, ``"laion2b_s34b_b88k"``...) or a local checkpoint file;
-            * ``"hf-hub:org/repo"`` (``pretrained`` ignored).
+            * a Hugging Face hub repository, ``"hf-hub:ORG/NAME"`` or ``"ORG/NAME"``,
+              in the open_clip layout or the transformers layout (for example
+              ``"openai/clip-vit-base-patch16"``, the base model of HubbleCLIP).
 
-            Downloads happen only here and are cached (``cache_dir``).
+            Hub files are read through ``huggingface_hub`` and its cache: offline
+            (``HF_HUB_OFFLINE=1``) a repository loads when its files are cached.
         pretrained : str, optional
             Pretrained tag or checkpoint file path for open_clip model names.
         device : str or torch.device, optional
         precision : {"fp32", "bf16", "fp16"}, optional
             Inference precision (autocast); default bf16 on CUDA, fp32 on CPU.
+        revision : str, optional
+            Branch, tag or commit of a hub repository (default: ``main``).
+        cache_dir : str, optional
+            Download cache (default: the Hugging Face hub cache).
 
         Raises
         ------
         ModelNotFoundError
             If the model cannot be found or downloaded (for example offline).
+        CheckpointError
+            If the files are incomplete, unsafe to read or do not fit the architecture.
         """
-        path = Path(name)
-        if path.is_dir() and (path / CONFIG_NAME).is_file():
-            return cls._from_directory(path, device=device, precision=precision)
-        if path.is_dir():
-            raise ModelNotFoundError(
-                f"directory {str(path)!r} has no {CONFIG_NAME}; pass a directory written by "
-                "CLIPEmbedder.save_pretrained, or an open_clip model name with pretrained="
-            )
-        import open_clip
-
-        name = str(name)
-        if pretrained is not None and Path(pretrained).is_file():
-            return cls._from_checkpoint_file(name, Path(pretrained), device=device, precision=precision)
-        if not name.startswith("hf-hub:") and open_clip.get_model_config(name) is None:
-            raise ModelNotFoundError(
-                f"{name!r} is neither a saved astrovl model directory nor an open_clip model name; "
-                "pass a directory written by save_pretrained, an open_clip name such as 'ViT-B-16' "
-                "with pretrained='openai', or 'hf-hub:org/repo'"
-            )
-        try:
-            model, _, preprocess = open_clip.create_model_and_transforms(
-                name, pretrained=pretrained, cache_dir=cache_dir, require_pretrained=pretrained is not None)
-        except Exception as exc:  # network errors, missing tags, hub errors
-            raise ModelNotFoundError(
-                f"could not load CLIP weights {name!r} (pretrained={pretrained!r}): {exc}. Offline, "
-                "pass a directory written by CLIPEmbedder.save_pretrained, a local open_clip "
-                "checkpoint file as pretrained='/path/to/weights.safetensors', or use "
-                "CLIPEmbedder.from_config for an untrained model"
-            ) from exc
-        if name.startswith("hf-hub:"):
-            model_cfg = open_clip.factory._get_hf_config(name[len("hf-hub:"):], cache_dir=cache_dir)["model_cfg"]
-        else:
-            model_cfg = copy.deepcopy(open_clip.get_model_config(name))
-        pp_base = dict(getattr(model.visual, "preprocess_cfg", {}) or {})
-        pp = cls._preprocess_cfg_for(model_cfg, pp_base)
-        tokenizer = open_clip.get_tokenizer(name, cache_dir=cache_dir) if name.startswith("hf-hub:") \
-            else cls._tokenizer_and_transform(model_cfg, pp)[0]
-        model_id = f"{name}:{pretrained}" if pretrained else None
-        return cls(model, tokenizer, preprocess, model_name=name, model_cfg=model_cfg,
-                   preprocess_cfg=pp, device=device, precision=precision, model_id=model_id)
-
-    @classmethod
-    def _from_checkpoint_file(cls, name: str, file: Path, *, device, precision) -> CLIPEmbedder:
-        import torch
-
-        emb = cls.from_config(name, device="cpu", precision=precision)
-        if file.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(file))
-        else:
-            try:
-                state = torch.load(str(file), map_location="cpu", weights_only=True)
-            except Exception as exc:
-                raise CheckpointError(
-                    f"checkpoint {str(file)!r} could not be read safely ({exc}); astrovl only loads "
-                    "safetensors files or plain tensor checkpoints (weights_only=True)"
-                ) from exc
-            if isinstance(state, dict) and "state_dict" in state:
-                state = state["state_dict"]
-        state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
-        try:
-            emb.model.load_state_dict(state)
-        except RuntimeError as exc:
-            raise CheckpointError(f"checkpoint {str(file)!r} does not match architecture {name!r}: {exc}") from exc
-        return cls(emb.model, emb.tokenizer, emb.preprocess, model_name=name, model_cfg=emb.model_cfg,
-                   preprocess_cfg=emb.preprocess_cfg, device=device, precision=precision)
-
-    @classmethod
-    def _from_directory(cls, path: Path, *, device, precision) -> CLIPEmbedder:
-        from safetensors.torch import load_model
-
-        try:
-            cfg = json.loads((path / CONFIG_NAME).read_text("utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise CheckpointError(f"{str(path / CONFIG_NAME)!r} is not valid JSON: {exc}") from exc
-        if cfg.get("format") != FORMAT:
-            raise CheckpointError(f"{str(path)!r} is not an astrovl CLIP directory (format={cfg.get('format')!r})")
-        weights = path / WEIGHTS_NAME
-        if not weights.is_file():
-            raise CheckpointError(f"{str(path)!r} has no {WEIGHTS_NAME}; the save is incomplete")
-        model_cfg = cfg["model_cfg"]
-        pp = cfg["preprocess_cfg"]
-        model = _build_model(model_cfg)
-        try:
-            load_model(model, str(weights), strict=True, device="cpu")
-        except Exception as exc:
-            raise CheckpointError(f"weights in {str(weights)!r} could not be loaded: {exc}") from exc
-        tokenizer, transform = cls._tokenizer_and_transform(model_cfg, pp)
-        return cls(model, tokenizer, transform, model_name=cfg["model_name"], model_cfg=model_cfg,
-                   preprocess_cfg=pp, device=device, precision=precision, model_id=cfg.get("model_id"))
+        resolved = resolve_pretrained(name, pretrained, revision=revision, cache_dir=cache_dir)
+        pp = cls._preprocess_cfg_for(resolved.model_cfg, resolved.preprocess_cfg)
+        tokenizer, transform = cls._tokenizer_and_transform(resolved.model_cfg, pp)
+        model_id = f"{resolved.model_name}@{resolved.digest}" if resolved.digest else None
+        return cls(resolved.model, tokenizer, transform, model_name=resolved.model_name,
+                   model_cfg=resolved.model_cfg, preprocess_cfg=pp, device=device, precision=precision,
+                   model_id=model_id, source=resolved.source)
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
         """Write safetensors weights and a JSON config to ``directory`` (atomically).
 
         The directory reloads with :meth:`from_pretrained`; nothing is pickled.
+        Afterwards :attr:`source` names this directory, so an index built with this
+        embedder can load it again.
         """
+        directory = self.write_pretrained(directory)
+        self.source = {"kind": "directory", "path": str(Path(directory).resolve())}
+        return directory
+
+    def write_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write the model like :meth:`save_pretrained`, leaving :attr:`source` unchanged."""
         from safetensors.torch import save_model
 
         from .. import __version__
 
-        self.model_id = f"{self.model_name}@{_weights_digest(self.model)}"
         directory = Path(directory)
+        digest = self.weights_digest
         with atomic_directory(directory) as tmp:
             save_model(self.model, str(tmp / WEIGHTS_NAME))
             cfg = {"format": FORMAT, "format_version": 1, "astrovl_version": __version__,
-                   "model_id": self.model_id, **self.config}
+                   "model_id": self.model_id, "weights_digest": digest, **self.config}
             (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=2), encoding="utf-8")
         return directory
 

@@ -5,15 +5,18 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from astropy.table import Table, vstack
 
-from ..exceptions import CheckpointError, IndexMismatchError
+from ..exceptions import CheckpointError, IndexMismatchError, ModelNotFoundError
 from ..utils.files import atomic_directory
+from .identity import digest_from_model_id
 from .inputs import as_image_list, describe_input
+from .loading import describe_source
 
 __all__ = ["EmbeddingIndex"]
 
@@ -45,15 +48,28 @@ class EmbeddingIndex:
         Embedding dimension.
     kind : {"exact", "hnsw", "ivf"}
     embedder : CLIPEmbedder, optional
-        Needed for text and image queries.
+        Needed for text and image queries. The index records its identity (weights
+        digest) and how to load it again (:attr:`model_info`).
     model_id : str, optional
-        Identity of the model whose vectors are stored.
+        Identity of the model whose vectors are stored, when no embedder is given.
+    device : str, optional
+        Device of the embedder when the index loads its recorded model itself.
     hnsw_m, ef_search, nlist, nprobe : int
         Parameters of the approximate structures.
+
+    Notes
+    -----
+    An index remembers the model that made its vectors: its ``model_id``, its
+    weights digest and its source (a directory, an open_clip name and tag, or a
+    hub repository and revision; see :mod:`astrovl.clip.loading`). An index
+    loaded without an embedder loads that model the first time :attr:`embedder`
+    is used (a text or image query), once, also when several threads ask at the
+    same time, and checks that its weights are still the ones that built the
+    index.
     """
 
     def __init__(self, dim: int, *, kind: str = "exact", embedder=None, model_id: str | None = None,
-                 hnsw_m: int = 32, ef_search: int = 128, ef_construction: int = 200,
+                 device=None, hnsw_m: int = 32, ef_search: int = 128, ef_construction: int = 200,
                  nlist: int | None = None, nprobe: int = 32):
         if kind not in KINDS:
             raise ValueError(f"kind={kind!r} is not known; use one of {KINDS}")
@@ -61,8 +77,12 @@ class EmbeddingIndex:
             raise ValueError(f"dim={dim!r} must be positive")
         self.dim = int(dim)
         self.kind = kind
-        self.embedder = embedder
-        self.model_id = model_id or (embedder.model_id if embedder is not None else None)
+        self.device = device
+        self._embedder = None
+        self._embedder_lock = threading.Lock()
+        self._model: dict = {"id": model_id, "digest": digest_from_model_id(model_id)} if model_id else {}
+        if embedder is not None:
+            self.embedder = embedder
         self.params = {"hnsw_m": int(hnsw_m), "ef_search": int(ef_search),
                        "ef_construction": int(ef_construction), "nlist": nlist, "nprobe": int(nprobe)}
         self.metadata = Table()
@@ -169,6 +189,107 @@ class EmbeddingIndex:
     def __len__(self) -> int:
         return len(self._vectors)
 
+    # ------------------------------------------------------------------ the model
+    @property
+    def model_id(self) -> str | None:
+        """Identity of the model whose vectors are stored (``"name@digest"``), if known."""
+        return self._model.get("id")
+
+    @property
+    def model_info(self) -> dict:
+        """What the index knows of its model: ``id``, ``name``, ``digest`` and ``source``."""
+        return {k: (dict(v) if isinstance(v, dict) else v) for k, v in self._model.items()}
+
+    @property
+    def embedder(self):
+        """The embedder of text and image queries.
+
+        An index loaded without one loads its recorded model here on first use
+        (thread-safe; once). None when the index has no recorded model source.
+
+        Raises
+        ------
+        ModelNotFoundError, CheckpointError
+            If the recorded model cannot be loaded.
+        IndexMismatchError
+            If the recorded source now holds other weights than the ones that
+            built the index.
+        """
+        if self._embedder is None and self._model.get("source"):
+            with self._embedder_lock:
+                if self._embedder is None:
+                    self._embedder = self._load_recorded_embedder()
+        return self._embedder
+
+    @embedder.setter
+    def embedder(self, embedder) -> None:
+        if embedder is None:
+            self._embedder = None
+            return
+        if int(embedder.embed_dim) != self.dim:
+            raise IndexMismatchError(
+                f"the index holds {self.dim}-d vectors but the embedder makes {embedder.embed_dim}-d "
+                f"ones; load the index with the model that built it ({self._needed_model()})"
+            )
+        if self._model and len(self):
+            self._check_same_model(embedder)
+        else:  # an empty index, or vectors of unknown origin: adopt this model
+            self._model = _model_record(embedder)
+        self._embedder = embedder
+
+    def _needed_model(self) -> str:
+        rec = self._model
+        if not rec:
+            return "unknown model"
+        text = repr(rec.get("id"))
+        if rec.get("source"):
+            text += f", loadable with {describe_source(rec['source'])}"
+        return text
+
+    def _check_same_model(self, embedder) -> None:
+        rec = self._model
+        if rec.get("digest"):
+            same = embedder.weights_digest == rec["digest"]
+        else:  # an index written before weights digests were recorded
+            src = embedder.source or {}
+            same = rec.get("id") in (embedder.model_id,
+                                     f"{src.get('name')}:{src.get('pretrained')}" if src else None)
+        if not same:
+            raise IndexMismatchError(
+                f"the index was built with model {self._needed_model()} but the embedder is "
+                f"{embedder.model_id!r} (other weights); queries would be meaningless. Load the "
+                "model the index needs, or rebuild the index with this one"
+            )
+
+    def _load_recorded_embedder(self):
+        from .embedder import CLIPEmbedder
+
+        src = self._model["source"]
+        kind = src.get("kind")
+        log.info("loading the index's model: %s", describe_source(src))
+        if kind == "directory":
+            if not Path(src["path"]).is_dir():
+                raise ModelNotFoundError(
+                    f"the index's model directory {src['path']!r} no longer exists; put the model "
+                    f"{self._model.get('id')!r} back there, or pass it as embedder= to EmbeddingIndex.load"
+                )
+            emb = CLIPEmbedder.from_pretrained(src["path"], device=self.device)
+        elif kind == "open_clip":
+            emb = CLIPEmbedder.from_pretrained(src["name"], src.get("pretrained"), device=self.device)
+        elif kind == "hub":
+            emb = CLIPEmbedder.from_pretrained(src["repo_id"], revision=src.get("revision"), device=self.device)
+        else:
+            raise CheckpointError(f"the index records a model source of unknown kind {kind!r}: {src}")
+        if self._model.get("digest") and emb.weights_digest != self._model["digest"]:
+            raise IndexMismatchError(
+                f"the index was built with model {self._model.get('id')!r}, but {describe_source(src)} "
+                f"now loads other weights ({emb.model_id!r}); restore that model, pass the right one "
+                "as embedder=, or rebuild the index"
+            )
+        if int(emb.embed_dim) != self.dim:
+            raise IndexMismatchError(f"{describe_source(src)} makes {emb.embed_dim}-d vectors; the index holds {self.dim}-d")
+        return emb
+
     @property
     def vectors(self) -> np.ndarray:
         """The stored unit vectors ``(N, dim)`` (read-only view)."""
@@ -216,22 +337,27 @@ class EmbeddingIndex:
         if isinstance(query, str) and _names_image_file(query):
             query = Path(query)
         if isinstance(query, str):
-            if self.embedder is None:
-                raise ValueError(
-                    "a text query needs the index's embedder: build the index with one, or pass "
-                    "embedder= to EmbeddingIndex.load"
-                )
-            return self.embedder.embed_text([query])
+            return self._query_embedder("a text query").embed_text([query])
         if isinstance(query, np.ndarray) and query.dtype.kind == "f" and query.shape[-1] == self.dim \
                 and (query.ndim == 1 or (query.ndim == 2 and query.shape[0] == 1)):
             q = np.atleast_2d(query).astype(np.float32)
             return q / np.linalg.norm(q, axis=1, keepdims=True)
-        if self.embedder is None:
+        return self._query_embedder("an image query").embed_images(query, progress=False)
+
+    def _query_embedder(self, what: str):
+        embedder = self.embedder
+        if embedder is None:
+            if self._model.get("id"):
+                raise ValueError(
+                    f"{what} needs the index's embedder, and the index's model ({self._model['id']!r}) "
+                    "was never saved, so the index cannot load it: pass embedder= to "
+                    "EmbeddingIndex.load (or save the model with save_pretrained before building)"
+                )
             raise ValueError(
-                "an image query needs the index's embedder: build the index with one, or pass "
+                f"{what} needs the index's embedder: build the index with one, or pass "
                 "embedder= to EmbeddingIndex.load"
             )
-        return self.embedder.embed_images(query, progress=False)
+        return embedder
 
     def search(self, query: Any, k: int = 10, *, ef_search: int | None = None,
                nprobe: int | None = None) -> Table:
@@ -310,14 +436,36 @@ class EmbeddingIndex:
 
                 faiss.write_index(self._structure(), str(tmp / FAISS_FILE))
             manifest = {"format": FORMAT, "format_version": 1, "astrovl_version": __version__,
-                        "model_id": self.model_id, "dim": self.dim, "count": len(self),
+                        "model_id": self.model_id, "model": self._model_manifest(directory),
+                        "dim": self.dim, "count": len(self),
                         "metric": "inner_product", "kind": self.kind, "params": self.params}
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
         return directory
 
+    def _model_manifest(self, directory: Path) -> dict:
+        rec = self.model_info
+        src = rec.get("source")
+        if src and src.get("kind") == "directory":
+            # also relative to the index, so that an index moved with its model still finds it
+            try:
+                src["relative_path"] = os.path.relpath(src["path"], Path(directory).resolve())
+            except ValueError:  # another drive
+                src.pop("relative_path", None)
+        return rec
+
     @classmethod
-    def load(cls, directory: str | os.PathLike, embedder=None) -> EmbeddingIndex:
+    def load(cls, directory: str | os.PathLike, embedder=None, *, device=None) -> EmbeddingIndex:
         """Load an index written by :meth:`save`.
+
+        Parameters
+        ----------
+        directory : path
+        embedder : CLIPEmbedder, optional
+            The model for text and image queries; it must be the model that built
+            the index. Without it, the index loads its recorded model itself on the
+            first text or image query (see :attr:`embedder`).
+        device : str, optional
+            Device for that recorded model.
 
         Raises
         ------
@@ -350,23 +498,13 @@ class EmbeddingIndex:
                 f"embedding index {str(directory)!r} is inconsistent: manifest says {count}x{dim}, "
                 f"vectors are {vectors.shape}, metadata has {len(metadata)} rows; rebuild it"
             )
-        if embedder is not None:
-            if embedder.embed_dim != dim:
-                raise IndexMismatchError(
-                    f"the index holds {dim}-d vectors but the embedder makes {embedder.embed_dim}-d "
-                    f"ones; load the index with the model that built it ({manifest.get('model_id')})"
-                )
-            if manifest.get("model_id") and embedder.model_id != manifest["model_id"]:
-                raise IndexMismatchError(
-                    f"the index was built with model {manifest['model_id']!r} but the embedder is "
-                    f"{embedder.model_id!r}; queries would be meaningless. Load the same model or "
-                    "rebuild the index"
-                )
         params = manifest.get("params", {})
-        index = cls(dim, kind=manifest.get("kind", "exact"), embedder=embedder,
-                    model_id=manifest.get("model_id"), **params)
+        index = cls(dim, kind=manifest.get("kind", "exact"), device=device, **params)
+        index._model = _recorded_model(manifest, directory)
         index._vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         index.metadata = metadata
+        if embedder is not None:
+            index.embedder = embedder
         if index.kind != "exact" and (directory / FAISS_FILE).is_file():
             import faiss
 
@@ -374,6 +512,27 @@ class EmbeddingIndex:
             if index._faiss.ntotal != count:
                 index._faiss = None
         return index
+
+
+def _model_record(embedder) -> dict:
+    """What an index records of the embedder that made its vectors."""
+    return {"id": embedder.model_id, "name": embedder.model_name, "digest": embedder.weights_digest,
+            "source": dict(embedder.source) if embedder.source else None}
+
+
+def _recorded_model(manifest: dict, directory: Path) -> dict:
+    """The model record of a manifest (older manifests have only ``model_id``)."""
+    rec = manifest.get("model")
+    if not isinstance(rec, dict):
+        mid = manifest.get("model_id")
+        return {"id": mid, "digest": digest_from_model_id(mid)} if mid else {}
+    rec = {k: (dict(v) if isinstance(v, dict) else v) for k, v in rec.items()}
+    src = rec.get("source")
+    if src and src.get("kind") == "directory":
+        rel = src.pop("relative_path", None)
+        if rel is not None and (Path(directory) / rel).is_dir():
+            src["path"] = str((Path(directory) / rel).resolve())
+    return rec
 
 
 _IMAGE_SUFFIXES = (".fits", ".fit", ".fts", ".fz", ".gz", ".png", ".jpg", ".jpeg", ".gif", ".tif", ".tiff",

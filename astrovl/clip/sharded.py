@@ -25,8 +25,9 @@ def embed_on_cluster(client, embedder, items: list, *, batch_size: int = 64, sha
                      device: str | None = None, model_dir: str | None = None) -> np.ndarray:
     """Embed ``items`` in shards on the workers of a :class:`dask.distributed.Client`.
 
-    The embedder is saved (safetensors) to ``model_dir`` (a temporary directory by
-    default, which must be visible to the workers) and loaded once per worker.
+    The embedder is written (safetensors) to ``model_dir`` (a temporary directory by
+    default, which must be visible to the workers) and loaded once per worker; the
+    embedder itself is left as it was (its identity and source do not change).
     Results come back in the input order.
     """
     from ..utils.progress import progress_bar
@@ -35,7 +36,7 @@ def embed_on_cluster(client, embedder, items: list, *, batch_size: int = 64, sha
     tmp = tempfile.TemporaryDirectory(prefix="astrovl-shard-model-") if owned else None
     model_dir = str(Path(tmp.name) / "model") if owned else model_dir
     try:
-        embedder.save_pretrained(model_dir)
+        embedder.write_pretrained(model_dir)
         shards = [items[i:i + shard_size] for i in range(0, len(items), shard_size)]
         futures = [client.submit(_embed_shard, model_dir, shard, batch_size, device, pure=False)
                    for shard in shards]
