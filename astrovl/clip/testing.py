@@ -1,0 +1,167 @@
+"""Tiny CLIP checkpoints in the released layouts, and a Hugging Face hub cache to hold them.
+
+They exercise the real loading paths of :meth:`CLIPEmbedder.from_pretrained
+<astrovl.CLIPEmbedder.from_pretrained>` without a download:
+
+* :func:`make_tiny_transformers_clip` writes a transformers ``CLIPModel``
+  directory as the ``openai/clip-*`` repositories hold it (``config.json`` with
+  the legacy text token ids, ``model.safetensors``, the CLIP byte-pair tokenizer
+  as ``vocab.json`` + ``merges.txt``, ``preprocessor_config.json``);
+* :func:`make_tiny_open_clip` writes an open_clip hub directory
+  (``open_clip_config.json`` + ``open_clip_model.safetensors``);
+* :func:`add_to_hub_cache` puts a directory into a hub cache under a repository
+  id, in the cache's own layout (``models--ORG--NAME/blobs``, ``snapshots/REV``
+  links, ``refs/main``), so that ``huggingface_hub`` finds it offline.
+
+The weights are random: the models mean nothing, the files are the real ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+__all__ = ["make_tiny_transformers_clip", "make_tiny_open_clip", "add_to_hub_cache", "TINY_OPEN_CLIP_CONFIG"]
+
+#: architecture of :func:`make_tiny_open_clip` (an open_clip ``model_cfg``)
+TINY_OPEN_CLIP_CONFIG: dict = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8,
+                   "mlp_ratio": 2.0},
+    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2,
+                 "mlp_ratio": 2.0},
+}
+
+
+def _clip_bpe_files(directory: Path) -> None:
+    """``vocab.json`` and ``merges.txt`` of the CLIP byte-pair vocabulary (open_clip's copy)."""
+    import open_clip
+
+    tok = open_clip.SimpleTokenizer()
+    names = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
+    vocab = {names.get(k, k): v for k, v in tok.encoder.items()}
+    merges = sorted(tok.bpe_ranks, key=tok.bpe_ranks.get)
+    (directory / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (directory / "merges.txt").write_text(
+        "#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n", encoding="utf-8")
+    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
+               "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}
+    (directory / "special_tokens_map.json").write_text(json.dumps(special), encoding="utf-8")
+    (directory / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "do_lower_case": True, **special}),
+        encoding="utf-8")
+
+
+def make_tiny_transformers_clip(directory: str | os.PathLike, *, seed: int = 0, image_size: int = 32,
+                                patch_size: int = 8, width: int = 32, layers: int = 2,
+                                legacy_eos: bool = True) -> Path:
+    """Write a tiny transformers ``CLIPModel`` checkpoint with its tokenizer and processor files.
+
+    Parameters
+    ----------
+    directory : path
+    seed : int
+        Seed of the random weights.
+    image_size, patch_size, width, layers : int
+        Sizes of both towers.
+    legacy_eos : bool
+        Write the text token ids as the ``openai/clip-*`` configs do (``eos_token_id=2``,
+        which makes transformers pool at the largest token id); otherwise the real
+        end-of-text id.
+
+    Returns
+    -------
+    pathlib.Path
+    """
+    import torch
+    from transformers import CLIPConfig, CLIPModel
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    text = {"vocab_size": 49408, "hidden_size": width, "intermediate_size": 2 * width,
+            "num_hidden_layers": layers, "num_attention_heads": 2, "max_position_embeddings": 77,
+            "hidden_act": "quick_gelu"}
+    if legacy_eos:
+        text.update(bos_token_id=0, eos_token_id=2, pad_token_id=1)
+    vision = {"image_size": image_size, "patch_size": patch_size, "hidden_size": width,
+              "intermediate_size": 2 * width, "num_hidden_layers": layers, "num_attention_heads": 2,
+              "hidden_act": "quick_gelu"}
+    torch.manual_seed(seed)
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
+    with torch.no_grad():  # break the symmetry of freshly initialised norms and biases
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(directory)
+    _clip_bpe_files(directory)
+    (directory / "preprocessor_config.json").write_text(json.dumps({
+        "crop_size": {"height": image_size, "width": image_size}, "do_center_crop": True,
+        "do_normalize": True, "do_resize": True, "image_processor_type": "CLIPImageProcessor",
+        "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
+        "resample": 3, "size": {"shortest_edge": image_size}}), encoding="utf-8")
+    return directory
+
+
+def make_tiny_open_clip(directory: str | os.PathLike, *, seed: int = 0) -> Path:
+    """Write a tiny open_clip checkpoint as open_clip's hub repositories hold them.
+
+    Returns
+    -------
+    pathlib.Path
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    from .loading import build_model
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    model = build_model(TINY_OPEN_CLIP_CONFIG)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+              str(directory / "open_clip_model.safetensors"))
+    cfg = {"model_cfg": TINY_OPEN_CLIP_CONFIG,
+           "preprocess_cfg": {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25],
+                              "interpolation": "bicubic", "resize_mode": "shortest"}}
+    (directory / "open_clip_config.json").write_text(json.dumps(cfg, indent=2), encoding="utf-8")
+    return directory
+
+
+def add_to_hub_cache(source: str | os.PathLike, repo_id: str, cache_dir: str | os.PathLike, *,
+                     revision: str | None = None) -> str:
+    """Copy the files of ``source`` into a hub cache as repository ``repo_id`` (branch ``main``).
+
+    The layout is the cache's own: file contents in ``blobs/`` (named by their
+    SHA-256), ``snapshots/REVISION/NAME`` relative symbolic links to them (plain
+    copies where links are not possible) and ``refs/main`` holding the revision.
+
+    Returns
+    -------
+    str
+        The revision (a 40-character commit hash; derived from the files unless given).
+    """
+    source, cache_dir = Path(source), Path(cache_dir)
+    files = sorted(p for p in source.rglob("*") if p.is_file())
+    revision = revision or hashlib.sha1(
+        b"".join(p.relative_to(source).as_posix().encode() + p.read_bytes() for p in files)).hexdigest()
+    repo = cache_dir / f"models--{repo_id.replace('/', '--')}"
+    (repo / "blobs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs").mkdir(exist_ok=True)
+    snapshot = repo / "snapshots" / revision
+    for f in files:
+        data = f.read_bytes()
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        if not blob.exists():
+            blob.write_bytes(data)
+        target = snapshot / f.relative_to(source)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.exists() or target.is_symlink():
+            target.unlink()
+        try:
+            target.symlink_to(os.path.relpath(blob, target.parent))
+        except OSError:
+            target.write_bytes(data)
+    (repo / "refs" / "main").write_text(revision, encoding="utf-8")
+    return revision
