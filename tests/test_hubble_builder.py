@@ -340,6 +340,11 @@ def test_split_by_proposal(tmp_path, caom_hst, pictures, fake_mast):
     assert splits(3, "a") == splits(3, "b")
     assert assign_splits(range(8), 3, 0.25) == assign_splits(reversed(range(8)), 3, 0.25)
     assert list(assign_splits([1, 2], 0, 0.1).values()).count("val") == 1
+    # stable: adding proposals (new cycles) never moves a proposal between train and val
+    few, many = assign_splits(range(100), 7, 0.1), assign_splits(range(5000), 7, 0.1)
+    assert all(many[k] == v for k, v in few.items())
+    assert 0.08 < list(many.values()).count("val") / 5000 < 0.12
+    assert assign_splits(range(100), 8, 0.1) != few  # the seed matters
 
 
 def test_corrupt_download_is_refetched_and_failures_counted(tmp_path, caom_hst, pictures,
@@ -445,6 +450,18 @@ def test_summary_captions_and_cache(tmp_path, caom_hst, pictures, fake_mast):
     HubblePreviewDatasetBuilder(caom_hst, tmp_path, abstracts=ABSTRACTS, summarizer=again,
                                 **COMMON).build()
     assert len(again.calls) == 1  # only the failed one is retried; the other is cached
+    # another summarizer model (or prompt version) never reuses the cached captions
+    other = CountingSummarizer()
+    other.model_id = "another/model"
+    HubblePreviewDatasetBuilder(caom_hst, tmp_path, abstracts=ABSTRACTS, summarizer=other,
+                                **COMMON).build()
+    assert len(other.calls) == 2
+    newer = CountingSummarizer()
+    newer.model_id, newer.prompt_version = "another/model", "summary-v2"
+    HubblePreviewDatasetBuilder(caom_hst, tmp_path, abstracts=ABSTRACTS, summarizer=newer,
+                                **COMMON).build()
+    assert len(newer.calls) == 2
+    assert (tmp_path / "summaries.jsonl").is_file()
 
 
 def test_excluded_without_abstract(tmp_path, caom_hst, pictures, fake_mast):

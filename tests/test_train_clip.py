@@ -138,8 +138,7 @@ def _ddp_worker(rank, world, root, out, queue):
                          CLIPTrainingConfig(mode="finetune", steps=4, batch_size=16, lr=1e-3, warmup_steps=0,
                                             eval_every=4, output_dir=out, progress=False, tensorboard=False,
                                             augment=False))
-        if rank == 0:
-            queue.put(float(res.history["train_loss"][0]))
+        queue.put((rank, len(res.history), float(res.history["train_loss"][0]) if len(res.history) else None))
     finally:
         dist.destroy_process_group()
 
@@ -155,5 +154,21 @@ def test_two_process_gloo_matches_single_process(sky, tmp_path):
     queue = ctx.Queue()
     mp.start_processes(_ddp_worker, args=(2, str(sky.root), str(tmp_path / "ddp"), queue), nprocs=2,
                        join=True, start_method="spawn")
-    ddp_loss = queue.get(timeout=10)
-    assert ddp_loss == pytest.approx(float(single.history["train_loss"][0]), rel=1e-3)
+    results = dict((r, (n, loss)) for r, n, loss in (queue.get(timeout=10) for _ in range(2)))
+    assert results[0][1] == pytest.approx(float(single.history["train_loss"][0]), rel=1e-3)
+    assert results[1][0] == 0  # validation ran on process 0 only
+
+
+@pytest.mark.cuda
+def test_torchrun_cuda_means_the_gpu_of_local_rank(monkeypatch):
+    if torch.cuda.device_count() < 1:
+        pytest.skip("needs a CUDA GPU")
+    from astrovl.training.clip import _training_device
+
+    emb = CLIPEmbedder.from_config(TINY_CLIP_CONFIG, seed=0, device="cuda")
+    last = torch.cuda.device_count() - 1
+    monkeypatch.setenv("LOCAL_RANK", str(last))
+    for device in (None, "cuda", "auto"):
+        assert _training_device(CLIPTrainingConfig(device=device), emb, world=2) == torch.device("cuda", last)
+    assert _training_device(CLIPTrainingConfig(device="cuda:0"), emb, world=2) == torch.device("cuda", 0)
+    assert _training_device(CLIPTrainingConfig(device="cpu"), emb, world=2) == torch.device("cpu")

@@ -67,6 +67,7 @@ __all__ = [
     "is_complete_png",
     "save_png",
     "assign_splits",
+    "split_draw",
 ]
 
 REQUIRED_OBSERVATION_COLUMNS = ("obsid", "obs_id", "proposal_id")
@@ -75,7 +76,7 @@ PREVIEW_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif")
 CAPTION_MODES = ("summary", "abstract", "title")
 PAD_VALUE = 255
 _PRODUCT_CACHE = "products.ecsv"
-_SUMMARY_CACHE = "summaries.json"
+_SUMMARY_CACHE = "summaries.jsonl"
 _REPORT_NAME = "build_report.json"
 _SLUG = re.compile(r"[^A-Za-z0-9_.-]+")
 
@@ -254,24 +255,37 @@ def save_png(image, path: str | os.PathLike) -> None:
         image.save(fh, format="PNG")
 
 
+def split_draw(key, seed: int) -> float:
+    """A number in ``[0, 1)`` that is a fixed function of ``str(key)`` and ``seed`` (SHA-256)."""
+    digest = hashlib.sha256(f"astrovl-split:{int(seed)}:{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
 def assign_splits(keys: Iterable, seed: int, val_fraction: float) -> dict:
     """Assign each key (proposal, record...) to ``"train"`` or ``"val"``.
 
-    The sorted keys are shuffled with ``seed``; the first ``round(val_fraction *
-    n)`` go to validation, at least one when ``val_fraction > 0`` and there are two
-    or more keys (so a small dataset still has a validation set). The result
-    depends only on the set of keys, the seed and the fraction.
+    A key goes to validation when its :func:`split_draw` (a hash of the key and
+    the seed) is below ``val_fraction``. The split of a key therefore depends
+    only on the key, the seed and the fraction: adding proposals or cycles to a
+    dataset later never moves an existing proposal between train and val.
+
+    A small set where no key (or every key) falls into validation would have no
+    validation (or no training) data: then, with two keys or more and
+    ``val_fraction > 0``, the key with the smallest draw goes to validation (or
+    the one with the largest to training). Only such small sets depend on which
+    other keys are present.
     """
     if not 0.0 <= float(val_fraction) < 1.0:
         raise ValueError(f"val_fraction={val_fraction!r} must be in [0, 1)")
     ordered = sorted(set(keys), key=str)
-    n = len(ordered)
-    n_val = int(round(float(val_fraction) * n))
-    if val_fraction > 0 and n >= 2:
-        n_val = min(max(n_val, 1), n - 1)
-    order = np.random.default_rng(seed).permutation(n)
-    val = {ordered[i] for i in order[:n_val]}
-    return {k: ("val" if k in val else "train") for k in ordered}
+    draws = {k: split_draw(k, seed) for k in ordered}
+    out = {k: ("val" if draws[k] < val_fraction else "train") for k in ordered}
+    if val_fraction > 0 and len(ordered) >= 2:
+        if "val" not in out.values():
+            out[min(ordered, key=draws.get)] = "val"
+        if "train" not in out.values():
+            out[max(ordered, key=draws.get)] = "train"
+    return out
 
 
 def _retry(fn: Callable[[], Any], *, attempts: int, delay: float, what: str):
@@ -391,7 +405,10 @@ class HubblePreviewDatasetBuilder:
         ``objects_and_phenomena`` and ``science_use_cases`` (lists of str) and
         ``caption`` (str), such as :class:`astrovl.AbstractSummarizer`. Needed for
         ``caption_mode="summary"``; when given in the other modes the summary
-        columns are filled too. Summaries are cached in ``directory/summaries.json``.
+        columns are filled too. Summaries are cached in ``directory/summaries.jsonl``
+        (:class:`~astrovl.generation.JSONLCache`), keyed by the summarizer's model
+        (``model_id``), its ``prompt_version``, the proposal and the abstract, so a
+        summary is reused only for the same model, prompt and text.
     caption_mode : {"summary", "abstract", "title"}
         ``"summary"``: the summary caption ("objects; use cases");
         ``"abstract"``: ``"Category: <category>. <abstract>"``;
@@ -712,25 +729,28 @@ class HubblePreviewDatasetBuilder:
                 chosen.append(item)
         return chosen
 
+    def _summary_identity(self) -> tuple[str, str]:
+        """(model, prompt version) of the summarizer: what a cached summary must match."""
+        s = self.summarizer
+        model = getattr(s, "model_id", None) or f"{type(s).__module__}.{type(s).__qualname__}"
+        return str(model), str(getattr(s, "prompt_version", ""))
+
     def _summaries(self, plan: list[dict]) -> dict[int, tuple[list[str], list[str], str]]:
+        from ..generation.cache import JSONLCache, cache_key
+
         if self.summarizer is None:
             return {}
-        cache_path = self.directory / _SUMMARY_CACHE
-        cache: dict[str, dict] = {}
-        if cache_path.is_file():
-            try:
-                cache = json.loads(cache_path.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                cache = {}
+        cache = JSONLCache(self.directory / _SUMMARY_CACHE)
+        model, prompt_version = self._summary_identity()
         abstracts = {}
         for item in plan:
             abstracts.setdefault(item["proposal_id"], item["abstract"])
         out = {}
         for pid in self._bar(sorted(abstracts), desc="summaries", unit="proposal"):
             text = abstracts[pid]
-            key = f"{pid}:{hashlib.sha256(text.encode()).hexdigest()[:16]}"
-            if key in cache:
-                c = cache[key]
+            key = cache_key("hubble-summary", model, prompt_version, str(pid), text)
+            c = cache.get(key)
+            if isinstance(c, dict) and {"objects_and_phenomena", "science_use_cases", "caption"} <= c.keys():
                 out[pid] = _summary_fields(_CachedSummary(c["objects_and_phenomena"],
                                                           c["science_use_cases"], c["caption"]))
                 continue
@@ -744,9 +764,8 @@ class HubblePreviewDatasetBuilder:
                 self.report.add_failure(f"proposal {pid}", "summary is empty", key="summary_failed")
                 continue
             out[pid] = fields
-            cache[key] = {"objects_and_phenomena": fields[0], "science_use_cases": fields[1],
-                          "caption": fields[2]}
-            atomic_write_text(cache_path, json.dumps(cache, indent=1, sort_keys=True))
+            cache.put(key, {"objects_and_phenomena": fields[0], "science_use_cases": fields[1],
+                            "caption": fields[2], "model": model, "prompt_version": prompt_version})
         return out
 
     def _download(self, item: dict) -> bool:

@@ -21,9 +21,30 @@ from torchvision.transforms import v2
 from ..exceptions import DatasetError
 from .records import ManifestDataset
 
-__all__ = ["ImageTextTorchDataset", "image_to_tensor", "sentence_chunk"]
+__all__ = ["ImageTextTorchDataset", "image_to_tensor", "image_to_uint8", "uint8_to_tensor", "sentence_chunk",
+           "item_seed"]
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def item_seed(seed: int, *parts: int) -> int:
+    """A 31-bit seed that is a pure function of ``seed`` and ``parts`` (any Python, any process)."""
+    return int(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, *[int(p) & 0xFFFFFFFF for p in parts]])
+               .generate_state(1)[0] & 0x7FFFFFFF)
+
+
+def image_to_uint8(path) -> np.ndarray:
+    """Load an image file as display-scaled 8-bit pixels, ``(H, W)`` or ``(H, W, 3)``, row 0 at the top."""
+    from ..imaging import load_image
+
+    return np.ascontiguousarray(load_image(path).to_uint8())
+
+
+def uint8_to_tensor(arr: np.ndarray) -> torch.Tensor:
+    """8-bit pixels ``(H, W)`` or ``(H, W, 3)`` as a float ``(3, H, W)`` tensor in ``[0, 1]``."""
+    t = torch.from_numpy(np.ascontiguousarray(arr))
+    t = t.unsqueeze(0).expand(3, -1, -1) if t.ndim == 2 else t.permute(2, 0, 1)
+    return t.float() / 255.0
 
 
 def image_to_tensor(path, size: int | None = None) -> torch.Tensor:
@@ -31,13 +52,7 @@ def image_to_tensor(path, size: int | None = None) -> torch.Tensor:
 
     With ``size``, the shorter side is resized to ``size`` (antialiased).
     """
-    from ..imaging import load_image
-
-    img = load_image(path)
-    arr = img.to_uint8()
-    t = torch.from_numpy(np.ascontiguousarray(arr))
-    t = t.unsqueeze(0).repeat(3, 1, 1) if t.ndim == 2 else t.permute(2, 0, 1)
-    t = t.float() / 255.0
+    t = uint8_to_tensor(image_to_uint8(path))
     if size is not None and min(t.shape[-2:]) != size:
         t = v2.functional.resize(t, size, antialias=True)
     return t
@@ -86,13 +101,21 @@ class ImageTextTorchDataset(torch.utils.data.Dataset):
         ``"abstract"`` picks random runs of sentences that fit ``fits_context``.
     fits_context : callable, optional
         ``fits_context(text) -> bool``, needed for ``caption_mode="abstract"``.
-    cache : bool
-        Keep decoded images in memory (uint8) after the first read.
+    cache : {"memory", "disk", "none"}, bool or cache object
+        How decoded 8-bit images are kept after their first read
+        (:mod:`astrovl.datasets.imagecache`): ``"memory"`` (or True) in this
+        process, up to ``cache_max_bytes``, for loading without DataLoader
+        workers; ``"disk"``, a memory-mapped file in ``cache_dir`` shared by all
+        workers; ``"none"`` (or False) decodes every time.
+    cache_dir : path, optional
+        Directory of the ``"disk"`` cache (required for it).
+    cache_max_bytes : int
+        Bound of the ``"memory"`` cache (default 4 GiB).
     """
 
     def __init__(self, dataset: ManifestDataset, image_size: int, mean, std, *, augment: bool = True,
                  captions: list[str] | None = None, caption_mode: str = "caption",
-                 fits_context=None, cache: bool = True):
+                 fits_context=None, cache="memory", cache_dir=None, cache_max_bytes: int = 4 << 30):
         if len(dataset) == 0:
             raise DatasetError("the dataset is empty")
         if caption_mode not in ("caption", "abstract"):
@@ -111,24 +134,49 @@ class ImageTextTorchDataset(torch.utils.data.Dataset):
         self.caption_mode = caption_mode
         self.fits_context = fits_context
         self.normalize = v2.Normalize(mean=list(mean), std=list(std))
-        self.cache = cache
-        self._cache: dict[int, torch.Tensor] = {}
+        self.cache = self._make_cache(cache, cache_dir, cache_max_bytes)
+
+    def _make_cache(self, cache, cache_dir, max_bytes):
+        from .imagecache import CACHE_KINDS, DiskImageCache, MemoryImageCache
+
+        if cache is True:
+            cache = "memory"
+        if cache is False or cache is None:
+            cache = "none"
+        if not isinstance(cache, str):
+            return cache  # a cache object shared with another dataset
+        if cache not in CACHE_KINDS:
+            raise ValueError(f"cache={cache!r} must be one of {CACHE_KINDS}")
+        if cache == "memory":
+            return MemoryImageCache(max_bytes)
+        if cache == "disk":
+            if cache_dir is None:
+                raise ValueError("cache='disk' needs cache_dir")
+            first = self._decode(0)
+            disk = DiskImageCache(cache_dir, self.paths, first.shape)
+            disk.put(0, first)
+            return disk
+        return None
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def _image(self, i: int) -> torch.Tensor:
-        if i in self._cache:
-            return self._cache[i].float() / 255.0
-        t = image_to_tensor(self.paths[i])
-        if min(t.shape[-2:]) < self.image_size:
+    def _decode(self, i: int) -> np.ndarray:
+        arr = image_to_uint8(self.paths[i])
+        if min(arr.shape[:2]) < self.image_size:
             raise DatasetError(
-                f"image {self.paths[i]!r} is {t.shape[-1]}x{t.shape[-2]} pixels, smaller than the "
+                f"image {self.paths[i]!r} is {arr.shape[1]}x{arr.shape[0]} pixels, smaller than the "
                 f"model input ({self.image_size}); use larger images or a model with a smaller input"
             )
-        if self.cache:
-            self._cache[i] = (t * 255.0).round().to(torch.uint8)
-        return t
+        return arr
+
+    def _image(self, i: int) -> torch.Tensor:
+        arr = self.cache.get(i) if self.cache is not None else None
+        if arr is None:
+            arr = self._decode(i)
+            if self.cache is not None:
+                self.cache.put(i, arr)
+        return uint8_to_tensor(arr)
 
     def __getitem__(self, item):
         i, seed = item if isinstance(item, tuple) else (item, 0)

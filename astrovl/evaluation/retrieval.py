@@ -87,23 +87,45 @@ def _k_count(k_percent: float, n: int) -> int:
 
 
 def top_k_percent_accuracy(image_embeddings, text_embeddings, k_percent: float = 10.0,
-                           direction: str = "image_to_text", chunk_size: int = 512) -> float:
+                           direction: str = "image_to_text", chunk_size: int = 512,
+                           batch_size: int | None = None) -> float:
     """Fraction of queries whose true partner is within the top ``k_percent`` % of candidates.
+
+    Two definitions, both of the HubbleCLIP/PAPERCLIP work:
+
+    * ``batch_size=None`` (the paper's retrieval curves): every query is ranked
+      against all ``N`` candidates; a hit is ``rank <= ceil(k_percent / 100 * N)``.
+    * ``batch_size=B`` (PAPERCLIP's metric during training, with ``B = 100`` and
+      ``direction="text_to_image"``): the pairs are cut into consecutive batches
+      of ``B`` in the given order, the last partial batch is dropped, and each
+      query is ranked against the ``B`` candidates of its own batch; a hit is
+      ``rank <= ceil(k_percent / 100 * B)``. With ``B = 100``, ``k_percent`` of
+      1, 5, 10 and 20 are the top-1, 5, 10 and 20 of 100.
+
+    Ties count in favour of the true partner in both (see the module notes).
 
     Parameters
     ----------
     image_embeddings, text_embeddings : array-like, shape (N, D)
         Row ``i`` of each forms a pair.
     k_percent : float
-        Percentage of the ``N`` candidates that counts as a hit: the true partner
-        must have ``rank <= ceil(k_percent / 100 * N)`` (at least 1).
+        Percentage of the candidates that counts as a hit.
     direction : {"image_to_text", "text_to_image"}
         Which modality is the query.
+    chunk_size : int
+        Queries per block of the full-set computation.
+    batch_size : int, optional
+        Rank within consecutive batches of this many pairs instead of the whole set.
 
     Returns
     -------
     float
         Accuracy in ``[0, 1]``; about ``k_percent / 100`` for random embeddings.
+
+    Raises
+    ------
+    ValueError
+        If ``batch_size`` is given and there are fewer than ``batch_size`` pairs.
 
     Examples
     --------
@@ -111,9 +133,25 @@ def top_k_percent_accuracy(image_embeddings, text_embeddings, k_percent: float =
     >>> x = np.eye(4)
     >>> top_k_percent_accuracy(x, x, k_percent=25)
     1.0
+    >>> rng = np.random.default_rng(0)
+    >>> img = rng.normal(size=(250, 8))
+    >>> top_k_percent_accuracy(img, img, 1, "text_to_image", batch_size=100)  # 200 pairs used
+    1.0
     """
-    ranks = true_partner_ranks(image_embeddings, text_embeddings, direction, chunk_size)
-    return float(np.mean(ranks <= _k_count(k_percent, len(ranks))))
+    if batch_size is None:
+        ranks = true_partner_ranks(image_embeddings, text_embeddings, direction, chunk_size)
+        return float(np.mean(ranks <= _k_count(k_percent, len(ranks))))
+    batch_size = int(batch_size)
+    img, txt = np.asarray(image_embeddings), np.asarray(text_embeddings)
+    if batch_size < 2:
+        raise ValueError(f"batch_size={batch_size} must be >= 2")
+    n_batches = len(img) // batch_size
+    if n_batches == 0:
+        raise ValueError(f"batch_size={batch_size} needs at least {batch_size} pairs; got {len(img)}")
+    limit = _k_count(k_percent, batch_size)
+    hits = [true_partner_ranks(img[b * batch_size:(b + 1) * batch_size], txt[b * batch_size:(b + 1) * batch_size],
+                               direction, chunk_size) <= limit for b in range(n_batches)]
+    return float(np.mean(np.concatenate(hits)))
 
 
 def retrieval_curve(image_embeddings, text_embeddings, k_percents=None,

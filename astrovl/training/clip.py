@@ -5,11 +5,20 @@ linear warm-up steps then a constant rate, 20,000 steps, random 90-degree
 rotations, flips and random crops, validation every 200 steps and the best
 checkpoint kept by validation loss.
 
+The contrastive batch is always ``batch_size`` pairs: with gradient
+accumulation (``grad_accum``), the features of all micro-batches are first
+computed without gradients, then each micro-batch is recomputed with gradients
+and the loss over the *whole* batch is back-propagated through it (open_clip's
+``accum_freq`` scheme), so every image still has ``batch_size - 1`` negatives
+and the gradient equals the one of a single full batch.
+
 Multi-GPU and multi-node: launch the same script with ``torchrun``; when
 ``torch.distributed`` is initialised, each process trains on its share of the
-batch, features are gathered across processes for the contrastive loss
-(open_clip's ``ClipLoss`` with ``gather_with_grad``), and gradients are
-averaged by ``DistributedDataParallel``.
+batch on the GPU of its ``LOCAL_RANK``, features are gathered across processes
+for the contrastive loss (open_clip's ``ClipLoss`` with ``gather_with_grad``),
+gradients are averaged by ``DistributedDataParallel`` (synchronised once per
+optimizer step, on the last micro-batch), and validation runs on process 0
+while the others wait.
 """
 
 from __future__ import annotations
@@ -43,6 +52,11 @@ __all__ = ["CLIPTrainingConfig", "CLIPTrainingResult", "train_clip", "interpolat
 log = logging.getLogger(__name__)
 
 MODES = ("finetune", "head", "scratch", "shuffled")
+BEST_METRICS = ("val_loss", "val_top10", "val_top10_batch100")
+CAPTION_MODES = ("caption", "abstract")
+HISTORY_COLUMNS = ("step", "train_loss", "val_loss", "val_top10", "val_top10_batch100", "lr", "samples_per_s")
+#: independent random streams of one seed
+_TRAIN_ITEMS, _VAL_ITEMS, _VAL_ORDER, _VAL_SUBSET, _SHUFFLED = 0, 1, 2, 3, 4
 
 
 @dataclass
@@ -60,28 +74,43 @@ class CLIPTrainingConfig:
         Optimisation (``schedule`` is ``"constant"`` or ``"cosine"`` after warm-up).
     eval_every : int
         Validation interval in steps (also the checkpoint interval).
-    best_metric : {"val_loss", "val_top10"}
-        Which validation metric selects the best checkpoint.
+    best_metric : {"val_loss", "val_top10", "val_top10_batch100"}
+        Which validation metric selects the best checkpoint (see :func:`train_clip`).
     loss : {"clip", "siglip"}
         open_clip ``ClipLoss`` (InfoNCE, learnable temperature) or ``SigLipLoss``.
     caption_mode : {"caption", "abstract"}
-        ``abstract`` trains on random runs of sentences of the ``abstract`` column.
+        ``abstract`` trains on the raw abstracts (``"Category: <category>.
+        <abstract>"`` from the ``abstract`` and ``category`` columns), as random
+        runs of whole sentences that fit the text context; validation and the
+        shuffled control use the same texts.
     augment : bool
         Random 90-degree rotations, flips and crops.
     grad_accum : int
-        Gradient accumulation steps (the batch per optimizer step stays ``batch_size``).
+        Micro-batches per optimizer step, for memory; the contrastive loss is still
+        computed over all ``batch_size`` pairs (features of the other micro-batches
+        are cached), so the result equals ``grad_accum=1``.
     precision : {"auto", "fp32", "bf16"}
         ``auto``: bf16 autocast on CUDA, fp32 on CPU.
     compile : bool
         ``torch.compile`` the model (CUDA).
     num_workers : int, optional
         DataLoader workers (default: 0 on CPU, 8 on CUDA).
+    image_cache : {"auto", "memory", "disk", "none"}
+        How decoded training images are kept (:mod:`astrovl.datasets.imagecache`):
+        ``"memory"`` in the training process up to ``cache_max_bytes`` (only
+        without DataLoader workers); ``"disk"`` a memory-mapped file in
+        ``output_dir/image-cache`` shared by all workers (removed at the end of
+        the run); ``"none"`` decodes every time. ``"auto"``: memory without
+        workers, disk with them. Validation images use the memory cache (they are
+        read in the training process) unless ``"none"``.
+    cache_max_bytes : int
+        Bound of each in-process image cache (default 4 GiB).
     output_dir : str
         Where checkpoints, ``best/``, ``metrics.csv`` and ``training_curves.png`` go.
     resume : bool
         Continue from ``output_dir/checkpoint`` if it exists.
     max_val : int, optional
-        Use at most this many validation pairs.
+        Use at most this many validation pairs: a random subset drawn with ``seed``.
     """
 
     mode: str = "finetune"
@@ -101,6 +130,8 @@ class CLIPTrainingConfig:
     precision: str = "auto"
     compile: bool = False
     num_workers: int | None = None
+    image_cache: str = "auto"
+    cache_max_bytes: int = 4 << 30
     output_dir: str = "astrovl-clip-run"
     device: str | None = None
     seed: int = 0
@@ -125,8 +156,14 @@ class CLIPTrainingConfig:
             raise ValueError(f"warmup_steps={self.warmup_steps} must be >= 0")
         if self.eval_every < 1:
             raise ValueError(f"eval_every={self.eval_every} must be >= 1")
-        if self.best_metric not in ("val_loss", "val_top10"):
-            raise ValueError(f"best_metric={self.best_metric!r} must be 'val_loss' or 'val_top10'")
+        if self.best_metric not in BEST_METRICS:
+            raise ValueError(f"best_metric={self.best_metric!r} must be one of {BEST_METRICS}")
+        if self.caption_mode not in CAPTION_MODES:
+            raise ValueError(f"caption_mode={self.caption_mode!r} must be one of {CAPTION_MODES}")
+        if self.image_cache not in ("auto", "memory", "disk", "none"):
+            raise ValueError(f"image_cache={self.image_cache!r} must be 'auto', 'memory', 'disk' or 'none'")
+        if self.max_val is not None and self.max_val < 2:
+            raise ValueError(f"max_val={self.max_val} must be >= 2 (validation needs pairs)")
         if self.loss not in ("clip", "siglip"):
             raise ValueError(f"loss={self.loss!r} must be 'clip' or 'siglip'")
         if self.grad_accum < 1 or self.batch_size % self.grad_accum:
@@ -157,13 +194,30 @@ def _dist_info():
     return 0, 1
 
 
-def _prepare_embedder(embedder, config: CLIPTrainingConfig):
+def _training_device(config: CLIPTrainingConfig, embedder, world: int):
+    """The device of this process: under torchrun, CUDA means the GPU of ``LOCAL_RANK``."""
+    import os
+
+    import torch
+
+    from ..utils.devices import resolve_device
+
+    device = resolve_device(config.device if config.device is not None else embedder.device)
+    explicit_index = config.device is not None and ":" in str(config.device)
+    if world > 1 and device.type == "cuda" and not explicit_index and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
+    return device
+
+
+def _prepare_embedder(embedder, config: CLIPTrainingConfig, device):
     from ..clip import CLIPEmbedder
 
     if config.mode == "scratch":
         cfg = dict(embedder.model_cfg)
         cfg["model_name"] = embedder.model_name
-        return CLIPEmbedder.from_config(cfg, device=config.device or embedder.device, seed=config.seed)
+        return CLIPEmbedder.from_config(cfg, device=device, seed=config.seed)
     if config.mode == "head":
         if "projection_head" in embedder.model_cfg:
             raise ValueError("the embedder already has projection heads; pass the base model for mode='head'")
@@ -173,13 +227,10 @@ def _prepare_embedder(embedder, config: CLIPTrainingConfig):
         cfg = dict(embedder.model_cfg)
         cfg["projection_head"] = {"hidden": config.head_hidden}
         return CLIPEmbedder(model, embedder.tokenizer, embedder.preprocess, model_name=embedder.model_name,
-                            model_cfg=cfg, preprocess_cfg=embedder.preprocess_cfg,
-                            device=config.device or embedder.device)
-    new = CLIPEmbedder(copy.deepcopy(embedder.model).cpu(), embedder.tokenizer, embedder.preprocess,
-                       model_name=embedder.model_name, model_cfg=embedder.model_cfg,
-                       preprocess_cfg=embedder.preprocess_cfg, device=config.device or embedder.device,
-                       model_id=embedder.model_id)
-    return new
+                            model_cfg=cfg, preprocess_cfg=embedder.preprocess_cfg, device=device)
+    return CLIPEmbedder(copy.deepcopy(embedder.model).cpu(), embedder.tokenizer, embedder.preprocess,
+                        model_name=embedder.model_name, model_cfg=embedder.model_cfg,
+                        preprocess_cfg=embedder.preprocess_cfg, device=device)
 
 
 def _trainable_parameters(model, mode: str):
@@ -210,27 +261,38 @@ def _param_groups(model, params, weight_decay: float):
 
 
 class _StepBatches:
-    """Batch sampler: the batch of global step ``s`` is a pure function of (seed, s)."""
+    """Batch sampler: the batch of global step ``s`` is a pure function of (seed, s).
+
+    Each epoch is a seeded permutation of the records cut into ``n // batch_size``
+    whole batches (the remainder of the permutation is left out of that epoch),
+    so a batch never spans two epochs and never holds a record twice. Every item
+    comes with its own augmentation seed. Each process takes its slice of the
+    global batch.
+    """
 
     def __init__(self, n: int, batch_size: int, seed: int, start_step: int, steps: int,
                  rank: int = 0, world: int = 1):
+        from ..datasets.torchdata import item_seed
+
+        self._item_seed = item_seed
         self.n, self.bs, self.seed = n, batch_size, seed
         self.start, self.steps, self.rank, self.world = start_step, steps, rank, world
+        self.per_epoch = n // batch_size
         self._perms: dict[int, np.ndarray] = {}
 
     def _perm(self, epoch: int) -> np.ndarray:
         if epoch not in self._perms:
-            self._perms = {epoch: np.random.default_rng([self.seed, epoch]).permutation(self.n)}
+            self._perms = {epoch: np.random.default_rng([self.seed & 0xFFFFFFFF, epoch]).permutation(self.n)}
         return self._perms[epoch]
 
+    def global_batch(self, step: int) -> list[tuple[int, int]]:
+        epoch, k = divmod(step, self.per_epoch)
+        rows = self._perm(epoch)[k * self.bs:(k + 1) * self.bs]
+        return [(int(i), self._item_seed(self.seed, _TRAIN_ITEMS, step, j)) for j, i in enumerate(rows)]
+
     def batch(self, step: int) -> list[tuple[int, int]]:
-        out = []
-        for j in range(self.bs):
-            g = step * self.bs + j
-            epoch, pos = divmod(g, self.n)
-            out.append((int(self._perm(epoch)[pos]), int(hash((self.seed, step, j)) % (2**31))))
         per = self.bs // self.world
-        return out[self.rank * per:(self.rank + 1) * per]
+        return self.global_batch(step)[self.rank * per:(self.rank + 1) * per]
 
     def __iter__(self):
         for s in range(self.start, self.steps):
@@ -256,55 +318,163 @@ def _make_loss(config: CLIPTrainingConfig, rank: int, world: int):
                     world_size=world)
 
 
-def _forward_loss(model, loss_fn, images, tokens):
-    """Loss through ``model.forward`` (so DistributedDataParallel synchronises gradients)."""
-    out = model(images, tokens)
+def _features(out):
+    """``(image_features, text_features, logit_scale, logit_bias)`` of a CLIP forward."""
     if isinstance(out, dict):
-        img, txt, scale, bias = out["image_features"], out["text_features"], out["logit_scale"], out.get("logit_bias")
-    else:
-        img, txt, scale = out[0], out[1], out[2]
-        bias = out[3] if len(out) > 3 else None
+        return out["image_features"], out["text_features"], out["logit_scale"], out.get("logit_bias")
+    return out[0], out[1], out[2], (out[3] if len(out) > 3 else None)
+
+
+def _contrastive_loss(loss_fn, img, txt, scale, bias):
     if loss_fn.__class__.__name__ == "SigLipLoss":
         if bias is None:
             import torch
 
-            bias = torch.zeros((), device=images.device)
+            bias = torch.zeros((), device=img.device)
         return loss_fn(img, txt, scale, bias)
     return loss_fn(img, txt, scale)
 
 
-def _evaluate(embedder, val_ds, config, loss_fn, autocast, val_paths, val_captions):
-    """Validation loss (batches of batch_size) and top-10% retrieval accuracy."""
+def _train_step(model, fwd_model, train_model, loss_fn, images, tokens, grad_accum: int, autocast,
+                distributed: bool):
+    """Forward and backward of one optimizer step; returns the loss over the whole batch (a tensor).
+
+    With ``grad_accum > 1`` the features of every micro-batch are computed
+    first without gradients; then each micro-batch is recomputed with gradients
+    and the full-batch loss, with the cached features standing in for the other
+    micro-batches, is back-propagated. The temperature gets its gradient once
+    (from the last micro-batch), and DistributedDataParallel synchronises
+    gradients only on the last micro-batch.
+    """
     import torch
 
+    if grad_accum == 1:
+        with autocast():
+            loss = _contrastive_loss(loss_fn, *_features(fwd_model(images, tokens)))
+        loss.backward()
+        return loss.detach()
+    chunks = list(zip(images.chunk(grad_accum), tokens.chunk(grad_accum)))
+    with torch.no_grad(), autocast():
+        cached = [_features(model(im, tk))[:2] for im, tk in chunks]
+    loss = None
+    for j, (im, tk) in enumerate(chunks):
+        last = j == grad_accum - 1
+        sync = contextlib.nullcontext() if (last or not distributed) else train_model.no_sync()
+        with sync:
+            with autocast():
+                img_j, txt_j, scale, bias = _features(fwd_model(im, tk))
+                if not last:
+                    scale = scale.detach()
+                    bias = bias.detach() if bias is not None else None
+                img = torch.cat([c[0] for c in cached[:j]] + [img_j] + [c[0] for c in cached[j + 1:]])
+                txt = torch.cat([c[1] for c in cached[:j]] + [txt_j] + [c[1] for c in cached[j + 1:]])
+                loss = _contrastive_loss(loss_fn, img, txt, scale, bias)
+            loss.backward()
+    return loss.detach()
+
+
+def _caption_texts(ds, caption_mode: str) -> list[str]:
+    """The texts of ``ds`` for ``caption_mode`` (the same for training, validation and the control)."""
+    if caption_mode == "caption":
+        return [str(c) for c in ds.manifest["caption"]]
+    from ..datasets.abstracts import raw_abstract_caption
+
+    cols = ds.manifest.colnames
+    if "abstract" not in cols:
+        raise DatasetError(
+            "caption_mode='abstract' needs an 'abstract' column in the manifest (datasets built by "
+            "HubblePreviewDatasetBuilder have one); use caption_mode='caption' otherwise"
+        )
+    cats = [str(c) for c in ds.manifest["category"]] if "category" in cols else [""] * len(ds)
+    out = []
+    for cat, abstract, caption in zip(cats, ds.manifest["abstract"], ds.manifest["caption"]):
+        text = str(abstract or "").strip()
+        out.append(raw_abstract_caption(cat, text) if text else str(caption))
+    return out
+
+
+def _token_counter(tokenizer):
+    """``count(text)``: tokens ``text`` takes in the context, start and end tokens included."""
+    encode = getattr(tokenizer, "encode", None)
+    if callable(encode):  # open_clip SimpleTokenizer: ids without the start/end tokens
+        return lambda text: len(encode(text)) + 2
+    inner = getattr(tokenizer, "tokenizer", None)  # open_clip HFTokenizer
+    if inner is not None:
+        return lambda text: len(inner(text)["input_ids"])
+    raise ValueError(f"cannot count the tokens of the tokenizer {type(tokenizer).__name__}; "
+                     "caption_mode='abstract' needs an open_clip tokenizer")
+
+
+def _image_caches(config: CLIPTrainingConfig, num_workers: int, out: Path, rank: int):
+    """(train cache kind, train cache dir, validation cache kind)."""
+    kind = config.image_cache
+    if kind == "auto":
+        kind = "memory" if num_workers == 0 else "disk"
+    if kind == "memory" and num_workers > 0:
+        raise ValueError(
+            "image_cache='memory' would be filled again in each of the DataLoader workers; use "
+            "'disk' (shared by the workers), 'none', or num_workers=0"
+        )
+    cache_dir = out / "image-cache" / f"rank{rank}" if kind == "disk" else None
+    return kind, cache_dir, ("none" if kind == "none" else "memory")
+
+
+def _validation_subset(val, config: CLIPTrainingConfig):
+    if config.max_val is None or len(val) <= config.max_val:
+        return val
+    rng = np.random.default_rng([config.seed & 0xFFFFFFFF, _VAL_SUBSET])
+    return val.subset(np.sort(rng.choice(len(val), config.max_val, replace=False)))
+
+
+def _evaluate(embedder, val_ds, config, autocast):
+    """Validation loss, top-10% accuracy over the whole set and PAPERCLIP's top-10 of 100.
+
+    The pairs are put in a seeded random order (so that records of one proposal
+    do not fill a batch); the loss is averaged over consecutive batches of
+    ``batch_size`` in that order (a last batch of one pair is left out), the
+    batch-of-100 accuracy over consecutive batches of 100 in the same order.
+    """
+    import torch
+
+    from ..datasets.torchdata import item_seed
     from ..evaluation.retrieval import top_k_percent_accuracy
 
     model = embedder.model
     model.eval()
-    losses, img_feats, txt_feats = [], [], []
+    n = len(val_ds)
+    order = np.random.default_rng([config.seed & 0xFFFFFFFF, _VAL_ORDER]).permutation(n)
+    total, count, img_feats, txt_feats = None, 0, [], []
     bs = config.batch_size
     with torch.no_grad():
-        for start in range(0, len(val_ds), bs):
-            items = [val_ds[(i, 0)] for i in range(start, min(len(val_ds), start + bs))]
-            images, caps = _collate(items)
+        for start in range(0, n, bs):
+            rows = order[start:start + bs]
+            images, caps = _collate([val_ds[(int(i), item_seed(config.seed, _VAL_ITEMS, int(i)))] for i in rows])
             images = images.to(embedder.device)
             tokens = embedder.tokenizer(caps).to(embedder.device)
             with autocast():
                 img = model.encode_image(images, normalize=True).float()
                 txt = model.encode_text(tokens, normalize=True).float()
-                if len(items) >= 2:
-                    scale = model.logit_scale.exp().float()
-                    logits = scale * img @ txt.T
-                    labels = torch.arange(len(items), device=images.device)
-                    loss = (torch.nn.functional.cross_entropy(logits, labels)
-                            + torch.nn.functional.cross_entropy(logits.T, labels)) / 2
-                    losses.append((float(loss), len(items)))
+            if len(rows) >= 2:
+                logits = model.logit_scale.exp().float() * img @ txt.T
+                labels = torch.arange(len(rows), device=images.device)
+                loss = (torch.nn.functional.cross_entropy(logits, labels)
+                        + torch.nn.functional.cross_entropy(logits.T, labels)) / 2
+                total = loss * len(rows) if total is None else total + loss * len(rows)
+                count += len(rows)
             img_feats.append(img.cpu().numpy())
             txt_feats.append(txt.cpu().numpy())
     img_all, txt_all = np.concatenate(img_feats), np.concatenate(txt_feats)
-    val_loss = sum(v * n for v, n in losses) / max(1, sum(n for _, n in losses)) if losses else float("nan")
+    val_loss = float(total) / count if count else float("nan")
     top10 = top_k_percent_accuracy(img_all, txt_all, 10.0)
-    return float(val_loss), float(top10)
+    batch100 = top_k_percent_accuracy(img_all, txt_all, 10.0, direction="text_to_image", batch_size=100) \
+        if n >= 100 else float("nan")
+    return {"val_loss": val_loss, "val_top10": float(top10), "val_top10_batch100": float(batch100)}
+
+
+def _history_table(rows: list[dict]) -> Table:
+    if not rows:
+        return Table(names=HISTORY_COLUMNS)
+    return Table(rows=[[r.get(c, float("nan")) for c in HISTORY_COLUMNS] for r in rows], names=HISTORY_COLUMNS)
 
 
 def train_clip(embedder, train, val, config: CLIPTrainingConfig | None = None, **overrides):
@@ -324,9 +494,23 @@ def train_clip(embedder, train, val, config: CLIPTrainingConfig | None = None, *
     Returns
     -------
     CLIPTrainingResult
-        ``history`` (astropy Table: step, train_loss, val_loss, val_top10, lr,
-        samples_per_s), ``best_path`` (loadable with
-        :meth:`CLIPEmbedder.from_pretrained`), ``embedder`` (the best model).
+        ``history`` (astropy Table: ``step``, ``train_loss``, ``val_loss``,
+        ``val_top10``, ``val_top10_batch100``, ``lr``, ``samples_per_s``),
+        ``best_path`` (loadable with :meth:`CLIPEmbedder.from_pretrained`),
+        ``embedder`` (the best model).
+
+    Notes
+    -----
+    Validation, every ``eval_every`` steps and at the end: ``val_loss`` is the
+    symmetric InfoNCE loss over consecutive batches of ``batch_size`` pairs of
+    the validation set in a seeded random order; ``val_top10`` is the top-10%
+    image-to-text accuracy over the whole validation set
+    (:func:`~astrovl.evaluation.top_k_percent_accuracy`); ``val_top10_batch100``
+    is PAPERCLIP's during-training metric, text-to-image top-10 within
+    consecutive batches of 100 pairs (NaN with fewer than 100 pairs).
+    ``train_loss`` is the mean full-batch loss since the previous validation.
+    The training loop reads values back from the device only at these
+    validation steps.
     """
     import torch
     from torch.utils.data import DataLoader
@@ -342,14 +526,15 @@ def train_clip(embedder, train, val, config: CLIPTrainingConfig | None = None, *
     if len(val) == 0:
         raise DatasetError("the validation set is empty; validation needs held-out pairs (e.g. ds.split('val'))")
     rank, world = _dist_info()
-    if config.batch_size % world:
-        raise ValueError(f"batch_size={config.batch_size} must be divisible by the number of processes ({world})")
+    if config.batch_size % (world * config.grad_accum):
+        raise ValueError(f"batch_size={config.batch_size} must be divisible by the number of processes "
+                         f"({world}) times grad_accum ({config.grad_accum})")
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     seed_everything(config.seed)
 
-    emb = _prepare_embedder(embedder, config)
-    device = emb.device
+    device = _training_device(config, embedder, world)
+    emb = _prepare_embedder(embedder, config, device)
     model = emb.model
     params = _trainable_parameters(model, config.mode)
     use_bf16 = config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")
@@ -359,23 +544,27 @@ def train_clip(embedder, train, val, config: CLIPTrainingConfig | None = None, *
             return torch.autocast(device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    captions = [str(c) for c in train.manifest["caption"]]
+    train_texts = _caption_texts(train, config.caption_mode)
     if config.mode == "shuffled":
-        captions = [captions[i] for i in np.random.default_rng([config.seed, 99]).permutation(len(captions))]
-    tok = emb.tokenizer
+        perm = np.random.default_rng([config.seed & 0xFFFFFFFF, _SHUFFLED]).permutation(len(train_texts))
+        train_texts = [train_texts[i] for i in perm]
+    val_sub = _validation_subset(val, config)
+    count_tokens = _token_counter(emb.tokenizer) if config.caption_mode == "abstract" else None
     ctx = emb.context_length
 
     def fits_context(text: str) -> bool:
-        encode = getattr(tok, "encode", None)
-        if encode is None:
-            return True
-        return len(encode(text)) + 2 <= ctx
+        return count_tokens(text) <= ctx
 
+    num_workers = config.num_workers if config.num_workers is not None else (8 if device.type == "cuda" else 0)
+    cache_kind, cache_dir, val_cache = _image_caches(config, num_workers, out, rank)
+    common = dict(caption_mode=config.caption_mode, fits_context=fits_context if count_tokens else None,
+                  cache_max_bytes=config.cache_max_bytes)
     train_ds = ImageTextTorchDataset(train, emb.image_size, emb.image_mean, emb.image_std,
-                                     augment=config.augment, captions=None if config.caption_mode == "abstract" and config.mode != "shuffled" else captions,
-                                     caption_mode=config.caption_mode, fits_context=fits_context)
-    val_sub = val if config.max_val is None or len(val) <= config.max_val else val.subset(np.arange(config.max_val))
-    val_ds = ImageTextTorchDataset(val_sub, emb.image_size, emb.image_mean, emb.image_std, augment=False)
+                                     augment=config.augment, captions=train_texts, cache=cache_kind,
+                                     cache_dir=cache_dir, **common)
+    val_ds = ImageTextTorchDataset(val_sub, emb.image_size, emb.image_mean, emb.image_std, augment=False,
+                                   captions=_caption_texts(val_sub, config.caption_mode), cache=val_cache,
+                                   **common)
     train_ds._image(0)  # fail early on images smaller than the crop
 
     if device.type == "cuda":
@@ -402,7 +591,6 @@ def train_clip(embedder, train, val, config: CLIPTrainingConfig | None = None, *
             model, device_ids=[device.index] if device.type == "cuda" else None)
     fwd_model = torch.compile(train_model) if config.compile else train_model
 
-    num_workers = config.num_workers if config.num_workers is not None else (8 if device.type == "cuda" else 0)
     sampler = _StepBatches(len(train_ds), config.batch_size, config.seed, start_step, config.steps, rank, world)
     loader = DataLoader(train_ds, batch_sampler=sampler, collate_fn=_collate, num_workers=num_workers,
                         pin_memory=device.type == "cuda", prefetch_factor=4 if num_workers else None,
@@ -415,12 +603,11 @@ def train_clip(embedder, train, val, config: CLIPTrainingConfig | None = None, *
 
             writer = SummaryWriter(log_dir=str(out / "tensorboard"))
 
-    history_cols = ("step", "train_loss", "val_loss", "val_top10", "lr", "samples_per_s")
-    running, running_n, t_last, samples = 0.0, 0, time.perf_counter(), 0
-    micro = config.batch_size // world // config.grad_accum
+    running, running_n, t_last, samples = None, 0, time.perf_counter(), 0
     bar = progress_bar(total=config.steps, initial=start_step, enabled=config.progress and rank == 0,
                        desc=f"train-clip ({config.mode})", unit="step")
     step = start_step
+    tok = emb.tokenizer
     for images, caps in loader:
         model.train()
         images = images.to(device, non_blocking=True)
@@ -428,52 +615,56 @@ def train_clip(embedder, train, val, config: CLIPTrainingConfig | None = None, *
             images = images.contiguous(memory_format=torch.channels_last)
         tokens = tok(caps).to(device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
-        step_loss = 0.0
-        for a in range(config.grad_accum):
-            sl = slice(a * micro, (a + 1) * micro)
-            with autocast():
-                loss = _forward_loss(fwd_model, loss_fn, images[sl], tokens[sl]) / config.grad_accum
-            loss.backward()
-            step_loss += float(loss.detach())
+        loss = _train_step(model, fwd_model, train_model, loss_fn, images, tokens, config.grad_accum,
+                           autocast, world > 1)
         optimizer.step()
         scheduler.step()
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
         step += 1
-        running += step_loss
+        running = loss if running is None else running + loss  # stays on the device
         running_n += 1
         samples += config.batch_size
         bar.update(1)
         if step % config.eval_every == 0 or step == config.steps:
+            train_loss = float(running) / running_n  # the only read-back of the loop
             elapsed = time.perf_counter() - t_last
             rate = samples / elapsed if elapsed > 0 else float("nan")
-            val_loss, val_top10 = _evaluate(emb, val_ds, config, loss_fn, autocast, None, None)
-            row = {"step": step, "train_loss": running / max(1, running_n), "val_loss": val_loss,
-                   "val_top10": val_top10, "lr": float(scheduler.get_last_lr()[0]), "samples_per_s": rate}
-            rows.append(row)
-            bar.set_postfix(loss=f"{row['train_loss']:.3f}", val_top10=f"{val_top10:.3f}", sps=f"{rate:.0f}")
-            if writer is not None:
-                for k, v in row.items():
-                    if k != "step":
-                        writer.add_scalar(k, v, step)
-            value = val_loss if config.best_metric == "val_loss" else -val_top10
             if rank == 0:
-                if best_value is None or value < best_value:
-                    best_value = value
+                metrics = _evaluate(emb, val_ds, config, autocast)
+                row = {"step": step, "train_loss": train_loss, **metrics,
+                       "lr": float(scheduler.get_last_lr()[0]), "samples_per_s": rate}
+                rows.append(row)
+                bar.set_postfix(loss=f"{train_loss:.3f}", val_top10=f"{metrics['val_top10']:.3f}",
+                                sps=f"{rate:.0f}")
+                if writer is not None:
+                    for k, v in row.items():
+                        if k != "step":
+                            writer.add_scalar(k, v, step)
+                value = metrics["val_loss"] if config.best_metric == "val_loss" else -metrics[config.best_metric]
+                improved = np.isfinite(value) and (best_value is None or not np.isfinite(best_value)
+                                                   or value < best_value)
+                if best_value is None or improved:
+                    best_value = float(value)
                     emb.save_pretrained(out / "best")
-                history = Table(rows=[[r[c] for c in history_cols] for r in rows], names=history_cols)
-                write_history(history, out / "metrics.csv")
+                write_history(_history_table(rows), out / "metrics.csv")
                 save_checkpoint(ckpt_dir, model=model, optimizer=optimizer, scheduler=scheduler,
                                 state={"step": step, "history": rows, "best_value": best_value,
                                        "config": _jsonable(dataclasses.asdict(config)),
                                        "data_position": step * config.batch_size})
-            running, running_n, samples, t_last = 0.0, 0, 0, time.perf_counter()
+            if world > 1:
+                import torch.distributed as dist
+
+                dist.barrier()  # the other processes wait while process 0 validates
+            running, running_n, samples, t_last = None, 0, 0, time.perf_counter()
     bar.close()
     if writer is not None:
         writer.close()
+    if hasattr(train_ds.cache, "remove"):
+        del loader
+        train_ds.cache.remove()
 
-    history = Table(rows=[[r[c] for c in history_cols] for r in rows], names=history_cols) if rows \
-        else Table(names=history_cols)
+    history = _history_table(rows)
     history.meta["mode"] = config.mode
     history.meta["random_top10"] = 0.10
     final_path = None
@@ -491,7 +682,6 @@ def train_clip(embedder, train, val, config: CLIPTrainingConfig | None = None, *
     best = CLIPEmbedder.from_pretrained(best_path, device=device) if (best_path / "astrovl_clip.json").is_file() else emb
     return CLIPTrainingResult(history=history, best_path=best_path, embedder=best, output_dir=out,
                               final_path=final_path)
-
 
 def _jsonable(d: dict) -> dict:
     return {k: (str(v) if not isinstance(v, (int, float, str, bool, type(None))) else v) for k, v in d.items()}

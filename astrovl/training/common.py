@@ -23,6 +23,8 @@ __all__ = [
     "plot_history",
     "CHECKPOINT_DIR",
     "checkpoint_errors",
+    "rng_state",
+    "restore_rng_state",
 ]
 
 CHECKPOINT_DIR = "checkpoint"
@@ -68,10 +70,7 @@ def save_checkpoint(directory, *, model, optimizer, scheduler, state: dict, extr
         save_model(model, str(tmp / "model.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state()[1].copy(),
-               "python": random.getstate()[1]}
-        torch.save({"torch": rng["torch"], "numpy": torch.from_numpy(rng["numpy"].astype(np.int64)),
-                    "python": torch.tensor(rng["python"], dtype=torch.int64)}, tmp / "rng.pt")
+        torch.save(rng_state(), tmp / "rng.pt")
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text, encoding="utf-8")
         (tmp / "state.json").write_text(json.dumps(state, indent=2), encoding="utf-8")
@@ -95,9 +94,49 @@ def load_checkpoint(directory, *, model, optimizer, scheduler) -> dict:
         load_model(model, str(directory / "model.safetensors"), strict=True)
         optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True))
         scheduler.load_state_dict(torch.load(directory / "scheduler.pt", weights_only=True))
-        rng = torch.load(directory / "rng.pt", weights_only=True)
-        torch.set_rng_state(rng["torch"])
+        restore_rng_state(torch.load(directory / "rng.pt", weights_only=True))
     return state
+
+
+def rng_state() -> dict:
+    """The states of the torch (CPU and CUDA), NumPy and Python random generators, as tensors.
+
+    Plain tensors, so that :func:`torch.load` reads them back with ``weights_only=True``.
+    """
+    import torch
+
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+        "numpy_extra": torch.tensor([float(pos), float(has_gauss), float(cached)], dtype=torch.float64),
+        "python": torch.tensor(internal, dtype=torch.int64),
+        "python_extra": torch.tensor([float(version), float("nan") if gauss_next is None else gauss_next],
+                                     dtype=torch.float64),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.stack(torch.cuda.get_rng_state_all())
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    """Restore what :func:`rng_state` returned (older checkpoints hold only some of it)."""
+    import torch
+
+    torch.set_rng_state(state["torch"])
+    if "numpy_extra" in state:
+        pos, has_gauss, cached = state["numpy_extra"].tolist()
+        np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), int(pos), int(has_gauss),
+                             float(cached)))
+    if "python_extra" in state:
+        version, gauss_next = state["python_extra"].tolist()
+        random.setstate((int(version), tuple(int(x) for x in state["python"].tolist()),
+                         None if math.isnan(gauss_next) else gauss_next))
+    if "cuda" in state and torch.cuda.is_available():
+        cuda = list(state["cuda"])
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
 
 
 @contextlib.contextmanager
