@@ -28,10 +28,14 @@ class Conf(_config.ConfigNamespace):
         cfgtype="string",
     )
     clip_model = _config.ConfigItem(
-        "ViT-B-16", "Default open_clip model name for CLIPEmbedder.", cfgtype="string"
+        "openai/clip-vit-base-patch16",
+        "Default CLIP model for CLIPEmbedder: a hub id, a directory, or an open_clip "
+        "model name (then with clip_pretrained).",
+        cfgtype="string",
     )
     clip_pretrained = _config.ConfigItem(
-        "openai", "Default open_clip pretrained tag for CLIPEmbedder.", cfgtype="string"
+        "", "Pretrained tag for clip_model when it is an open_clip model name (e.g. 'openai').",
+        cfgtype="string",
     )
     llava_model = _config.ConfigItem(
         "llava-hf/llava-1.5-7b-hf",

@@ -269,7 +269,7 @@ def test_model_spec_defaults():
     from astrovl import conf
 
     spec = ModelSpec("clip").normalized()
-    assert (spec.name, spec.pretrained, spec.device) == (conf.clip_model, conf.clip_pretrained, "auto")
+    assert (spec.name, spec.pretrained, spec.device) == (conf.clip_model, conf.clip_pretrained or None, "auto")
     spec = ModelSpec("llava", "", "ignored", "").normalized()
     assert (spec.name, spec.pretrained) == (conf.llava_model, None)
     assert "on auto" in spec.describe()

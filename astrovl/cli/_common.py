@@ -132,7 +132,7 @@ def load_clip(args):
         if pretrained is not None:
             raise ValueError(f"--pretrained {pretrained!r} needs --model (the open_clip model name "
                              "it is a tag of)")
-        model, pretrained = conf().clip_model, conf().clip_pretrained
+        model, pretrained = conf().clip_model, (conf().clip_pretrained or None)
     return CLIPEmbedder.from_pretrained(model, pretrained, device=args.device)
 
 

@@ -11,27 +11,31 @@ def register(sub) -> None:
     """Add the ``demo`` subcommand to ``sub``."""
     p = add_command(sub, "demo", "run the offline end-to-end demonstration and write an HTML report",
                     """
-                    astrovl demo --output ./astrovl-demo
+                    astrovl demo --output ./astrovl-demo --quick
                     astrovl demo --output ./demo --steps 1000 --device cuda
                     """, _cmd_demo)
     p.add_argument("--output", default="astrovl-demo", help="output directory (default ./astrovl-demo)")
-    p.add_argument("--steps", type=int, default=None, help="training steps (default: a quick run)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--n-images", type=int, default=None)
+    p.add_argument("--steps", type=int, default=None,
+                   help="training steps per model (default 400; 60 with --quick)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sky, the models and the training (default 0)")
+    p.add_argument("--n-images", type=int, default=None,
+                   help="synthetic images (default 1100; 330 with --quick)")
+    p.add_argument("--quick", action="store_true", help="a reduced run (a minute or two on a laptop CPU)")
     p.add_argument("--model", default=None,
                    help="CLIP model to fine-tune instead of training a small model from scratch: an "
                    "open_clip name (with --pretrained), a hub id or a local directory")
     p.add_argument("--pretrained", default=None,
                    help="pretrained tag of the open_clip --model (needs the weights: a network or the "
                    "hub cache); refused without --model")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, help="torch device: auto, cpu, cuda, cuda:N")
 
 
 def _cmd_demo(args):
     from ..demo import run_demo
 
     result = run_demo(args.output, steps=args.steps, seed=args.seed, device=args.device,
-                      model=args.model, pretrained=args.pretrained, n_images=args.n_images)
+                      model=args.model, pretrained=args.pretrained, n_images=args.n_images,
+                      quick=args.quick)
     result.summary.pprint_all()
     print(f"report: {result.report_path}")
     print(f"search the index again: {result.search_command}")

@@ -11,15 +11,25 @@ def register(sub) -> None:
     """Add this family's subcommands to ``sub``."""
     p = add_command(sub, "evaluate", "evaluate retrieval (CLIP) or Galaxy10 descriptions (AstroLLaVA)",
                     """
-                    astrovl evaluate retrieval ./sky --model ./runs/tiny/best
+                    astrovl evaluate retrieval ./sky --model ./runs/tiny/best --control ./runs/shuffled/best
+                    astrovl evaluate retrieval ./hst --model ./runs/clip/best --base-model openai/clip-vit-base-patch16 --limit 200 --plot curves.png
                     astrovl evaluate galaxy10 Galaxy10_DECals.h5 --model ./astrollava-hf --limit 200
                     """, _cmd_evaluate)
     p.add_argument("kind", choices=("retrieval", "galaxy10"))
     p.add_argument("data", help="dataset directory (retrieval) or Galaxy10 HDF5 file / class folder")
-    p.add_argument("--split", default="val")
-    p.add_argument("--k-percent", type=float, default=10.0)
-    p.add_argument("--limit", type=int, default=None, help="evaluate at most this many images")
-    p.add_argument("--max-new-tokens", type=int, default=200,
+    p.add_argument("--split", default="val", help="retrieval: dataset split evaluated (default val)")
+    p.add_argument("--k-percent", type=float, default=10.0,
+                   help="retrieval: k of the top-k%% accuracy (default 10)")
+    p.add_argument("--limit", type=int, default=None,
+                   help="evaluate at most this many images (retrieval: a random subset drawn with --seed)")
+    p.add_argument("--seed", type=int, default=0, help="retrieval: seed of the --limit subset (default 0)")
+    p.add_argument("--base-model", default=None,
+                   help="retrieval: the model the evaluated one was fine-tuned from, reported beside it")
+    p.add_argument("--base-pretrained", default=None,
+                   help="retrieval: open_clip pretrained tag of --base-model")
+    p.add_argument("--control", default=None,
+                   help="retrieval: the shuffled-caption control model, reported beside it")
+    p.add_argument("--max-new-tokens", type=int, default=None,
                    help="galaxy10: tokens generated per description (protocol: 200)")
     p.add_argument("--plot", default=None, help="write a PNG plot here")
     add_model_args(p, pretrained=True)
@@ -36,37 +46,64 @@ def _cmd_evaluate(args):
 
 
 def _retrieval(args):
+    import numpy as np
     from astropy.table import Table
 
+    from ..clip import CLIPEmbedder
     from ..datasets import ManifestDataset
     from ..evaluation import top_k_percent_accuracy
 
+    if args.max_new_tokens is not None:
+        raise ValueError("--max-new-tokens applies to 'evaluate galaxy10', not to retrieval")
+    if args.base_pretrained is not None and args.base_model is None:
+        raise ValueError(f"--base-pretrained {args.base_pretrained!r} needs --base-model")
     ds = ManifestDataset(args.data).split(args.split)
-    if args.limit:
-        ds = ds.subset(list(range(min(args.limit, len(ds)))))
-    emb = load_clip(args)
-    img = emb.embed_images(ds)
-    txt = emb.embed_text(ds.captions)
-    rows = []
-    for direction in ("image_to_text", "text_to_image"):
-        rows.append({"direction": direction, "k_percent": args.k_percent,
-                     "accuracy": top_k_percent_accuracy(img, txt, args.k_percent, direction=direction),
+    if len(ds) == 0:
+        raise ValueError(f"{args.data}: the split {args.split!r} is empty")
+    if args.limit and args.limit < len(ds):
+        rng = np.random.default_rng(args.seed)
+        ds = ds.subset(np.sort(rng.choice(len(ds), args.limit, replace=False)))
+    models = [("model", args.model or "(default)", load_clip(args))]
+    if args.base_model:
+        models.append(("base", args.base_model, CLIPEmbedder.from_pretrained(
+            args.base_model, args.base_pretrained, device=args.device)))
+    if args.control:
+        models.append(("shuffled control", args.control, CLIPEmbedder.from_pretrained(args.control,
+                                                                                     device=args.device)))
+    rows, curves = [], {}
+    for role, name, emb in models:
+        img = emb.embed_images(ds, progress=False)
+        txt = emb.embed_text(ds.captions)
+        batch100 = (top_k_percent_accuracy(img, txt, args.k_percent, direction="text_to_image",
+                                           batch_size=100) if len(ds) >= 100 else float("nan"))
+        rows.append({"role": role, "model": str(name), "k_percent": args.k_percent,
+                     "image_to_text": top_k_percent_accuracy(img, txt, args.k_percent),
+                     "text_to_image": top_k_percent_accuracy(img, txt, args.k_percent,
+                                                             direction="text_to_image"),
+                     "text_to_image_batch100": batch100,
                      "random": args.k_percent / 100.0, "n": len(ds)})
-    table = Table(rows=rows)
+        curves[f"{role}: {name}"] = (img, txt)
     if args.plot:
         from ..evaluation import plot_retrieval_curve
+        from ..utils.files import atomic_write
 
-        plot_retrieval_curve({"model": (img, txt)}).savefig(args.plot)
-    return table
+        with atomic_write(args.plot, "wb") as fh:
+            plot_retrieval_curve(curves).savefig(fh, format="png")
+    return Table(rows=rows)
 
 
 def _galaxy10(args):
+    for flag, value in (("--base-model", args.base_model), ("--base-pretrained", args.base_pretrained),
+                        ("--control", args.control)):
+        if value is not None:
+            raise ValueError(f"{flag} applies to 'evaluate retrieval', not to galaxy10")
     from ..evaluation import DescriptionEvaluator
     from ..evaluation.descriptions import load_galaxy10
 
     images, labels = load_galaxy10(args.data, limit=args.limit)
     evaluator = DescriptionEvaluator()
-    table = evaluator.evaluate_model(load_llava(args), images, labels, max_new_tokens=args.max_new_tokens)
+    table = evaluator.evaluate_model(load_llava(args), images, labels,
+                                     max_new_tokens=args.max_new_tokens or 200)
     if args.plot:
         evaluator.plot_summary(table).savefig(args.plot)
     return table

@@ -22,11 +22,12 @@ def register(sub) -> None:
     p = add_command(sub, "embed", "embed images (and optionally texts) with a CLIP model",
                     """
                     astrovl embed m13.fits ngc1316.fits --model ./my-clip --save embeddings.npy
-                    astrovl embed *.fits --model ViT-B-16 --pretrained openai --device cuda
+                    astrovl embed *.fits --model openai/clip-vit-base-patch16 --batch-size 128 -o norms.csv
                     """, _cmd_embed)
     p.add_argument("images", nargs="+", help="image files (FITS, JPEG, PNG, TIFF)")
-    p.add_argument("--hdu", default=None, help="HDU index or name for FITS files")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--hdu", default=None, help="HDU index or EXTNAME read from every FITS file "
+                   "(default: the first HDU with an image)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per model call (default 64)")
     p.add_argument("--save", default=None, help="save the embedding matrix as .npy")
     add_model_args(p, pretrained=True)
     add_output_args(p)
@@ -80,10 +81,10 @@ def register(sub) -> None:
                     astrovl classify m13.fits --model ./my-clip --top-k 3
                     astrovl classify *.fits --categories my_categories.txt
                     """, _cmd_classify)
-    p.add_argument("images", nargs="+")
+    p.add_argument("images", nargs="+", help="image files (FITS, JPEG, PNG, TIFF)")
     p.add_argument("--categories", default=None,
                    help="text file with one category per line (default: the 77 Hubble categories)")
-    p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--top-k", type=int, default=3, help="categories listed per image (default 3)")
     add_model_args(p, pretrained=True)
     add_output_args(p)
 

@@ -14,20 +14,41 @@ def register(sub) -> None:
     """Add this family's subcommands to ``sub``."""
     p = add_command(sub, "train-clip", "fine-tune or train CLIP on an image-text dataset",
                     """
-                    astrovl train-clip ./hst --model ViT-B-16 --pretrained openai --output ./runs/clip
-                    astrovl train-clip ./sky --mode scratch --model tiny --steps 500 --output ./runs/tiny
+                    astrovl train-clip ./hst --model openai/clip-vit-base-patch16 --steps 20 --eval-every 10 --batch-size 4 --output ./runs/clip
+                    astrovl train-clip ./hst --model openai/clip-vit-base-patch16 --caption-mode abstract --grad-accum 2 --batch-size 4 --steps 20 --eval-every 10 --output ./runs/abstracts
+                    astrovl train-clip ./sky --mode scratch --model tiny --steps 40 --batch-size 16 --eval-every 20 --best-metric val_top10 --max-val 40 --output ./runs/tiny
                     """, _cmd_train_clip)
     p.add_argument("dataset", help="dataset directory with a manifest (train and val splits)")
-    p.add_argument("--output", required=True, help="output directory")
-    p.add_argument("--mode", default="finetune", choices=("finetune", "head", "scratch", "shuffled"))
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--warmup-steps", type=int, default=None)
-    p.add_argument("--eval-every", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", action="store_true")
-    add_model_args(p, pretrained=True)
+    p.add_argument("--output", required=True, help="output directory (checkpoint/, best/, final/, metrics.csv)")
+    p.add_argument("--mode", default="finetune", choices=("finetune", "head", "scratch", "shuffled"),
+                   help="finetune all weights; head: frozen towers + MLP heads; scratch: random "
+                   "initialisation of the architecture; shuffled: the shuffled-caption control "
+                   "(default finetune)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 20000)")
+    p.add_argument("--batch-size", type=int, default=None, help="contrastive batch (default 32)")
+    p.add_argument("--grad-accum", type=int, default=None,
+                   help="micro-batches per step, for memory; the loss stays over the whole batch (default 1)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-5)")
+    p.add_argument("--warmup-steps", type=int, default=None, help="linear warm-up steps (default 2000)")
+    p.add_argument("--eval-every", type=int, default=None, help="validation and checkpoint interval (default 200)")
+    p.add_argument("--best-metric", default=None, choices=("val_loss", "val_top10", "val_top10_batch100"),
+                   help="validation metric that picks best/ (default val_loss)")
+    p.add_argument("--max-val", type=int, default=None,
+                   help="validate on a random subset (seeded with --seed) of this many pairs")
+    p.add_argument("--caption-mode", default=None, choices=("caption", "abstract"),
+                   help="train on the captions, or on runs of sentences of the raw abstracts (default caption)")
+    p.add_argument("--image-cache", default=None, choices=("auto", "memory", "disk", "none"),
+                   help="how decoded images are kept (default auto: memory without DataLoader workers, "
+                   "a shared file with them)")
+    p.add_argument("--seed", type=int, default=0, help="seed of batches, augmentation and validation order")
+    p.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint")
+    p.add_argument("--model", default=None,
+                   help="starting model: hub id, directory or open_clip name (default astrovl.conf.clip_model); "
+                   "with --mode scratch only its architecture is used, and 'tiny' is a 4M-parameter CLIP")
+    p.add_argument("--pretrained", default=None,
+                   help="open_clip pretrained tag (e.g. 'openai') when --model is an open_clip name; "
+                   "refused with --mode scratch")
+    p.add_argument("--device", default=None, help="torch device: auto, cpu, cuda, cuda:N")
 
     p = add_command(sub, "train-llava",
                     "train AstroLLaVA (stage 1: projector; stage 2: end to end or LoRA)",
@@ -58,22 +79,34 @@ def _cmd_train_clip(args):
     from ..datasets import ManifestDataset
     from ..training import CLIPTrainingConfig, train_clip
 
+    if args.mode == "scratch" and args.pretrained is not None:
+        raise ValueError(f"--pretrained {args.pretrained!r} has no effect with --mode scratch, which "
+                         "starts from random weights; drop --pretrained, or use --mode finetune")
     ds = ManifestDataset(args.dataset)
-    options = {k: getattr(args, k) for k in ("steps", "batch_size", "lr", "warmup_steps", "eval_every")
-               if getattr(args, k) is not None}
+    names = ("steps", "batch_size", "grad_accum", "lr", "warmup_steps", "eval_every", "best_metric",
+             "max_val", "caption_mode", "image_cache")
+    options = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
     config = CLIPTrainingConfig(mode=args.mode, output_dir=args.output, device=args.device,
                                 seed=args.seed, resume=args.resume, **options)
-    if args.mode == "scratch":
+    config.validate()
+    if args.mode == "scratch" and (args.model == "tiny" or _is_open_clip_name(args.model)):
         from ..clip import TINY_CLIP_CONFIG
 
-        name = args.model or conf().clip_model
-        embedder = CLIPEmbedder.from_config(TINY_CLIP_CONFIG if name == "tiny" else name)
+        embedder = CLIPEmbedder.from_config(TINY_CLIP_CONFIG if args.model == "tiny" else args.model)
     else:
         embedder = load_clip(args)
     result = train_clip(embedder, ds.split("train"), ds.split("val"), config)
     emit(result.history, argparse.Namespace(output=None, format="table"))
     print(f"best model: {result.best_path}")
     return 0
+
+
+def _is_open_clip_name(name) -> bool:
+    if not name:
+        return False
+    import open_clip
+
+    return open_clip.get_model_config(name) is not None
 
 
 def _cmd_train_llava(args):

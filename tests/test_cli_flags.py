@@ -1,0 +1,512 @@
+"""Every flag of the CLIP and dataset commands does what its help says (one test each).
+
+Flags that only hand a value to the library are checked where the value arrives
+(the library call is recorded); flags with logic of their own in the command line
+are checked by their effect on files and tables. ``test_every_flag_has_a_test``
+keeps this list complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from astropy.io import fits
+from astropy.table import Table
+
+from astrovl.cli import build_parser, main
+from astrovl.clip import TINY_CLIP_CONFIG, CLIPEmbedder, EmbeddingIndex
+
+#: commands whose flags are tested elsewhere (LLaVA commands; evaluate galaxy10's own flags)
+ELSEWHERE = {"caption", "ask", "convert-llava", "train-llava", "serve"}
+GALAXY10_ONLY = {"--max-new-tokens"}
+
+
+def _flags(parser, path=()):
+    out = {}
+    for a in parser._actions:
+        if isinstance(a, argparse._SubParsersAction):
+            for name, sub in a.choices.items():
+                out.update(_flags(sub, (*path, name)))
+        elif a.option_strings and not isinstance(a, argparse._HelpAction) and path:
+            out.setdefault(" ".join(path), set()).add(a.option_strings[0])
+    return out
+
+
+TESTED: dict[str, set[str]] = {}
+
+
+def covers(command: str, *flags: str):
+    """Register the flags a test checks."""
+    TESTED.setdefault(command, set()).update(flags)
+
+    def deco(fn):
+        return fn
+    return deco
+
+
+class Recorder:
+    """Stands in for a library callable; remembers its arguments."""
+
+    def __init__(self, result=None):
+        self.calls: list[tuple[tuple, dict]] = []
+        self.result = result
+
+    def __call__(self, *args, **kwargs):
+        self.calls.append((args, kwargs))
+        return self.result
+
+    @property
+    def kwargs(self) -> dict:
+        return self.calls[-1][1]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("clip") / "tiny"
+    CLIPEmbedder.from_config(TINY_CLIP_CONFIG, seed=0).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def sky(tmp_path_factory):
+    from astrovl.datasets import SyntheticSkyDataset
+
+    return SyntheticSkyDataset.generate(tmp_path_factory.mktemp("sky"), n_images=120, image_size=64, seed=0,
+                                        val_fraction=0.25, progress=False)
+
+
+@pytest.fixture
+def spy_from_pretrained(monkeypatch, tiny_dir):
+    """CLIPEmbedder.from_pretrained records its arguments and returns the tiny model."""
+    rec = Recorder()
+    real = CLIPEmbedder.from_pretrained.__func__
+
+    def fake(cls, *args, **kwargs):
+        rec(*args, **kwargs)
+        return real(cls, tiny_dir)
+
+    monkeypatch.setattr(CLIPEmbedder, "from_pretrained", classmethod(fake))
+    return rec
+
+
+@pytest.fixture
+def two_hdu_file(tmp_path):
+    """A FITS file with two different image extensions."""
+    rng = np.random.default_rng(0)
+    a = np.zeros((80, 80))
+    a[30:50, 30:50] = 10.0
+    b = rng.normal(size=(80, 80))
+    path = tmp_path / "two.fits"
+    fits.HDUList([fits.PrimaryHDU(), fits.ImageHDU(a, name="FLAT"), fits.ImageHDU(b, name="NOISE")]).writeto(path)
+    return path, a, b
+
+
+def test_every_flag_has_a_test():
+    flags = {c: f for c, f in _flags(build_parser()).items() if c.split()[0] not in ELSEWHERE}
+    flags["evaluate"] -= GALAXY10_ONLY
+    missing = {c: sorted(f - TESTED.get(c, set())) for c, f in flags.items() if f - TESTED.get(c, set())}
+    assert not missing
+    assert {c: sorted(f - flags.get(c, set())) for c, f in TESTED.items() if f - flags.get(c, set())} == {}
+
+
+# ---------------------------------------------------------------------- embed
+@covers("embed", "--hdu")
+def test_embed_hdu(tmp_path, tiny_dir, two_hdu_file):
+    path, a, b = two_hdu_file
+    emb = CLIPEmbedder.from_pretrained(tiny_dir)
+    argv = ["embed", str(path), "--model", str(tiny_dir), "--save", str(tmp_path / "v.npy")]
+    assert main(argv) == 1  # two candidate images: the file needs --hdu
+    for hdu, data in (("1", a), ("2", b), ("NOISE", b)):
+        assert main(argv + ["--hdu", hdu]) == 0
+        np.testing.assert_allclose(np.load(tmp_path / "v.npy"), emb.embed_images(data, progress=False), atol=1e-5)
+
+
+@covers("embed", "--batch-size", "--model", "--pretrained", "--device")
+def test_embed_model_flags_reach_the_loader(tmp_path, m13_path, spy_from_pretrained, monkeypatch):
+    batches = Recorder()
+    real = CLIPEmbedder.embed_images
+    monkeypatch.setattr(CLIPEmbedder, "embed_images",
+                        lambda self, images, **kw: batches(**kw) or real(self, images, **kw))
+    assert main(["embed", str(m13_path), "--model", "ViT-B-16", "--pretrained", "openai",
+                 "--device", "cpu", "--batch-size", "7"]) == 0
+    args, kwargs = spy_from_pretrained.calls[-1]
+    assert args == ("ViT-B-16", "openai") and kwargs["device"] == "cpu"
+    assert batches.kwargs["batch_size"] == 7
+
+
+@covers("embed", "--save", "--output", "--format")
+def test_embed_outputs(tmp_path, tiny_dir, m13_path, ngc1316_path, capsys):
+    save, table = tmp_path / "e.npy", tmp_path / "t.ecsv"
+    assert main(["embed", str(m13_path), str(ngc1316_path), "--model", str(tiny_dir), "--save", str(save),
+                 "--output", str(table), "--format", "json"]) == 0
+    assert np.load(save).shape == (2, 64)
+    assert list(Table.read(table)["image"]) == [str(m13_path), str(ngc1316_path)]
+    assert json.loads(capsys.readouterr().out)[0]["dim"] == 64
+
+
+# ---------------------------------------------------------------------- index
+@covers("index build", "--index", "--approximate", "--batch-size", "--model", "--pretrained", "--device")
+def test_index_build_flags(tmp_path, tiny_dir, m13_path, ngc1316_path, spy_from_pretrained):
+    assert main(["index", "build", str(m13_path), str(ngc1316_path), "--index", str(tmp_path / "i"),
+                 "--approximate", "hnsw", "--batch-size", "1", "--model", "ViT-B-16", "--pretrained", "openai",
+                 "--device", "cpu"]) == 0
+    manifest = json.loads((tmp_path / "i" / "index.json").read_text())
+    assert manifest["kind"] == "hnsw" and manifest["count"] == 2 and (tmp_path / "i" / "index.faiss").is_file()
+    assert spy_from_pretrained.calls[-1] == (("ViT-B-16", "openai"), {"device": "cpu"})
+
+
+@covers("index add", "--index", "--batch-size", "--device")
+def test_index_add_uses_the_recorded_model(tmp_path, tiny_dir, m13_path, ngc1316_path, monkeypatch):
+    assert main(["index", "build", str(m13_path), "--index", str(tmp_path / "i"), "--model", str(tiny_dir)]) == 0
+    batches = Recorder()
+    real = CLIPEmbedder.embed_images
+    monkeypatch.setattr(CLIPEmbedder, "embed_images",
+                        lambda self, images, **kw: batches(device=str(self.device), **kw) or real(self, images, **kw))
+    assert main(["index", "add", str(ngc1316_path), "--index", str(tmp_path / "i"), "--batch-size", "3",
+                 "--device", "cpu"]) == 0
+    assert batches.kwargs["batch_size"] == 3 and batches.kwargs["device"] == "cpu"
+    assert len(EmbeddingIndex.load(tmp_path / "i")) == 2
+
+
+@covers("index add", "--model", "--pretrained")
+def test_index_add_model_is_checked(tmp_path, tiny_dir, m13_path, capsys):
+    other = tmp_path / "other"
+    CLIPEmbedder.from_config(TINY_CLIP_CONFIG, seed=4).save_pretrained(other)
+    # an index of vectors whose model is unknown: --model names it
+    index = EmbeddingIndex(64)
+    index.add(np.ones((1, 64)), {"path": ["x"]})
+    index.save(tmp_path / "bare")
+    assert main(["index", "add", str(m13_path), "--index", str(tmp_path / "bare")]) == 1
+    assert "pass --model" in capsys.readouterr().err
+    assert main(["index", "add", str(m13_path), "--index", str(tmp_path / "bare"), "--model", str(other)]) == 0
+    assert main(["index", "add", str(m13_path), "--index", str(tmp_path / "bare"), "--pretrained", "openai"]) == 1
+    assert "needs --model" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------- search
+@pytest.fixture(scope="module")
+def ivf_index(tmp_path_factory, tiny_dir, sky):
+    path = tmp_path_factory.mktemp("idx") / "ivf"
+    assert main(["index", "build", str(sky.root / "images"), "--index", str(path), "--approximate", "ivf",
+                 "--model", str(tiny_dir)]) == 0
+    return path
+
+
+@covers("search", "--image", "-k", "--output", "--format")
+def test_search_image_k_and_outputs(tmp_path, ivf_index, sky, capsys):
+    first = str(sky.image_path(0))
+    capsys.readouterr()
+    assert main(["search", str(ivf_index), "--image", first, "-k", "4", "--output", str(tmp_path / "h.csv"),
+                 "--format", "csv"]) == 0
+    hits = Table.read(tmp_path / "h.csv")
+    assert len(hits) == 4 and hits["path"][0].endswith(sky.manifest["image"][0])
+    assert capsys.readouterr().out.splitlines()[0].startswith("rank,score,row,path")
+
+
+@covers("search", "--nprobe", "--ef-search")
+def test_search_breadth(ivf_index, capsys):
+    def rows(*extra):
+        capsys.readouterr()
+        assert main(["search", str(ivf_index), "a spiral galaxy", "-k", "90", "--format", "csv", *extra]) == 0
+        return capsys.readouterr().out.strip().splitlines()[1:]
+
+    narrow, wide = rows("--nprobe", "1"), rows("--nprobe", "64")
+    index = EmbeddingIndex.load(ivf_index)
+    scores = index.vectors @ index.embedder.embed_text("a spiral galaxy")[0]
+    truth = np.argsort(-scores, kind="stable")[:90]
+    assert sorted(int(r.split(",")[2]) for r in wide) == sorted(truth)  # all cells: the exact top 90
+    assert narrow != wide
+    assert main(["search", str(ivf_index), "x", "--ef-search", "8"]) == 1
+
+
+@covers("search", "--model", "--pretrained", "--device")
+def test_search_model_flags(ivf_index, tiny_dir, spy_from_pretrained, capsys):
+    assert main(["search", str(ivf_index), "a nebula", "--model", str(tiny_dir), "--device", "cpu"]) == 0
+    assert spy_from_pretrained.calls[-1] == ((str(tiny_dir), None), {"device": "cpu"})
+    assert main(["search", str(ivf_index), "a nebula", "--model", "ViT-B-16", "--pretrained", "openai"]) == 0
+    assert spy_from_pretrained.calls[-1][0] == ("ViT-B-16", "openai")
+
+
+# ---------------------------------------------------------------------- classify
+@covers("classify", "--categories", "--top-k", "--output", "--format")
+def test_classify_categories_and_top_k(tmp_path, tiny_dir, m13_path, capsys):
+    cats = tmp_path / "c.txt"
+    cats.write_text("alpha\nbeta\ngamma\n")
+    capsys.readouterr()
+    assert main(["classify", str(m13_path), "--model", str(tiny_dir), "--categories", str(cats), "--top-k", "2",
+                 "--output", str(tmp_path / "z.ecsv"), "--format", "json"]) == 0
+    table = Table.read(tmp_path / "z.ecsv")
+    assert len(table) == 2 and set(table["category"]) <= {"alpha", "beta", "gamma"}
+    assert len(json.loads(capsys.readouterr().out)) == 2
+
+
+@covers("classify", "--model", "--pretrained", "--device")
+def test_classify_model_flags(m13_path, spy_from_pretrained):
+    assert main(["classify", str(m13_path), "--model", "ViT-B-16", "--pretrained", "openai", "--device", "cpu"]) == 0
+    assert spy_from_pretrained.calls[-1] == (("ViT-B-16", "openai"), {"device": "cpu"})
+
+
+# ---------------------------------------------------------------------- synth
+@covers("synth", "--n-images", "--image-size", "--seed", "--val-fraction")
+def test_synth_flags(monkeypatch):
+    from astrovl.datasets import SyntheticSkyDataset
+
+    rec = Recorder("dataset")
+    monkeypatch.setattr(SyntheticSkyDataset, "generate", rec)
+    assert main(["synth", "out", "--n-images", "12", "--image-size", "40", "--seed", "3", "--val-fraction", "0.5"]) == 0
+    assert rec.calls[-1] == (("out",), {"n_images": 12, "image_size": 40, "seed": 3, "val_fraction": 0.5})
+
+
+# ---------------------------------------------------------------------- build-hubble
+class BuilderSpy:
+    calls: list = []
+
+    def __init__(self, *args, **kwargs):
+        BuilderSpy.calls.append(("init", args, kwargs))
+        self.report = "report"
+
+    @classmethod
+    def from_proposals(cls, ids, out, **kwargs):
+        BuilderSpy.calls.append(("proposals", (ids, out), kwargs))
+        return cls._bare()
+
+    @classmethod
+    def from_cycles(cls, cycles, out, **kwargs):
+        BuilderSpy.calls.append(("cycles", (cycles, out), kwargs))
+        return cls._bare()
+
+    @classmethod
+    def _bare(cls):
+        obj = object.__new__(cls)
+        obj.report = "report"
+        return obj
+
+    def build(self):
+        return "dataset"
+
+
+@pytest.fixture
+def hubble_spy(monkeypatch):
+    import astrovl.datasets
+
+    BuilderSpy.calls = []
+    monkeypatch.setattr(astrovl.datasets, "HubblePreviewDatasetBuilder", BuilderSpy)
+    summarizer = Recorder("summarizer")
+    import astrovl.generation
+
+    monkeypatch.setattr(astrovl.generation.AbstractSummarizer, "from_pretrained", summarizer)
+    return SimpleNamespace(calls=BuilderSpy.calls, summarizer=summarizer)
+
+
+@covers("build-hubble", "--proposal-id", "--cycle", "--observations")
+def test_build_hubble_sources(tmp_path, hubble_spy):
+    assert main(["build-hubble", "d", "--proposal-id", "1", "2", "--abstracts", "a.txt"]) == 0
+    assert hubble_spy.calls[-1][:2] == ("proposals", (["1", "2"], "d"))
+    assert main(["build-hubble", "d", "--cycle", "4", "--abstracts", "a.txt"]) == 0
+    assert hubble_spy.calls[-1][:2] == ("cycles", ([4], "d"))
+    Table({"obsid": ["1"]}).write(tmp_path / "o.ecsv")
+    assert main(["build-hubble", "d", "--observations", str(tmp_path / "o.ecsv"), "--abstracts", "a.txt"]) == 0
+    kind, (table, out), _ = hubble_spy.calls[-1]
+    assert kind == "init" and list(table["obsid"]) == ["1"] and out == "d"
+
+
+@covers("build-hubble", "--abstracts", "--caption-mode", "--max-images-per-proposal", "--image-size",
+        "--keep-color", "--seed", "--val-fraction")
+def test_build_hubble_options_reach_the_builder(hubble_spy):
+    assert main(["build-hubble", "d", "--proposal-id", "1", "--abstracts", "a.txt", "--caption-mode", "title",
+                 "--max-images-per-proposal", "5", "--image-size", "256", "--keep-color", "--seed", "9",
+                 "--val-fraction", "0.3"]) == 0
+    kw = hubble_spy.calls[-1][2]
+    assert kw == dict(abstracts="a.txt", summarizer=None, caption_mode="title", max_images_per_proposal=5,
+                      image_size=256, seed=9, keep_color=True, val_fraction=0.3)
+
+
+@covers("build-hubble", "--summarizer-model", "--gguf-file", "--device")
+def test_build_hubble_summarizer_flags(hubble_spy, capsys):
+    assert main(["build-hubble", "d", "--proposal-id", "1", "--abstracts", "a", "--summarizer-model", "m",
+                 "--gguf-file", "m.gguf", "--device", "cpu"]) == 0
+    assert hubble_spy.summarizer.calls[-1] == (("m",), {"gguf_file": "m.gguf", "device": "cpu"})
+    assert hubble_spy.calls[-1][2]["summarizer"] == "summarizer"  # fills the summary columns
+    for flag, value in (("--gguf-file", "m.gguf"), ("--device", "cpu")):
+        assert main(["build-hubble", "d", "--proposal-id", "1", "--abstracts", "a", flag, value]) == 1
+        assert "applies to the summarizer" in capsys.readouterr().err
+
+
+def test_build_hubble_val_fraction_end_to_end(tmp_path, monkeypatch):
+    """--val-fraction on a real build (MAST answered from recorded responses)."""
+    import test_hubble_builder as th
+    from astroquery import mast
+
+    caom = th.mast_json_table(th.MAST_DATA / "caom.json")
+    caom = caom[caom["obs_collection"] == "HST"]
+    fake = th.FakeMast()
+    from PIL import Image
+
+    pic = th._encode(Image.new("L", (80, 60), 90), "PNG")
+    th.populate_caom(fake, caom, {k: pic for k in ("m13.jpg", "ngc1316.png", "xdf.jpg", "xdf.gif")})
+    monkeypatch.setattr(mast.Observations, "get_product_list", fake.get_product_list)
+    monkeypatch.setattr(mast.Observations, "download_file", fake.download_file)
+    caom.write(tmp_path / "obs.ecsv")
+    (tmp_path / "abs.txt").write_text(th.ABSTRACTS)
+    from astrovl.datasets import ManifestDataset
+    from astrovl.datasets.hubble import assign_splits
+
+    for fraction in ("0.0", "0.5"):
+        out = tmp_path / f"hst{fraction}"
+        assert main(["build-hubble", str(out), "--observations", str(tmp_path / "obs.ecsv"), "--abstracts",
+                     str(tmp_path / "abs.txt"), "--image-size", "64", "--val-fraction", fraction]) == 0
+        m = ManifestDataset(out).manifest
+        expected = assign_splits({int(p) for p in m["proposal_id"]}, 0, float(fraction))
+        assert [str(s) for s in m["split"]] == [expected[int(p)] for p in m["proposal_id"]]
+        assert ("val" in set(m["split"])) == (fraction != "0.0")
+
+
+# ---------------------------------------------------------------------- build-outreach
+@covers("build-outreach", "--image-size", "--seed", "--val-fraction")
+def test_build_outreach_flags(monkeypatch):
+    import astrovl.datasets
+
+    rec = Recorder(SimpleNamespace(build=lambda: "dataset", report="report"))
+    monkeypatch.setattr(astrovl.datasets, "OutreachDatasetBuilder", rec)
+    assert main(["build-outreach", "d", "a.json", "--image-size", "128", "--seed", "2", "--val-fraction", "0.4"]) == 0
+    assert rec.calls[-1] == ((["a.json"], "d"), {"image_size": 128, "seed": 2, "val_fraction": 0.4})
+
+
+# ---------------------------------------------------------------------- summarize, conversations
+@covers("summarize", "--model", "--gguf-file", "--device", "--output", "--format")
+def test_summarize_flags(tmp_path, monkeypatch, capsys):
+    import astrovl.generation
+
+    def summarize_many(texts):
+        return [SimpleNamespace(objects_and_phenomena=["stars"], science_use_cases=["ages"], caption="stars; ages")
+                for _ in texts]
+
+    rec = Recorder(SimpleNamespace(summarize_many=summarize_many))
+    monkeypatch.setattr(astrovl.generation.AbstractSummarizer, "from_pretrained", rec)
+    (tmp_path / "a.txt").write_text("We observe old stars in a cluster.")
+    assert main(["summarize", str(tmp_path / "a.txt"), "--model", "m", "--gguf-file", "f.gguf", "--device", "cpu",
+                 "--output", str(tmp_path / "s.csv"), "--format", "json"]) == 0
+    assert rec.calls[-1] == (("m",), {"gguf_file": "f.gguf", "device": "cpu"})
+    assert list(Table.read(tmp_path / "s.csv")["caption"]) == ["stars; ages"]
+    assert json.loads(capsys.readouterr().out)[0]["caption"] == "stars; ages"
+
+
+@covers("conversations", "--output", "--model", "--gguf-file", "--device")
+def test_conversations_flags(sky, tmp_path, monkeypatch):
+    import astrovl.generation
+
+    written = Recorder(tmp_path / "c.json")
+    rec = Recorder(SimpleNamespace(generate_for_dataset=written))
+    monkeypatch.setattr(astrovl.generation.ConversationGenerator, "from_pretrained", rec)
+    assert main(["conversations", str(sky.root), "--output", str(tmp_path / "c.json"), "--model", "m",
+                 "--gguf-file", "f.gguf", "--device", "cpu"]) == 0
+    assert rec.calls[-1] == (("m",), {"gguf_file": "f.gguf", "device": "cpu"})
+    assert written.calls[-1][0][1] == str(tmp_path / "c.json")
+
+
+# ---------------------------------------------------------------------- train-clip
+@pytest.fixture
+def train_spy(monkeypatch, tiny_dir):
+    import astrovl.training
+
+    rec = Recorder(SimpleNamespace(history=Table({"step": [1]}), best_path="best"))
+    monkeypatch.setattr(astrovl.training, "train_clip", rec)
+    return rec
+
+
+@covers("train-clip", "--output", "--mode", "--steps", "--batch-size", "--grad-accum", "--lr", "--warmup-steps",
+        "--eval-every", "--best-metric", "--max-val", "--caption-mode", "--image-cache", "--seed", "--resume")
+def test_train_clip_settings_reach_the_config(sky, tiny_dir, train_spy):
+    assert main(["train-clip", str(sky.root), "--model", str(tiny_dir), "--output", "runs/x", "--mode", "head",
+                 "--steps", "7", "--batch-size", "8", "--grad-accum", "2", "--lr", "0.002", "--warmup-steps", "3",
+                 "--eval-every", "5", "--best-metric", "val_top10", "--max-val", "20", "--caption-mode", "abstract",
+                 "--image-cache", "disk", "--seed", "6", "--resume"]) == 0
+    (emb, train, val, config), _ = train_spy.calls[-1]
+    assert (config.output_dir, config.mode, config.steps, config.batch_size, config.grad_accum, config.lr,
+            config.warmup_steps, config.eval_every, config.best_metric, config.max_val, config.caption_mode,
+            config.image_cache, config.seed, config.resume) == (
+        "runs/x", "head", 7, 8, 2, 0.002, 3, 5, "val_top10", 20, "abstract", "disk", 6, True)
+    assert len(train) + len(val) == len(sky)
+
+
+@covers("train-clip", "--model", "--pretrained", "--device")
+def test_train_clip_model_flags(sky, train_spy, spy_from_pretrained, capsys):
+    assert main(["train-clip", str(sky.root), "--output", "o", "--model", "ViT-B-16", "--pretrained", "openai",
+                 "--device", "cpu"]) == 0
+    assert spy_from_pretrained.calls[-1] == (("ViT-B-16", "openai"), {"device": "cpu"})
+    assert train_spy.calls[-1][0][3].device == "cpu"
+    assert main(["train-clip", str(sky.root), "--output", "o", "--mode", "scratch", "--model", "tiny"]) == 0
+    assert train_spy.calls[-1][0][0].embed_dim == 64
+    assert main(["train-clip", str(sky.root), "--output", "o", "--mode", "scratch", "--model", "ViT-B-16",
+                 "--pretrained", "openai"]) == 1
+    assert "has no effect with --mode scratch" in capsys.readouterr().err
+
+
+def test_train_clip_best_metric_picks_the_checkpoint(sky, tiny_dir, tmp_path):
+    """--best-metric and --max-val on a real run: best/ is the step with the best chosen metric."""
+    out = tmp_path / "run"
+    assert main(["train-clip", str(sky.root), "--model", "tiny", "--mode", "scratch", "--steps", "6",
+                 "--eval-every", "2", "--batch-size", "16", "--best-metric", "val_top10", "--max-val", "12",
+                 "--output", str(out)]) == 0
+    history = Table.read(out / "metrics.csv")
+    best = CLIPEmbedder.from_pretrained(out / "best")
+    from astrovl.evaluation import top_k_percent_accuracy
+    from astrovl.training.clip import CLIPTrainingConfig, _validation_subset
+
+    val = _validation_subset(sky.split("val"), CLIPTrainingConfig(max_val=12, seed=0))
+    acc = top_k_percent_accuracy(best.embed_images(val, progress=False), best.embed_text(val.captions), 10)
+    assert len(val) == 12 and acc == pytest.approx(max(history["val_top10"]), abs=1e-6)
+
+
+# ---------------------------------------------------------------------- evaluate retrieval
+@covers("evaluate", "--split", "--k-percent", "--limit", "--seed", "--plot", "--output", "--format")
+def test_evaluate_retrieval_options(sky, tiny_dir, tmp_path, capsys):
+    def run(*extra):
+        capsys.readouterr()
+        assert main(["evaluate", "retrieval", str(sky.root), "--model", str(tiny_dir), "--format", "json",
+                     *extra]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    full = run()
+    assert full[0]["n"] == len(sky.split("val")) and full[0]["k_percent"] == 10.0
+    assert run("--split", "train")[0]["n"] == len(sky.split("train"))
+    assert run("--k-percent", "50")[0]["random"] == 0.5
+    a, b, c = run("--limit", "10", "--seed", "1"), run("--limit", "10", "--seed", "1"), run("--limit", "10", "--seed", "2")
+    assert a == b and a[0]["n"] == 10 and a != c  # a random subset, fixed by the seed
+    assert run("--plot", str(tmp_path / "p.png"), "--output", str(tmp_path / "r.ecsv"))
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG" and len(Table.read(tmp_path / "r.ecsv")) == 1
+
+
+@covers("evaluate", "--model", "--pretrained", "--device", "--base-model", "--base-pretrained", "--control")
+def test_evaluate_retrieval_reports_base_and_control(sky, tiny_dir, tmp_path, capsys, spy_from_pretrained):
+    assert main(["evaluate", "retrieval", str(sky.root), "--model", "ViT-B-16", "--pretrained", "openai",
+                 "--device", "cpu", "--base-model", "ViT-B-32", "--base-pretrained", "laion2b_s34b_b79k",
+                 "--control", str(tiny_dir), "--format", "json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["role"] for r in rows] == ["model", "base", "shuffled control"]
+    calls = [c[0] for c in spy_from_pretrained.calls]
+    assert calls == [("ViT-B-16", "openai"), ("ViT-B-32", "laion2b_s34b_b79k"), (str(tiny_dir),)]
+    assert all(c[1]["device"] == "cpu" for c in spy_from_pretrained.calls)
+    assert main(["evaluate", "retrieval", str(sky.root), "--base-pretrained", "x"]) == 1
+    assert main(["evaluate", "galaxy10", "x.h5", "--control", "c"]) == 1
+    assert "applies to 'evaluate retrieval'" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------- demo
+@covers("demo", "--output", "--steps", "--seed", "--n-images", "--quick", "--model", "--pretrained", "--device")
+def test_demo_flags(monkeypatch, capsys):
+    import astrovl.demo
+
+    rec = Recorder(SimpleNamespace(summary=Table({"model": ["m"]}), report_path="r.html", search_command="s"))
+    monkeypatch.setattr(astrovl.demo, "run_demo", rec)
+    assert main(["demo", "--output", "o", "--steps", "5", "--seed", "2", "--n-images", "40", "--quick",
+                 "--model", "ViT-B-16", "--pretrained", "openai", "--device", "cpu"]) == 0
+    assert rec.calls[-1] == (("o",), dict(steps=5, seed=2, device="cpu", model="ViT-B-16", pretrained="openai",
+                                          n_images=40, quick=True))
+    monkeypatch.undo()
+    assert main(["demo", "--output", "o", "--pretrained", "openai"]) == 1
+    assert "needs model=" in capsys.readouterr().err
