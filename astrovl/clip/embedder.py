@@ -366,15 +366,36 @@ class CLIPEmbedder:
         return np.ascontiguousarray(np.concatenate(out).astype(np.float32))
 
     def embed_text(self, texts: str | Sequence[str], *, batch_size: int = 256,
-                   progress: bool = False) -> np.ndarray:
-        """Embed texts; returns float32 ``(N, D)`` unit rows (a single string gives N=1)."""
-        import torch
+                   progress: bool = False, cache: bool = True) -> np.ndarray:
+        """Embed texts; returns float32 ``(N, D)`` unit rows (a single string gives N=1).
 
+        With ``cache`` (the default), texts this model has embedded before come from
+        :data:`~astrovl.clip.textcache.TEXT_CACHE` (keyed by the model's identity,
+        precision and device type) and only the others run through the text tower.
+        """
         if isinstance(texts, str):
             texts = [texts]
         texts = [str(t) for t in texts]
         if not texts:
             raise ValueError("no texts to embed: the input is empty")
+        if not cache:
+            return self._encode_texts(texts, batch_size, progress)
+        from .textcache import TEXT_CACHE
+
+        key = (self.model_id, self.precision, self.device.type)
+        found = TEXT_CACHE.get_many(key, texts)
+        missing = list(dict.fromkeys(t for t, v in zip(texts, found) if v is None))
+        fresh = {}
+        if missing:
+            vectors = self._encode_texts(missing, batch_size, progress)
+            TEXT_CACHE.put_many(key, missing, vectors)
+            fresh = dict(zip(missing, vectors))
+        rows = [v if v is not None else fresh[t] for t, v in zip(texts, found)]
+        return np.ascontiguousarray(np.stack(rows).astype(np.float32, copy=False))
+
+    def _encode_texts(self, texts: list[str], batch_size: int, progress: bool) -> np.ndarray:
+        import torch
+
         out = []
         with torch.inference_mode():
             for start in progress_bar(range(0, len(texts), batch_size), enabled=progress,
@@ -384,6 +405,22 @@ class CLIPEmbedder:
                     feats = self.model.encode_text(tokens)
                 out.append(torch.nn.functional.normalize(feats.float(), dim=-1).cpu().numpy())
         return np.ascontiguousarray(np.concatenate(out).astype(np.float32))
+
+    def category_embeddings(self, categories: Sequence[str],
+                            templates: Sequence[str] = DEFAULT_TEMPLATES) -> np.ndarray:
+        """Unit ``(len(categories), D)`` rows: each category's template embeddings, averaged.
+
+        All prompts go through :meth:`embed_text` in one call, so a category list
+        is embedded once per model and taken from the text cache afterwards.
+        """
+        cats = list(categories)
+        if not cats:
+            raise ValueError("categories is empty; pass at least one category")
+        if not templates or any("{}" not in t for t in templates):
+            raise ValueError("every template must contain '{}' where the category goes")
+        prompts = [t.format(c) for c in cats for t in templates]
+        txt = self.embed_text(prompts).reshape(len(cats), len(templates), -1).mean(axis=1)
+        return txt / np.linalg.norm(txt, axis=1, keepdims=True)
 
     def similarity(self, images, texts) -> np.ndarray:
         """Cosine similarity matrix ``(N_images, N_texts)``."""
@@ -415,16 +452,10 @@ class CLIPEmbedder:
         from astropy.table import Table
 
         cats = list(HUBBLE_CATEGORIES if categories is None else categories)
-        if not cats:
-            raise ValueError("categories is empty; pass at least one category")
-        if not templates or any("{}" not in t for t in templates):
-            raise ValueError("every template must contain '{}' where the category goes")
+        txt = self.category_embeddings(cats, templates)
         top_k = max(1, min(int(top_k), len(cats)))
         items, _ = as_image_list(images)
         img = self.embed_images(items, batch_size=batch_size, progress=False)
-        txt = np.stack([
-            self.embed_text([t.format(c) for t in templates]).mean(axis=0) for c in cats])
-        txt /= np.linalg.norm(txt, axis=1, keepdims=True)
         sims = img @ txt.T
         scale = float(self.model.logit_scale.detach().exp().cpu()) if hasattr(self.model, "logit_scale") else 100.0
         probs = torch.softmax(torch.from_numpy(sims * scale), dim=1).numpy()

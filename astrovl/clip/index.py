@@ -14,6 +14,7 @@ from astropy.table import Table, vstack
 
 from ..exceptions import CheckpointError, IndexMismatchError, ModelNotFoundError
 from ..utils.files import atomic_directory
+from .chunks import ChunkedRows
 from .identity import digest_from_model_id
 from .inputs import as_image_list, describe_input
 from .loading import describe_source
@@ -85,8 +86,8 @@ class EmbeddingIndex:
             self.embedder = embedder
         self.params = {"hnsw_m": int(hnsw_m), "ef_search": int(ef_search),
                        "ef_construction": int(ef_construction), "nlist": nlist, "nprobe": int(nprobe)}
-        self.metadata = Table()
-        self._vectors = np.zeros((0, self.dim), dtype=np.float32)
+        self._vec = ChunkedRows(np.concatenate)
+        self._meta = ChunkedRows(_stack_tables)
         self._faiss = None
 
     # ------------------------------------------------------------------ building
@@ -178,16 +179,28 @@ class EmbeddingIndex:
             meta = metadata if isinstance(metadata, Table) else Table(dict(metadata))
         if len(meta) != len(vectors):
             raise ValueError(f"{len(meta)} metadata rows for {len(vectors)} vectors; give one row per vector")
-        self.metadata = meta.copy() if len(self.metadata) == 0 else vstack(
-            [self.metadata, meta], join_type="outer", metadata_conflicts="silent")
-        self._vectors = np.concatenate([self._vectors, vectors]) if len(self._vectors) else vectors
-        if self._faiss is not None and (self.kind == "exact" or self._faiss.is_trained):
+        self._vec.append(vectors)  # amortised: no concatenation of everything per call
+        self._meta.append(meta.copy())
+        if self._faiss is not None and self._faiss.is_trained:
             self._faiss.add(vectors)
         else:
             self._faiss = None  # (re)built lazily with all vectors
 
     def __len__(self) -> int:
-        return len(self._vectors)
+        return len(self._vec)
+
+    @property
+    def metadata(self) -> Table:
+        """The metadata table, one row per vector."""
+        table = self._meta.compact()
+        return table if table is not None else Table()
+
+    @metadata.setter
+    def metadata(self, table: Table) -> None:
+        table = table if isinstance(table, Table) else Table(dict(table))
+        if len(table) != len(self):
+            raise ValueError(f"{len(table)} metadata rows for an index of {len(self)} vectors")
+        self._meta.replace(table)
 
     # ------------------------------------------------------------------ the model
     @property
@@ -293,7 +306,10 @@ class EmbeddingIndex:
     @property
     def vectors(self) -> np.ndarray:
         """The stored unit vectors ``(N, dim)`` (read-only view)."""
-        v = self._vectors.view()
+        stored = self._vec.compact()
+        if stored is None:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        v = stored.view(np.ndarray)
         v.flags.writeable = False
         return v
 
@@ -302,19 +318,19 @@ class EmbeddingIndex:
 
     # ------------------------------------------------------------------ faiss
     def _structure(self):
+        """The faiss structure of an approximate index (built on first use)."""
         import faiss
 
         if self._faiss is not None:
             return self._faiss
         d, p = self.dim, self.params
-        if self.kind == "exact":
-            index = faiss.IndexFlatIP(d)
-        elif self.kind == "hnsw":
+        vectors = self.vectors
+        if self.kind == "hnsw":
             index = faiss.IndexHNSWFlat(d, p["hnsw_m"], faiss.METRIC_INNER_PRODUCT)
             index.hnsw.efConstruction = p["ef_construction"]
             index.hnsw.efSearch = p["ef_search"]
         else:
-            n = len(self._vectors)
+            n = len(vectors)
             nlist = p["nlist"] or max(1, min(int(4 * np.sqrt(max(n, 1))), n // 39 if n >= 39 else 1))
             quantizer = faiss.IndexFlatIP(d)
             index = faiss.IndexIVFFlat(quantizer, d, int(nlist), faiss.METRIC_INNER_PRODUCT)
@@ -324,11 +340,11 @@ class EmbeddingIndex:
             index.cp.max_points_per_centroid = max(IVF_TRAIN_POINTS_PER_CELL,
                                                    -(-IVF_TRAIN_SAMPLE // int(nlist)))
             if n:
-                index.train(self._vectors)
+                index.train(vectors)
             index.nprobe = min(p["nprobe"], int(nlist))
             self._ivf_quantizer = quantizer  # keep alive
-        if len(self._vectors):
-            index.add(self._vectors)
+        if len(vectors):
+            index.add(vectors)
         self._faiss = index
         return index
 
@@ -388,18 +404,36 @@ class EmbeddingIndex:
         k = int(k)
         if k < 1:
             raise ValueError(f"k={k} must be >= 1")
-        structure = self._structure()
         search_params = self._search_parameters(ef_search, nprobe)
-        q = self._query_vector(query)
-        scores, rows = structure.search(q[:1], min(k, len(self)), params=search_params)
-        keep = rows[0] >= 0
-        rows, scores = rows[0][keep], scores[0][keep]
-        out = self.metadata[rows] if len(self.metadata.colnames) else Table()
-        out = Table(out, copy=True)
+        q = self._query_vector(query)[:1]
+        k = min(k, len(self))
+        if self.kind == "exact":
+            scores, rows = self._exact_search(q, k)
+        else:
+            scores, rows = self._structure().search(q, k, params=search_params)
+            keep = rows[0] >= 0
+            rows, scores = rows[0][keep], scores[0][keep]
+        has_columns = bool(self._meta.chunks) and len(self._meta.chunks[0].colnames)
+        out = Table(self._meta.take(rows), copy=True) if has_columns else Table()
         out.add_column(rows.astype(np.int64), name="row", index=0)
         out.add_column(scores.astype(np.float32), name="score", index=0)
         out.add_column(np.arange(1, len(rows) + 1), name="rank", index=0)
         return out
+
+    def _exact_search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Exhaustive inner-product search over the stored chunks (no second copy of the vectors)."""
+        import faiss
+
+        scores, rows = [], []
+        for start, chunk in zip(self._vec.starts(), self._vec.chunks):
+            d, i = faiss.knn(q, np.ascontiguousarray(chunk), min(k, len(chunk)), metric=faiss.METRIC_INNER_PRODUCT)
+            scores.append(d[0])
+            rows.append(i[0] + start)
+        scores, rows = np.concatenate(scores), np.concatenate(rows)
+        if len(self._vec.chunks) > 1:
+            order = np.lexsort((rows, -scores))[:k]
+            scores, rows = scores[order], rows[order]
+        return scores, rows
 
     def _search_parameters(self, ef_search: int | None, nprobe: int | None):
         """faiss search parameters for one call, or None to use the index's own."""
@@ -429,7 +463,7 @@ class EmbeddingIndex:
 
         directory = Path(directory)
         with atomic_directory(directory) as tmp:
-            save_file({"vectors": np.ascontiguousarray(self._vectors)}, str(tmp / VECTORS))
+            save_file({"vectors": np.ascontiguousarray(self.vectors)}, str(tmp / VECTORS))
             self.metadata.write(tmp / METADATA, format="ascii.ecsv")
             if self.kind != "exact" and len(self):
                 import faiss
@@ -454,7 +488,8 @@ class EmbeddingIndex:
         return rec
 
     @classmethod
-    def load(cls, directory: str | os.PathLike, embedder=None, *, device=None) -> EmbeddingIndex:
+    def load(cls, directory: str | os.PathLike, embedder=None, *, device=None,
+             mmap: bool = True) -> EmbeddingIndex:
         """Load an index written by :meth:`save`.
 
         Parameters
@@ -466,6 +501,12 @@ class EmbeddingIndex:
             first text or image query (see :attr:`embedder`).
         device : str, optional
             Device for that recorded model.
+        mmap : bool
+            Map ``vectors.safetensors`` into memory read-only instead of reading it:
+            loading is immediate, and the vectors live in the page cache (shared
+            with other processes serving the same index, reclaimable) instead of
+            in the private memory of the process. Vectors added later are kept in
+            memory.
 
         Raises
         ------
@@ -486,7 +527,7 @@ class EmbeddingIndex:
             manifest = json.loads((directory / MANIFEST).read_text("utf-8"))
             if manifest.get("format") != FORMAT:
                 raise ValueError(f"format is {manifest.get('format')!r}")
-            vectors = load_file(str(directory / VECTORS))["vectors"]
+            vectors = _map_vectors(directory / VECTORS) if mmap else load_file(str(directory / VECTORS))["vectors"]
             metadata = Table.read(directory / METADATA, format="ascii.ecsv")
         except Exception as exc:
             raise CheckpointError(
@@ -501,8 +542,10 @@ class EmbeddingIndex:
         params = manifest.get("params", {})
         index = cls(dim, kind=manifest.get("kind", "exact"), device=device, **params)
         index._model = _recorded_model(manifest, directory)
-        index._vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-        index.metadata = metadata
+        if vectors.dtype != np.float32:
+            raise CheckpointError(f"embedding index {str(directory)!r} holds {vectors.dtype} vectors, not float32")
+        index._vec.replace(vectors)
+        index._meta.replace(metadata)
         if embedder is not None:
             index.embedder = embedder
         if index.kind != "exact" and (directory / FAISS_FILE).is_file():
@@ -512,6 +555,33 @@ class EmbeddingIndex:
             if index._faiss.ntotal != count:
                 index._faiss = None
         return index
+
+
+def _stack_tables(tables) -> Table:
+    return vstack(list(tables), join_type="outer", metadata_conflicts="silent")
+
+
+def _map_vectors(path: Path) -> np.ndarray:
+    """The ``vectors`` tensor of a safetensors file as a read-only memory map.
+
+    The safetensors layout: an 8-byte little-endian header length, the JSON
+    header (dtype, shape and byte offsets of each tensor), then the data.
+    """
+    with open(path, "rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        if not 0 < n < 100_000_000:
+            raise ValueError(f"{path.name} has no safetensors header")
+        header = json.loads(fh.read(n))
+    spec = header.get("vectors") or {}
+    if spec.get("dtype") != "F32" or len(spec.get("shape", ())) != 2:
+        raise ValueError(f"{path.name} holds no 2-d float32 'vectors' tensor")
+    shape = tuple(int(x) for x in spec["shape"])
+    begin, end = (int(x) for x in spec["data_offsets"])
+    if end - begin != shape[0] * shape[1] * 4 or 8 + n + end > path.stat().st_size:
+        raise ValueError(f"{path.name} is truncated")
+    if shape[0] == 0:
+        return np.zeros(shape, dtype=np.float32)
+    return np.memmap(path, dtype="<f4", mode="r", offset=8 + n + begin, shape=shape)
 
 
 def _model_record(embedder) -> dict:
