@@ -204,3 +204,25 @@ def test_image_caches_give_the_same_items_and_stay_bounded(sky, base, tmp_path):
     assert len(reopened) == 16  # an earlier run's cache over the same files is reused
     with pytest.raises(ValueError, match="filled again in each of the DataLoader workers"):
         tclip._image_caches(_cfg(tmp_path, "m", image_cache="memory"), 2, tmp_path, 0)
+
+
+def test_augmentation_on_8_bit_pixels_gives_the_former_numbers(sky, base):
+    """Rotation, flip and crop before the float conversion: the same tensors as after it."""
+    from torchvision.transforms import v2
+
+    from astrovl.datasets.torchdata import uint8_to_tensor
+
+    train = sky.split("train")
+    ds = ImageTextTorchDataset(train, 48, base.image_mean, base.image_std, cache="none")
+    norm = v2.Normalize(mean=list(base.image_mean), std=list(base.image_std))
+    for i, seed in ((0, 1), (3, 2), (7, 99)):
+        img = uint8_to_tensor(ds._pixels(i))  # the former path: the whole image as floats first
+        gen = torch.Generator().manual_seed(seed)
+        img = torch.rot90(img, int(torch.randint(0, 4, (1,), generator=gen)), dims=(-2, -1))
+        if torch.rand(1, generator=gen) < 0.5:
+            img = img.flip(-1)
+        h, w = img.shape[-2:]
+        top = int(torch.randint(0, h - 48 + 1, (1,), generator=gen))
+        left = int(torch.randint(0, w - 48 + 1, (1,), generator=gen))
+        expected = norm(img[..., top:top + 48, left:left + 48].contiguous())
+        torch.testing.assert_close(ds[(i, seed)][0], expected, rtol=0, atol=0)

@@ -170,19 +170,25 @@ class ImageTextTorchDataset(torch.utils.data.Dataset):
             )
         return arr
 
-    def _image(self, i: int) -> torch.Tensor:
+    def _pixels(self, i: int) -> np.ndarray:
         arr = self.cache.get(i) if self.cache is not None else None
         if arr is None:
             arr = self._decode(i)
             if self.cache is not None:
                 self.cache.put(i, arr)
-        return uint8_to_tensor(arr)
+        return arr
+
+    def _image(self, i: int) -> torch.Tensor:
+        return uint8_to_tensor(self._pixels(i))
 
     def __getitem__(self, item):
         i, seed = item if isinstance(item, tuple) else (item, 0)
-        img = self._image(int(i))
         gen = torch.Generator().manual_seed(int(seed))
         if self.augment:
+            # rotations, flips and the crop move pixels only: done on the 8-bit image,
+            # and only the crop is turned into floats (the same numbers, less work)
+            img = torch.from_numpy(self._pixels(int(i)))
+            img = img.unsqueeze(0) if img.ndim == 2 else img.permute(2, 0, 1)
             k = int(torch.randint(0, 4, (1,), generator=gen))
             img = torch.rot90(img, k, dims=(-2, -1))
             if torch.rand(1, generator=gen) < 0.5:
@@ -191,8 +197,9 @@ class ImageTextTorchDataset(torch.utils.data.Dataset):
             s = self.image_size
             top = int(torch.randint(0, h - s + 1, (1,), generator=gen))
             left = int(torch.randint(0, w - s + 1, (1,), generator=gen))
-            img = img[..., top:top + s, left:left + s]
+            img = img[..., top:top + s, left:left + s].expand(3, -1, -1).float() / 255.0
         else:
+            img = self._image(int(i))
             img = v2.functional.resize(img, self.image_size, antialias=True)
             img = v2.functional.center_crop(img, [self.image_size, self.image_size])
         caption = self.captions[int(i)]
