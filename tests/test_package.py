@@ -23,8 +23,8 @@ def test_public_names_resolve():
 def test_conf_defaults():
     from astrovl import conf
 
-    assert conf.clip_model == "ViT-B-16"
-    assert conf.clip_pretrained == "openai"
+    assert conf.clip_model == "openai/clip-vit-base-patch16"  # HubbleCLIP's base model
+    assert conf.clip_pretrained == ""
     with conf.set_temp("device", "cpu"):
         assert conf.device == "cpu"
 
