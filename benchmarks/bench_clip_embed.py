@@ -8,7 +8,7 @@ random weights cost the same as trained ones.
 Per batch size and precision the table gives
 
 * ``pipeline_img_s``: ``embed_images`` on in-memory 512x512 float images
-  (display scaling with ``load_image``, the model's preprocessing, the image
+  (the display scaling of ``load_image``, the model's preprocessing, the image
   tower, normalisation), the path a user takes;
 * ``model_img_s``: ``model.encode_image`` alone on a preprocessed batch;
 * ``text_s``: ``embed_text`` on captions (tokenizer and text tower);
@@ -436,7 +436,7 @@ def main(argv=None) -> None:
                 )
     workers = args.num_workers if args.num_workers is not None else ("up to 8" if is_cuda else 0)
     notes.append(
-        f"pipeline_img_s includes load_image scaling and preprocessing of "
+        f"pipeline_img_s includes the display scaling and preprocessing of "
         f"{args.image_size}x{args.image_size} arrays with num_workers={workers}"
     )
     finish("clip_embed", args, env, {"clip_embed": rows}, notes)
