@@ -6,11 +6,12 @@ Each layer holds the **raw pixel values** (float32) of its HDU, so napari's
 status bar and any analysis on ``layer.data`` see physical values. The contrast
 limits are the limits of the library's display interval
 (``astrovl.conf.interval``, by default the 0.5-99.5 percentile of the finite
-pixels), computed with the same :func:`astrovl.imaging.get_interval` that
-:func:`astrovl.load_image` uses; napari maps them linearly. When a region is
-sent to a model the library's full scaling (interval and ``asinh`` stretch) is
-applied to the same raw pixels, exactly as for a file loaded with
-:func:`astrovl.load_image`.
+pixels), computed with the same :func:`astrovl.imaging.interval_limits` that
+:func:`astrovl.load_image` uses (percentiles of large images on a fixed
+sample); napari maps them linearly. When a region is sent to a model the
+library's full scaling (interval and ``asinh`` stretch) is applied to the same
+raw pixels, exactly as for a file loaded with :func:`astrovl.load_image`. A
+file is opened and read once for all its HDUs and cube planes.
 
 FITS images store row 0 at the bottom. The array is not flipped (so
 ``layer.data[row, col]`` stays at FITS pixel ``(col + 1, row + 1)`` and the WCS
@@ -93,6 +94,53 @@ def read_fits(path: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Lay
     return layers
 
 
+def _image_hdu_entries(hdul) -> list[tuple[int, str, int, tuple[int, ...]]]:
+    from astropy.io import fits
+
+    out = []
+    for i, h in enumerate(hdul):
+        if not isinstance(h, (fits.PrimaryHDU, fits.ImageHDU, fits.CompImageHDU)):
+            continue
+        shape = tuple(int(s) for s in (h.shape or ()))
+        if len(shape) >= 2 and all(s > 0 for s in shape):
+            out.append((i, str(h.name), int(h.ver), shape))
+    return out
+
+
+def _read_image_hdus(path: Path, *, with_data: bool):
+    """Open ``path`` once: ``(entries, hdul)`` with every image HDU's data read when ``with_data``.
+
+    The file is closed on return; with ``with_data`` the HDU objects keep their
+    pixels in memory (read with ``memmap=False``), so layers are built from them
+    without touching the file again.
+    """
+    from astropy.io import fits
+    from astropy.utils.exceptions import AstropyUserWarning
+    from astropy.wcs import FITSFixedWarning
+
+    from astrovl.exceptions import ImageFileError
+
+    if not path.is_file():
+        raise ImageFileError(f"FITS file {str(path)!r} does not exist; check the path")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", AstropyUserWarning)  # "file may have been truncated"
+            warnings.filterwarnings("ignore", category=FITSFixedWarning)
+            warnings.filterwarnings("ignore", message=".*non-standard.*")
+            with fits.open(path, memmap=False, lazy_load_hdus=False) as hdul:
+                entries = _image_hdu_entries(hdul)
+                if with_data:
+                    for index, *_ in entries:
+                        _ = hdul[index].data  # read now, while the file is open
+    except (OSError, ValueError, TypeError, EOFError, IndexError, KeyError,
+            AstropyUserWarning) as exc:
+        raise ImageFileError(
+            f"FITS file {str(path)!r} could not be read ({type(exc).__name__}: {exc}); it may be "
+            "truncated or corrupt: download it again"
+        ) from exc
+    return entries, hdul
+
+
 def list_image_hdus(path: str | os.PathLike) -> list[tuple[int, str, int, tuple[int, ...]]]:
     """List the HDUs of a FITS file that hold an image of two or more dimensions.
 
@@ -105,35 +153,7 @@ def list_image_hdus(path: str | os.PathLike) -> list[tuple[int, str, int, tuple[
     astrovl.exceptions.ImageFileError
         Missing or unreadable file.
     """
-    from astropy.io import fits
-    from astropy.utils.exceptions import AstropyUserWarning
-    from astropy.wcs import FITSFixedWarning
-
-    from astrovl.exceptions import ImageFileError
-
-    path = Path(path)
-    if not path.is_file():
-        raise ImageFileError(f"FITS file {str(path)!r} does not exist; check the path")
-    out = []
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", AstropyUserWarning)  # "file may have been truncated"
-            warnings.filterwarnings("ignore", category=FITSFixedWarning)
-            warnings.filterwarnings("ignore", message=".*non-standard.*")
-            with fits.open(path, memmap=False, lazy_load_hdus=False) as hdul:
-                for i, h in enumerate(hdul):
-                    if not isinstance(h, (fits.PrimaryHDU, fits.ImageHDU, fits.CompImageHDU)):
-                        continue
-                    shape = tuple(int(s) for s in (h.shape or ()))
-                    if len(shape) >= 2 and all(s > 0 for s in shape):
-                        out.append((i, str(h.name), int(h.ver), shape))
-    except (OSError, ValueError, TypeError, EOFError, IndexError, KeyError,
-            AstropyUserWarning) as exc:
-        raise ImageFileError(
-            f"FITS file {str(path)!r} could not be read ({type(exc).__name__}: {exc}); it may be "
-            "truncated or corrupt: download it again"
-        ) from exc
-    return out
+    return _read_image_hdus(Path(path), with_data=False)[0]
 
 
 def contrast_limits_for(raw: np.ndarray, interval=None, mask: np.ndarray | None = None
@@ -156,22 +176,21 @@ def contrast_limits_for(raw: np.ndarray, interval=None, mask: np.ndarray | None 
         ``vmin < vmax`` (a constant image gets ``(v, v + 1)``).
     """
     from astrovl import conf
-    from astrovl.imaging import get_interval
+    from astrovl.exceptions import ImageInputError
+    from astrovl.imaging import interval_limits
 
-    values = np.asarray(raw, dtype=np.float64)
-    valid = np.isfinite(values)
+    values = np.asarray(raw)
+    m = None
     if mask is not None:
         m = np.asarray(mask, dtype=bool)
-        if values.ndim == m.ndim + 1:
-            m = m[..., None]
-        valid &= ~np.broadcast_to(m, values.shape)
-    finite = values[valid]
-    if finite.size == 0:
+        m = np.broadcast_to(m[..., None] if values.ndim == m.ndim + 1 else m, values.shape)
+    try:
+        vmin, vmax = interval_limits(values, conf.interval if interval is None else interval, mask=m)
+    except ImageInputError:  # no finite, unmasked value
         return 0.0, 1.0
-    vmin, vmax = get_interval(conf.interval if interval is None else interval).get_limits(finite)
-    vmin, vmax = float(vmin), float(vmax)
     if not (np.isfinite(vmin) and np.isfinite(vmax)) or vmax <= vmin:
-        base = float(np.min(finite))
+        valid = np.isfinite(values) if m is None else np.isfinite(values) & ~m
+        base = float(np.min(values[valid]))
         return base, base + 1.0
     return vmin, vmax
 
@@ -199,11 +218,12 @@ def _is_cube(shape: tuple[int, ...]) -> bool:
 def fits_layer_data(path: str | os.PathLike, *, interval=None) -> list[LayerData]:
     """Napari layer data for every image HDU of one FITS file.
 
-    Two-dimensional HDUs (and three-plane colour cubes) go through
-    :func:`astrovl.load_image` (``hdu=`` each index); cubes of other depths open as
-    a stack of planes with a slider, each plane read by :func:`astrovl.load_image`
-    with the same downsampling. See the module docstring for the display
-    convention and the metadata kept.
+    The file is opened and read once for all its HDUs and planes. Two-dimensional
+    HDUs (and three-plane colour cubes) go through :func:`astrovl.load_image`
+    (from the HDU read into memory); cubes of other depths become one 3-D layer
+    with a slider, every plane taken from the same array (block-averaged like
+    ``load_image``'s planes when they exceed ``astrovl.conf.max_pixels``). See
+    the module docstring for the display convention and the metadata kept.
 
     Parameters
     ----------
@@ -226,7 +246,7 @@ def fits_layer_data(path: str | os.PathLike, *, interval=None) -> list[LayerData
     from astrovl.exceptions import ImageInputError
 
     path = Path(path)
-    hdus = list_image_hdus(path)
+    hdus, hdul = _read_image_hdus(path, with_data=True)  # the only read of the file
     if not hdus:
         raise ImageInputError(
             f"{str(path)!r} holds no image HDU (only tables or empty headers); open a FITS file "
@@ -236,22 +256,20 @@ def fits_layer_data(path: str | os.PathLike, *, interval=None) -> list[LayerData
     names = [h[1] for h in hdus]
     layers = []
     for index, extname, extver, shape in hdus:
+        hdu = hdul[index]
         if _is_cube(shape):
-            nplanes = shape[-3]
-            planes = [load_image(path, hdu=index, plane=k) for k in range(nplanes)]
-            img = planes[0]
-            raw = np.stack([p.raw for p in planes])
-            masks = [p.mask if p.mask is not None else np.zeros(p.raw.shape[:2], bool) for p in planes]
-            mask = np.stack(masks) if any(p.mask is not None for p in planes) else None
+            img = load_image(hdu, plane=0)  # header, WCS and downsampling, from memory
+            raw = _cube_raw(hdu.data, int(img.meta.get("downsample", 1)))
         else:
-            img = load_image(path, hdu=index)
-            raw, mask = img.raw, img.mask
+            img = load_image(hdu)
+            raw = img.raw
+        mask = None if _is_cube(shape) else img.mask  # a cube's invalid pixels are its NaNs
         vmin, vmax = contrast_limits_for(raw, interval, mask)
         rgb = raw.ndim == 3 and not _is_cube(shape)
         spatial_scale = (-1.0, 1.0)
         scale = spatial_scale if rgb or raw.ndim == 2 else (1.0, *spatial_scale)
         info = {
-            "source": img.source,
+            "source": f"{path}[{index}]",
             "hdu": index,
             "extname": extname,
             "extver": extver,
@@ -273,6 +291,25 @@ def fits_layer_data(path: str | os.PathLike, *, interval=None) -> list[LayerData
             kwargs["colormap"] = "gray"
         layers.append((np.ascontiguousarray(raw, dtype=np.float32), kwargs, "image"))
     return layers
+
+
+def _cube_raw(data: np.ndarray, factor: int) -> np.ndarray:
+    """All planes of a cube as float32 ``(N, H, W)``, block-averaged like load_image's planes.
+
+    ``factor`` is the downsampling :func:`astrovl.load_image` chose for one plane
+    (the planes share a shape); the NaN-aware block mean is the one it uses.
+    """
+    cube = np.asarray(data)
+    if cube.ndim == 4:
+        cube = cube[0]
+    cube = np.asarray(cube, dtype=np.float32)
+    if factor <= 1:
+        return cube
+    from astropy.nddata import block_reduce
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN blocks give NaN
+        return np.asarray(block_reduce(cube, (1, factor, factor), func=np.nanmean), dtype=np.float32)
 
 
 def image_layer_data(path: str | os.PathLike) -> list[LayerData]:

@@ -148,6 +148,8 @@ def main(argv=None) -> None:
         "builds the celestial WCS, masks non-finite pixels and keeps the raw float32 pixels",
         f"images with more than astrovl.conf.max_pixels={int(conf.max_pixels):,} pixels are "
         "block-averaged first by load_image (the baseline does not)",
+        "load_image takes the percentiles of images over 100,000 pixels from a fixed sample of "
+        "100,000 (astrovl.imaging.PERCENTILE_SAMPLES); simple_norm sorts every pixel",
     ]
     finish("load_image", args, env, {"load_image": rows}, notes)
 

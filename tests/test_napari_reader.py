@@ -165,3 +165,52 @@ def test_manifest_is_valid_and_points_at_code():
         module, _, attr = cmd.python_name.partition(":")
         imported = __import__(module, fromlist=[attr])
         assert callable(getattr(imported, attr)), cmd.python_name
+
+
+@pytest.fixture
+def cube_mef_path(tmp_path, rng):
+    """A cube of 6 planes with NaNs, a 2-D SCI image and a colour cube, in one file."""
+    cube = rng.normal(100, 5, size=(6, 50, 40)).astype(np.float32)
+    cube[2, :5, :5] = np.nan
+    sci = rng.gamma(2.0, 30.0, size=(50, 40)).astype(np.float32)
+    colour = rng.uniform(0, 1000, size=(3, 20, 24)).astype(np.float32)
+    path = tmp_path / "cube_mef.fits"
+    fits.HDUList([fits.PrimaryHDU(cube), fits.ImageHDU(sci, name="SCI"),
+                  fits.ImageHDU(colour, name="RGB")]).writeto(path)
+    return path, cube, sci
+
+
+def test_a_file_is_read_once_for_all_hdus_and_planes(cube_mef_path, monkeypatch):
+    import astropy.io.fits
+
+    path, cube, sci = cube_mef_path
+    opened = []
+    real_open = astropy.io.fits.open
+
+    def counting_open(*args, **kwargs):
+        opened.append(args[0] if args else kwargs.get("name"))
+        return real_open(*args, **kwargs)
+
+    monkeypatch.setattr(astropy.io.fits, "open", counting_open)
+    layers = read_fits(path)
+    assert len(opened) == 1
+    assert [kw["name"] for _, kw, _ in layers] == ["cube_mef [0]", "cube_mef [SCI]", "cube_mef [RGB]"]
+    data, kwargs, _ = layers[0]
+    assert data.shape == (6, 50, 40) and kwargs["scale"] == (1.0, -1.0, 1.0)  # one layer, a slider
+    np.testing.assert_array_equal(data, cube)
+    vmin, vmax = PercentileInterval(99.5).get_limits(cube[np.isfinite(cube)])
+    np.testing.assert_allclose(kwargs["contrast_limits"], [vmin, vmax], rtol=1e-6)
+    np.testing.assert_array_equal(layers[1][0], sci)
+    assert layers[2][0].shape == (20, 24, 3) and layers[2][1]["rgb"] is True
+
+
+def test_cube_planes_equal_load_image_planes_with_downsampling(cube_mef_path):
+    from astrovl import conf, load_image
+
+    path, cube, _ = cube_mef_path
+    with conf.set_temp("max_pixels", 500):  # 2000-pixel planes: factor 2
+        (data, kwargs, _), *_ = read_fits(path)
+        planes = [load_image(path, hdu=0, plane=k) for k in range(cube.shape[0])]
+    assert kwargs["metadata"]["astrovl"]["downsample"] == planes[0].meta["downsample"] == 2
+    np.testing.assert_array_equal(data, np.stack([p.raw for p in planes]))
+    assert kwargs["metadata"]["wcs"] is None and kwargs["metadata"]["header"]["NAXIS3"] == 6

@@ -310,14 +310,17 @@ class CLIPEmbedder:
         return torch.autocast(self.device.type, dtype=self._autocast_dtype)
 
     def image_tensor(self, image) -> Any:
-        """Load one image input and apply the model's preprocessing (returns a CHW tensor)."""
-        from ..imaging import AstroImage, load_image
+        """Load one image input and make the model's input from it (a normalised CHW tensor).
 
-        img = image if isinstance(image, AstroImage) else load_image(image)
-        return self.preprocess(img.to_pil())
+        The same host preprocessing as :meth:`embed_images` (see
+        :mod:`astrovl.clip.preprocess`).
+        """
+        from .preprocess import InputSpec, host_model_input, read_unit_image
+
+        return host_model_input(read_unit_image(image), InputSpec.from_embedder(self), self.preprocess)
 
     def embed_images(self, images, *, batch_size: int = 64, progress: bool = True,
-                     num_workers: int | None = None) -> np.ndarray:
+                     num_workers: int | None = None, preprocess: str = "auto") -> np.ndarray:
         """Embed images.
 
         Parameters
@@ -329,8 +332,17 @@ class CLIPEmbedder:
         progress : bool
             Show a progress bar.
         num_workers : int, optional
-            DataLoader workers that decode and preprocess images; default 0 on CPU
-            and up to 8 on CUDA.
+            DataLoader worker processes that read (and on the ``"cpu"`` path
+            scale and resize) images. Default: none for calls of fewer than 256
+            images and on a CPU device, where the model needs the cores; on
+            CUDA up to 8. Never more than the number of batches.
+        preprocess : {"auto", "cpu", "gpu"}
+            Where the display scaling, resizing and normalisation run:
+            ``"cpu"`` on the host, image by image; ``"gpu"`` on the model's
+            device, batch by batch, with only reading on the host (raw pixels
+            go to the device from pinned memory). ``"auto"``: ``"gpu"`` on
+            CUDA, else ``"cpu"``. See :mod:`astrovl.clip.preprocess` for the
+            numerics and tolerances.
 
         Returns
         -------
@@ -338,32 +350,54 @@ class CLIPEmbedder:
             float32 ``(N, D)``, rows of unit length.
         """
         import torch
-        from torch.utils.data import DataLoader
+
+        from .preprocess import (
+            FeedDataset,
+            InputSpec,
+            assemble_batch,
+            auto_num_workers,
+            collate_feed,
+            resolve_preprocess,
+        )
 
         items, _ = as_image_list(images)
         if not items:
             raise ValueError("no images to embed: the input is empty")
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be >= 1")
+        mode = resolve_preprocess(preprocess, self.device)
+        spec = InputSpec.from_embedder(self)
+        dataset = FeedDataset(items, spec, device_scaling=mode == "gpu",
+                              transform=self.preprocess)
+        n_batches = -(-len(items) // batch_size)
         if num_workers is None:
-            num_workers = min(8, os.cpu_count() or 1) if self.device.type == "cuda" else 0
-        loader = DataLoader(_ImageItems(items, self), batch_size=batch_size, shuffle=False,
-                            num_workers=num_workers, pin_memory=self.device.type == "cuda",
-                            persistent_workers=False)
-        out = []
+            num_workers = auto_num_workers(len(items), batch_size, self.device)
+        num_workers = max(0, min(int(num_workers), n_batches))
+        if num_workers == 0:
+            batches = (collate_feed([dataset[i] for i in range(s, min(s + batch_size, len(items)))])
+                       for s in range(0, len(items), batch_size))
+        else:
+            from torch.utils.data import DataLoader
+
+            batches = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_feed,
+                                 num_workers=num_workers, pin_memory=self.device.type == "cuda",
+                                 persistent_workers=False)
+        out = np.empty((len(items), self.embed_dim), dtype=np.float32)
+        done = 0
         self.model.eval()
         with torch.inference_mode():
             bar = progress_bar(total=len(items), enabled=progress and len(items) > batch_size,
                                desc="embedding images", unit="img")
-            for batch in loader:
-                batch = batch.to(self.device, non_blocking=True)
+            for batch in batches:
+                pixels = assemble_batch(batch, spec, self.device, dataset.stretch, dataset.interval)
                 with self._autocast():
-                    feats = self.model.encode_image(batch)
+                    feats = self.model.encode_image(pixels)
                 feats = torch.nn.functional.normalize(feats.float(), dim=-1)
-                out.append(feats.cpu().numpy())
-                bar.update(len(batch))
+                out[done:done + len(pixels)] = feats.cpu().numpy()
+                done += len(pixels)
+                bar.update(len(pixels))
             bar.close()
-        return np.ascontiguousarray(np.concatenate(out).astype(np.float32))
+        return out
 
     def embed_text(self, texts: str | Sequence[str], *, batch_size: int = 256,
                    progress: bool = False, cache: bool = True) -> np.ndarray:
@@ -467,20 +501,3 @@ class CLIPEmbedder:
         return Table(rows=rows, names=("image", "source", "rank", "category", "score", "probability"),
                      dtype=(int, str, int, str, float, float)) if rows else Table()
 
-
-class _ImageItems:
-    """Map-style dataset: image input -> preprocessed tensor (runs in DataLoader workers)."""
-
-    def __init__(self, items: list, embedder: CLIPEmbedder):
-        self.items = items
-        self.preprocess = embedder.preprocess
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int):
-        from ..imaging import AstroImage, load_image
-
-        item = self.items[i]
-        img = item if isinstance(item, AstroImage) else load_image(item)
-        return self.preprocess(img.to_pil())

@@ -25,11 +25,13 @@ Classes (``label``):
 
 from __future__ import annotations
 
+import functools
+import math
 import os
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from astropy.convolution import Gaussian2DKernel, convolve_fft
 from astropy.io import fits
 from astropy.modeling.models import Sersic2D
 from astropy.table import Table
@@ -231,9 +233,33 @@ def render_object(label: str, size: int, rng: np.random.Generator) -> np.ndarray
     raise DatasetError(f"unknown synthetic class {label!r}; known: {sorted(SYNTHETIC_CLASSES)}")
 
 
+def _gaussian_taps(sigma: float) -> np.ndarray:
+    """The 1-D factor of astropy's ``Gaussian2DKernel(sigma)``: sampled at pixel centres,
+    ``8 sigma`` rounded up to an odd number of taps, normalised to a sum of 1."""
+    n = int(math.ceil(8 * sigma))
+    n += n % 2 == 0
+    half = (n - 1) // 2
+    x = np.arange(-half, half + 1, dtype=np.float64)
+    taps = np.exp(-0.5 * (x / sigma) ** 2)
+    return taps / taps.sum()
+
+
+def _convolve_psf(truth: np.ndarray, sigma: float) -> np.ndarray:
+    """Periodic convolution with a Gaussian PSF of ``sigma`` pixels.
+
+    The same as ``convolve_fft(truth, Gaussian2DKernel(sigma), boundary="wrap")``
+    (an isotropic Gaussian sampled on a square is the product of two 1-D ones),
+    done as two 1-D convolutions: a few times faster at these sizes.
+    """
+    from scipy import ndimage
+
+    taps = _gaussian_taps(sigma)
+    out = ndimage.convolve1d(truth, taps, axis=0, mode="wrap")
+    return ndimage.convolve1d(out, taps, axis=1, mode="wrap")
+
+
 def _observe(truth: np.ndarray, rng: np.random.Generator, size: int) -> np.ndarray:
-    psf = Gaussian2DKernel(rng.uniform(0.8, 1.4) * size / 64.0)
-    img = convolve_fft(truth, psf, boundary="wrap")
+    img = _convolve_psf(truth, rng.uniform(0.8, 1.4) * size / 64.0)
     img = np.clip(img, 0, None)
     peak = np.percentile(img, 99.7) + 1e-12
     counts = img / peak * rng.uniform(300, 1200)
@@ -242,15 +268,41 @@ def _observe(truth: np.ndarray, rng: np.random.Generator, size: int) -> np.ndarr
     return observed
 
 
-def _wcs_header(size: int, rng: np.random.Generator) -> fits.Header:
+@functools.lru_cache(maxsize=8)
+def _header_template(size: int) -> fits.Header:
+    """The WCS header of an image of ``size`` pixels (CRVAL and LATPOLE set per image)."""
     w = WCS(naxis=2)
     w.wcs.ctype = ["RA---TAN", "DEC--TAN"]
     w.wcs.crpix = [size / 2 + 0.5, size / 2 + 0.5]
-    w.wcs.crval = [float(rng.uniform(0, 360)), float(np.degrees(np.arcsin(rng.uniform(-0.95, 0.95))))]
+    w.wcs.crval = [0.0, 0.0]
     scale = PIXEL_SCALE_ARCSEC / 3600.0
     w.wcs.cdelt = [-scale, scale]
     w.wcs.cunit = ["deg", "deg"]
     return w.to_header()
+
+
+def _sky_position(rng: np.random.Generator) -> tuple[float, float]:
+    """A random pointing ``(ra, dec)`` in degrees, uniform on the sphere up to |dec| of 72 deg.
+
+    Rounded to the 14 significant digits that ``WCS.to_header`` (wcslib) writes.
+    """
+    ra = float(rng.uniform(0, 360))
+    dec = float(np.degrees(np.arcsin(rng.uniform(-0.95, 0.95))))
+    return float(f"{ra:.14G}"), float(f"{dec:.14G}")
+
+
+@functools.lru_cache(maxsize=4)
+def _image_hdu(size: int) -> fits.PrimaryHDU:
+    """One reusable HDU per image size (per process): header cards set, then data, then written.
+
+    Reusing it saves building and verifying a header per image; the files are
+    byte for byte what ``PrimaryHDU(data, header=header).writeto`` gives.
+    """
+    header = _header_template(size).copy()
+    header["OBJECT"] = ("", "synthetic object class")
+    header["BUNIT"] = "count"
+    header["ORIGIN"] = "astrovl synthetic sky"
+    return fits.PrimaryHDU(np.zeros((size, size), dtype=np.float32), header=header)
 
 
 def _caption(label: str, rng: np.random.Generator) -> tuple[str, str, str]:
@@ -260,6 +312,39 @@ def _caption(label: str, rng: np.random.Generator) -> tuple[str, str, str]:
     objs = ", ".join(obj)
     uses_s = ", ".join(use)
     return f"{objs}; {uses_s}", objs, uses_s
+
+
+def _make_image(root: str, i: int, label: str, seed: int, image_size: int) -> tuple:
+    """Render and write image ``i`` unless a complete one exists.
+
+    Everything random comes from ``default_rng([seed, 1, i])`` in a fixed order
+    (caption, position, object, PSF and noise), so images do not depend on which
+    process renders them or in which order. Returns ``(written, (image,
+    caption, objects, use_cases))``, the latter the manifest fields.
+    """
+    rng = np.random.default_rng([seed, 1, i])
+    rel = f"images/sky_{i:06d}.fits"
+    path = Path(root) / rel
+    caption, objs, uses = _caption(label, rng)
+    ra, dec = _sky_position(rng)
+    hdu = _image_hdu(image_size)
+    expected = len(hdu.header.tostring()) + -(-image_size * image_size * 4 // 2880) * 2880
+    complete = path.is_file() and path.stat().st_size == expected
+    if not complete:
+        data = _observe(render_object(label, image_size, rng), rng, image_size)
+        hdu.header["CRVAL1"] = ra
+        hdu.header["CRVAL2"] = dec
+        hdu.header["LATPOLE"] = dec
+        hdu.header["OBJECT"] = label
+        hdu.data = data
+        with atomic_write(path, "wb", fsync=False) as fh:
+            # a WCS template and three valid cards: nothing to verify or fix
+            hdu.writeto(fh, output_verify="ignore")
+    return not complete, (rel, caption, objs, uses)
+
+
+def _make_images(root: str, tasks: list[tuple[int, str]], seed: int, image_size: int) -> list[tuple]:
+    return [_make_image(root, i, label, seed, image_size) for i, label in tasks]
 
 
 class SyntheticSkyDataset(ManifestDataset):
@@ -278,12 +363,12 @@ class SyntheticSkyDataset(ManifestDataset):
     @classmethod
     def generate(cls, directory: str | os.PathLike, n_images: int = 5000, image_size: int = 128,
                  seed: int = 0, val_fraction: float = 0.1, classes: list[str] | None = None,
-                 progress: bool = True) -> SyntheticSkyDataset:
+                 progress: bool = True, workers: int = 0) -> SyntheticSkyDataset:
         """Render a dataset to ``directory`` (FITS images + ``manifest.ecsv``).
 
         Generation is deterministic for a given ``seed`` and resumable: images that
-        already exist complete are kept, so an interrupted run can simply be
-        repeated.
+        already exist complete (the right size) are kept, so an interrupted run can
+        simply be repeated. The images do not depend on ``workers``.
 
         Parameters
         ----------
@@ -297,6 +382,13 @@ class SyntheticSkyDataset(ManifestDataset):
         classes : list of str, optional
             Subset of :data:`SYNTHETIC_CLASSES` (default: all).
         progress : bool
+        workers : int
+            Worker processes that render and write images
+            (:class:`~concurrent.futures.ProcessPoolExecutor`); 0 or 1 (the
+            default) renders in this process, which is fast enough for the
+            default data set (5,000 images of 128 pixels in about 20 s on one
+            core). Where processes are spawned (Windows, macOS), call this from
+            under ``if __name__ == "__main__":`` in scripts.
         """
         labels = list(SYNTHETIC_CLASSES) if classes is None else list(classes)
         unknown = [c for c in labels if c not in SYNTHETIC_CLASSES]
@@ -318,22 +410,26 @@ class SyntheticSkyDataset(ManifestDataset):
             idx = np.flatnonzero(assignment == label)
             n_val = int(round(val_fraction * len(idx)))
             is_val[idx[:n_val]] = True
+        tasks = [(i, str(assignment[i])) for i in range(n_images)]
+        chunk = 50
+        chunks = [tasks[k:k + chunk] for k in range(0, n_images, chunk)]
+        made: list[tuple] = []
+        bar = progress_bar(total=n_images, enabled=progress, desc="rendering synthetic sky", unit="img")
+        if workers and workers > 1 and len(chunks) > 1:
+            with ProcessPoolExecutor(max_workers=min(int(workers), len(chunks))) as pool:
+                futures = [pool.submit(_make_images, str(root), c, seed, image_size) for c in chunks]
+                for future, c in zip(futures, chunks):
+                    made.extend(future.result())
+                    bar.update(len(c))
+        else:
+            for c in chunks:
+                made.extend(_make_images(str(root), c, seed, image_size))
+                bar.update(len(c))
+        bar.close()
+        if any(written for written, _ in made) and hasattr(os, "sync"):
+            os.sync()  # the images were written without a flush each: one for all of them
         rows = []
-        for i in progress_bar(range(n_images), enabled=progress, desc="rendering synthetic sky",
-                              unit="img", total=n_images):
-            label = str(assignment[i])
-            rng = np.random.default_rng([seed, 1, i])
-            rel = f"images/sky_{i:06d}.fits"
-            path = root / rel
-            caption, objs, uses = _caption(label, rng)
-            header = _wcs_header(image_size, rng)
-            if not path.is_file():
-                data = _observe(render_object(label, image_size, rng), rng, image_size)
-                header["OBJECT"] = (label, "synthetic object class")
-                header["BUNIT"] = "count"
-                header["ORIGIN"] = "astrovl synthetic sky"
-                with atomic_write(path, "wb") as fh:
-                    fits.PrimaryHDU(data.astype(np.float32), header=header).writeto(fh)
+        for (i, label), (_, (rel, caption, objs, uses)) in zip(tasks, made):
             rows.append((f"sky_{i:06d}", "val" if is_val[i] else "train", rel, caption, label, objs,
                          uses, "synthetic"))
         table = Table(rows=rows, names=("id", "split", "image", "caption", "label", "objects",

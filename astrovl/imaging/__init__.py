@@ -9,7 +9,14 @@ from .core import AstroImage
 from .cutouts import cutout
 from .readers import FITS_SUFFIXES, load_image
 from .rgb import make_rgb
-from .scaling import DEFAULT_PERCENTILE, get_interval, get_stretch, scale_to_unit
+from .scaling import (
+    DEFAULT_PERCENTILE,
+    PERCENTILE_SAMPLES,
+    get_interval,
+    get_stretch,
+    interval_limits,
+    scale_to_unit,
+)
 
 __all__ = [
     "AstroImage",
@@ -21,4 +28,6 @@ __all__ = [
     "get_stretch",
     "FITS_SUFFIXES",
     "DEFAULT_PERCENTILE",
+    "PERCENTILE_SAMPLES",
+    "interval_limits",
 ]

@@ -22,7 +22,7 @@ __all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_di
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator:
+def atomic_write(path: str | os.PathLike, mode: str = "wb", *, fsync: bool = True) -> Iterator:
     """Open a temporary file next to ``path`` and rename it over ``path`` on success.
 
     Readers never see a half-written file: on any exception the temporary file is
@@ -34,6 +34,10 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator:
         Final destination.
     mode : {"wb", "w"}
         Binary or text mode.
+    fsync : bool
+        Flush the file to the disk before the rename (default). Writers of many
+        small files can pass False and sync once at the end (``os.sync``); the
+        rename still makes each file appear whole.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -44,7 +48,8 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator:
         with os.fdopen(fd, mode, encoding=encoding) as fh:
             yield fh
             fh.flush()
-            os.fsync(fh.fileno())
+            if fsync:
+                os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
