@@ -13,7 +13,12 @@ import torch
 
 from astrovl import AstroLLaVA, conf
 from astrovl.exceptions import CheckpointError, ModelNotFoundError
-from astrovl.llava import LLAVA_HF_CHAT_TEMPLATE, VICUNA_V1_CHAT_TEMPLATE, VICUNA_V1_SYSTEM, expand2square
+from astrovl.llava import (
+    LLAVA_HF_CHAT_TEMPLATE,
+    VICUNA_V1_CHAT_TEMPLATE,
+    VICUNA_V1_SYSTEM,
+    expand2square,
+)
 from astrovl.llava.checkpoints import load_weights, weight_files
 from astrovl.llava.convert import convert_llava_checkpoint, converted_cache_path
 from astrovl.llava.hub import resolve_checkpoint
