@@ -76,3 +76,19 @@ def xdf_array() -> np.ndarray:
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(12345)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Run a module's tiny models on one torch thread.
+
+    With tiny matrices, handing work between threads costs more than the work, and on
+    a loaded machine a descheduled thread stalls every operation (a 64 x 64 matmul
+    then takes milliseconds). Use with ``pytestmark = pytest.mark.usefixtures(...)``.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

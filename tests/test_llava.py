@@ -9,6 +9,8 @@ from astrovl.exceptions import CheckpointError, ModelNotFoundError
 from astrovl.llava import convert_llava_checkpoint
 from astrovl.llava.testing import make_tiny_llava
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):

@@ -20,15 +20,16 @@ from astrovl.llava import (
     expand2square,
 )
 from astrovl.llava.checkpoints import load_weights, weight_files
-from astrovl.llava.convert import convert_llava_checkpoint, converted_cache_path
+from astrovl.llava.convert import converted_cache_path
 from astrovl.llava.hub import resolve_checkpoint
 from astrovl.llava.testing import (
-    make_tiny_clip_tower,
-    make_tiny_llava,
+    make_tiny_hub,
     make_tiny_lora_release,
     make_tiny_original_llava,
     write_hub_snapshot,
 )
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 TOWER = "openai/clip-vit-large-patch14-336"
 
@@ -45,22 +46,7 @@ def hub(tmp_path_factory):
         mp.setattr(hf_constants, "HF_HUB_OFFLINE", True)
         with conf.set_temp("cache_dir", str(root / "astrovl-cache")):
             src = root / "src"
-            write_hub_snapshot(cache, TOWER, make_tiny_clip_tower(src / "tower"))
-            write_hub_snapshot(cache, "UniverseTBD/AstroLLaVA_v3",
-                               make_tiny_original_llava(src / "v3", vision_tower=TOWER, seed=1))
-            write_hub_snapshot(cache, "liuhaotian/llava-v1.5-7b",
-                               make_tiny_original_llava(src / "v15", vision_tower=TOWER, seed=3, shards=2,
-                                                        weight_format="bin"))
-            write_hub_snapshot(cache, "llava-hf/llava-1.5-7b-hf",
-                               make_tiny_llava(src / "hf", chat_template=LLAVA_HF_CHAT_TEMPLATE,
-                                               tokenizer="sentencepiece", seed=4))
-            base15 = convert_llava_checkpoint("liuhaotian/llava-v1.5-7b", root / "v15-converted")
-            write_hub_snapshot(cache, "UniverseTBD/AstroLLaVA_v2", make_tiny_lora_release(
-                src / "v2", base_model_name_or_path="/data/szaman/llava-finetuning/llava-v1.5-7b",
-                base_dir=base15, weight_format="bin"))
-            write_hub_snapshot(cache, "UniverseTBD/AstroLLaVA_v1", make_tiny_lora_release(
-                src / "v1", base_model_name_or_path="llava-hf/llava-1.5-7b-hf", base_dir=src / "hf",
-                weight_format="safetensors", seed=5))
+            make_tiny_hub(cache, src)
             yield {"cache": cache, "root": root, "src": src}
 
 

@@ -18,6 +18,8 @@ from astrovl.training.llava_data import (
     load_conversation_records,
 )
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
@@ -216,8 +218,10 @@ def test_cli_train_then_evaluate_galaxy10(tiny_dir, sky, tmp_path, capsys):
                "--device", "cpu", "--limit", "3", "--max-new-tokens", "5", "--output",
                str(tmp_path / "scores.ecsv"), "--plot", str(tmp_path / "scores.png")])
     assert rc == 0
-    scores = Table.read(tmp_path / "scores.ecsv")
+    scores = Table.read(tmp_path / "scores_descriptions.ecsv")
     assert len(scores) == 3 and np.all(np.isfinite(scores["semantic_score"]))
+    summary = Table.read(tmp_path / "scores.ecsv")
+    assert summary["label"][-1] == "all" and summary["n"][-1] == 3
     assert (tmp_path / "scores.png").stat().st_size > 5000
 
 

@@ -34,7 +34,8 @@ from ..utils.files import atomic_directory
 from .template import LLAVA_CHAT_TEMPLATE
 
 __all__ = ["make_tiny_llava", "make_tiny_clip_tower", "make_tiny_original_llava", "make_tiny_lora_release",
-           "make_sentencepiece_tokenizer", "write_hub_snapshot", "TINY_CORPUS"]
+           "make_sentencepiece_tokenizer", "write_hub_snapshot", "make_tiny_hub", "make_tiny_galaxy10",
+           "TINY_CORPUS"]
 
 TINY_CORPUS = [
     "USER: ASSISTANT: Describe this astronomical image in detail.",
@@ -428,3 +429,106 @@ def write_hub_snapshot(cache_dir: str | os.PathLike, repo_id: str, source: str |
         (repo / "refs").mkdir(parents=True, exist_ok=True)
         (repo / "refs" / ref).write_text(revision)
     return snapshot
+
+
+def make_tiny_hub(cache_dir: str | os.PathLike, work_dir: str | os.PathLike) -> dict[str, Path]:
+    """Fill a hub cache with tiny models in every released layout, under the released hub ids.
+
+    ================================== ==========================================================
+    hub id                             layout
+    ================================== ==========================================================
+    ``openai/clip-vit-large-patch14-336`` full CLIP model with its image processor (vision tower)
+    ``UniverseTBD/AstroLLaVA_v3``      original LLaVA layout, 2 safetensors shards + index json
+    ``liuhaotian/llava-v1.5-7b``       original LLaVA layout, 2 ``.bin`` shards + index json
+    ``llava-hf/llava-1.5-7b-hf``       transformers layout, SentencePiece tokenizer, llava-hf
+                                       chat template
+    ``UniverseTBD/AstroLLaVA_v1``      LoRA release (``adapter_model.safetensors``) on
+                                       ``llava-hf/llava-1.5-7b-hf``
+    ``UniverseTBD/AstroLLaVA_v2``      LoRA release (``adapter_model.bin``) whose base is a path
+                                       of the training machine (``.../llava-v1.5-7b``)
+    ================================== ==========================================================
+
+    Parameters
+    ----------
+    cache_dir : path
+        The hub cache to fill (what ``HF_HUB_CACHE`` points at).
+    work_dir : path
+        Where the source directories are built.
+
+    Returns
+    -------
+    dict
+        Hub id -> source directory.
+    """
+    from .convert import convert_llava_checkpoint
+
+    work = Path(work_dir)
+    tower = "openai/clip-vit-large-patch14-336"
+    sources = {
+        tower: make_tiny_clip_tower(work / "tower"),
+        "UniverseTBD/AstroLLaVA_v3": make_tiny_original_llava(work / "v3", vision_tower=tower, seed=1),
+        "liuhaotian/llava-v1.5-7b": make_tiny_original_llava(work / "v15", vision_tower=tower, seed=3,
+                                                             weight_format="bin"),
+        "llava-hf/llava-1.5-7b-hf": make_tiny_llava(work / "hf", tokenizer="sentencepiece", seed=4,
+                                                    chat_template=_llava_hf_template()),
+    }
+    for repo_id, src in sources.items():
+        write_hub_snapshot(cache_dir, repo_id, src)
+    # the shapes of the LoRA layers come from the transformers layout of each base
+    base15 = convert_llava_checkpoint(sources["liuhaotian/llava-v1.5-7b"], work / "v15-converted",
+                                      vision_tower=sources[tower])
+    sources["UniverseTBD/AstroLLaVA_v2"] = make_tiny_lora_release(
+        work / "v2", base_model_name_or_path="/data/szaman/llava-finetuning/llava-v1.5-7b", base_dir=base15,
+        weight_format="bin")
+    sources["UniverseTBD/AstroLLaVA_v1"] = make_tiny_lora_release(
+        work / "v1", base_model_name_or_path="llava-hf/llava-1.5-7b-hf", base_dir=sources["llava-hf/llava-1.5-7b-hf"],
+        weight_format="safetensors", seed=5)
+    for repo_id in ("UniverseTBD/AstroLLaVA_v2", "UniverseTBD/AstroLLaVA_v1"):
+        write_hub_snapshot(cache_dir, repo_id, sources[repo_id])
+    return sources
+
+
+def _llava_hf_template() -> str:
+    from .template import LLAVA_HF_CHAT_TEMPLATE
+
+    return LLAVA_HF_CHAT_TEMPLATE
+
+
+def make_tiny_galaxy10(directory: str | os.PathLike, *, per_class: int = 2, image_size: int = 16,
+                       train_shards: int = 2) -> Path:
+    """Write a tiny Galaxy10 DECaLS in the layout of the hub dataset ``matthieulel/galaxy10_decals``.
+
+    ``data/train-0000K-of-0000N-<hash>.parquet`` and ``data/test-00000-of-00001-<hash>.parquet``
+    with the columns ``image`` (struct of PNG ``bytes`` and ``path``) and ``label``
+    (uint8), ``per_class`` images of each of the ten classes in each split. The red
+    channel of an image is ``20 * label`` (so images and labels can be checked
+    against each other), the green one its row number.
+    """
+    import io
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    directory = Path(directory)
+    image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    with atomic_directory(directory) as tmp:
+        (tmp / "data").mkdir()
+        for split, shards in (("train", train_shards), ("test", 1)):
+            labels = np.repeat(np.arange(10), per_class).astype(np.uint8)
+            rows = []
+            for k, lab in enumerate(labels):
+                buf = io.BytesIO()
+                Image.new("RGB", (image_size, image_size), (int(lab) * 20, k % 256, 7)).save(buf, format="PNG")
+                rows.append({"bytes": buf.getvalue(), "path": None})
+            for s in range(shards):
+                table = pa.table({"image": pa.array(rows[s::shards], type=image_type),
+                                  "label": pa.array(labels[s::shards], type=pa.uint8())})
+                pq.write_table(table, tmp / "data" / f"{split}-{s:05d}-of-{shards:05d}-0a1b2c3d.parquet",
+                               row_group_size=4)
+        (tmp / "README.md").write_text(
+            "---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n    path: data/train-*\n"
+            "  - split: test\n    path: data/test-*\ndataset_info:\n  features:\n  - name: image\n"
+            "    dtype: image\n  - name: label\n    dtype: uint8\n---\n")
+    return directory
