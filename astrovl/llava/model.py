@@ -414,7 +414,8 @@ class AstroLLaVA:
                     ids[row, :m] = cont[i]
                     mask[row, n_prefix:n_prefix + m] = 1
                 ids, mask = ids.to(self.device), mask.to(self.device)
-                past = copy.deepcopy(cache)
+                # the cache grows with each forward: the last chunk may use (and spend) the original
+                past = cache if start + batch_size >= len(order) else copy.deepcopy(cache)
                 past.batch_repeat_interleave(len(chunk))
                 logits = self.model(input_ids=ids, attention_mask=mask, use_cache=True,
                                     **{cache_name: past}).logits.float()
@@ -464,8 +465,12 @@ class AstroLLaVA:
     def _score_unbatched(self, image, texts: Sequence[str], prompt: str | None = None) -> np.ndarray:
         """Reference of :meth:`score`: the processor and a full forward pass for every text.
 
-        Slower (the image is processed and encoded once per text); kept to check the
-        batched path and to score texts whose tokens merge with the prompt.
+        The way :meth:`score` worked before it was batched: for every text the
+        processor runs on the prompt and on the prompt with the text, and the whole
+        model on the latter. Slower (the image is processed and encoded twice per
+        text); kept to check the batched path (and to time it, see
+        ``benchmarks/bench_llava_score.py``), and to score texts whose tokens merge
+        with the prompt's.
         """
         import torch
 
@@ -473,9 +478,9 @@ class AstroLLaVA:
         pil = image if hasattr(image, "size") and hasattr(image, "mode") else self._pil(image)
         prefix = self._prompt([self._user(prompt)])
         tok = self.processor.tokenizer
-        n_prefix = self.processor(images=[pil], text=[prefix], return_tensors="pt")["input_ids"].shape[1]
         scores = []
         for t in texts:
+            n_prefix = self.processor(images=[pil], text=[prefix], return_tensors="pt")["input_ids"].shape[1]
             full = prefix + " " + t + (tok.eos_token or "")
             inputs = self._to_device(self.processor(images=[pil], text=[full], return_tensors="pt"))
             with torch.inference_mode():
