@@ -534,3 +534,31 @@ def test_gemma_270m_gguf_summary(gemma_file, tmp_path):
     _check_summary(s)
     assert s.objects_and_phenomena and s.science_use_cases
     assert len(JSONLCache(tmp_path / "s.jsonl")) == 1
+
+
+# --------------------------------------------------------------------------- batches
+@pytest.mark.parametrize("backend", ["llguidance", "outlines_core"])
+def test_batched_first_attempts_give_the_results_of_one_at_a_time(tiny_lm, count_calls, backend):
+    model, tok = tiny_lm
+    abstracts = [ABSTRACT, "", "Deep imaging of globular clusters to find white dwarfs.",
+                 "Narrow-band images of young planetary nebulae reveal jets, knots and shells.", ABSTRACT]
+    calls = count_calls(model)
+    one = AbstractSummarizer(model, tok, max_new_tokens=300, max_retries=1, backend=backend)
+    single = one.summarize_many(abstracts, progress=False, batch_size=1)
+    n_single = len(calls)
+    batched = AbstractSummarizer(model, tok, max_new_tokens=300, max_retries=1, backend=backend)
+    together = batched.summarize_many(abstracts, progress=False, batch_size=4)
+    assert [s.model_dump() if s else None for s in together] == [s.model_dump() if s else None for s in single]
+    assert (batched.report.generated, batched.report.failed, batched.report.attempts) == \
+        (one.report.generated, one.report.failed, one.report.attempts)
+    assert len(calls) - n_single < n_single  # fewer generate calls
+    captions = ["A face-on spiral galaxy with two arms.", "A red planetary nebula with a bright shell.",
+                "An elliptical galaxy in a rich cluster."]
+    gen1 = ConversationGenerator(model, tok, max_new_tokens=600, max_retries=0, backend=backend,
+                                 max_question_chars=40, max_answer_chars=60)
+    gen4 = ConversationGenerator(model, tok, max_new_tokens=600, max_retries=0, backend=backend,
+                                 max_question_chars=40, max_answer_chars=60)
+    assert gen4.generate_many(captions, batch_size=3, progress=False) == \
+        [gen1.generate(c) for c in captions]
+    with pytest.raises(ValueError, match="batch_size"):
+        gen4.generate_many(captions, batch_size=0)
