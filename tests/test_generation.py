@@ -430,6 +430,7 @@ def test_generate_for_dataset_writes_llava_json_and_resumes(tiny_lm, tmp_path, c
     assert len(records) == len(ds) == 6
     assert [r["id"] for r in records] == [str(x) for x in ds.manifest["id"]]
     assert [r["image"] for r in records] == [str(x) for x in ds.manifest["image"]]
+    assert [r["split"] for r in records] == [str(x) for x in ds.manifest["split"]]
     for rec in records:
         conv = rec["conversations"]
         assert 6 <= len(conv) <= 12

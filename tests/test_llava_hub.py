@@ -142,6 +142,19 @@ def test_llava_hf_layout_keeps_its_template_and_pads_with_the_processor_mean(hub
     assert tuple(arr[0, 0]) == (122, 116, 104) and tuple(arr[15, 15]) == (0, 0, 0)
 
 
+def test_chat_history_answers_end_with_eos_under_the_llava_hf_template(hub):
+    model = AstroLLaVA.from_pretrained("llava-hf/llava-1.5-7b-hf", device="cpu")
+    from astrovl.llava.chat import close_assistant_turns, template_closes_turns
+
+    assert not template_closes_turns(model.processor)
+    messages = [model._user("What is it?"), {"role": "assistant", "content": [{"type": "text", "text": "A cluster."}]},
+                model._user("How old?", with_image=False)]
+    prompt = model._prompt(close_assistant_turns(model.processor, messages))
+    assert prompt == "USER: <image>\nWhat is it? ASSISTANT: A cluster.</s> USER: How old? ASSISTANT:"
+    assert isinstance(model.chat(np.ones((8, 8)), [("user", "What is it?"), ("assistant", "A cluster."),
+                                                   ("user", "How old?")], max_new_tokens=3), str)
+
+
 def test_expand2square_centres_the_image():
     from PIL import Image
 

@@ -317,7 +317,7 @@ class ConversationGenerator(GuidedJSONGenerator):
 
         Each record's caption becomes a conversation about its image (the manifest's
         ``image`` path, relative to the dataset root, so the root is LLaVA's image
-        folder). Records whose generation fails are left out and listed in
+        folder); the record's ``split`` goes along (training reads ``train`` only). Records whose generation fails are left out and listed in
         :attr:`report`. The file is written atomically at the end; finished
         conversations are cached as they are made (in ``cache``, or else in
         ``<path>.cache.jsonl``), so an interrupted run resumes where it stopped.
@@ -356,8 +356,12 @@ class ConversationGenerator(GuidedJSONGenerator):
             captions = list(dataset.captions)
             labels = [f"record {rid!r}: {excerpt(c)}" for rid, c in zip(ids, captions)]
             turns = self.generate_many(captions, batch_size=batch_size, progress=progress, labels=labels)
-            records = [to_llava_record(rid, image, t) for rid, image, t in zip(ids, images, turns)
-                       if t is not None]
+            splits = [str(x) for x in manifest["split"]] if "split" in manifest.colnames else [None] * len(ids)
+            records = []
+            for rid, image, t, split in zip(ids, images, turns, splits):
+                if t is not None:
+                    # the split goes along, so that training never learns validation conversations
+                    records.append({**to_llava_record(rid, image, t), **({"split": split} if split else {})})
         finally:
             if own_cache:
                 self.cache = None
