@@ -39,7 +39,7 @@ from _common import (
     resolve_bench_device,
     synchronize,
 )
-from bench_guided_generation import ABSTRACTS, WARMUP_ABSTRACT, tiny_llama
+from bench_guided_generation import ABSTRACTS, WARMUP_ABSTRACT, load_language_model
 
 MORE_ABSTRACTS = [
     "Massive galaxy clusters bend the light of background galaxies into giant arcs. We will map "
@@ -87,7 +87,7 @@ def main(argv=None) -> None:
 
     from transformers.utils import logging as hf_logging
 
-    from astrovl.generation import OFFLINE_GEMMA, AbstractSummarizer, load_causal_lm
+    from astrovl.generation import AbstractSummarizer
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
@@ -96,15 +96,7 @@ def main(argv=None) -> None:
     env = environment(device)
     print_environment(env)
     t0 = time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # GGUF de-quantisation chatter
-        if args.model == "tiny":
-            model, tokenizer = tiny_llama(device)
-            label = "tiny random Llama"
-        else:
-            source = OFFLINE_GEMMA if args.model == "gemma" else args.model
-            model, tokenizer = load_causal_lm(source, gguf_file=args.gguf_file, device=device)
-            label = "Gemma 3 270M (GGUF)" if args.model == "gemma" else args.model
+    model, tokenizer, label = load_language_model(args.model, device, args.gguf_file)
     print(f"model: {label}, loaded in {time.perf_counter() - t0:.1f} s; {len(texts)} abstracts, "
           f"max_new_tokens {args.max_new_tokens}")
     eos = {tokenizer.eos_token_id, tokenizer.pad_token_id}
