@@ -439,7 +439,8 @@ def test_generate_for_dataset_writes_llava_json_and_resumes(tiny_lm, tmp_path, c
         assert (tmp_path / "sky" / rec["image"]).is_file()
     first_text = out.read_text()
     n = len(calls)
-    assert n >= 6
+    # the six first attempts ran in one batched generate call; any retry is a call of its own
+    assert n == gen.report.attempts - 5 >= 1
 
     # a second run resumes from the sidecar cache: no model call, same file
     again = ConversationGenerator(model, tok, max_new_tokens=900, max_question_chars=40,

@@ -124,6 +124,10 @@ def test_lora_adapter_saves_and_reloads(tiny_dir, tmp_path, m13_path):
         original = base.model(**inputs).logits
     torch.testing.assert_close(reloaded, trained, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(trained, original, atol=1e-4)
+    # the adapter directory loads by itself too: a LoRA release naming its base
+    alone = AstroLLaVA.from_pretrained(result.adapter_dir, device="cpu")
+    with torch.inference_mode():
+        torch.testing.assert_close(alone.model(**inputs).logits, trained, rtol=1e-5, atol=1e-5)
 
 
 def test_resume_continues_exactly(tiny_dir, sky, tmp_path):

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from ..exceptions import ModelNotFoundError
+from ..exceptions import CheckpointError, ModelNotFoundError
 from ..utils.devices import resolve_device
 from ..utils.progress import progress_bar
 from .chat import close_assistant_turns
@@ -191,8 +191,8 @@ class AstroLLaVA:
             base_source = resolve_reference(release_base(release, base), what="base model") if base is None \
                 else resolve_checkpoint(base)
             if detect_layout(base_source.path) == "lora":
-                raise ModelNotFoundError(f"the base of {source.name!r}, {base_source.name!r}, is itself an adapter; "
-                                         "pass base= a full model")
+                raise CheckpointError(f"the base of {source.name!r}, {base_source.name!r}, is itself an adapter; "
+                                      "pass base= a full model")
             model, processor = _load_full(base_source, dev, **options)
             model = apply_lora_release(model, release, merge=merge)
             if release.trained_with_llava_code:
