@@ -434,19 +434,19 @@ def write_hub_snapshot(cache_dir: str | os.PathLike, repo_id: str, source: str |
 def make_tiny_hub(cache_dir: str | os.PathLike, work_dir: str | os.PathLike) -> dict[str, Path]:
     """Fill a hub cache with tiny models in every released layout, under the released hub ids.
 
-    ================================== ==========================================================
-    hub id                             layout
-    ================================== ==========================================================
-    ``openai/clip-vit-large-patch14-336`` full CLIP model with its image processor (vision tower)
-    ``UniverseTBD/AstroLLaVA_v3``      original LLaVA layout, 2 safetensors shards + index json
-    ``liuhaotian/llava-v1.5-7b``       original LLaVA layout, 2 ``.bin`` shards + index json
-    ``llava-hf/llava-1.5-7b-hf``       transformers layout, SentencePiece tokenizer, llava-hf
-                                       chat template
-    ``UniverseTBD/AstroLLaVA_v1``      LoRA release (``adapter_model.safetensors``) on
-                                       ``llava-hf/llava-1.5-7b-hf``
-    ``UniverseTBD/AstroLLaVA_v2``      LoRA release (``adapter_model.bin``) whose base is a path
-                                       of the training machine (``.../llava-v1.5-7b``)
-    ================================== ==========================================================
+    ``openai/clip-vit-large-patch14-336``
+        a full CLIP model with its image processor (the vision tower)
+    ``UniverseTBD/AstroLLaVA_v3``
+        original LLaVA layout, 2 safetensors shards and an index json
+    ``liuhaotian/llava-v1.5-7b``
+        original LLaVA layout, 2 ``.bin`` shards and an index json
+    ``llava-hf/llava-1.5-7b-hf``
+        transformers layout, SentencePiece tokenizer, llava-hf chat template
+    ``UniverseTBD/AstroLLaVA_v1``
+        LoRA release (``adapter_model.safetensors``) on ``llava-hf/llava-1.5-7b-hf``
+    ``UniverseTBD/AstroLLaVA_v2``
+        LoRA release (``adapter_model.bin``) whose base is a path of the training
+        machine (``.../llava-v1.5-7b``)
 
     Parameters
     ----------
