@@ -38,8 +38,11 @@ class Conf(_config.ConfigNamespace):
         cfgtype="string",
     )
     llava_model = _config.ConfigItem(
-        "llava-hf/llava-1.5-7b-hf",
-        "Default LLaVA model (transformers layout) for AstroLLaVA.",
+        "UniverseTBD/AstroLLaVA_v3",
+        "Default model of AstroLLaVA.from_pretrained(): a hub id or directory in any "
+        "layout it reads. The default is the released AstroLLaVA (LLaVA-1.5 7B fine-tuned "
+        "on astronomy images, original LLaVA layout: about 14 GB of bf16 safetensors plus "
+        "the 1.7 GB CLIP ViT-L/14-336 vision tower, converted once into the cache).",
         cfgtype="string",
     )
     summarizer_model = _config.ConfigItem(

@@ -140,6 +140,20 @@ def tiny_llama(device, seed: int = 0):
     return model, tokenizer
 
 
+def load_language_model(name: str, device, gguf_file=None, dtype=None):
+    """``(model, tokenizer, label)`` for ``--model``: ``tiny``, ``gemma`` or a name for load_causal_lm."""
+    from astrovl.generation import OFFLINE_GEMMA, load_causal_lm
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # GGUF de-quantisation chatter
+        if name == "tiny":
+            model, tokenizer = tiny_llama(device)
+            return model, tokenizer, "tiny random Llama"
+        source = OFFLINE_GEMMA if name == "gemma" else name
+        model, tokenizer = load_causal_lm(source, gguf_file=gguf_file, device=device, dtype=dtype)
+    return model, tokenizer, "Gemma 3 270M (GGUF)" if name == "gemma" else name
+
+
 class GenerateRecorder:
     """Wrap ``model.generate``: record each call's inputs, new-token count and time."""
 
@@ -206,7 +220,7 @@ def main(argv=None) -> None:
     import torch
     from transformers.utils import logging as hf_logging
 
-    from astrovl.generation import OFFLINE_GEMMA, AbstractSummarizer, load_causal_lm
+    from astrovl.generation import AbstractSummarizer
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
@@ -215,17 +229,7 @@ def main(argv=None) -> None:
     env = environment(device)
     print_environment(env)
     t0 = time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # GGUF de-quantisation chatter
-        if args.model == "tiny":
-            model, tokenizer = tiny_llama(device)
-            label = "tiny random Llama"
-        else:
-            source = OFFLINE_GEMMA if args.model == "gemma" else args.model
-            model, tokenizer = load_causal_lm(
-                source, gguf_file=args.gguf_file, device=device, dtype=args.dtype
-            )
-            label = "Gemma 3 270M (GGUF)" if args.model == "gemma" else args.model
+    model, tokenizer, label = load_language_model(args.model, device, args.gguf_file, args.dtype)
     load_s = time.perf_counter() - t0
     n_params = sum(p.numel() for p in model.parameters())
     summarizer = AbstractSummarizer(

@@ -90,3 +90,19 @@ def hub_cache(tmp_path, monkeypatch) -> Path:
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     return cache
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Run a module's tiny models on one torch thread.
+
+    With tiny matrices, handing work between threads costs more than the work, and on
+    a loaded machine a descheduled thread stalls every operation (a 64 x 64 matmul
+    then takes milliseconds). Use with ``pytestmark = pytest.mark.usefixtures(...)``.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -11,7 +11,14 @@ from astrovl.exceptions import CheckpointError, DatasetError
 from astrovl.llava.testing import make_tiny_llava
 from astrovl.training import LLaVATrainingConfig, train_llava
 from astrovl.training.llava import DEEPSPEED_ZERO3_CONFIG
-from astrovl.training.llava_data import IGNORE_INDEX, encode_conversation, load_conversation_records
+from astrovl.training.llava_data import (
+    IGNORE_INDEX,
+    LLaVATorchDataset,
+    encode_conversation,
+    load_conversation_records,
+)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +39,7 @@ def _load(tiny_dir):
 
 def _cfg(tmp_path, **kw):
     base = dict(output_dir=str(tmp_path / "run"), device="cpu", batch_size=2, progress=False, log_every=1,
-                warmup_ratio=0.0, schedule="constant")
+                warmup_ratio=0.0, schedule="constant", num_workers=0)
     base.update(kw)
     return LLaVATrainingConfig(**base)
 
@@ -117,6 +124,10 @@ def test_lora_adapter_saves_and_reloads(tiny_dir, tmp_path, m13_path):
         original = base.model(**inputs).logits
     torch.testing.assert_close(reloaded, trained, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(trained, original, atol=1e-4)
+    # the adapter directory loads by itself too: a LoRA release naming its base
+    alone = AstroLLaVA.from_pretrained(result.adapter_dir, device="cpu")
+    with torch.inference_mode():
+        torch.testing.assert_close(alone.model(**inputs).logits, trained, rtol=1e-5, atol=1e-5)
 
 
 def test_resume_continues_exactly(tiny_dir, sky, tmp_path):
@@ -171,7 +182,12 @@ def test_bad_configs_and_data(tmp_path, sky):
     with pytest.raises(DatasetError, match="gpt turn"):
         load_conversation_records(tmp_path / "noans.json", stage=2)
     recs = load_conversation_records(sky, stage=1)
-    assert len(recs) == len(sky) and recs[0]["turns"][1] == ("assistant", sky.captions[0])
+    train = sky.split("train")
+    assert len(recs) == len(train) < len(sky) and recs[0]["turns"][1] == ("assistant", train.captions[0])
+    assert len(load_conversation_records(sky, stage=1, split="val")) == len(sky.split("val"))
+    assert len(load_conversation_records(sky, stage=1, split=None)) == len(sky)
+    with pytest.raises(ValueError, match="split"):
+        load_conversation_records(sky, stage=1, split="training")
 
 
 def test_deepspeed_zero3_config_is_shipped():
@@ -206,6 +222,132 @@ def test_cli_train_then_evaluate_galaxy10(tiny_dir, sky, tmp_path, capsys):
                "--device", "cpu", "--limit", "3", "--max-new-tokens", "5", "--output",
                str(tmp_path / "scores.ecsv"), "--plot", str(tmp_path / "scores.png")])
     assert rc == 0
-    scores = Table.read(tmp_path / "scores.ecsv")
+    scores = Table.read(tmp_path / "scores_descriptions.ecsv")
     assert len(scores) == 3 and np.all(np.isfinite(scores["semantic_score"]))
+    summary = Table.read(tmp_path / "scores.ecsv")
+    assert summary["label"][-1] == "all" and summary["n"][-1] == 3
     assert (tmp_path / "scores.png").stat().st_size > 5000
+
+
+# ----------------------------------------------------------------------------- LLaVA-1.5 formats
+TURNS = [("user", "What is it?"), ("assistant", "A spiral galaxy."), ("user", "Is there a bar?"),
+         ("assistant", "Yes, a bar.")]
+
+
+@pytest.fixture(scope="module", params=["llava-hf", "vicuna-v1"])
+def sp_processor(request, tmp_path_factory):
+    """Processors with a Llama-style SentencePiece tokenizer and the llava-hf or Vicuna-v1 template."""
+    from transformers import AutoProcessor
+
+    from astrovl.llava import LLAVA_HF_CHAT_TEMPLATE, VICUNA_V1_CHAT_TEMPLATE
+
+    template = LLAVA_HF_CHAT_TEMPLATE if request.param == "llava-hf" else VICUNA_V1_CHAT_TEMPLATE
+    path = make_tiny_llava(tmp_path_factory.mktemp("sp") / request.param, chat_template=template,
+                           tokenizer="sentencepiece")
+    return AutoProcessor.from_pretrained(path)
+
+
+def test_every_answer_ends_with_eos_and_carries_loss(sp_processor):
+    from PIL import Image
+
+    tok = sp_processor.tokenizer
+    enc = encode_conversation(sp_processor, Image.new("RGB", (40, 20), (9, 9, 9)), TURNS)
+    ids, labels = enc["input_ids"], enc["labels"]
+    trained = labels != IGNORE_INDEX
+    # two answers, each a run of labelled tokens ending with the end-of-sequence id
+    runs = np.split(np.flatnonzero(trained.numpy()), np.flatnonzero(np.diff(np.flatnonzero(trained.numpy())) > 1)
+                    + 1)
+    assert len(runs) == 2
+    for run, (_, answer) in zip(runs, TURNS[1::2]):
+        assert int(ids[run[-1]]) == tok.eos_token_id == int(labels[run[-1]])
+        assert tok.decode(ids[run[:-1]]).strip() == answer
+    assert int((ids == tok.eos_token_id).sum()) == 2
+    # the SentencePiece word-start marks of the answers are trained on, spaces are not normalised away
+    assert tok.convert_ids_to_tokens(ids[runs[0]].tolist())[0] == "▁A"
+
+
+def test_trained_tokens_equal_the_chat_template_tokenization(sp_processor):
+    from PIL import Image
+
+    from astrovl.llava.chat import close_assistant_turns, to_messages
+
+    image = Image.new("RGB", (32, 32), (9, 9, 9))
+    enc = encode_conversation(sp_processor, image, TURNS, system="You describe sky images.")
+    messages = close_assistant_turns(sp_processor, to_messages(TURNS, system="You describe sky images."))
+    messages[1]["content"][0] = {"type": "image", "image": image}
+    ref = sp_processor.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+    assert enc["input_ids"].tolist() == list(np.ravel(ref))
+    # and the generation prompt of inference is a prefix of the training tokens
+    prompt = sp_processor.apply_chat_template(messages[:2], add_generation_prompt=True, tokenize=True,
+                                              return_dict=True)["input_ids"]
+    prompt = list(np.ravel(prompt))
+    assert enc["input_ids"].tolist()[:len(prompt)] == prompt
+    assert bool((enc["labels"][:len(prompt)] == IGNORE_INDEX).all())
+    assert int(enc["labels"][len(prompt)]) != IGNORE_INDEX
+
+
+def test_stage1_uses_the_plain_format(sp_processor, sky):
+    ds = LLaVATorchDataset(load_conversation_records(sky, stage=1), sp_processor, stage=1)
+    item = ds[0]
+    tok = sp_processor.tokenizer
+    ids, labels = item["input_ids"], item["labels"]
+    image_id = tok.convert_tokens_to_ids("<image>")
+    prompt = ids[labels == IGNORE_INDEX]
+    # the prompt is the beginning-of-sequence token and the image tokens: no instruction, no roles
+    assert prompt[0] == tok.bos_token_id and bool((prompt[1:] == image_id).all())
+    caption = sky.split("train").captions[0]
+    assert tok.decode(ids[labels != IGNORE_INDEX]) == caption + "\n"
+
+
+def test_validation_conversations_are_never_trained_on(tiny_dir, sky, tmp_path):
+    from astrovl.generation import to_llava_record
+
+    records = [to_llava_record(sky.manifest["id"][i], sky.manifest["image"][i],
+                               [{"question": "What is it?", "answer": f"Answer {i}."}]) for i in range(len(sky))]
+    path = tmp_path / "conv.json"
+    path.write_text(json.dumps(records))
+    train_ids = set(sky.split("train").manifest["id"])
+    loaded = load_conversation_records(path, stage=2, image_root=sky.root)
+    assert {r["id"] for r in loaded} == train_ids
+    val = load_conversation_records(path, stage=2, image_root=sky.root, split="val")
+    assert {r["id"] for r in val} == set(sky.split("val").manifest["id"])
+    # a split key in the records themselves decides too
+    for r in records:
+        r["split"] = "test"
+    path.write_text(json.dumps(records))
+    assert load_conversation_records(path, stage=2, image_root=tmp_path) == []
+    # training on the whole dataset reads train only, and reports the validation loss
+    result = train_llava(_load(tiny_dir), sky, _cfg(tmp_path, stage=1, max_steps=2, eval_every=1))
+    assert result.history.meta["records"] == len(train_ids)
+    assert result.history.meta["val_records"] == len(sky.split("val"))
+    assert np.all(np.isfinite(result.history["val_loss"]))
+
+
+def test_dataloader_workers_prepare_the_same_batches(tiny_dir, sky, tmp_path):
+    inline = train_llava(_load(tiny_dir), sky, _cfg(tmp_path / "a", stage=1, max_steps=4, lr=1e-2))
+    workers = train_llava(_load(tiny_dir), sky, _cfg(tmp_path / "b", stage=1, max_steps=4, lr=1e-2,
+                                                      num_workers=2))
+    np.testing.assert_allclose(inline.history["train_loss"], workers.history["train_loss"], rtol=1e-6)
+    assert LLaVATrainingConfig().num_workers > 0
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_no_host_sync_per_training_step(tiny_dir, sky, tmp_path):
+    """Host synchronisations do not grow with the number of steps between logging steps."""
+    import warnings
+
+    def syncs(steps, where):
+        model = AstroLLaVA.from_pretrained(tiny_dir, device="cuda", dtype="float32")
+        cfg = LLaVATrainingConfig(stage=1, output_dir=str(tmp_path / where), max_steps=steps, batch_size=2,
+                                  progress=False, log_every=1000, save_every=1000, num_workers=0)
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                train_llava(model, sky, cfg)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        return sum("synchroniz" in str(w.message) for w in caught)
+
+    assert syncs(8, "long") == syncs(3, "short")

@@ -150,4 +150,5 @@ def load_llava(args):
     """The AstroLLaVA model named by ``--model`` (default: the configured one)."""
     from ..llava import AstroLLaVA
 
-    return AstroLLaVA.from_pretrained(args.model or conf().llava_model, device=args.device)
+    return AstroLLaVA.from_pretrained(args.model or conf().llava_model, revision=getattr(args, "revision", None),
+                                      device=args.device)

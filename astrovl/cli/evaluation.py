@@ -13,16 +13,22 @@ def register(sub) -> None:
                     """
                     astrovl evaluate retrieval ./sky --model ./runs/tiny/best --control ./runs/shuffled/best
                     astrovl evaluate retrieval ./hst --model ./runs/clip/best --base-model openai/clip-vit-base-patch16 --limit 200 --plot curves.png
-                    astrovl evaluate galaxy10 Galaxy10_DECals.h5 --model ./astrollava-hf --limit 200
+                    astrovl evaluate galaxy10 --limit 20 --seed 1 -o galaxy10.ecsv
+                    astrovl evaluate galaxy10 Galaxy10_DECals.h5 --model llava-hf/llava-1.5-7b-hf --limit 20 --plot g10.png
                     """, _cmd_evaluate)
     p.add_argument("kind", choices=("retrieval", "galaxy10"))
-    p.add_argument("data", help="dataset directory (retrieval) or Galaxy10 HDF5 file / class folder")
-    p.add_argument("--split", default="val", help="retrieval: dataset split evaluated (default val)")
-    p.add_argument("--k-percent", type=float, default=10.0,
-                   help="retrieval: k of the top-k%% accuracy (default 10)")
+    p.add_argument("data", nargs="?", default=None,
+                   help="retrieval: dataset directory. galaxy10: the hub dataset (default "
+                        "matthieulel/galaxy10_decals, as the published evaluation), its local copy, "
+                        "Galaxy10_DECals.h5 or a class folder")
+    p.add_argument("--split", default=None,
+                   help="split evaluated (retrieval: train/val/test, default val; galaxy10: test/train/all, "
+                        "default test)")
+    p.add_argument("--k-percent", type=float, default=None, help="retrieval: top-k%% accuracy (default 10)")
     p.add_argument("--limit", type=int, default=None,
-                   help="evaluate at most this many images (retrieval: a random subset drawn with --seed)")
-    p.add_argument("--seed", type=int, default=0, help="retrieval: seed of the --limit subset (default 0)")
+                   help="evaluate at most this many images (retrieval: a random subset drawn with --seed; "
+                        "galaxy10: a stratified random subset)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the --limit subset (default 0)")
     p.add_argument("--base-model", default=None,
                    help="retrieval: the model the evaluated one was fine-tuned from, reported beside it")
     p.add_argument("--base-pretrained", default=None,
@@ -30,14 +36,24 @@ def register(sub) -> None:
     p.add_argument("--control", default=None,
                    help="retrieval: the shuffled-caption control model, reported beside it")
     p.add_argument("--max-new-tokens", type=int, default=None,
-                   help="galaxy10: tokens generated per description (protocol: 200)")
-    p.add_argument("--plot", default=None, help="write a PNG plot here")
+                   help="galaxy10: tokens generated per description (default: the protocol's 200)")
+    p.add_argument("--batch-size", type=int, default=8, help="galaxy10: images per generate call (default 8)")
+    p.add_argument("--references", default="astrollava", choices=("astrollava", "astrovl"),
+                   help="galaxy10: references and scoring rules: the published AstroLLaVA protocol "
+                        "(default) or astrovl's own")
+    p.add_argument("--plot", default=None,
+                   help="write a PNG plot here (galaxy10: default next to --output, as its .png)")
     add_model_args(p, pretrained=True)
+    p.add_argument("--revision", default=None, help="galaxy10: branch, tag or commit of the model's hub id")
     add_output_args(p)
 
 
 def _cmd_evaluate(args):
     if args.kind == "retrieval":
+        if args.data is None:
+            raise ValueError("evaluate retrieval needs the dataset directory: astrovl evaluate retrieval DIR")
+        args.split = args.split or "val"
+        args.k_percent = 10.0 if args.k_percent is None else args.k_percent
         table = _retrieval(args)
     else:
         table = _galaxy10(args)
@@ -53,8 +69,11 @@ def _retrieval(args):
     from ..datasets import ManifestDataset
     from ..evaluation import top_k_percent_accuracy
 
-    if args.max_new_tokens is not None:
-        raise ValueError("--max-new-tokens applies to 'evaluate galaxy10', not to retrieval")
+    for flag, value, default in (("--max-new-tokens", args.max_new_tokens, None),
+                                 ("--references", args.references, "astrollava"),
+                                 ("--batch-size", args.batch_size, 8), ("--revision", args.revision, None)):
+        if value != default:
+            raise ValueError(f"{flag} applies to 'evaluate galaxy10', not to retrieval")
     if args.base_pretrained is not None and args.base_model is None:
         raise ValueError(f"--base-pretrained {args.base_pretrained!r} needs --base-model")
     ds = ManifestDataset(args.data).split(args.split)
@@ -93,17 +112,33 @@ def _retrieval(args):
 
 
 def _galaxy10(args):
-    for flag, value in (("--base-model", args.base_model), ("--base-pretrained", args.base_pretrained),
+    from pathlib import Path
+
+    from ..evaluation import DescriptionEvaluator
+    from ..evaluation.descriptions import GALAXY10_DATASET, load_galaxy10
+    from ..utils.files import atomic_write
+
+    for flag, value in (("--k-percent", args.k_percent), ("--pretrained", args.pretrained),
+                        ("--base-model", args.base_model), ("--base-pretrained", args.base_pretrained),
                         ("--control", args.control)):
         if value is not None:
-            raise ValueError(f"{flag} applies to 'evaluate retrieval', not to galaxy10")
-    from ..evaluation import DescriptionEvaluator
-    from ..evaluation.descriptions import load_galaxy10
-
-    images, labels = load_galaxy10(args.data, limit=args.limit)
-    evaluator = DescriptionEvaluator()
-    table = evaluator.evaluate_model(load_llava(args), images, labels,
-                                     max_new_tokens=args.max_new_tokens or 200)
-    if args.plot:
-        evaluator.plot_summary(table).savefig(args.plot)
-    return table
+            raise ValueError(f"{flag} applies to 'evaluate retrieval' (CLIP), not to galaxy10")
+    split = args.split or "test"
+    images, labels = load_galaxy10(args.data or GALAXY10_DATASET, split=split, limit=args.limit, seed=args.seed)
+    evaluator = DescriptionEvaluator(references=args.references)
+    table = evaluator.evaluate_model(load_llava(args), images, labels, max_new_tokens=args.max_new_tokens,
+                                     batch_size=args.batch_size)
+    table.meta.update({"data": str(args.data or GALAXY10_DATASET), "split": split, "seed": args.seed,
+                       "limit": args.limit})
+    summary = evaluator.summarize(table)
+    plot = args.plot
+    if args.output:
+        out = Path(args.output)
+        with atomic_write(out.with_name(out.stem + "_descriptions.ecsv"), "w") as fh:
+            table.write(fh, format="ascii.ecsv")
+        plot = plot or str(out.with_suffix(".png"))
+    if plot:
+        fig = evaluator.plot_summary(table)
+        with atomic_write(plot, "wb") as fh:
+            fig.savefig(fh, format="png", dpi=100)
+    return summary

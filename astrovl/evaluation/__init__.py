@@ -15,6 +15,10 @@ _LAZY = {
     "GALAXY10_REFERENCES": "astrovl.evaluation.descriptions",
     "GALAXY10_KEYWORDS": "astrovl.evaluation.descriptions",
     "GALAXY10_PROMPT": "astrovl.evaluation.descriptions",
+    "GALAXY10_CLASS_NAMES": "astrovl.evaluation.descriptions",
+    "GALAXY10_FEATURES": "astrovl.evaluation.descriptions",
+    "GALAXY10_DATASET": "astrovl.evaluation.descriptions",
+    "PUBLISHED_SEMANTIC_SCORES": "astrovl.evaluation.descriptions",
     "load_galaxy10": "astrovl.evaluation.descriptions",
 }
 

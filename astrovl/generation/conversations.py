@@ -24,7 +24,6 @@ from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
 from ..exceptions import DatasetError
 from ..utils.files import atomic_write_text
-from ..utils.progress import progress_bar
 from .cache import JSONLCache
 from .guided import JSON_SCHEMA_EXTRA, GuidedJSONGenerator, excerpt
 
@@ -272,18 +271,53 @@ class ConversationGenerator(GuidedJSONGenerator):
             return None
         return [{"question": t.question, "answer": t.answer} for t in result.turns]
 
+    def generate_many(self, captions: Sequence[str], *, batch_size: int = 8, progress: bool | None = True,
+                      labels: Sequence[str] | None = None) -> list[list[dict[str, str]] | None]:
+        """:meth:`generate` for many captions, in order; first attempts in batches.
+
+        Parameters
+        ----------
+        captions : sequence of str
+        batch_size : int
+            Captions whose first (greedy) attempt runs in one ``generate`` call
+            through the same guided path (left padding; the results are those of
+            one caption at a time). Invalid outputs are retried one by one.
+        progress : bool or None
+        labels : sequence of str, optional
+            How each caption is named in logs and in :attr:`report`.
+        """
+        if isinstance(captions, str):
+            raise TypeError("generate_many takes a sequence of captions; use generate for one")
+        captions = [str(c) for c in captions]
+        labels = list(labels) if labels is not None else [excerpt(c) for c in captions]
+        results: list[list[dict[str, str]] | None] = [None] * len(captions)
+        items, where = [], []
+        for i, (caption, label) in enumerate(zip(captions, labels)):
+            if not caption.strip():
+                self.report.failed += 1
+                self.report.failures.append((label, "empty caption"))
+                continue
+            items.append((self.prompt(caption), self._key(caption, *self._settings()), label))
+            where.append(i)
+        done = self._generate_many(items, batch_size=batch_size, progress=progress, desc="conversations",
+                                   unit="caption", skipped=len(captions) - len(items))
+        for i, result in zip(where, done):
+            if result is not None:
+                results[i] = [{"question": t.question, "answer": t.answer} for t in result.turns]
+        return results
+
     @staticmethod
     def to_llava(record_id: str, image_relpath: str, turns: Sequence[dict[str, str]]) -> dict[str, Any]:
         """LLaVA conversation record; see :func:`to_llava_record`."""
         return to_llava_record(record_id, image_relpath, turns)
 
     def generate_for_dataset(self, dataset, path: str | os.PathLike, *,
-                             progress: bool | None = True) -> Path:
+                             progress: bool | None = True, batch_size: int = 8) -> Path:
         """Write a LLaVA conversation file for every record of a manifest dataset.
 
         Each record's caption becomes a conversation about its image (the manifest's
         ``image`` path, relative to the dataset root, so the root is LLaVA's image
-        folder). Records whose generation fails are left out and listed in
+        folder); the record's ``split`` goes along (training reads ``train`` only). Records whose generation fails are left out and listed in
         :attr:`report`. The file is written atomically at the end; finished
         conversations are cached as they are made (in ``cache``, or else in
         ``<path>.cache.jsonl``), so an interrupted run resumes where it stopped.
@@ -296,6 +330,8 @@ class ConversationGenerator(GuidedJSONGenerator):
             JSON file to write (a list of LLaVA records).
         progress : bool or None
             Show a progress bar (None follows ``astrovl.conf.progress``).
+        batch_size : int
+            Captions per batched first attempt (see :meth:`generate_many`).
 
         Returns
         -------
@@ -317,13 +353,15 @@ class ConversationGenerator(GuidedJSONGenerator):
         try:
             ids = [str(x) for x in manifest["id"]]
             images = [str(x) for x in manifest["image"]]
+            captions = list(dataset.captions)
+            labels = [f"record {rid!r}: {excerpt(c)}" for rid, c in zip(ids, captions)]
+            turns = self.generate_many(captions, batch_size=batch_size, progress=progress, labels=labels)
+            splits = [str(x) for x in manifest["split"]] if "split" in manifest.colnames else [None] * len(ids)
             records = []
-            for rid, image, caption in progress_bar(list(zip(ids, images, dataset.captions)),
-                                                    enabled=progress, desc="conversations",
-                                                    unit="caption"):
-                turns = self._turns(caption, f"record {rid!r}: {excerpt(caption)}")
-                if turns is not None:
-                    records.append(to_llava_record(rid, image, turns))
+            for rid, image, t, split in zip(ids, images, turns, splits):
+                if t is not None:
+                    # the split goes along, so that training never learns validation conversations
+                    records.append({**to_llava_record(rid, image, t), **({"split": split} if split else {})})
         finally:
             if own_cache:
                 self.cache = None

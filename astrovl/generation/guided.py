@@ -24,6 +24,7 @@ import contextlib
 import importlib.util
 import logging
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -208,17 +209,12 @@ class GuidedJSONGenerator:
         except (StopIteration, AttributeError, TypeError):
             return torch.device("cpu")
 
-    def _run_model(self, prompt: str, attempt: int) -> str:
-        """One model call; returns the generated text."""
+    @contextlib.contextmanager
+    def _generation_context(self, seed: int):
+        """Inference mode, a forked and seeded RNG, and eager token-mask kernels on a CPU."""
         import torch
 
-        kwargs: dict[str, Any] = {"max_new_tokens": self.max_new_tokens}
-        if attempt == 0:
-            kwargs["do_sample"] = False
-        else:
-            kwargs.update(do_sample=True, temperature=min(0.5 + 0.2 * attempt, 1.2), top_p=0.95)
         device = self._device()
-        generator = self.generator
         with contextlib.ExitStack() as stack:
             if device.type == "cpu" and hasattr(torch.compiler, "set_stance"):
                 # the token-mask kernels of the backends are decorated with torch.compile,
@@ -227,13 +223,36 @@ class GuidedJSONGenerator:
             devices = [device.index or 0] if device.type == "cuda" else []
             stack.enter_context(torch.random.fork_rng(devices=devices))
             stack.enter_context(torch.inference_mode())
-            torch.manual_seed(self.seed + attempt)
+            torch.manual_seed(seed)
             if device.type == "cuda":
-                torch.cuda.manual_seed(self.seed + attempt)
+                torch.cuda.manual_seed(seed)
+            yield
+
+    def _run_model(self, prompt: str, attempt: int) -> str:
+        """One model call; returns the generated text."""
+        kwargs: dict[str, Any] = {"max_new_tokens": self.max_new_tokens}
+        if attempt == 0:
+            kwargs["do_sample"] = False
+        else:
+            kwargs.update(do_sample=True, temperature=min(0.5 + 0.2 * attempt, 1.2), top_p=0.95)
+        generator = self.generator
+        with self._generation_context(self.seed + attempt):
             out = generator(self._model_input(prompt), **kwargs)
         if isinstance(out, list):  # a batch of one
             out = out[0]
         return str(out)
+
+    def _run_batch(self, prompts: list[str]) -> list[str]:
+        """The first (greedy) attempt for several prompts in one ``generate`` call (left padding)."""
+        generator = self.generator
+        with self._generation_context(self.seed), warnings.catch_warnings():
+            # rows that finished keep receiving padding tokens until the whole batch is done;
+            # llguidance's matcher of such a row reports that it has stopped. Their text is
+            # complete, and every output is validated against the schema anyway.
+            warnings.filterwarnings("ignore", message="Error in LLMatcher", category=UserWarning)
+            out = generator.batch([self._model_input(p) for p in prompts], max_new_tokens=self.max_new_tokens,
+                                  do_sample=False)
+        return [str(o[0] if isinstance(o, list) else o) for o in out]
 
     def _parse(self, text: str) -> BaseModel:
         """Validate generated text against the output type (raises on invalid output)."""
@@ -243,19 +262,39 @@ class GuidedJSONGenerator:
     def _key(self, text: str, *extra: Any) -> str:
         return cache_key(self.model_id, type(self).__name__, self.prompt_version, *extra, text)
 
-    def _generate(self, prompt: str, key: str, label: str) -> BaseModel | None:
+    def _cached(self, key: str, label: str) -> BaseModel | None:
+        if self.cache is None or key not in self.cache:
+            return None
+        try:
+            result = self.output_type.model_validate(self.cache.get(key))
+        except ValidationError:
+            log.warning("cached result for %s does not fit the schema; generating again", label)
+            return None
+        self.report.cached += 1
+        return result
+
+    def _accept(self, text: str, key: str, label: str, attempt: int) -> tuple[BaseModel | None, str]:
+        """Parse one attempt's text; store a valid result. Returns ``(result or None, error)``."""
+        try:
+            result = self._parse(text)
+        except (ValidationError, ValueError) as exc:
+            error = f"invalid output {text[:200]!r}: {str(exc).splitlines()[0]}"
+            log.debug("attempt %d for %s gave invalid output: %s", attempt + 1, label, error)
+            return None, error
+        self.report.generated += 1
+        if self.cache is not None:
+            self.cache.put(key, result.model_dump(mode="json"))
+        return result, ""
+
+    def _generate(self, prompt: str, key: str, label: str, *, first_attempt: int = 0,
+                  last_error: str = "no attempt made") -> BaseModel | None:
         """Cached, retried generation of one result; None when every attempt fails."""
-        if self.cache is not None and key in self.cache:
-            try:
-                result = self.output_type.model_validate(self.cache.get(key))
-            except ValidationError:
-                log.warning("cached result for %s does not fit the schema; generating again", label)
-            else:
-                self.report.cached += 1
-                return result
+        if first_attempt == 0:
+            cached = self._cached(key, label)
+            if cached is not None:
+                return cached
         self._ensure_generator()
-        last_error = "no attempt made"
-        for attempt in range(self.max_retries + 1):
+        for attempt in range(first_attempt, self.max_retries + 1):
             self.report.attempts += 1
             try:
                 text = self._run_model(prompt, attempt)
@@ -265,21 +304,80 @@ class GuidedJSONGenerator:
                 last_error = f"{type(exc).__name__}: {exc}"
                 log.debug("attempt %d for %s failed: %s", attempt + 1, label, last_error)
                 continue
-            try:
-                result = self._parse(text)
-            except (ValidationError, ValueError) as exc:
-                last_error = f"invalid output {text[:200]!r}: {str(exc).splitlines()[0]}"
-                log.debug("attempt %d for %s gave invalid output: %s", attempt + 1, label, last_error)
-                continue
-            self.report.generated += 1
-            if self.cache is not None:
-                self.cache.put(key, result.model_dump(mode="json"))
-            return result
+            result, error = self._accept(text, key, label, attempt)
+            if result is not None:
+                return result
+            last_error = error
         self.report.failed += 1
         self.report.failures.append((label, last_error))
         log.warning("no valid %s for %s after %d attempt(s); last error: %s",
                     self.output_type.__name__, label, self.max_retries + 1, last_error)
         return None
+
+    def _generate_many(self, items: list[tuple[str, str, str]], *, batch_size: int = 8,
+                       progress: bool | None = True, desc: str = "generating", unit: str = "item",
+                       skipped: int = 0) -> list[BaseModel | None]:
+        """:meth:`_generate` for many ``(prompt, key, label)`` items, first attempts in batches.
+
+        The first attempt of every uncached item is greedy, so ``batch_size`` of them
+        run in one left-padded ``generate`` call through the same Outlines
+        generator; items whose output does not validate are retried one at a time,
+        exactly as :meth:`_generate` does. With ``batch_size=1`` this is
+        :meth:`_generate` item after item. ``skipped`` inputs the caller settled
+        without the model are counted in the progress bar.
+        """
+        from ..utils.progress import progress_bar
+
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        results: list[BaseModel | None] = [None] * len(items)
+        todo: list[int] = []
+        first_of_key: dict[str, int] = {}
+        repeats: list[tuple[int, int]] = []
+        for i, (_, key, label) in enumerate(items):
+            cached = self._cached(key, label)
+            if cached is not None:
+                results[i] = cached
+            elif self.cache is not None and key in first_of_key:
+                repeats.append((i, first_of_key[key]))  # served from the cache once its twin is made
+            else:
+                first_of_key.setdefault(key, i)
+                todo.append(i)
+        bar = progress_bar(total=len(items) + skipped, enabled=progress, desc=desc, unit=unit)
+        bar.update(skipped + len(items) - len(todo) - len(repeats))
+        for start in range(0, len(todo), int(batch_size)):
+            chunk = todo[start:start + int(batch_size)]
+            if len(chunk) == 1:
+                prompt, key, label = items[chunk[0]]
+                results[chunk[0]] = self._generate(prompt, key, label)
+                bar.update(1)
+                continue
+            self._ensure_generator()
+            self.report.attempts += len(chunk)
+            try:
+                texts = self._run_batch([items[i][0] for i in chunk])
+                errors = [""] * len(chunk)
+            except (KeyboardInterrupt, SystemExit, MemoryError):
+                raise
+            except Exception as exc:  # as for one item: the retries decide
+                texts, errors = [None] * len(chunk), [f"{type(exc).__name__}: {exc}"] * len(chunk)
+            for i, text, error in zip(chunk, texts, errors):
+                prompt, key, label = items[i]
+                result = None
+                if text is not None:
+                    result, error = self._accept(text, key, label, 0)
+                results[i] = result if result is not None else self._generate(
+                    prompt, key, label, first_attempt=1, last_error=error)
+                bar.update(1)
+        for i, twin in repeats:
+            if results[twin] is not None:
+                self.report.cached += 1
+                results[i] = results[twin]
+            else:
+                results[i] = self._generate(*items[i])
+            bar.update(1)
+        bar.close()
+        return results
 
     @classmethod
     def _from_pretrained_kwargs(cls, name_or_path, *, gguf_file=None, device=None, dtype=None,

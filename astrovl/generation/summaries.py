@@ -16,7 +16,6 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ..utils.progress import progress_bar
 from .cache import JSONLCache
 from .guided import JSON_SCHEMA_EXTRA, GuidedJSONGenerator, excerpt
 
@@ -189,7 +188,7 @@ class AbstractSummarizer(GuidedJSONGenerator):
             return None
         return self._generate(self.prompt(text), self._key(text), excerpt(text))
 
-    def summarize_many(self, texts: Sequence[str], *, progress: bool | None = True
+    def summarize_many(self, texts: Sequence[str], *, progress: bool | None = True, batch_size: int = 8
                        ) -> list[AbstractSummary | None]:
         """Summarise many abstracts, in order; failures give None and never stop the batch.
 
@@ -199,11 +198,28 @@ class AbstractSummarizer(GuidedJSONGenerator):
             Abstracts.
         progress : bool or None
             Show a progress bar (None follows ``astrovl.conf.progress``).
+        batch_size : int
+            Abstracts whose first (greedy) attempt runs in one ``generate`` call
+            through the same guided path (left padding; the results are those of
+            one abstract at a time). Invalid outputs are retried one by one.
         """
         if isinstance(texts, str):
             raise TypeError("summarize_many takes a sequence of abstracts; use summarize for one")
-        return [self.summarize(str(t)) for t in progress_bar(
-            list(texts), enabled=progress, desc="summaries", unit="abstract")]
+        texts = [str(t) for t in texts]
+        results: list[AbstractSummary | None] = [None] * len(texts)
+        items, where = [], []
+        for i, text in enumerate(texts):
+            if not text.strip():
+                self.report.failed += 1
+                self.report.failures.append(("<empty abstract>", "empty abstract"))
+                continue
+            items.append((self.prompt(text), self._key(text), excerpt(text)))
+            where.append(i)
+        done = self._generate_many(items, batch_size=batch_size, progress=progress, desc="summaries",
+                                   unit="abstract", skipped=len(texts) - len(items))
+        for i, result in zip(where, done):
+            results[i] = result
+        return results
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, *, gguf_file: str | None = None,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import copy
 import logging
 import os
 import warnings
@@ -15,9 +15,17 @@ import numpy as np
 from ..exceptions import CheckpointError, ModelNotFoundError
 from ..utils.devices import resolve_device
 from ..utils.progress import progress_bar
-from .template import DEFAULT_CAPTION_PROMPT, LLAVA_CHAT_TEMPLATE, STOP_STRINGS
+from .chat import close_assistant_turns
+from .checkpoints import detect_layout, fetch_weights, is_original_config, read_json
+from .hub import ResolvedCheckpoint, resolve_checkpoint, resolve_reference
+from .template import (
+    DEFAULT_CAPTION_PROMPT,
+    LLAVA_CHAT_TEMPLATE,
+    STOP_STRINGS,
+    VICUNA_V1_CHAT_TEMPLATE,
+)
 
-__all__ = ["AstroLLaVA", "is_original_llava_layout"]
+__all__ = ["AstroLLaVA", "is_original_llava_layout", "expand2square"]
 
 log = logging.getLogger(__name__)
 
@@ -25,33 +33,45 @@ log = logging.getLogger(__name__)
 def is_original_llava_layout(path: str | os.PathLike) -> bool:
     """True if ``path`` holds a checkpoint in the original LLaVA repository layout.
 
-    Such checkpoints have ``model_type`` ``"llava_llama"`` (or ``mm_vision_tower`` keys)
-    in ``config.json`` and store the projector under ``mm_projector``; transformers
-    cannot load them directly (see :func:`~astrovl.llava.convert_llava_checkpoint`).
+    Such checkpoints have ``model_type`` ``"llava_llama"`` (or its siblings, or
+    ``mm_vision_tower`` keys) in ``config.json`` and store the projector under
+    ``mm_projector``; transformers cannot load them directly, so
+    :meth:`AstroLLaVA.from_pretrained` converts them (see
+    :func:`~astrovl.llava.convert_llava_checkpoint`).
     """
     cfg_path = Path(path) / "config.json"
-    if not cfg_path.is_file():
+    if not cfg_path.is_file() or (Path(path) / "adapter_config.json").is_file():
         return False
     try:
-        cfg = json.loads(cfg_path.read_text("utf-8"))
-    except (OSError, json.JSONDecodeError):
+        return is_original_config(read_json(cfg_path))
+    except Exception:
         return False
-    return cfg.get("model_type") in ("llava_llama", "llava_mistral", "llava_mpt") or (
-        "mm_vision_tower" in cfg and cfg.get("model_type") != "llava")
 
 
-def _pad_to_square(img):
-    """Pad a PIL image to a square with its mean colour (LLaVA-1.5 'pad' aspect ratio)."""
+def expand2square(img, background: tuple[int, int, int]):
+    """Pad a PIL image to a square with ``background``, centred (LLaVA-1.5's ``expand2square``).
+
+    LLaVA-1.5 pads with the image processor's mean colour
+    (``tuple(int(255 * m) for m in image_processor.image_mean)``), so the padding
+    becomes zero after normalisation.
+    """
     from PIL import Image
 
     w, h = img.size
     if w == h:
         return img
     side = max(w, h)
-    mean = tuple(int(round(v)) for v in np.asarray(img).reshape(-1, 3).mean(axis=0))
-    out = Image.new("RGB", (side, side), mean)
+    out = Image.new(img.mode, (side, side), tuple(background) if img.mode == "RGB" else background[0])
     out.paste(img, ((side - w) // 2, (side - h) // 2))
     return out
+
+
+def pad_colour(processor) -> tuple[int, int, int]:
+    """The padding colour of LLaVA-1.5 for ``processor``: its image mean, in 0-255."""
+    mean = getattr(getattr(processor, "image_processor", None), "image_mean", None) or (0.5, 0.5, 0.5)
+    if np.isscalar(mean):
+        mean = (mean,) * 3
+    return tuple(int(float(m) * 255) for m in mean)
 
 
 class AstroLLaVA:
@@ -59,8 +79,8 @@ class AstroLLaVA:
 
     Images can be anything :func:`~astrovl.load_image` accepts (FITS files, HDUs,
     NDData, arrays, pictures); they are scaled for display with astropy, padded to
-    a square (LLaVA-1.5 style, so the whole field is seen) and handed to the
-    model's own processor.
+    a square with the image processor's mean colour (LLaVA-1.5 style, so the
+    whole field is seen) and handed to the model's own processor.
 
     Create with :meth:`from_pretrained`.
 
@@ -69,6 +89,8 @@ class AstroLLaVA:
     model : transformers.LlavaForConditionalGeneration (or a peft wrapper)
     processor : transformers.LlavaProcessor
     device : torch.device
+    source : str
+        Where the model came from (hub id and revision, or directory).
     """
 
     def __init__(self, model, processor, *, device=None, pad_to_square: bool = True,
@@ -84,6 +106,7 @@ class AstroLLaVA:
             tok.pad_token = tok.eos_token
         if getattr(processor, "chat_template", None) is None:
             processor.chat_template = LLAVA_CHAT_TEMPLATE
+        self.pad_colour = pad_colour(processor)
         self.model.eval()
 
     def __repr__(self) -> str:
@@ -91,17 +114,36 @@ class AstroLLaVA:
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def from_pretrained(cls, name_or_path: str | os.PathLike, *, device=None, dtype=None,
-                        load_in_4bit: bool = False, adapter: str | os.PathLike | None = None,
-                        trust_remote_code: bool = False, convert: bool = False,
-                        pad_to_square: bool = True) -> AstroLLaVA:
-        """Load a LLaVA model in the transformers layout.
+    def from_pretrained(cls, name_or_path: str | os.PathLike | None = None, *, revision: str | None = None,
+                        device=None, dtype=None, load_in_4bit: bool = False,
+                        adapter: str | os.PathLike | None = None, base: str | os.PathLike | None = None,
+                        merge: bool = False, vision_tower: str | os.PathLike | None = None,
+                        trust_remote_code: bool = False, pad_to_square: bool = True) -> AstroLLaVA:
+        """Load a LLaVA model by hub id or directory, in any released layout.
 
         Parameters
         ----------
-        name_or_path : str or path-like
-            A hub id (e.g. ``"llava-hf/llava-1.5-7b-hf"``) or a local directory
-            (a transformers LLaVA checkpoint, or one written by :meth:`save_pretrained`).
+        name_or_path : str or path-like, optional
+            A hub id or a local directory. Default ``astrovl.conf.llava_model``
+            (``"UniverseTBD/AstroLLaVA_v3"``, the released AstroLLaVA). Hub ids
+            are resolved through the Hugging Face cache (``HF_HOME`` /
+            ``HF_HUB_CACHE``; offline with ``HF_HUB_OFFLINE=1``). The layout is
+            detected:
+
+            - transformers layout (``llava-hf/llava-1.5-7b-hf``, directories
+              written by :meth:`save_pretrained`): loaded as it is, with its own
+              chat template;
+            - original LLaVA layout (``model_type`` ``llava_llama``:
+              ``liuhaotian/llava-v1.5-7b``, ``UniverseTBD/AstroLLaVA_v3``):
+              converted once into the astrovl cache (keyed by hub id and
+              revision) with the vision tower named by ``mm_vision_tower`` and the
+              Vicuna-v1 chat template, then reused;
+            - LoRA release (``adapter_config.json``, e.g. AstroLLaVA v1/v2): its
+              base (``base_model_name_or_path``, resolved the same way) is
+              loaded, the projector from ``non_lora_trainables.bin`` put in and
+              the adapter applied with peft.
+        revision : str, optional
+            Branch, tag or commit of a hub id.
         device : str, optional
             ``"auto"`` (default), ``"cpu"``, ``"cuda"``...
         dtype : str or torch.dtype, optional
@@ -109,66 +151,64 @@ class AstroLLaVA:
         load_in_4bit : bool
             4-bit quantisation with bitsandbytes (CUDA).
         adapter : str or path-like, optional
-            A LoRA adapter directory (peft) to apply.
+            A LoRA adapter directory (peft, e.g. written by
+            :func:`~astrovl.training.train_llava`) to apply on top.
+        base : str or path-like, optional
+            For a LoRA release: the base model to use instead of the one its
+            ``adapter_config.json`` names (needed when that is a path on the
+            machine that trained it and not a known release).
+        merge : bool
+            Merge LoRA weights (of a release or of ``adapter``) into the model.
+        vision_tower : str or path-like, optional
+            For an original-layout checkpoint: the CLIP vision tower to use instead
+            of its ``mm_vision_tower``.
         trust_remote_code : bool
             Passed to transformers; off by default.
-        convert : bool
-            If the checkpoint is in the original LLaVA repository layout, convert it
-            into the astrovl cache first (otherwise an error explains how).
         pad_to_square : bool
             Pad images to a square before the processor (LLaVA-1.5 behaviour).
+
+        Raises
+        ------
+        ModelNotFoundError
+            When the name is neither a directory nor a cached or downloadable hub
+            id (the message names the cache and the download command).
+        CheckpointError
+            For checkpoints that cannot be loaded (unknown layouts, unsupported
+            projectors, weights of the wrong shape, unsafe pickles).
         """
-        import torch
-        from transformers import AutoProcessor, LlavaForConditionalGeneration
+        from ..config import conf
 
+        name = name_or_path if name_or_path is not None else conf.llava_model
         dev = resolve_device(device)
-        path = Path(name_or_path)
-        if path.is_dir() and is_original_llava_layout(path):
-            if not convert:
-                raise CheckpointError(
-                    f"{str(path)!r} is an original-layout LLaVA checkpoint (model_type 'llava_llama', "
-                    "mm_projector weights) that transformers cannot load. Convert it once with "
-                    f"`astrovl convert-llava {path} OUT_DIR` (or astrovl.llava.convert_llava_checkpoint) "
-                    "and load OUT_DIR, or pass convert=True to convert into the cache"
-                )
-            from .convert import convert_llava_checkpoint, converted_cache_path
+        source = resolve_checkpoint(name, revision=revision)
+        layout = detect_layout(source.path)
+        options = dict(dtype=dtype, load_in_4bit=load_in_4bit, trust_remote_code=trust_remote_code,
+                       vision_tower=vision_tower)
+        if layout == "lora":
+            from .lora import LoRARelease, apply_lora_release, release_base
 
-            target = converted_cache_path(path)
-            if not (target / "config.json").is_file():
-                convert_llava_checkpoint(path, target)
-            path = target
-            name_or_path = str(target)
-        if dtype is None:
-            dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-        elif isinstance(dtype, str):
-            dtype = getattr(torch, dtype)
-        kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code}
-        if load_in_4bit:
-            if dev.type != "cuda":
-                raise ValueError("load_in_4bit needs a CUDA device; pass device='cuda' or drop load_in_4bit")
-            try:
-                import bitsandbytes  # noqa: F401
-                from transformers import BitsAndBytesConfig
-            except ImportError as exc:
-                raise ImportError("load_in_4bit needs bitsandbytes: pip install bitsandbytes") from exc
-            kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=dtype)
-            kwargs["device_map"] = {"": dev.index or 0}
-        try:
-            model = LlavaForConditionalGeneration.from_pretrained(str(name_or_path), **kwargs)
-            processor = AutoProcessor.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code)
-        except OSError as exc:
-            raise ModelNotFoundError(
-                f"could not load a LLaVA model from {str(name_or_path)!r}: {exc}. Pass a local directory in "
-                "the transformers LLaVA layout (e.g. a downloaded llava-hf/llava-1.5-7b-hf, or one written "
-                "by AstroLLaVA.save_pretrained / convert_llava_checkpoint)"
-            ) from exc
-        if not load_in_4bit:
-            model = model.to(dev)
+            release = LoRARelease.read(source)
+            base_source = resolve_reference(release_base(release, base), what="base model") if base is None \
+                else resolve_checkpoint(base)
+            if detect_layout(base_source.path) == "lora":
+                raise CheckpointError(f"the base of {source.name!r}, {base_source.name!r}, is itself an adapter; "
+                                      "pass base= a full model")
+            model, processor = _load_full(base_source, dev, **options)
+            model = apply_lora_release(model, release, merge=merge)
+            if release.trained_with_llava_code:
+                processor.chat_template = VICUNA_V1_CHAT_TEMPLATE
+            label = f"{source.name} (LoRA on {base_source.name})"
+        else:
+            model, processor = _load_full(source, dev, **options)
+            label = source.name
         if adapter is not None:
             from peft import PeftModel
 
             model = PeftModel.from_pretrained(model, str(adapter))
-        return cls(model, processor, device=dev, pad_to_square=pad_to_square, source=str(name_or_path))
+            if merge:
+                model = model.merge_and_unload()
+            label += f" + adapter {adapter}"
+        return cls(model, processor, device=dev, pad_to_square=pad_to_square, source=label)
 
     def save_pretrained(self, directory: str | os.PathLike, *, merge_adapter: bool = False) -> Path:
         """Save model (safetensors) and processor to ``directory`` atomically.
@@ -195,7 +235,7 @@ class AstroLLaVA:
         if max(pil.size) > 4096:
             warnings.warn(f"image {img.source!r} is {pil.size[0]}x{pil.size[1]} pixels; it is resized "
                           "by the processor to the model's input size", stacklevel=3)
-        return _pad_to_square(pil) if self.pad_to_square else pil
+        return expand2square(pil, self.pad_colour) if self.pad_to_square else pil
 
     def _prompt(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         return self.processor.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
@@ -311,14 +351,27 @@ class AstroLLaVA:
                 messages.append(self._user(text, with_image=i == 0))
             else:
                 messages.append({"role": "assistant", "content": [{"type": "text", "text": text}]})
-        prompt = self._prompt(messages)
+        # answers in the history end with the end-of-sequence token, as in training
+        prompt = self._prompt(close_assistant_turns(self.processor, messages))
         return self._generate([self._pil(image)], [prompt], max_new_tokens, **gen_kwargs)[0]
 
-    def score(self, image, texts: Sequence[str], prompt: str | None = None) -> np.ndarray:
+    def score(self, image, texts: Sequence[str], prompt: str | None = None, *, batch_size: int = 8) -> np.ndarray:
         """Mean log-likelihood per token of each text as the answer about ``image``.
 
         Higher is better; use it to rank candidate descriptions or classes
-        zero-shot with the generative model.
+        zero-shot with the generative model. The image is processed and encoded
+        once, with the prompt (its keys and values are cached); the candidate
+        texts then run ``batch_size`` at a time.
+
+        Parameters
+        ----------
+        image : image input
+        texts : str or sequence of str
+            Candidate answers.
+        prompt : str, optional
+            The question; default ``"Describe this astronomical image in detail."``
+        batch_size : int
+            Candidates per forward pass.
 
         Returns
         -------
@@ -327,26 +380,163 @@ class AstroLLaVA:
         """
         import torch
 
+        prompt, texts = self._score_inputs(texts, prompt)
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size} must be >= 1")
+        pil = self._pil(image)
+        prefix = self._prompt([self._user(prompt)])
+        inputs = self._to_device(self.processor(images=[pil], text=[prefix], return_tensors="pt"))
+        prefix_ids = inputs["input_ids"][0]
+        full_ids = self._candidate_ids(prefix, prefix_ids, texts)
+        scores = np.full(len(texts), np.nan)
+        with torch.inference_mode():
+            cache_name = _cache_argument(self.model)
+            out = self.model(**inputs, use_cache=True)
+            first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
+            cache = out.get("cache") if cache_name == "cache" else out.past_key_values
+            n_prefix = prefix_ids.numel()
+            cont, fallback = {}, []
+            for i, ids in enumerate(full_ids):
+                if ids.numel() > n_prefix and torch.equal(ids[:n_prefix], prefix_ids.cpu()):
+                    cont[i] = ids[n_prefix:]
+                else:  # the tokenizer merged prompt and answer at their boundary: score it whole
+                    fallback.append(i)
+            order = sorted(cont)
+            pad = self.processor.tokenizer.pad_token_id or 0
+            for start in range(0, len(order), batch_size):
+                chunk = order[start:start + batch_size]
+                length = max(cont[i].numel() for i in chunk)
+                ids = torch.full((len(chunk), length), pad, dtype=torch.long)
+                mask = torch.zeros((len(chunk), n_prefix + length), dtype=torch.long)
+                mask[:, :n_prefix] = 1
+                for row, i in enumerate(chunk):
+                    m = cont[i].numel()
+                    ids[row, :m] = cont[i]
+                    mask[row, n_prefix:n_prefix + m] = 1
+                ids, mask = ids.to(self.device), mask.to(self.device)
+                # the cache grows with each forward: the last chunk may use (and spend) the original
+                past = cache if start + batch_size >= len(order) else copy.deepcopy(cache)
+                past.batch_repeat_interleave(len(chunk))
+                logits = self.model(input_ids=ids, attention_mask=mask, use_cache=True,
+                                    **{cache_name: past}).logits.float()
+                logp = torch.log_softmax(logits[:, :-1], dim=-1)
+                for row, i in enumerate(chunk):
+                    m = cont[i].numel()
+                    target = ids[row, :m]
+                    token_lp = torch.cat([first[target[:1]],
+                                          logp[row, :m - 1].gather(1, target[1:, None])[:, 0]])
+                    scores[i] = float(token_lp.mean())
+        if fallback:
+            scores[fallback] = self._score_unbatched(pil, [texts[i] for i in fallback], prompt)
+        return scores
+
+    def _score_inputs(self, texts, prompt) -> tuple[str, list[str]]:
         prompt = self._check_text(prompt if prompt is not None else DEFAULT_CAPTION_PROMPT, "prompt")
         texts = [self._check_text(t, "text") for t in ([texts] if isinstance(texts, str) else texts)]
         if not texts:
             raise ValueError("texts is empty")
-        pil = self._pil(image)
+        return prompt, texts
+
+    def _to_device(self, inputs) -> dict:
+        inputs = {k: v.to(self.device) for k, v in inputs.items()}
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        return inputs
+
+    def _candidate_ids(self, prefix: str, prefix_ids, texts: list[str]) -> list:
+        """Token ids of ``prefix + " " + text + eos`` for every text, as the processor makes them.
+
+        The processor expands each image placeholder into the model's image tokens
+        before it tokenizes; the same is done here without processing the image again.
+        """
+        import torch
+
+        proc = self.processor
+        tok = proc.tokenizer
+        image_token = getattr(proc, "image_token", "<image>")
+        image_id = self.model.config.image_token_index
+        n_image = int((prefix_ids == image_id).sum())
+        n_slots = max(1, prefix.count(image_token))
+        expanded = prefix.replace(image_token, image_token * (n_image // n_slots))
+        eos = tok.eos_token or ""
+        enc = tok([expanded + " " + t + eos for t in texts], add_special_tokens=True)["input_ids"]
+        return [torch.as_tensor(ids, dtype=torch.long) for ids in enc]
+
+    def _score_unbatched(self, image, texts: Sequence[str], prompt: str | None = None) -> np.ndarray:
+        """Reference of :meth:`score`: the processor and a full forward pass for every text.
+
+        The way :meth:`score` worked before it was batched: for every text the
+        processor runs on the prompt and on the prompt with the text, and the whole
+        model on the latter. Slower (the image is processed and encoded twice per
+        text); kept to check the batched path (and to time it, see
+        ``benchmarks/bench_llava_score.py``), and to score texts whose tokens merge
+        with the prompt's.
+        """
+        import torch
+
+        prompt, texts = self._score_inputs(texts, prompt)
+        pil = image if hasattr(image, "size") and hasattr(image, "mode") else self._pil(image)
         prefix = self._prompt([self._user(prompt)])
         tok = self.processor.tokenizer
         scores = []
         for t in texts:
-            full = prefix + " " + t + (tok.eos_token or "")
-            inputs = self.processor(images=[pil], text=[full], return_tensors="pt")
             n_prefix = self.processor(images=[pil], text=[prefix], return_tensors="pt")["input_ids"].shape[1]
-            inputs = {k: v.to(self.device) for k, v in inputs.items()}
-            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+            full = prefix + " " + t + (tok.eos_token or "")
+            inputs = self._to_device(self.processor(images=[pil], text=[full], return_tensors="pt"))
             with torch.inference_mode():
                 logits = self.model(**inputs).logits.float()
             ids = inputs["input_ids"][0]
             logp = torch.log_softmax(logits[0, :-1], dim=-1)
-            target = ids[1:]
-            token_lp = logp.gather(1, target[:, None])[:, 0]
+            token_lp = logp.gather(1, ids[1:, None])[:, 0]
             answer = token_lp[n_prefix - 1:]
             scores.append(float(answer.mean()) if answer.numel() else float("nan"))
         return np.asarray(scores, dtype=np.float64)
+
+
+def _cache_argument(model) -> str:
+    """Name of the key/value cache argument of the model's forward (``cache`` in newer transformers)."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+def _load_full(source: ResolvedCheckpoint, dev, *, dtype=None, load_in_4bit: bool = False,
+               trust_remote_code: bool = False, vision_tower=None):
+    """Model and processor of a full (non-adapter) checkpoint, converting an original layout once."""
+    import torch
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    layout = detect_layout(source.path)
+    if layout == "original":
+        from .convert import converted_checkpoint
+
+        directory = converted_checkpoint(source, vision_tower=vision_tower)
+    else:
+        if source.repo_id is not None:
+            fetch_weights(source)
+        directory = source.path
+    if dtype is None:
+        dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    elif isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    if load_in_4bit:
+        if dev.type != "cuda":
+            raise ValueError("load_in_4bit needs a CUDA device; pass device='cuda' or drop load_in_4bit")
+        try:
+            import bitsandbytes  # noqa: F401
+            from transformers import BitsAndBytesConfig
+        except ImportError as exc:
+            raise ImportError("load_in_4bit needs bitsandbytes: pip install bitsandbytes") from exc
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=dtype)
+        kwargs["device_map"] = {"": dev.index or 0}
+    try:
+        model = LlavaForConditionalGeneration.from_pretrained(str(directory), **kwargs)
+        processor = AutoProcessor.from_pretrained(str(directory), trust_remote_code=trust_remote_code)
+    except OSError as exc:
+        raise ModelNotFoundError(
+            f"could not load a LLaVA model from {source.name!r} ({directory}): {exc}") from exc
+    if not load_in_4bit:
+        model = model.to(dev)
+    return model, processor

@@ -1,9 +1,10 @@
 """Two-stage LLaVA training (the AstroLLaVA recipe), resumable, multi-GPU through accelerate.
 
 Stage 1 trains only the projector (vision tower and language model frozen) on
-image-caption records; stage 2 trains the language model and projector end to end
-(vision tower frozen, as LLaVA-1.5), or LoRA adapters, on conversations. The loss
-covers only the assistant's answers.
+image-caption records in LLaVA-1.5's plain format (image tokens, caption); stage 2 trains the language model and projector end to end
+(vision tower frozen, as LLaVA-1.5), or LoRA adapters, on conversations in the
+model's chat format. The loss covers only what the model must say: the captions,
+or the assistant's answers with their end-of-sequence tokens.
 
 Several GPUs or nodes: launch the same script with ``accelerate launch``
 (``--config_file`` for DeepSpeed ZeRO-3 with 7B models: the package ships
@@ -27,7 +28,7 @@ from ..exceptions import CheckpointError
 from ..utils.files import atomic_directory
 from ..utils.progress import progress_bar
 from .common import checkpoint_errors, lr_lambda, seed_everything, write_history
-from .llava_data import LLaVATorchDataset, collate_llava, load_conversation_records
+from .llava_data import LLaVATorchDataset, collate_fn, load_conversation_records
 
 __all__ = ["LLaVATrainingConfig", "LLaVATrainingResult", "train_llava", "DEEPSPEED_ZERO3_CONFIG",
            "LORA_TARGET_MODULES"]
@@ -86,10 +87,17 @@ class LLaVATrainingConfig:
     device : str, optional
         ``"cpu"`` forces the CPU; otherwise accelerate chooses (CUDA when present).
     num_workers : int
-        DataLoader workers decoding images.
+        DataLoader worker processes preparing batches (images, chat template,
+        tokenization) off the training process; 0 prepares them in it.
     save_every : int
         Write a resumable checkpoint every N optimizer steps (and at the end).
+    eval_every : int, optional
+        Validation loss every N optimizer steps (and at the end) when the data has
+        a ``val`` split; default ``save_every``.
+    max_eval_records : int
+        At most this many validation records.
     log_every : int
+        The mean training loss reaches the host (one synchronisation) every N steps.
     seed : int
     resume : bool
         Continue from ``output_dir/checkpoint`` at the same step and data position.
@@ -119,8 +127,10 @@ class LLaVATrainingConfig:
     bf16: bool | None = None
     gradient_checkpointing: bool | None = None
     device: str | None = None
-    num_workers: int = 0
+    num_workers: int = 2
     save_every: int = 500
+    eval_every: int | None = None
+    max_eval_records: int = 256
     log_every: int = 10
     seed: int = 0
     resume: bool = False
@@ -141,6 +151,10 @@ class LLaVATrainingConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps={self.max_steps} must be >= 1")
+        if self.eval_every is not None and self.eval_every < 1:
+            raise ValueError(f"eval_every={self.eval_every} must be >= 1")
+        if int(self.num_workers) < 0:
+            raise ValueError(f"num_workers={self.num_workers} must be >= 0")
         if self.lr is None:
             self.lr = _DEFAULT_LR["lora"] if self.lora else _DEFAULT_LR[self.stage]
 
@@ -255,6 +269,50 @@ def _as_llava(model):
     return AstroLLaVA.from_pretrained(model, device="cpu", dtype="float32")
 
 
+def _batch_plan(n: int, *, seed: int, world: int, rank: int, batch_size: int, epoch: int, micro: int):
+    """Batches of ``(record index, position after the batch)`` keys, epoch after epoch, forever.
+
+    Each epoch is a seeded permutation of the records; this process takes every
+    ``world``-th record; the first epoch starts at micro-batch ``micro`` (resuming).
+    """
+    while True:
+        mine = _epoch_order(n, epoch, seed)[rank::world]
+        n_batches = math.ceil(len(mine) / batch_size)
+        for b in range(micro, n_batches):
+            position = (epoch + 1, 0) if b + 1 == n_batches else (epoch, b + 1)
+            yield [(int(i), position) for i in mine[b * batch_size:(b + 1) * batch_size]]
+        epoch, micro = epoch + 1, 0
+
+
+class _Plan:
+    """A re-iterable batch sampler over :func:`_batch_plan` (DataLoader wants ``__iter__``)."""
+
+    def __init__(self, **kwargs):
+        self.kwargs = kwargs
+
+    def __iter__(self):
+        return _batch_plan(**self.kwargs)
+
+
+def _eval_loss(net, loader, device) -> float:
+    """Mean loss over the validation batches (one host sync at the end)."""
+    import torch
+
+    was_training = net.training
+    net.eval()
+    total = torch.zeros((), device=device)
+    count = 0
+    with torch.no_grad():
+        for batch in loader:
+            batch.pop("position", None)
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            total += net(**batch).loss.detach().float()
+            count += 1
+    if was_training:
+        net.train()
+    return float(total / max(count, 1))
+
+
 def train_llava(model, data, config: LLaVATrainingConfig | None = None, *,
                 image_root: str | os.PathLike | None = None) -> LLaVATrainingResult:
     """Train a LLaVA model (stage 1 or 2 of the AstroLLaVA recipe).
@@ -262,11 +320,15 @@ def train_llava(model, data, config: LLaVATrainingConfig | None = None, *,
     Parameters
     ----------
     model : AstroLLaVA or str
-        The model to train (for stage 2 usually the stage-1 output), or its path.
+        The model to train (for stage 2 usually the stage-1 output), or its name
+        (hub id or directory, as :meth:`AstroLLaVA.from_pretrained` takes).
     data : ManifestDataset, path or list of dict
-        Stage 1: image-caption records (e.g. an outreach dataset). Stage 2: LLaVA
-        conversation JSON, or a dataset whose manifest has a ``conversations`` column.
-        See :func:`astrovl.training.llava_data.load_conversation_records`.
+        Stage 1: image-caption records (e.g. an outreach dataset), trained in
+        LLaVA-1.5's plain format. Stage 2: LLaVA conversation JSON, or a dataset
+        whose manifest has a ``conversations`` column. Only the ``train`` split
+        is trained on; the ``val`` split (of the manifest, or JSON records whose
+        ``split`` or manifest entry says so) gives the validation loss. See
+        :func:`astrovl.training.llava_data.load_conversation_records`.
     config : LLaVATrainingConfig
     image_root : path, optional
         Root of the image paths in a conversation JSON file.
@@ -296,18 +358,21 @@ def train_llava(model, data, config: LLaVATrainingConfig | None = None, *,
     llava = _as_llava(model)
     processor = llava.processor
 
-    records = load_conversation_records(data, stage=config.stage, image_root=image_root, seed=config.seed)
+    records = load_conversation_records(data, stage=config.stage, image_root=image_root, split="train")
     if not records:
-        raise ValueError("no training records: the data is empty")
+        raise ValueError("no training records: the data has no records of the 'train' split")
+    val_records = load_conversation_records(data, stage=config.stage, image_root=image_root, split="val")
+    val_records = val_records[:config.max_eval_records]
     if config.mix_ratio > 0:
         general = load_conversation_records(config.mix_data, stage=2, image_root=config.mix_image_root,
-                                            seed=config.seed)
+                                            split="train")
         n_mix = int(round(config.mix_ratio / (1 - config.mix_ratio) * len(records)))
         pick = np.random.default_rng(config.seed).choice(len(general), size=n_mix,
                                                          replace=n_mix > len(general))
         records = records + [general[i] for i in pick]
-    dataset = LLaVATorchDataset(records, processor, max_length=config.max_length,
-                                pad_to_square=llava.pad_to_square, system=config.system_prompt)
+    dataset_options = dict(max_length=config.max_length, pad_to_square=llava.pad_to_square,
+                           system=config.system_prompt, stage=config.stage)
+    dataset = LLaVATorchDataset(records, processor, **dataset_options)
 
     net = llava.model
     net.train()
@@ -347,22 +412,21 @@ def train_llava(model, data, config: LLaVATrainingConfig | None = None, *,
         rows = list(state.get("history", []))
         log.info("resuming at step %d (epoch %d, micro-batch %d)", step, epoch, micro)
 
-    def batches():
-        nonlocal epoch, micro
-        while True:
-            order = _epoch_order(len(records), epoch, config.seed)
-            mine = order[accelerator.process_index::world]
-            start = micro * config.batch_size
-            loader = torch.utils.data.DataLoader(
-                torch.utils.data.Subset(dataset, mine[start:].tolist()), batch_size=config.batch_size,
-                shuffle=False, num_workers=config.num_workers, pin_memory=not use_cpu,
-                collate_fn=lambda b: collate_llava(b, processor.tokenizer.pad_token_id),
-                persistent_workers=False)
-            for batch in loader:
-                micro += 1
-                yield batch
-            epoch += 1
-            micro = 0
+    # chat template, tokenization and image decoding run in the DataLoader's worker processes
+    loader_options = dict(num_workers=config.num_workers, pin_memory=not use_cpu,
+                          collate_fn=collate_fn(processor.tokenizer.pad_token_id))
+    if config.num_workers > 0:
+        loader_options.update(persistent_workers=True, prefetch_factor=4)
+    plan = _Plan(n=len(records), seed=config.seed, world=world, rank=accelerator.process_index,
+                 batch_size=config.batch_size, epoch=epoch, micro=micro)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=plan, **loader_options)
+    val_loader = None
+    if val_records:
+        val_set = LLaVATorchDataset(val_records, processor, **dataset_options)
+        val_loader = torch.utils.data.DataLoader(
+            torch.utils.data.Subset(val_set, list(range(accelerator.process_index, len(val_set), world))),
+            batch_size=config.batch_size, num_workers=0, collate_fn=loader_options["collate_fn"])
+    eval_every = config.eval_every or config.save_every
 
     def save():
         accelerator.wait_for_everyone()
@@ -380,40 +444,53 @@ def train_llava(model, data, config: LLaVATrainingConfig | None = None, *,
 
     bar = progress_bar(total=total, initial=step, enabled=config.progress and accelerator.is_main_process,
                        desc=f"LLaVA stage {config.stage}", unit="step")
-    running, count = 0.0, 0
-    it = batches()
-    while step < total:
-        batch = next(it)
-        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-        with accelerator.accumulate(net):
-            outputs = net(**batch)
-            loss = outputs.loss
-            accelerator.backward(loss)
+    # the loss is summed on the device; it reaches the host only at logging steps (no per-step sync)
+    running = torch.zeros((), device=accelerator.device)
+    count = 0
+    it = iter(loader)
+    try:
+        while step < total:
+            batch = next(it)
+            epoch, micro = batch.pop("position")
+            batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
+            with accelerator.accumulate(net):
+                outputs = net(**batch)
+                loss = outputs.loss
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(params, config.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            running += loss.detach().float()
+            count += 1
             if accelerator.sync_gradients:
-                accelerator.clip_grad_norm_(params, config.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        running += float(loss.detach())
-        count += 1
-        if accelerator.sync_gradients:
-            scheduler.step()
-            step += 1
-            bar.update(1)
-            if step % config.log_every == 0 or step == total:
-                mean = float(accelerator.reduce(torch.tensor(running / count, device=accelerator.device),
-                                                "mean"))
-                rows.append({"step": step, "epoch": round(epoch + micro / micro_per_epoch, 4),
-                             "train_loss": mean, "lr": float(scheduler.get_last_lr()[0])})
-                bar.set_postfix(loss=f"{mean:.4f}")
-                running, count = 0.0, 0
-            if step % config.save_every == 0 or step == total:
-                save()
+                scheduler.step()
+                step += 1
+                bar.update(1)
+                logging_step = step % config.log_every == 0 or step == total
+                eval_step = val_loader is not None and (step % eval_every == 0 or step == total)
+                if logging_step or eval_step:
+                    mean = float(accelerator.reduce(running / count, "mean"))
+                    row = {"step": step, "epoch": round(epoch + micro / micro_per_epoch, 4), "train_loss": mean,
+                           "lr": float(scheduler.get_last_lr()[0])}
+                    if val_loader is not None:
+                        row["val_loss"] = float(accelerator.reduce(torch.tensor(
+                            _eval_loss(net, val_loader, accelerator.device), device=accelerator.device), "mean")) \
+                            if eval_step else float("nan")
+                    rows.append(row)
+                    bar.set_postfix(loss=f"{mean:.4f}")
+                    running = torch.zeros((), device=accelerator.device)
+                    count = 0
+                if step % config.save_every == 0 or step == total:
+                    save()
+    finally:
+        del it  # shuts the worker processes down
     bar.close()
 
-    history = Table(rows=rows) if rows else Table(names=("step", "epoch", "train_loss", "lr"),
-                                                 dtype=(int, float, float, float))
+    names = ("step", "epoch", "train_loss", "lr") + (("val_loss",) if val_loader is not None else ())
+    history = Table(rows=rows, names=names) if rows else Table(names=names, dtype=(int,) + (float,) * (len(names) - 1))
     history.meta.update({"stage": config.stage, "lora": config.lora, "trainable_parameters": n_trainable,
-                         "records": len(records)})
+                         "records": len(records), "val_records": len(val_records)})
     unwrapped = accelerator.unwrap_model(net)
     unwrapped.eval()
     full_state = accelerator.get_state_dict(net)  # gathers partitioned weights (collective under ZeRO-3)

@@ -1,0 +1,191 @@
+"""Find checkpoints by name: local directories and Hugging Face hub ids.
+
+Hub ids are resolved with :mod:`huggingface_hub` (its standard cache,
+``HF_HOME``/``HF_HUB_CACHE``, ``revision=`` pinning, and offline use from the
+cache with ``HF_HUB_OFFLINE=1``). Only the files a loader needs are fetched
+(configuration, tokenizer and the weights of one format), never training
+state such as ``training_args.bin``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..exceptions import ModelNotFoundError
+
+__all__ = ["ResolvedCheckpoint", "resolve_checkpoint", "resolve_reference", "fetch_files", "download_command",
+           "hub_cache_dir", "looks_like_repo_id", "KNOWN_CHECKPOINTS"]
+
+log = logging.getLogger(__name__)
+
+#: Files every loader reads: configurations, tokenizers, chat templates.
+CONFIG_PATTERNS = ("*.json", "*.jinja", "tokenizer.model", "*.tiktoken", "*.txt", "*.py")
+
+#: Released checkpoints often name their base or vision tower by a path on the machine that
+#: trained them; these directory names are mapped to the hub ids they were downloaded from.
+KNOWN_CHECKPOINTS = {
+    "llava-v1.5-7b": "liuhaotian/llava-v1.5-7b",
+    "llava-v1.5-13b": "liuhaotian/llava-v1.5-13b",
+    "llava-1.5-7b-hf": "llava-hf/llava-1.5-7b-hf",
+    "llava-1.5-13b-hf": "llava-hf/llava-1.5-13b-hf",
+    "clip-vit-large-patch14-336": "openai/clip-vit-large-patch14-336",
+    "clip-vit-large-patch14": "openai/clip-vit-large-patch14",
+}
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
+
+
+@dataclass(frozen=True)
+class ResolvedCheckpoint:
+    """Where a named checkpoint lives on this machine.
+
+    Attributes
+    ----------
+    path : pathlib.Path
+        Local directory (a hub snapshot for hub ids).
+    repo_id : str or None
+        Hub id, or None for a local directory.
+    revision : str or None
+        Commit hash of the snapshot (hub ids), None for local directories.
+    """
+
+    path: Path
+    repo_id: str | None = None
+    revision: str | None = None
+
+    @property
+    def name(self) -> str:
+        """The name to show: the hub id (with its revision) or the directory."""
+        if self.repo_id is None:
+            return str(self.path)
+        return f"{self.repo_id}@{self.revision[:12]}" if self.revision else self.repo_id
+
+
+def hub_cache_dir() -> str:
+    """The Hugging Face hub cache directory in use (``HF_HUB_CACHE``, under ``HF_HOME``)."""
+    from huggingface_hub import constants
+
+    return str(constants.HF_HUB_CACHE)
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def download_command(repo_id: str, revision: str | None = None, repo_type: str = "model") -> str:
+    """The shell command that downloads ``repo_id`` into the cache, for this huggingface_hub."""
+    import huggingface_hub
+
+    version = tuple(int(p) for p in re.findall(r"\d+", huggingface_hub.__version__)[:2])
+    cmd = "hf download" if version >= (0, 34) else "huggingface-cli download"
+    cmd += f" {repo_id}"
+    if revision:
+        cmd += f" --revision {revision}"
+    if repo_type != "model":
+        cmd += f" --repo-type {repo_type}"
+    return cmd
+
+
+def looks_like_repo_id(name: str) -> bool:
+    """True if ``name`` has the form ``ORG/NAME`` of a hub id (and is no existing path)."""
+    return bool(_REPO_ID.match(name)) and ".." not in name and not Path(name).exists()
+
+
+def _not_found(repo_id: str, revision: str | None, repo_type: str, exc: Exception | None,
+               what: str = "") -> ModelNotFoundError:
+    cache = hub_cache_dir()
+    rev = f" at revision {revision!r}" if revision else ""
+    kind = "dataset" if repo_type == "dataset" else "model"
+    if _offline():
+        why = f"it is not in the Hugging Face cache {cache!r} and HF_HUB_OFFLINE=1 forbids downloading it"
+    else:
+        why = (f"it could not be downloaded into the Hugging Face cache {cache!r} "
+               f"({type(exc).__name__}: {str(exc).splitlines()[0] if exc and str(exc) else 'not found'})")
+    return ModelNotFoundError(
+        f"{kind} {repo_id!r}{rev}{what}: {why}. Download it on a machine with internet access with "
+        f"`{download_command(repo_id, revision, repo_type)}` (it goes to {cache!r}; set HF_HOME or "
+        f"HF_HUB_CACHE to put the cache elsewhere), or pass a local directory"
+    )
+
+
+def fetch_files(repo_id: str, patterns, *, revision: str | None = None, repo_type: str = "model") -> Path:
+    """Download (or find in the cache) the files of ``repo_id`` matching ``patterns``.
+
+    Returns the snapshot directory. Raises :class:`ModelNotFoundError` with the
+    download command when the repository (or revision) is neither cached nor
+    downloadable.
+    """
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, repo_type=repo_type,
+                                      allow_patterns=list(patterns)))
+    except Exception as exc:  # not cached offline, HTTP errors (missing, gated, private), network
+        raise _not_found(repo_id, revision, repo_type, exc) from exc
+
+
+def resolve_checkpoint(name_or_path: str | os.PathLike, *, revision: str | None = None,
+                       patterns=CONFIG_PATTERNS, repo_type: str = "model") -> ResolvedCheckpoint:
+    """Find a checkpoint: a local directory as it is, a hub id through the hub cache.
+
+    Parameters
+    ----------
+    name_or_path : str or path-like
+        A local directory or a hub id (``ORG/NAME``).
+    revision : str, optional
+        Branch, tag or commit of a hub id (default: ``main``).
+    patterns : sequence of str
+        Files to fetch for a hub id (default: configurations and tokenizers; the
+        weights are fetched later by :func:`fetch_files`, once the layout is known).
+
+    Raises
+    ------
+    ModelNotFoundError
+        For a missing directory, a malformed name, or a hub id that is neither
+        cached nor downloadable (the message names the cache and the command
+        that downloads it).
+    """
+    path = Path(os.path.expanduser(str(name_or_path)))
+    if path.is_dir():
+        if revision is not None:
+            log.warning("revision=%r is ignored for the local directory %s", revision, path)
+        return ResolvedCheckpoint(path.resolve())
+    name = str(name_or_path)
+    if path.exists():
+        raise ModelNotFoundError(f"{name!r} is a file, not a checkpoint directory; pass the directory that "
+                                 "holds config.json (or adapter_config.json) or a hub id such as "
+                                 "'UniverseTBD/AstroLLaVA_v3'")
+    if not looks_like_repo_id(name):
+        raise ModelNotFoundError(
+            f"{name!r} is neither an existing directory nor a Hugging Face hub id (ORG/NAME); pass a local "
+            "checkpoint directory or a hub id such as 'UniverseTBD/AstroLLaVA_v3'")
+    snapshot = fetch_files(name, patterns, revision=revision, repo_type=repo_type)
+    return ResolvedCheckpoint(snapshot, repo_id=name, revision=snapshot.name)
+
+
+def resolve_reference(name: str, *, what: str, revision: str | None = None,
+                      patterns=CONFIG_PATTERNS) -> ResolvedCheckpoint:
+    """Resolve a checkpoint that another checkpoint names (a LoRA base, a vision tower).
+
+    Such names are often paths on the machine that trained the model; when the
+    path does not exist here and its last component is a known release
+    (:data:`KNOWN_CHECKPOINTS`), the hub id is used instead (and logged).
+    """
+    path = Path(os.path.expanduser(name))
+    if path.is_dir():
+        return ResolvedCheckpoint(path.resolve())
+    if not looks_like_repo_id(name):
+        known = KNOWN_CHECKPOINTS.get(path.name)
+        if known is None:
+            raise ModelNotFoundError(
+                f"the {what} {name!r} is not a directory on this machine nor a hub id; pass it explicitly "
+                f"(a local directory or a hub id)")
+        log.info("the %s %r is not on this machine; using the hub checkpoint %s", what, name, known)
+        name = known
+    return resolve_checkpoint(name, revision=revision, patterns=patterns)
