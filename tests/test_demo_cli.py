@@ -14,7 +14,7 @@ from astrovl.cli import build_parser, main
 
 SUBCOMMANDS = ("embed", "index", "search", "classify", "caption", "ask", "build-hubble", "build-outreach",
                "summarize", "conversations", "synth", "train-clip", "train-llava", "evaluate",
-               "convert-llava", "demo")
+               "convert-llava", "serve", "demo")
 
 
 @pytest.mark.parametrize("command", SUBCOMMANDS)
