@@ -114,7 +114,11 @@ class SearchService:
             self.embedder.embed_text(["a telescope image"])
 
     def _filter_options(self) -> dict[str, list[str]]:
-        """Metadata columns with few distinct text or integer values, and those values."""
+        """Metadata columns with few distinct text or integer values, and those values.
+
+        A column is offered when it has 2 to ``MAX_FILTER_VALUES`` distinct values,
+        and at most one per two rows (names and identifiers are not filters).
+        """
         meta = self.index.metadata
         options = {}
         for name in meta.colnames:
@@ -127,7 +131,7 @@ class SearchService:
             if np.ma.is_masked(col):
                 data = data[~np.asarray(col.mask)]
             values = np.unique(data.astype(str))
-            if 1 < len(values) <= MAX_FILTER_VALUES and len(values) < len(meta):
+            if 1 < len(values) <= min(MAX_FILTER_VALUES, len(meta) // 2):
                 options[name] = [str(v) for v in values]
         return options
 

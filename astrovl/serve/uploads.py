@@ -76,7 +76,8 @@ def read_upload(stream: BinaryIO, filename: str = "", *,
     max_decoded = DECODED_FACTOR * int(max_bytes)
     with tempfile.TemporaryDirectory(prefix="astrovl-upload-") as tmp:
         raw = Path(tmp) / f"upload{suffix}"
-        size = _copy_limited(stream, raw, max_bytes, shown)
+        size = _copy_capped(stream, raw, max_bytes, f"the uploaded file {shown!r} is larger than the "
+                            f"limit of {max_bytes / 2**20:.0f} MB")
         if size == 0:
             raise QueryError(f"the uploaded file {shown!r} is empty; choose a FITS file or a picture")
         path = _gunzip_if_needed(raw, max_decoded, shown)
@@ -92,19 +93,18 @@ def read_upload(stream: BinaryIO, filename: str = "", *,
     return image
 
 
-def _copy_limited(stream: BinaryIO, target: Path, max_bytes: int, shown: str) -> int:
+def _copy_capped(src: BinaryIO, target: Path, limit: int, too_large: str) -> int:
+    """Copy ``src`` into ``target``; a 413 QueryError saying ``too_large`` past ``limit`` bytes."""
     size = 0
     with open(target, "wb") as out:
         while True:
-            chunk = stream.read(_CHUNK)
+            chunk = src.read(_CHUNK)
             if not chunk:
-                break
+                return size
             size += len(chunk)
-            if size > max_bytes:
-                raise QueryError(f"the uploaded file {shown!r} is larger than the limit of "
-                                 f"{max_bytes / 2**20:.0f} MB", status=413)
+            if size > limit:
+                raise QueryError(too_large, status=413)
             out.write(chunk)
-    return size
 
 
 def _gunzip_if_needed(path: Path, max_decoded: int, shown: str) -> Path:
@@ -114,18 +114,10 @@ def _gunzip_if_needed(path: Path, max_decoded: int, shown: str) -> Path:
             return path
     name = path.name[:-3] if path.name.endswith(".gz") else path.name
     target = path.with_name("decoded-" + name)
-    size = 0
     try:
-        with gzip.open(path, "rb") as src, open(target, "wb") as out:
-            while True:
-                chunk = src.read(_CHUNK)
-                if not chunk:
-                    break
-                size += len(chunk)
-                if size > max_decoded:
-                    raise QueryError(f"the uploaded file {shown!r} decompresses to more than "
-                                     f"{max_decoded / 2**20:.0f} MB; it is refused", status=413)
-                out.write(chunk)
+        with gzip.open(path, "rb") as src:
+            _copy_capped(src, target, max_decoded, f"the uploaded file {shown!r} decompresses to more "
+                         f"than {max_decoded / 2**20:.0f} MB; it is refused")
     except (OSError, EOFError, zlib.error) as exc:
         raise QueryError(f"the uploaded file {shown!r} is not a valid gzip file ({exc})") from exc
     return target

@@ -265,7 +265,7 @@
     els.header.replaceChildren(...hdus.map((hdu, i) => {
       const table = el("table", { class: "cards" });
       for (const [key, value, comment] of hdu.cards) {
-        table.append(el("tr", {}, el("td", { text: key }), el("td", { text: value === null ? "" : String(value) }),
+        table.append(el("tr", {}, el("td", { text: key }), el("td", { text: cardValue(value) }),
           el("td", { text: comment })));
       }
       const details = el("details", { class: "hdu" },
@@ -273,6 +273,12 @@
       details.open = i === hdus.length - 1;
       return details;
     }));
+  }
+
+  function cardValue(value) {
+    if (value === true) return "T";
+    if (value === false) return "F";
+    return value === null ? "" : String(value);
   }
 
   function closeDetail(restoreFocus) {

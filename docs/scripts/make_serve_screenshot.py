@@ -1,0 +1,81 @@
+"""Render the screenshots of the ``astrovl serve`` search page used in docs/serve.rst.
+
+Runs a quick ``astrovl demo`` (a small CLIP trained from scratch on the
+procedural sky, with the real telescope images that ship with astropy and
+scikit-image in its index), or reuses a demo directory given with ``--demo``,
+starts the ``astrovl serve`` command the demo prints, and drives the page in
+headless Chromium with Selenium: a text query, then the detail view of a result.
+
+Needs the ``serve`` extra, Selenium, and Chromium with ChromeDriver (Debian:
+``apt-get install chromium chromium-driver``)::
+
+    python docs/scripts/make_serve_screenshot.py
+    python docs/scripts/make_serve_screenshot.py --demo ./astrovl-demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+STATIC = ROOT / "docs" / "_static"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--demo", type=Path, default=None,
+                        help="an existing 'astrovl demo' output directory (default: run a quick demo)")
+    parser.add_argument("--query", default="dense globular star cluster")
+    parser.add_argument("--output", type=Path, default=STATIC / "serve_page.png")
+    parser.add_argument("--detail-output", type=Path, default=STATIC / "serve_detail.png")
+    parser.add_argument("--width", type=int, default=1360)
+    parser.add_argument("--height", type=int, default=860)
+    args = parser.parse_args()
+
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from astrovl.serve.testing import ServerProcess, chromium_driver, images_loaded
+
+    with tempfile.TemporaryDirectory(prefix="astrovl-serve-shot-") as tmp:
+        tmp = Path(tmp)
+        if args.demo is None:
+            from astrovl.demo import run_demo
+
+            result = run_demo(tmp / "demo", quick=True, steps=300, n_images=660, progress=False)
+            command = result.serve_command
+        else:
+            command = (f"astrovl serve {shlex.quote(str(args.demo / 'index'))} "
+                       f"--model {shlex.quote(str(args.demo / 'runs' / 'scratch' / 'best'))}")
+        print(f"serving: {command}")
+        server = ServerProcess([*shlex.split(command)[2:], "--thumbnail-cache", tmp / "thumbs",
+                                "--log-level", "warning"], tmp / "server.log")
+        with server:
+            driver = chromium_driver(tmp / "profile", args.width, args.height)
+            wait = WebDriverWait(driver, 60)
+            try:
+                driver.get(server.url)
+                wait.until(lambda d: "images" in d.find_element(By.ID, "index-info").text)
+                driver.find_element(By.ID, "q").send_keys(args.query, Keys.ENTER)
+                wait.until(images_loaded)
+                driver.execute_script("document.activeElement.blur()")
+                args.output.parent.mkdir(parents=True, exist_ok=True)
+                driver.save_screenshot(str(args.output))
+                print(f"wrote {args.output}")
+                cards = driver.find_elements(By.CSS_SELECTOR, "#results .card")
+                real = [c for c in cards if "M13" in c.text] or cards
+                real[0].click()
+                wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#detail-meta tr"))
+                wait.until(lambda d: images_loaded(d, "#detail-image"))
+                driver.save_screenshot(str(args.detail_output))
+                print(f"wrote {args.detail_output}")
+            finally:
+                driver.quit()
+
+
+if __name__ == "__main__":
+    main()
