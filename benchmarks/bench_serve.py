@@ -4,6 +4,10 @@ Builds an exact index of random unit vectors (``-n``, 100,000 by default) for a
 CLIP model with random weights, starts the real ``astrovl serve`` command in a
 subprocess on a free loopback port and measures, side by side in one run:
 
+``text pass only``
+    the model's text tower on one query: open_clip's ``encode_text`` over all 77
+    positions, and ``CLIPEmbedder.embed_text``, which stops at the last
+    end-of-text token (same embedding).
 ``in process``
     ``SearchService.search_text`` called directly (no HTTP): the text pass of the
     model plus the exact search, for new texts and for repeated (cached) texts.
@@ -101,12 +105,24 @@ def percentiles(values: list[float]) -> dict:
 def in_process(index, embedder, texts: list[str], repeats: int) -> list[dict]:
     """``SearchService.search_text`` without HTTP: new texts, then the same texts again."""
     import faiss
+    import torch
 
     from astrovl.serve import SearchService
 
     faiss.omp_set_num_threads(1)  # as create_app sets it
     service = SearchService(index, embedder, thumbnail_cache=tempfile.mkdtemp())
     rows = []
+    passes = {"model.encode_text, all positions":
+              lambda t: embedder.model.encode_text(embedder.tokenizer([t])),
+              "embed_text (up to end-of-text)": lambda t: embedder.embed_text(t)}
+    for label, run in passes.items():
+        times = []
+        with torch.inference_mode():
+            for text in texts[: max(20, len(texts) // 4)]:
+                t0 = time.perf_counter()
+                run(text)
+                times.append(1000 * (time.perf_counter() - t0))
+        rows.append({"mode": "text pass only", "queries": label, "n": len(times), **percentiles(times)})
     for label, batch in (("new texts", texts), ("repeated texts", texts[:repeats])):
         times = []
         for text in batch:
