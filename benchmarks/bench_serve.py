@@ -78,14 +78,14 @@ def query_texts(n: int, seed: int) -> list[str]:
     return [combos[i % len(combos)] + (f" {i // len(combos)}" if i >= len(combos) else "") for i in range(n)]
 
 
-def build(directory: Path, model: str, n: int, seed: int):
+def build(directory: Path, model: str, n: int, seed: int, device: str):
     from astropy.table import Table
 
     from astrovl.clip import TINY_CLIP_CONFIG, CLIPEmbedder, EmbeddingIndex
 
     cfg = TINY_CLIP_CONFIG if model == "tiny" else vit_b_16_text_config()
     CLIPEmbedder.from_config(cfg, seed=seed).save_pretrained(directory / "model")
-    embedder = CLIPEmbedder.from_pretrained(directory / "model", device="cpu")
+    embedder = CLIPEmbedder.from_pretrained(directory / "model", device=device)
     rng = np.random.default_rng(seed)
     vectors = rng.standard_normal((n, embedder.embed_dim), dtype=np.float32)
     meta = Table({"name": [f"image {i}" for i in range(n)],
@@ -244,7 +244,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="astrovl-bench-serve-") as tmp:
         tmp = Path(tmp)
         t0 = time.perf_counter()
-        index, embedder = build(tmp, args.model, n, args.seed)
+        index, embedder = build(tmp, args.model, n, args.seed, args.device)
         print(f"exact index of {n:,} x {index.dim} vectors, model {args.model} "
               f"({sum(p.numel() for p in embedder.model.parameters()) / 1e6:.1f} M parameters), "
               f"built in {time.perf_counter() - t0:.0f} s")
@@ -252,8 +252,9 @@ def main(argv=None) -> int:
         del index, embedder
         from astrovl.serve.testing import ServerProcess
 
-        server = ServerProcess([tmp / "index", "--model", tmp / "model", "--thumbnail-cache", tmp / "thumbs",
-                                "--log-level", "warning"], tmp / "server.log", timeout=300)
+        server = ServerProcess([tmp / "index", "--model", tmp / "model", "--device", args.device,
+                                "--thumbnail-cache", tmp / "thumbs", "--log-level", "warning"],
+                               tmp / "server.log", timeout=300)
         with server:
             base = server.url.rstrip("/")
             rows.append(asyncio.run(sequential(base, texts[n_seq:2 * n_seq], "new texts")))

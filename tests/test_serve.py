@@ -396,6 +396,11 @@ def test_thumbnails_are_rendered_once_and_cached(app, client, archive):
     assert pixels.std() > 5  # a real picture, not a blank one
     cached = list(cache.rglob("*.png"))
     assert len(cached) >= 1
+    large = client.get(f"/thumb/{row}.png", params={"size": "large"})
+    assert Image.open(io.BytesIO(large.content)).size == (440, 300)  # never enlarged past the image
+    assert large.headers["etag"] != r.headers["etag"]
+    assert "size=large" in _error(client.get(f"/thumb/{row}.png", params={"size": "4000"}), 400)
+    assert "size=large" in _error(client.get(f"/thumb/{row}.png", params={"path": "/etc/passwd"}), 400)
     etag = r.headers["etag"]
     assert client.get(f"/thumb/{row}.png", headers={"if-none-match": etag}).status_code == 304
     # the second request is served from the disk cache without reading the FITS file again
@@ -586,7 +591,7 @@ def test_model_is_never_entered_twice_and_the_loop_stays_free(app, archive):
 def test_create_app_from_a_directory_and_without_a_model(archive, tmp_path):
     app = create_app(archive["index_dir"], archive["embedder"], thumbnail_cache=tmp_path)
     client = TestClient(app)
-    assert client.get("/api/info").json()["name"] == "index"
+    assert client.get("/api/info").json()["name"] == f"{archive['index_dir'].parent.name}/index"
     assert client.get("/api/search", params={"q": "x", "k": 1}).status_code == 200
     bare = EmbeddingIndex.load(archive["index_dir"])
     if bare.embedder is None:

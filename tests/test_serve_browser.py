@@ -75,9 +75,12 @@ def browser(tmp_path_factory):
 
 
 def _wait(driver, condition, timeout=60, message=""):
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    return WebDriverWait(driver, timeout).until(condition, message)
+    # results are redrawn when an answer arrives: an element read a moment earlier may be gone
+    wait = WebDriverWait(driver, timeout, ignored_exceptions=(StaleElementReferenceException,))
+    return wait.until(condition, message)
 
 
 def _cards(driver):

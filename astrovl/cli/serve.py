@@ -39,6 +39,8 @@ def register(sub) -> None:
                    "with the index, else the directory common to the files it names)")
     p.add_argument("--thumbnail-cache", default=None,
                    help="directory for cached thumbnails (default: astrovl's cache directory)")
+    p.add_argument("--title", default=None,
+                   help="name of the index shown on the page (default: its directory's name)")
     p.add_argument("--cors-origin", action="append", default=None, metavar="ORIGIN",
                    help="let web pages from ORIGIN call the API (repeatable; CORS is off by default)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
@@ -73,7 +75,7 @@ def _cmd_serve(args):
                      max_upload_bytes=int(args.max_upload_mb * 2**20), max_k=args.max_k,
                      image_root=args.image_root, thumbnail_cache=args.thumbnail_cache,
                      allowed_hosts=LOOPBACK_HOSTS if loopback else None, cors_origins=args.cors_origin,
-                     device=args.device if embedder is None else None)
+                     device=args.device if embedder is None else None, title=args.title)
     print(f"astrovl serve: {len(index)} images from {args.index}; open {serve_url(args.host, args.port, token)}",
           flush=True)
     run_app(app, args.host, args.port, log_level=args.log_level)

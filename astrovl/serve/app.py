@@ -32,7 +32,7 @@ def create_app(index, embedder=None, *, index_dir: str | os.PathLike | None = No
                max_k: int = MAX_K, image_root: str | os.PathLike | None = None,
                thumbnail_cache: str | os.PathLike | None = None, thumbnail_size: int = 256,
                allowed_hosts=None, cors_origins=None, search_threads: int | None = 1,
-               device=None):
+               device=None, title: str | None = None):
     """Build the ASGI application that serves an embedding index on the web.
 
     The index and its model are loaded once, here. The application answers:
@@ -43,7 +43,8 @@ def create_app(index, embedder=None, *, index_dir: str | os.PathLike | None = No
       (``multipart/form-data`` with a ``file`` field: FITS or a picture) or by
       an item ("more like this": a form or JSON field ``id``);
     * ``GET /api/item/{id}``: metadata, FITS headers and sky position of an item;
-    * ``GET /thumb/{id}.png``: its thumbnail (astrovl's display scaling), cached on disk;
+    * ``GET /thumb/{id}.png``: its thumbnail (astrovl's display scaling), cached on
+      disk; ``?size=large`` for the larger preview of the detail view;
     * ``GET /api/health`` and ``GET /api/info`` (size, model, dimension, filters).
 
     Errors are JSON objects ``{"error": message, "status": code}`` with a 4xx
@@ -83,6 +84,8 @@ def create_app(index, embedder=None, *, index_dir: str | os.PathLike | None = No
         faiss's setting.
     device : str, optional
         Move the model to this torch device.
+    title : str, optional
+        The name of the index shown on the page (default: its directory's name).
 
     Returns
     -------
@@ -106,7 +109,8 @@ def create_app(index, embedder=None, *, index_dir: str | os.PathLike | None = No
 
         faiss.omp_set_num_threads(int(search_threads))
     service = SearchService(index, embedder, index_dir=index_dir, image_root=image_root,
-                            thumbnail_cache=thumbnail_cache, thumbnail_size=thumbnail_size, max_k=max_k)
+                            thumbnail_cache=thumbnail_cache, thumbnail_size=thumbnail_size, max_k=max_k,
+                            title=title)
     if device is not None:
         service.embedder.to(device)
     handlers = _Handlers(service, int(max_upload_bytes))
@@ -297,7 +301,11 @@ class _Handlers:
         name = request.path_params["name"]
         if not name.endswith(".png"):
             raise QueryError(f"thumbnails are served as /thumb/ID.png, not {name!r}", status=404)
-        data, etag = await self._thread(self.service.thumbnail, name[:-4], limiter=self.image_limiter)
+        size = request.query_params.get("size")
+        if size not in (None, "large") or set(request.query_params) - {"size", "token"}:
+            raise QueryError("thumbnails take only size=large (the preview of the detail view)")
+        data, etag = await self._thread(self.service.thumbnail, name[:-4], size == "large",
+                                        limiter=self.image_limiter)
         headers = {"etag": f'"{etag}"', "cache-control": "private, max-age=86400"}
         if request.headers.get("if-none-match") == f'"{etag}"':
             return Response(status_code=304, headers=headers)

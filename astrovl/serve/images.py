@@ -135,17 +135,21 @@ class IndexImages:
         Where thumbnails are cached (default :func:`default_thumbnail_cache`).
     size : int
         Longest side of a thumbnail in pixels.
+    preview_size : int
+        Longest side of the larger preview of the detail view.
     """
 
-    def __init__(self, metadata, *, index_dir=None, image_root=None, cache_dir=None, size: int = 256):
-        if int(size) < 16:
-            raise ValueError(f"thumbnail size {size} must be at least 16 pixels")
+    def __init__(self, metadata, *, index_dir=None, image_root=None, cache_dir=None, size: int = 256,
+                 preview_size: int = 768):
+        if int(size) < 16 or int(preview_size) < 16:
+            raise ValueError(f"thumbnail sizes ({size}, {preview_size}) must be at least 16 pixels")
         self.metadata = metadata
         self.column = next((c for c in PATH_COLUMNS if c in metadata.colnames), None)
         self.index_dir = Path(index_dir).resolve() if index_dir is not None else None
         self.recorded_root = Path(image_root).resolve() if image_root is not None else None
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_thumbnail_cache()
         self.size = int(size)
+        self.preview_size = int(preview_size)
         self._root_lock = threading.Lock()
         self._root: Path | None = self.recorded_root
         self._root_known = self.recorded_root is not None
@@ -245,25 +249,27 @@ class IndexImages:
         return True
 
     # ------------------------------------------------------------------ thumbnails
-    def _thumbnail_key(self, path: Path) -> str:
+    def _thumbnail_key(self, path: Path, size: int) -> str:
         st = path.stat()
-        ident = f"{path}|{st.st_mtime_ns}|{st.st_size}|{self.size}|v{THUMBNAIL_VERSION}"
+        ident = f"{path}|{st.st_mtime_ns}|{st.st_size}|{size}|v{THUMBNAIL_VERSION}"
         return hashlib.sha256(ident.encode("utf-8", "surrogateescape")).hexdigest()[:32]
 
-    def thumbnail(self, row: int) -> tuple[bytes, str]:
+    def thumbnail(self, row: int, large: bool = False) -> tuple[bytes, str]:
         """PNG bytes of the thumbnail of ``row`` and an ETag; rendered once, then cached on disk.
 
         The image is read with :func:`astrovl.load_image` and its display scaling
-        (the configured stretch and interval), the right way up.
+        (the configured stretch and interval), the right way up, and shrunk to
+        :attr:`size` pixels (:attr:`preview_size` with ``large``) on its longest side.
         """
         path = self.path(row)
-        key = self._thumbnail_key(path)
+        size = self.preview_size if large else self.size
+        key = self._thumbnail_key(path, size)
         file = self.cache_dir / key[:2] / f"{key}.png"
         try:
             return file.read_bytes(), key
         except OSError:
             pass
-        data = self._render(row, path)
+        data = self._render(row, path, size)
         try:
             from ..utils.files import atomic_write_bytes
 
@@ -272,7 +278,7 @@ class IndexImages:
             log.warning("thumbnail cache %s is not writable (%s); thumbnails are not cached", file, exc)
         return data, key
 
-    def _render(self, row: int, path: Path) -> bytes:
+    def _render(self, row: int, path: Path, size: int) -> bytes:
         from PIL import Image
 
         from ..imaging import load_image
@@ -282,7 +288,7 @@ class IndexImages:
         except Exception as exc:  # any unreadable file is answered, not raised
             raise QueryError(f"the image of item {row} could not be read: {exc}", status=422) from exc
         pil = img.to_pil()
-        pil.thumbnail((self.size, self.size), Image.Resampling.LANCZOS)
+        pil.thumbnail((size, size), Image.Resampling.LANCZOS)
         buf = io.BytesIO()
         pil.save(buf, format="PNG")
         return buf.getvalue()

@@ -58,6 +58,9 @@ class SearchService:
         Largest number of results a query may ask for.
     text_cache_size : int
         Number of text embeddings kept for repeated queries.
+    title : str, optional
+        The name shown on the page; default the index directory's name (with its
+        parent's when the directory is just called ``index``).
 
     Raises
     ------
@@ -70,7 +73,7 @@ class SearchService:
     def __init__(self, index, embedder=None, *, index_dir: str | os.PathLike | None = None,
                  image_root: str | os.PathLike | None = None,
                  thumbnail_cache: str | os.PathLike | None = None, thumbnail_size: int = 256,
-                 max_k: int = MAX_K, text_cache_size: int = 4096):
+                 max_k: int = MAX_K, text_cache_size: int = 4096, title: str | None = None):
         if len(index) == 0:
             raise ValueError("the index is empty; there is nothing to serve")
         if embedder is None:
@@ -91,6 +94,7 @@ class SearchService:
         self.embedder = embedder
         self.index_dir = Path(index_dir) if index_dir is not None else None
         self.max_k = int(max_k)
+        self.title = str(title) if title else _default_title(self.index_dir)
         self.default_k = min(DEFAULT_K, self.max_k)
         root = image_root if image_root is not None else recorded_image_root(index, index_dir)
         self.images = IndexImages(index.metadata, index_dir=index_dir, image_root=root,
@@ -302,20 +306,29 @@ class SearchService:
             out["sky"] = _sky_strings(ra, dec)
         return out
 
-    def thumbnail(self, row) -> tuple[bytes, str]:
-        """PNG bytes and ETag of the thumbnail of ``row``."""
-        return self.images.thumbnail(self.images.check_row(_as_row(row)))
+    def thumbnail(self, row, large: bool = False) -> tuple[bytes, str]:
+        """PNG bytes and ETag of the thumbnail (or, ``large``, the preview) of ``row``."""
+        return self.images.thumbnail(self.images.check_row(_as_row(row)), large)
 
     def info(self) -> dict:
         """What the index holds: size, model, dimension, columns and filter values."""
         emb = self.embedder
-        return {"name": self.index_dir.name if self.index_dir is not None else "index",
+        return {"name": self.title,
                 "count": len(self.index), "dim": int(self.index.dim), "kind": self.index.kind,
                 "model": {"id": self.index.model_id or getattr(emb, "model_id", None),
                           "name": getattr(emb, "model_name", None)},
                 "columns": self.columns, "filters": self.filters,
                 "label_column": self.label_column, "images": self.images.column is not None,
                 "default_k": self.default_k, "max_k": self.max_k}
+
+
+def _default_title(index_dir: Path | None) -> str:
+    if index_dir is None:
+        return "index"
+    path = index_dir.resolve()
+    if path.name.lower() in ("index", "idx") and path.parent.name:
+        return f"{path.parent.name}/{path.name}"
+    return path.name
 
 
 def _as_row(value) -> int:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import shlex
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -33,11 +34,13 @@ def main() -> None:
     parser.add_argument("--detail-output", type=Path, default=STATIC / "serve_detail.png")
     parser.add_argument("--width", type=int, default=1360)
     parser.add_argument("--height", type=int, default=860)
+    parser.add_argument("--detail-height", type=int, default=1180)
     args = parser.parse_args()
 
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
-    from selenium.webdriver.support.ui import WebDriverWait
+    from selenium.webdriver.support.ui import Select, WebDriverWait
 
     from astrovl.serve.testing import ServerProcess, chromium_driver, images_loaded
 
@@ -56,7 +59,7 @@ def main() -> None:
                                 "--log-level", "warning"], tmp / "server.log")
         with server:
             driver = chromium_driver(tmp / "profile", args.width, args.height)
-            wait = WebDriverWait(driver, 60)
+            wait = WebDriverWait(driver, 60, ignored_exceptions=(StaleElementReferenceException,))
             try:
                 driver.get(server.url)
                 wait.until(lambda d: "images" in d.find_element(By.ID, "index-info").text)
@@ -66,11 +69,16 @@ def main() -> None:
                 args.output.parent.mkdir(parents=True, exist_ok=True)
                 driver.save_screenshot(str(args.output))
                 print(f"wrote {args.output}")
-                cards = driver.find_elements(By.CSS_SELECTOR, "#results .card")
-                real = [c for c in cards if "M13" in c.text] or cards
-                real[0].click()
+                # the detail view of a real telescope image: its FITS header and WCS position
+                Select(driver.find_element(By.ID, "filter-kind")).select_by_visible_text("real")
+                wait.until(lambda d: any("M13" in c.text for c in d.find_elements(By.CSS_SELECTOR, "#results .card")))
+                wait.until(images_loaded)
+                next(c for c in driver.find_elements(By.CSS_SELECTOR, "#results .card") if "M13" in c.text).click()
                 wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#detail-meta tr"))
-                wait.until(lambda d: images_loaded(d, "#detail-image"))
+                wait.until(lambda d: images_loaded(d, "#detail-image") and "RA" in d.find_element(
+                    By.ID, "detail-sky").text)
+                driver.set_window_size(args.width, args.detail_height)  # room for the FITS header
+                time.sleep(1)  # the larger preview replaces the thumbnail
                 driver.save_screenshot(str(args.detail_output))
                 print(f"wrote {args.detail_output}")
             finally:

@@ -238,8 +238,11 @@
   function fillDetail(item) {
     els.title.textContent = item.label;
     if (item.thumbnail) {
-      els.image.src = item.thumbnail;
+      els.image.src = item.thumbnail;  // the cached thumbnail at once, the larger preview when ready
       els.image.alt = item.label;
+      const preview = new Image();
+      preview.addEventListener("load", () => { if (state.detailId === item.id) els.image.src = preview.src; });
+      preview.src = `${item.thumbnail}?size=large`;
       els.image.parentElement.hidden = false;
     } else {
       els.image.parentElement.hidden = true;
