@@ -252,7 +252,7 @@ def main(argv=None) -> int:
         del index, embedder
         from astrovl.serve.testing import ServerProcess
 
-        server = ServerProcess([tmp / "index", "--model", tmp / "model", "--device", args.device,
+        server = ServerProcess([tmp / "index", "--device", args.device,
                                 "--thumbnail-cache", tmp / "thumbs", "--log-level", "warning"],
                                tmp / "server.log", timeout=300)
         with server:

@@ -626,6 +626,9 @@ def test_cli_serve_binds_loopback_and_warns_on_all_interfaces(monkeypatch, archi
     assert TestClient(app).get("/api/health").status_code == 401
     assert TestClient(app).get("/api/health", headers={"authorization": "Bearer from-env"}).status_code == 200
     assert main(["serve", str(archive["index_dir"]), "--port", "70000"]) == 1
+    # an index that records no model source needs --model
+    assert main(["serve", str(archive["index_dir"]), "--thumbnail-cache", str(tmp_path / "t")]) == 1
+    assert "needs the model that built it" in capsys.readouterr().err
 
 
 def test_json_answers_are_strict_json(client):

@@ -59,8 +59,9 @@ def served(tmp_path_factory, m13_path, ngc1316_path, dss_path, xdf_array):
     embedder.save_pretrained(base / "clip")
     embedder = CLIPEmbedder.from_pretrained(base / "clip")
     EmbeddingIndex.build(embedder, paths, metadata=meta, progress=False).save(base / "index")
-    server = ServerProcess([base / "index", "--model", base / "clip", "--thumbnail-cache", base / "thumbs",
-                            "--log-level", "warning"], base / "server.log")
+    # no --model: the index loads the model it was built with from where it was recorded
+    server = ServerProcess([base / "index", "--thumbnail-cache", base / "thumbs", "--log-level", "warning"],
+                           base / "server.log")
     with server:
         yield {"url": server.url, "base": base, "names": names, "paths": paths, "proc": server.proc}
 

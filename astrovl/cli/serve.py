@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
-from ._common import add_command, add_model_args, load_clip
+from ._common import add_command, add_model_args, load_clip_if_named
 
 __all__ = ["register", "serve_url"]
 
@@ -18,6 +18,7 @@ def register(sub) -> None:
                     f"""
                     astrovl serve my_index
                     astrovl serve my_index --port 8080 --device cuda
+                    astrovl serve my_index --model ./my-clip --title "HST previews"
                     {TOKEN_ENV}=$(openssl rand -hex 16) astrovl serve my_index --host 0.0.0.0
                     """, _cmd_serve)
     p.add_argument("index", metavar="INDEX_DIR", help="directory written by 'astrovl index build'")
@@ -26,7 +27,7 @@ def register(sub) -> None:
                    "shares the index with every machine that can reach this one)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
     add_model_args(p, pretrained=True)
-    p.set_defaults(model=None)
+    p.set_defaults(model=None)  # default: the model the index records
     p.add_argument("--token", default=None,
                    help=f"require this token on every request (default: the {TOKEN_ENV} environment "
                    "variable, which other users of this machine cannot read from the process list)")
@@ -69,13 +70,13 @@ def _cmd_serve(args):
         raise ValueError(f"--port {args.port} is not a TCP port (1-65535)")
     if args.max_upload_mb <= 0:
         raise ValueError(f"--max-upload-mb {args.max_upload_mb} must be positive")
-    embedder = load_clip(args) if args.model else None
-    index = EmbeddingIndex.load(args.index, embedder=embedder)
+    embedder = load_clip_if_named(args)
+    index = EmbeddingIndex.load(args.index, embedder=embedder, device=args.device)
     app = create_app(index, embedder, index_dir=args.index, token=token,
                      max_upload_bytes=int(args.max_upload_mb * 2**20), max_k=args.max_k,
                      image_root=args.image_root, thumbnail_cache=args.thumbnail_cache,
                      allowed_hosts=LOOPBACK_HOSTS if loopback else None, cors_origins=args.cors_origin,
-                     device=args.device if embedder is None else None, title=args.title)
+                     title=args.title)
     print(f"astrovl serve: {len(index)} images from {args.index}; open {serve_url(args.host, args.port, token)}",
           flush=True)
     run_app(app, args.host, args.port, log_level=args.log_level)

@@ -55,7 +55,8 @@ def create_app(index, embedder=None, *, index_dir: str | os.PathLike | None = No
     index : EmbeddingIndex or path
         The index, or the directory to load it from.
     embedder : CLIPEmbedder, optional
-        The model for text and image queries (default: the index's own).
+        The model for text and image queries (default: the index's own, which
+        an index loaded from a directory loads from where it was recorded).
     index_dir : path, optional
         The directory ``index`` was loaded from, when ``index`` is an object:
         relative image paths and a recorded image root are resolved against it.
@@ -103,7 +104,7 @@ def create_app(index, embedder=None, *, index_dir: str | os.PathLike | None = No
 
     if isinstance(index, (str, os.PathLike)):
         index_dir = Path(index)
-        index = EmbeddingIndex.load(index_dir, embedder=embedder)
+        index = EmbeddingIndex.load(index_dir, embedder=embedder, device=device)
     if search_threads is not None:
         import faiss
 

@@ -52,8 +52,7 @@ def main() -> None:
             result = run_demo(tmp / "demo", quick=True, steps=300, n_images=660, progress=False)
             command = result.serve_command
         else:
-            command = (f"astrovl serve {shlex.quote(str(args.demo / 'index'))} "
-                       f"--model {shlex.quote(str(args.demo / 'runs' / 'scratch' / 'best'))}")
+            command = f"astrovl serve {shlex.quote(str(args.demo / 'index'))}"
         print(f"serving: {command}")
         server = ServerProcess([*shlex.split(command)[2:], "--thumbnail-cache", tmp / "thumbs",
                                 "--log-level", "warning"], tmp / "server.log")
