@@ -15,7 +15,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["run_demo", "DemoResult", "DEMO_QUERIES", "bundled_real_images", "follow_up_command"]
+__all__ = ["run_demo", "DemoResult", "DEMO_QUERIES", "bundled_real_images", "follow_up_command",
+           "serve_command"]
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,8 @@ class DemoResult:
     seconds: float = 0.0
     index_path: Path | None = None
     search_command: str = ""
+    #: the command that shares the demo's index on a local web page
+    serve_command: str = ""
 
 
 def bundled_real_images() -> list[tuple[str, object]]:
@@ -67,6 +70,33 @@ def bundled_real_images() -> list[tuple[str, object]]:
         out.append(("Hubble eXtreme Deep Field (scikit-image)", skdata.hubble_deep_field()))
     except Exception:  # scikit-image missing or its data not shipped
         log.info("scikit-image Hubble Deep Field not available; skipped")
+    return out
+
+
+def _materialize_real_images(real: list[tuple[str, object]], directory: Path) -> list[tuple[str, Path]]:
+    """Copy the bundled real images into ``directory`` (arrays as PNG) so the index names files."""
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    from .utils.files import atomic_write
+
+    directory.mkdir(parents=True, exist_ok=True)
+    out = []
+    for name, obj in real:
+        if isinstance(obj, (str, os.PathLike)):
+            target = directory / Path(obj).name
+            if not target.exists():
+                with open(obj, "rb") as src, atomic_write(target, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+        else:
+            slug = "".join(ch if ch.isalnum() else "_" for ch in name.split("(")[0].strip().lower())
+            target = directory / f"{slug.strip('_')}.png"
+            if not target.exists():
+                with atomic_write(target, "wb") as dst:
+                    Image.fromarray(np.asarray(obj)).save(dst, format="PNG")
+        out.append((name, target))
     return out
 
 
@@ -171,12 +201,14 @@ def run_demo(output_dir: str | os.PathLike = "astrovl-demo", *, steps: int | Non
     summary = Table(rows=rows)
     trained = runs[mode].embedder
 
-    # index: validation images + real telescope images
-    real = bundled_real_images()
-    items = [str(p) for p in val.image_paths] + [obj for _, obj in real]
+    # index: validation images + real telescope images (copied next to the data, so that the
+    # index names files under the output directory, relative to it)
+    real = _materialize_real_images(bundled_real_images(), out / "data" / "real")
+    items = [str(p) for p in val.image_paths] + [str(p) for _, p in real]
     meta = Table({"name": [f"{r['id']} ({r['label']})" for r in val] + [n for n, _ in real],
                   "label": [str(r["label"]) for r in val] + ["real image"] * len(real),
-                  "kind": ["synthetic"] * len(val) + ["real"] * len(real)})
+                  "kind": ["synthetic"] * len(val) + ["real"] * len(real),
+                  "path": [os.path.relpath(p, out) for p in items]})
     # the trained model was loaded from its run directory, so the index records where it is and
     # `astrovl search OUT/index "text"` works without naming the model
     index = EmbeddingIndex.build(trained, items, metadata=meta, progress=False)
@@ -205,7 +237,8 @@ def run_demo(output_dir: str | os.PathLike = "astrovl-demo", *, steps: int | Non
             report.figure(plot_history(res.history, title=name), name)
     report.heading("Text searches over validation and real telescope images")
     report.paragraph(f"The index in {out / 'index'} remembers its model; search it again with: "
-                     f"{search_command}", css_class="note")
+                     f"{search_command}, or on a web page with: {serve_command(out / 'index')}",
+                     css_class="note")
     for q, hits in searches.items():
         report.image_grid([(thumbs[int(r["row"])], f"{r['name']}  score {float(r['score']):.3f}") for r in hits],
                           title=f"query: {q}")
@@ -220,7 +253,8 @@ def run_demo(output_dir: str | os.PathLike = "astrovl-demo", *, steps: int | Non
     path = report.write(out / "report.html")
     return DemoResult(report_path=path, summary=summary, output_dir=out, searches=searches, zero_shot=zs,
                       seconds=time.perf_counter() - t0, index_path=out / "index",
-                      search_command=search_command)
+                      search_command=search_command,
+                      serve_command=serve_command(out / "index"))
 
 
 def follow_up_command(index_dir: str | os.PathLike, query: str = "two merging galaxies") -> str:
@@ -228,3 +262,10 @@ def follow_up_command(index_dir: str | os.PathLike, query: str = "two merging ga
     import shlex
 
     return f"astrovl search {shlex.quote(str(index_dir))} {shlex.quote(query)}"
+
+
+def serve_command(index_dir: str | os.PathLike) -> str:
+    """The shell command that puts the demo's index on a web page (the index loads its own model)."""
+    import shlex
+
+    return f"astrovl serve {shlex.quote(str(index_dir))}"

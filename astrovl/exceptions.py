@@ -15,6 +15,7 @@ __all__ = [
     "ManifestError",
     "IndexMismatchError",
     "GenerationError",
+    "QueryError",
 ]
 
 
@@ -52,3 +53,20 @@ class GenerationError(AstroVLError, RuntimeError):
 
 class ImageFileError(AstroVLError, OSError):
     """An image file is missing, truncated, corrupt or of an unknown format."""
+
+
+class QueryError(AstroVLError, ValueError):
+    """A request to a search service is malformed or names nothing that exists.
+
+    Parameters
+    ----------
+    message : str
+        What was asked and what to do instead.
+    status : int
+        The HTTP status that describes the problem (400 malformed, 404 unknown
+        item, 413 too large, 415 unsupported type).
+    """
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = int(status)

@@ -117,3 +117,15 @@ def test_errors(embedder, tmp_path):
         embedder.zero_shot(np.ones((8, 8)), templates=("no placeholder",))
     with pytest.raises(TypeError):
         embedder.embed_images(12345)
+
+
+def test_text_embeddings_skip_the_padding_without_changing_them(embedder):
+    import torch
+
+    texts = ["a", "a dense globular cluster of old stars", "two merging galaxies with long tidal tails " * 6]
+    tokens = embedder.tokenizer(texts)
+    with torch.inference_mode():
+        full = torch.nn.functional.normalize(embedder.model.encode_text(tokens).float(), dim=-1).numpy()
+    np.testing.assert_allclose(embedder.embed_text(texts), full, atol=1e-5)  # one batch, one cut
+    for i, text in enumerate(texts):  # each alone, cut at its own length
+        np.testing.assert_allclose(embedder.embed_text(text)[0], full[i], atol=1e-5)

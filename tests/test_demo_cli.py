@@ -14,7 +14,7 @@ from astrovl.cli import build_parser, main
 
 SUBCOMMANDS = ("embed", "index", "search", "classify", "caption", "ask", "build-hubble", "build-outreach",
                "summarize", "conversations", "synth", "train-clip", "train-llava", "evaluate",
-               "convert-llava", "demo")
+               "convert-llava", "serve", "demo")
 
 
 @pytest.mark.parametrize("command", SUBCOMMANDS)
@@ -117,6 +117,20 @@ def test_demo_quick_writes_escaped_report(tmp_path):
     assert html.escape(result.search_command) in text
     argv = result.search_command.split(" ", 2)[1:2] + [str(result.index_path), "two merging galaxies"]
     assert main(argv + ["-k", "3", "--format", "csv"]) == 0
+    # and the serve command it prints puts it on the web, model and real images included
+    assert result.serve_command == f"astrovl serve {result.index_path}"
+    assert html.escape(result.serve_command) in text
+    pytest.importorskip("starlette")
+    from starlette.testclient import TestClient
+
+    from astrovl.serve import create_app
+
+    client = TestClient(create_app(result.index_path, thumbnail_cache=tmp_path / "thumbs"))
+    hits = client.get("/api/search", params={"q": "dense globular star cluster", "k": 200,
+                                             "filter": "kind:real"}).json()["results"]
+    m13 = next(h for h in hits if h["label"].startswith("M13"))
+    assert m13["metadata"]["path"] == "data/real/m13.fits" and m13["ra"] == pytest.approx(250.42, abs=0.05)
+    assert client.get(m13["thumbnail"]).headers["content-type"] == "image/png"
 
 
 def test_report_escapes_untrusted_text(tmp_path):

@@ -159,3 +159,31 @@ def test_search_breadth_can_be_set_per_call():
         exact.search(queries[0], ef_search=4)
     with pytest.raises(ValueError, match="must be >= 1"):
         ivf.search(queries[0], nprobe=0)
+
+
+@pytest.mark.parametrize("kind", ["exact", "hnsw", "ivf"])
+def test_search_restricted_to_rows(kind):
+    from astropy.table import Table
+
+    rng = np.random.default_rng(7)
+    vectors = rng.normal(size=(400, 16)).astype(np.float32)
+    meta = Table({"kind": ["a", "b"] * 200, "n": np.arange(400) % 7})
+    index = EmbeddingIndex(16, kind=kind)
+    index.add(vectors, meta)
+    rows = index.rows_where({"kind": "b", "n": [3, "4"]})
+    assert len(rows) and all(meta["kind"][rows] == "b") and set(meta["n"][rows]) <= {3, 4}
+    unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    q = unit[5]
+    expected = rows[np.argsort(-(unit[rows] @ q))[:5]]
+    np.testing.assert_array_equal(index.search(q, k=5, rows=rows)["row"], expected)
+    mask = np.zeros(len(index), dtype=bool)
+    mask[rows] = True
+    np.testing.assert_array_equal(index.search(q, k=5, rows=mask)["row"], expected)
+    assert len(index.search(q, k=5, rows=rows[:2])) == 2  # fewer allowed rows than k
+    assert len(index.search(q, k=5, rows=np.zeros(len(index), dtype=bool))) == 0
+    with pytest.raises(ValueError, match="0..399"):
+        index.search(q, rows=[400])
+    with pytest.raises(ValueError, match="one entry per row"):
+        index.search(q, rows=np.ones(3, dtype=bool))
+    with pytest.raises(KeyError, match="no column 'telescope'"):
+        index.rows_where({"telescope": "HST"})

@@ -3,7 +3,7 @@
 Each command family lives in its own module (:mod:`~astrovl.cli.images`,
 :mod:`~astrovl.cli.llava`, :mod:`~astrovl.cli.datasets`,
 :mod:`~astrovl.cli.training`, :mod:`~astrovl.cli.evaluation`,
-:mod:`~astrovl.cli.demo`) and registers its subcommands; a subcommand parses
+:mod:`~astrovl.cli.demo`, :mod:`~astrovl.cli.serve`) and registers its subcommands; a subcommand parses
 its arguments and calls library functions, the logic lives in the library.
 Errors are printed as one line with a non-zero exit code (full tracebacks with
 ``--debug``).
@@ -15,14 +15,14 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from . import datasets, demo, evaluation, images, llava, training
+from . import datasets, demo, evaluation, images, llava, serve, training
 
 __all__ = ["main", "build_parser"]
 
 EPILOG = "Run 'astrovl COMMAND --help' for the options and examples of each command."
 
 #: command families in the order their commands appear in ``astrovl --help``
-FAMILIES = (images, llava, datasets, training, evaluation, demo)
+FAMILIES = (images, llava, datasets, training, evaluation, serve, demo)
 
 
 def build_parser() -> argparse.ArgumentParser:

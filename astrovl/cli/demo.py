@@ -39,4 +39,5 @@ def _cmd_demo(args):
     result.summary.pprint_all()
     print(f"report: {result.report_path}")
     print(f"search the index again: {result.search_command}")
+    print(f"search it on a web page: {result.serve_command}")
     return 0

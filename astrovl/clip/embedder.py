@@ -436,7 +436,7 @@ class CLIPEmbedder:
                                       desc="embedding texts"):
                 tokens = self.tokenizer(texts[start:start + batch_size]).to(self.device)
                 with self._autocast():
-                    feats = self.model.encode_text(tokens)
+                    feats = _encode_text_trimmed(self.model, tokens)
                 out.append(torch.nn.functional.normalize(feats.float(), dim=-1).cpu().numpy())
         return np.ascontiguousarray(np.concatenate(out).astype(np.float32))
 
@@ -500,4 +500,34 @@ class CLIPEmbedder:
                 rows.append((i, describe_input(items[i]), r, cats[j], float(sims[i, j]), float(probs[i, j])))
         return Table(rows=rows, names=("image", "source", "rank", "category", "score", "probability"),
                      dtype=(int, str, int, str, float, float)) if rows else Table()
+
+
+def _encode_text_trimmed(model, tokens):
+    """``model.encode_text(tokens)``, computed only up to the batch's last end-of-text token.
+
+    An open_clip ``CLIP`` whose text tower is causal and pools at the end-of-text
+    token (``text_pool_type="argmax"``, the OpenAI CLIP design) gives the same
+    embedding whatever follows that token, so the padding after it is not
+    computed: a short query costs a fraction of the 77 positions. Other models
+    run ``encode_text`` unchanged.
+    """
+    import open_clip
+    import torch
+
+    if type(model) is not open_clip.CLIP or model.text_pool_type != "argmax" or model.attn_mask is None:
+        return model.encode_text(tokens)
+    n = int(tokens.argmax(dim=-1).max()) + 1
+    if n >= tokens.shape[1]:
+        return model.encode_text(tokens)
+    tokens = tokens[:, :n]
+    cast_dtype = model.transformer.get_cast_dtype()
+    x = model.token_embedding(tokens).to(cast_dtype) + model.positional_embedding[:n].to(cast_dtype)
+    x = model.transformer(x, attn_mask=model.attn_mask[:n, :n])
+    x = model.ln_final(x)
+    x = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]
+    if model.text_projection is None:
+        return x
+    if isinstance(model.text_projection, torch.nn.Linear):
+        return model.text_projection(x)
+    return x @ model.text_projection
 

@@ -376,7 +376,7 @@ class EmbeddingIndex:
         return embedder
 
     def search(self, query: Any, k: int = 10, *, ef_search: int | None = None,
-               nprobe: int | None = None) -> Table:
+               nprobe: int | None = None, rows=None) -> Table:
         """Return the ``k`` best matches for a text, an image or a vector.
 
         Parameters
@@ -392,6 +392,10 @@ class EmbeddingIndex:
         nprobe : int, optional
             For ``kind="ivf"``: the number of cells searched for this query only
             (default: the index's ``nprobe``). Larger is more accurate and slower.
+        rows : array of int or bool, optional
+            Search only these rows: positions, or a boolean mask of length
+            ``len(index)``, e.g. from :meth:`rows_where`. Fewer than ``k`` rows
+            come back when fewer are allowed.
 
         Returns
         -------
@@ -404,11 +408,15 @@ class EmbeddingIndex:
         k = int(k)
         if k < 1:
             raise ValueError(f"k={k} must be >= 1")
-        search_params = self._search_parameters(ef_search, nprobe)
+        allowed = self._allowed_rows(rows)
+        bitmap = None if allowed is None or self.kind == "exact" else np.packbits(allowed, bitorder="little")
+        search_params = self._search_parameters(ef_search, nprobe, bitmap)
         q = self._query_vector(query)[:1]
-        k = min(k, len(self))
-        if self.kind == "exact":
-            scores, rows = self._exact_search(q, k)
+        k = min(k, len(self) if allowed is None else int(allowed.sum()))
+        if k == 0:
+            scores, rows = np.zeros(0, np.float32), np.zeros(0, np.int64)
+        elif self.kind == "exact":
+            scores, rows = self._exact_search(q, k, allowed)
         else:
             scores, rows = self._structure().search(q, k, params=search_params)
             keep = rows[0] >= 0
@@ -420,39 +428,115 @@ class EmbeddingIndex:
         out.add_column(np.arange(1, len(rows) + 1), name="rank", index=0)
         return out
 
-    def _exact_search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Exhaustive inner-product search over the stored chunks (no second copy of the vectors)."""
+    def _exact_search(self, q: np.ndarray, k: int,
+                      allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Exhaustive inner-product search over the stored chunks (no second copy of the vectors).
+
+        ``allowed`` (a boolean mask over all rows) restricts the search to those rows.
+        """
         import faiss
 
         scores, rows = [], []
         for start, chunk in zip(self._vec.starts(), self._vec.chunks):
+            positions = None
+            if allowed is not None:
+                positions = np.flatnonzero(allowed[start:start + len(chunk)])
+                if not len(positions):
+                    continue
+                chunk = chunk[positions]
             d, i = faiss.knn(q, np.ascontiguousarray(chunk), min(k, len(chunk)), metric=faiss.METRIC_INNER_PRODUCT)
             scores.append(d[0])
-            rows.append(i[0] + start)
+            rows.append((i[0] if positions is None else positions[i[0]]) + start)
+        merged = len(scores) > 1
         scores, rows = np.concatenate(scores), np.concatenate(rows)
-        if len(self._vec.chunks) > 1:
+        if merged:
             order = np.lexsort((rows, -scores))[:k]
             scores, rows = scores[order], rows[order]
         return scores, rows
 
-    def _search_parameters(self, ef_search: int | None, nprobe: int | None):
-        """faiss search parameters for one call, or None to use the index's own."""
-        if ef_search is None and nprobe is None:
+    def _search_parameters(self, ef_search: int | None, nprobe: int | None,
+                           bitmap: np.ndarray | None = None):
+        """faiss search parameters for one call, or None to use the index's own.
+
+        ``bitmap`` (packed little-endian bits, one per row) restricts the search;
+        the caller keeps it alive until the search returns.
+        """
+        if ef_search is None and nprobe is None and bitmap is None:
             return None
         import faiss
 
         for name, value in (("ef_search", ef_search), ("nprobe", nprobe)):
             if value is not None and int(value) < 1:
                 raise ValueError(f"{name}={value!r} must be >= 1")
-        if ef_search is not None and self.kind == "hnsw":
-            return faiss.SearchParametersHNSW(efSearch=int(ef_search))
-        if nprobe is not None and self.kind == "ivf":
-            return faiss.SearchParametersIVF(nprobe=int(nprobe))
-        given = "ef_search" if ef_search is not None else "nprobe"
-        raise ValueError(
-            f"{given} does not apply to an index of kind {self.kind!r}: ef_search is for "
-            "kind='hnsw' and nprobe for kind='ivf'"
-        )
+        if (ef_search is not None and self.kind != "hnsw") or (nprobe is not None and self.kind != "ivf"):
+            given = "ef_search" if ef_search is not None else "nprobe"
+            raise ValueError(
+                f"{given} does not apply to an index of kind {self.kind!r}: ef_search is for "
+                "kind='hnsw' and nprobe for kind='ivf'"
+            )
+        kw = {} if bitmap is None else {"sel": faiss.IDSelectorBitmap(bitmap)}
+        if self.kind == "hnsw":
+            return faiss.SearchParametersHNSW(efSearch=int(ef_search or self.params["ef_search"]), **kw)
+        if self.kind == "ivf":
+            return faiss.SearchParametersIVF(nprobe=int(nprobe or self._structure().nprobe), **kw)
+        return faiss.SearchParameters(**kw)
+
+    def _allowed_rows(self, rows) -> np.ndarray | None:
+        """``rows`` (positions or a boolean mask) as a boolean mask, or None for all rows."""
+        if rows is None:
+            return None
+        rows = np.asarray(rows)
+        if rows.dtype == bool:
+            if rows.shape != (len(self),):
+                raise ValueError(
+                    f"a boolean rows mask must have one entry per row ({len(self)}), not shape {rows.shape}"
+                )
+            return rows
+        if rows.size and rows.dtype.kind not in "iu":
+            raise ValueError(f"rows must be integer positions or a boolean mask, not {rows.dtype}")
+        rows = rows.astype(np.int64).ravel()
+        if rows.size and (rows.min() < 0 or rows.max() >= len(self)):
+            raise ValueError(f"rows must lie in 0..{len(self) - 1}; got {rows.min()}..{rows.max()}")
+        mask = np.zeros(len(self), dtype=bool)
+        mask[rows] = True
+        return mask
+
+    def rows_where(self, where: dict) -> np.ndarray:
+        """Positions of the rows whose metadata matches ``where``.
+
+        Parameters
+        ----------
+        where : dict
+            ``{column: value}`` or ``{column: [values]}``; a row matches when, for
+            every column, its value written as text equals one of the values written
+            as text (so ``{"proposal_id": "12345"}`` matches the integer 12345).
+            Masked (missing) values never match.
+
+        Returns
+        -------
+        numpy.ndarray
+            int64 row positions, ascending; pass them to :meth:`search` as ``rows=``.
+
+        Raises
+        ------
+        KeyError
+            A column that the metadata lacks (the message lists the columns).
+        """
+        mask = np.ones(len(self), dtype=bool)
+        for column, wanted in dict(where).items():
+            if column not in self.metadata.colnames:
+                raise KeyError(
+                    f"the index metadata has no column {column!r}; its columns are "
+                    f"{list(self.metadata.colnames)}"
+                )
+            values = [wanted] if isinstance(wanted, (str, bytes)) or np.ndim(wanted) == 0 else list(wanted)
+            col = self.metadata[column]
+            text = np.asarray(col).astype(str)
+            match = np.isin(text, [str(v) for v in values])
+            if getattr(col, "mask", None) is not None and np.ma.is_masked(col):
+                match &= ~np.asarray(col.mask)
+            mask &= match
+        return np.flatnonzero(mask).astype(np.int64)
 
     # ------------------------------------------------------------------ persistence
     def save(self, directory: str | os.PathLike) -> Path:

@@ -1,0 +1,83 @@
+"""The ``serve`` command: share an embedding index on the web (search page and JSON API)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from ._common import add_command, add_model_args, load_clip_if_named
+
+__all__ = ["register", "serve_url"]
+
+
+def register(sub) -> None:
+    """Add the ``serve`` subcommand to ``sub``."""
+    from ..serve.defaults import DEFAULT_HOST, DEFAULT_PORT, MAX_K, TOKEN_ENV
+
+    p = add_command(sub, "serve", "serve an embedding index on the web: a search page and a JSON API",
+                    f"""
+                    astrovl serve my_index
+                    astrovl serve my_index --port 8080 --device cuda
+                    astrovl serve my_index --model ./my-clip --title "HST previews"
+                    {TOKEN_ENV}=$(openssl rand -hex 16) astrovl serve my_index --host 0.0.0.0
+                    """, _cmd_serve)
+    p.add_argument("index", metavar="INDEX_DIR", help="directory written by 'astrovl index build'")
+    p.add_argument("--host", default=DEFAULT_HOST,
+                   help=f"address to listen on (default {DEFAULT_HOST}: this machine only; 0.0.0.0 "
+                   "shares the index with every machine that can reach this one)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
+    add_model_args(p, pretrained=True)
+    p.set_defaults(model=None)  # default: the model the index records
+    p.add_argument("--token", default=None,
+                   help=f"require this token on every request (default: the {TOKEN_ENV} environment "
+                   "variable, which other users of this machine cannot read from the process list)")
+    p.add_argument("--max-upload-mb", type=float, default=50.0,
+                   help="largest image upload in MB (default 50)")
+    p.add_argument("--max-k", type=int, default=MAX_K,
+                   help=f"largest number of results per query (default {MAX_K})")
+    p.add_argument("--image-root", default=None,
+                   help="serve only image files under this directory (default: the root recorded "
+                   "with the index, else the directory common to the files it names)")
+    p.add_argument("--thumbnail-cache", default=None,
+                   help="directory for cached thumbnails (default: astrovl's cache directory)")
+    p.add_argument("--title", default=None,
+                   help="name of the index shown on the page (default: its directory's name)")
+    p.add_argument("--cors-origin", action="append", default=None, metavar="ORIGIN",
+                   help="let web pages from ORIGIN call the API (repeatable; CORS is off by default)")
+    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
+                   help="server log level (default info; 'warning' hides the access log)")
+
+
+def serve_url(host: str, port: int, token: str | None = None) -> str:
+    """The address to open in a browser for a server on ``host:port``."""
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    if ":" in shown and not shown.startswith("["):
+        shown = f"[{shown}]"
+    return f"http://{shown}:{port}/" + (f"?token={token}" if token else "")
+
+
+def _cmd_serve(args):
+    from ..clip import EmbeddingIndex
+    from ..serve import LOOPBACK_HOSTS, TOKEN_ENV, create_app, is_loopback, run_app
+
+    token = args.token or os.environ.get(TOKEN_ENV) or None
+    loopback = is_loopback(args.host)
+    if not loopback:
+        print(f"astrovl serve: warning: listening on {args.host}: every machine that can reach this "
+              "one can search the index and see its images and headers"
+              + ("" if token else f"; set a token with {TOKEN_ENV} or --token"), file=sys.stderr)
+    if not 1 <= args.port <= 65535:
+        raise ValueError(f"--port {args.port} is not a TCP port (1-65535)")
+    if args.max_upload_mb <= 0:
+        raise ValueError(f"--max-upload-mb {args.max_upload_mb} must be positive")
+    embedder = load_clip_if_named(args)
+    index = EmbeddingIndex.load(args.index, embedder=embedder, device=args.device)
+    app = create_app(index, embedder, index_dir=args.index, token=token,
+                     max_upload_bytes=int(args.max_upload_mb * 2**20), max_k=args.max_k,
+                     image_root=args.image_root, thumbnail_cache=args.thumbnail_cache,
+                     allowed_hosts=LOOPBACK_HOSTS if loopback else None, cors_origins=args.cors_origin,
+                     title=args.title)
+    print(f"astrovl serve: {len(index)} images from {args.index}; open {serve_url(args.host, args.port, token)}",
+          flush=True)
+    run_app(app, args.host, args.port, log_level=args.log_level)
+    return 0

@@ -1,0 +1,35 @@
+"""Share an embedding index on the web: a search page and a JSON API.
+
+``astrovl serve INDEX_DIR`` (or :func:`create_app` inside another ASGI
+application) loads an :class:`~astrovl.EmbeddingIndex` and its model once and
+answers text searches, searches by an uploaded FITS file or picture, "more like
+this", item details with FITS headers and sky positions, and thumbnails, with
+a single web page that needs no build step and no internet access.
+Needs the ``serve`` extra: ``pip install 'astrovl[serve]'``.
+"""
+
+from __future__ import annotations
+
+from .._lazy import lazy_exports
+from .defaults import (
+    DEFAULT_HOST,
+    DEFAULT_K,
+    DEFAULT_MAX_UPLOAD_BYTES,
+    DEFAULT_PORT,
+    LOOPBACK_HOSTS,
+    MAX_K,
+    TOKEN_ENV,
+)
+
+_LAZY = {
+    "create_app": "astrovl.serve.app",
+    "run_app": "astrovl.serve.app",
+    "SearchService": "astrovl.serve.service",
+    "read_upload": "astrovl.serve.uploads",
+    "is_loopback": "astrovl.serve.security",
+}
+
+__all__ = [*_LAZY, "DEFAULT_HOST", "DEFAULT_PORT", "DEFAULT_K", "MAX_K", "DEFAULT_MAX_UPLOAD_BYTES",
+           "LOOPBACK_HOSTS", "TOKEN_ENV"]
+
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)

@@ -1,0 +1,323 @@
+"""The web application of ``astrovl serve`` (Starlette, served by uvicorn)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from importlib import resources
+from pathlib import Path
+
+from ..exceptions import QueryError
+from ..utils.imports import optional_import
+from .defaults import DEFAULT_HOST, DEFAULT_MAX_UPLOAD_BYTES, DEFAULT_PORT, MAX_K
+from .security import Guard
+from .service import SearchService
+from .uploads import read_upload
+
+__all__ = ["create_app", "run_app", "STATIC_FILES"]
+
+log = logging.getLogger(__name__)
+
+#: the files of the web page, shipped inside the package
+STATIC_FILES = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8",
+                "favicon.svg": "image/svg+xml"}
+#: concurrent image decodes (uploads and thumbnails) allowed at once
+IMAGE_WORKERS = 2
+FORM_OVERHEAD = 64 * 1024
+
+
+def create_app(index, embedder=None, *, index_dir: str | os.PathLike | None = None,
+               token: str | None = None, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+               max_k: int = MAX_K, image_root: str | os.PathLike | None = None,
+               thumbnail_cache: str | os.PathLike | None = None, thumbnail_size: int = 256,
+               allowed_hosts=None, cors_origins=None, search_threads: int | None = 1,
+               device=None, title: str | None = None):
+    """Build the ASGI application that serves an embedding index on the web.
+
+    The index and its model are loaded once, here. The application answers:
+
+    * ``GET /``: the search page (plain HTML, CSS and JavaScript from the package);
+    * ``GET /api/search?q=TEXT&k=N&filter=column:value``: a text search;
+    * ``POST /api/search?k=N&filter=...``: a search by an uploaded image
+      (``multipart/form-data`` with a ``file`` field: FITS or a picture) or by
+      an item ("more like this": a form or JSON field ``id``);
+    * ``GET /api/item/{id}``: metadata, FITS headers and sky position of an item;
+    * ``GET /thumb/{id}.png``: its thumbnail (astrovl's display scaling), cached on
+      disk; ``?size=large`` for the larger preview of the detail view;
+    * ``GET /api/health`` and ``GET /api/info`` (size, model, dimension, filters).
+
+    Errors are JSON objects ``{"error": message, "status": code}`` with a 4xx
+    status for every malformed request.
+
+    Parameters
+    ----------
+    index : EmbeddingIndex or path
+        The index, or the directory to load it from.
+    embedder : CLIPEmbedder, optional
+        The model for text and image queries (default: the index's own, which
+        an index loaded from a directory loads from where it was recorded).
+    index_dir : path, optional
+        The directory ``index`` was loaded from, when ``index`` is an object:
+        relative image paths and a recorded image root are resolved against it.
+    token : str, optional
+        When given, every request must carry it (``Authorization: Bearer``, the
+        cookie set by opening ``/?token=...``, or a ``token`` query parameter).
+    max_upload_bytes : int
+        Largest accepted upload (default 50 MB).
+    max_k : int
+        Largest number of results per query.
+    image_root : path, optional
+        Serve only image files under this directory (default: the root recorded
+        with the index, else the directory common to the files it names).
+    thumbnail_cache : path, optional
+        Directory for cached thumbnails (default: astrovl's cache directory).
+    thumbnail_size : int
+        Longest side of thumbnails in pixels.
+    allowed_hosts : sequence of str, optional
+        Accept only requests whose ``Host`` header names one of these (``astrovl
+        serve`` sets the loopback names when it listens on loopback).
+    cors_origins : sequence of str, optional
+        Origins allowed to call the API from other web pages; CORS is off by default.
+    search_threads : int, optional
+        faiss threads per search (a process-wide setting). One thread per search
+        with several searches at once is fastest for single queries; None keeps
+        faiss's setting.
+    device : str, optional
+        Move the model to this torch device.
+    title : str, optional
+        The name of the index shown on the page (default: its directory's name).
+
+    Returns
+    -------
+    starlette.applications.Starlette
+    """
+    optional_import("starlette", "serve", "the web service")
+    optional_import("multipart", "serve", "uploads to the web service")
+    from starlette.applications import Starlette
+    from starlette.exceptions import HTTPException
+    from starlette.middleware import Middleware
+    from starlette.routing import Route
+
+    from ..clip import EmbeddingIndex
+    from .security import BodyTooLarge
+
+    if isinstance(index, (str, os.PathLike)):
+        index_dir = Path(index)
+        index = EmbeddingIndex.load(index_dir, embedder=embedder, device=device)
+    if search_threads is not None:
+        import faiss
+
+        faiss.omp_set_num_threads(int(search_threads))
+    service = SearchService(index, embedder, index_dir=index_dir, image_root=image_root,
+                            thumbnail_cache=thumbnail_cache, thumbnail_size=thumbnail_size, max_k=max_k,
+                            title=title)
+    if device is not None:
+        service.embedder.to(device)
+    handlers = _Handlers(service, int(max_upload_bytes))
+    routes = [
+        Route("/", handlers.page, methods=["GET"]),
+        Route("/static/{name}", handlers.static, methods=["GET"]),
+        Route("/api/health", handlers.health, methods=["GET"]),
+        Route("/api/info", handlers.info, methods=["GET"]),
+        Route("/api/search", handlers.search, methods=["GET", "POST"]),
+        Route("/api/item/{id}", handlers.item, methods=["GET"]),
+        Route("/thumb/{name}", handlers.thumbnail, methods=["GET"]),
+    ]
+    middleware = [Middleware(Guard, token=token, allowed_hosts=allowed_hosts,
+                             max_body=int(max_upload_bytes) + FORM_OVERHEAD)]
+    if cors_origins:
+        from starlette.middleware.cors import CORSMiddleware
+
+        middleware.insert(0, Middleware(CORSMiddleware, allow_origins=list(cors_origins),
+                                        allow_methods=["GET", "POST"],
+                                        allow_headers=["Authorization", "Content-Type"]))
+    app = Starlette(routes=routes, middleware=middleware, exception_handlers={
+        QueryError: _query_error, HTTPException: _http_error, BodyTooLarge: handlers.too_large,
+        Exception: _internal_error})
+    app.state.service = service
+    return app
+
+
+def run_app(app, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, *, log_level: str = "info") -> None:
+    """Serve ``app`` with uvicorn until interrupted.
+
+    Parameters
+    ----------
+    app : ASGI application
+        From :func:`create_app`.
+    host : str
+        Address to listen on; the default listens on this machine only.
+    port : int
+    log_level : str
+        uvicorn's log level (``"warning"`` hides the access log).
+    """
+    uvicorn = optional_import("uvicorn", "serve", "the web service")
+    uvicorn.run(app, host=host, port=int(port), log_level=log_level, server_header=False,
+                proxy_headers=False, timeout_graceful_shutdown=5)
+
+
+def _json(payload, status: int = 200, headers: dict | None = None):
+    from starlette.responses import Response
+
+    body = json.dumps(payload, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    return Response(body, status_code=status, media_type="application/json", headers=headers)
+
+
+def _error(status: int, message: str, headers: dict | None = None):
+    return _json({"error": message, "status": status}, status, headers)
+
+
+async def _query_error(request, exc: QueryError):
+    return _error(exc.status, str(exc))
+
+
+async def _http_error(request, exc):
+    messages = {404: f"nothing is served at {request.url.path}; the API is under /api/",
+                405: f"{request.method} is not allowed for {request.url.path}"}
+    return _error(exc.status_code, messages.get(exc.status_code, str(exc.detail)),
+                  headers=getattr(exc, "headers", None))
+
+
+async def _internal_error(request, exc):
+    log.exception("error while answering %s %s", request.method, request.url.path, exc_info=exc)
+    return _error(500, f"internal error ({type(exc).__name__}); the server log has the details")
+
+
+class _Handlers:
+    """The endpoints; blocking work runs in worker threads, never on the event loop."""
+
+    def __init__(self, service: SearchService, max_upload_bytes: int):
+        import anyio
+
+        self.service = service
+        self.max_upload_bytes = max_upload_bytes
+        self.image_limiter = anyio.CapacityLimiter(IMAGE_WORKERS)
+        static = resources.files("astrovl.serve") / "static"
+        self.files = {name: (static / name).read_bytes() for name in [*STATIC_FILES, "index.html"]}
+
+    async def _thread(self, func, *args, limiter=None):
+        import anyio
+
+        return await anyio.to_thread.run_sync(func, *args, limiter=limiter)
+
+    def _with_urls(self, request, answer: dict) -> dict:
+        root = request.scope.get("root_path", "")
+        for r in answer["results"]:
+            r["thumbnail"] = f"{root}/thumb/{r['id']}.png" if r["has_image"] else None
+        return answer
+
+    async def page(self, request):
+        from starlette.responses import Response
+
+        return Response(self.files["index.html"], media_type="text/html; charset=utf-8",
+                        headers={"cache-control": "no-cache"})
+
+    async def static(self, request):
+        from starlette.responses import Response
+
+        name = request.path_params["name"]
+        if name not in STATIC_FILES:
+            raise QueryError(f"no static file {name!r}", status=404)
+        return Response(self.files[name], media_type=STATIC_FILES[name],
+                        headers={"cache-control": "no-cache"})
+
+    async def health(self, request):
+        return _json({"status": "ok", "count": len(self.service.index)})
+
+    async def info(self, request):
+        from .. import __version__
+
+        return _json({**self.service.info(), "max_upload_bytes": self.max_upload_bytes,
+                      "astrovl_version": __version__})
+
+    async def search(self, request):
+        params = request.query_params
+        unknown = sorted(set(params) - {"q", "k", "filter", "token"})
+        if unknown:
+            raise QueryError(f"unknown query parameter(s) {unknown}; use q, k and filter")
+        k, filters = params.get("k"), params.getlist("filter")
+        if request.method == "GET":
+            if "q" not in params:
+                raise QueryError("GET /api/search needs q=TEXT; to search by an image or an item, "
+                                 "POST a file or an id")
+            answer = await self._thread(self.service.search_text, params["q"], k, filters)
+            return _json(self._with_urls(request, answer))
+        return await self._search_post(request, k, filters)
+
+    async def _search_post(self, request, k, filters):
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype == "application/json":
+            try:
+                body = json.loads(await request.body() or b"null")
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise QueryError(f"the request body is not valid JSON ({exc})") from None
+            if not isinstance(body, dict) or set(body) - {"id", "k", "filter", "q"}:
+                raise QueryError('POST a JSON object such as {"id": 12} (more like item 12) or '
+                                 '{"q": "text"}')
+            k = body.get("k", k)
+            filters = list(filters) + _as_list(body.get("filter"))
+            if "id" in body:
+                answer = await self._thread(self.service.search_like, body["id"], k, filters)
+            elif "q" in body:
+                answer = await self._thread(self.service.search_text, body["q"], k, filters)
+            else:
+                raise QueryError('the JSON body names no query: give "id" or "q"')
+            return _json(self._with_urls(request, answer))
+        if ctype not in ("multipart/form-data", "application/x-www-form-urlencoded"):
+            raise QueryError(f"POST /api/search takes multipart/form-data (a 'file' field) or JSON "
+                             f"({{\"id\": N}}), not {ctype or 'a body without a content type'!r}",
+                             status=415)
+        async with request.form(max_files=1, max_fields=20) as form:
+            upload = form.get("file")
+            k = form.get("k", k)
+            filters = list(filters) + [v for v in form.getlist("filter") if isinstance(v, str)]
+            if upload is not None and not isinstance(upload, str):
+                image = await self._thread(self._read_upload, upload, limiter=self.image_limiter)
+                answer = await self._thread(self.service.search_image, image, k, filters)
+            elif form.get("id") is not None:
+                answer = await self._thread(self.service.search_like, form.get("id"), k, filters)
+            else:
+                raise QueryError("the form has neither a 'file' (an image to search with) nor an "
+                                 "'id' (an item to find more like)")
+        return _json(self._with_urls(request, answer))
+
+    def _read_upload(self, upload):
+        upload.file.seek(0)
+        return read_upload(upload.file, upload.filename or "", max_bytes=self.max_upload_bytes)
+
+    async def too_large(self, request, exc):
+        return _error(413, f"the request body is larger than the limit of "
+                      f"{self.max_upload_bytes / 2**20:.0f} MB")
+
+    async def item(self, request):
+        answer = await self._thread(self.service.item, request.path_params["id"])
+        root = request.scope.get("root_path", "")
+        answer["thumbnail"] = f"{root}/thumb/{answer['id']}.png" if answer["has_image"] else None
+        return _json(answer)
+
+    async def thumbnail(self, request):
+        from starlette.responses import Response
+
+        name = request.path_params["name"]
+        if not name.endswith(".png"):
+            raise QueryError(f"thumbnails are served as /thumb/ID.png, not {name!r}", status=404)
+        size = request.query_params.get("size")
+        if size not in (None, "large") or set(request.query_params) - {"size", "token"}:
+            raise QueryError("thumbnails take only size=large (the preview of the detail view)")
+        data, etag = await self._thread(self.service.thumbnail, name[:-4], size == "large",
+                                        limiter=self.image_limiter)
+        headers = {"etag": f'"{etag}"', "cache-control": "private, max-age=86400"}
+        if request.headers.get("if-none-match") == f'"{etag}"':
+            return Response(status_code=304, headers=headers)
+        return Response(data, media_type="image/png", headers=headers)
+
+
+def _as_list(value) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return value
+    raise QueryError(f"filter must be a 'column:value' string or a list of them, not {value!r}")

@@ -1,0 +1,191 @@
+"""ASGI middleware that guards the service: host check, token, body limit, security headers."""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import json
+from collections.abc import Sequence
+from http.cookies import SimpleCookie
+from urllib.parse import parse_qsl, urlencode
+
+from .defaults import LOOPBACK_HOSTS, TOKEN_ENV
+
+__all__ = ["Guard", "is_loopback", "LOOPBACK_HOSTS", "TOKEN_COOKIE", "TOKEN_ENV", "BodyTooLarge"]
+
+#: cookie that carries the token after the page was opened with ``?token=...``
+TOKEN_COOKIE = "astrovl_token"
+
+CONTENT_SECURITY_POLICY = ("default-src 'none'; script-src 'self'; style-src 'self'; "
+                           "img-src 'self' data: blob:; connect-src 'self'; form-action 'self'; "
+                           "base-uri 'none'; frame-ancestors 'none'")
+SECURITY_HEADERS = [
+    (b"content-security-policy", CONTENT_SECURITY_POLICY.encode()),
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"x-frame-options", b"DENY"),
+    (b"cross-origin-opener-policy", b"same-origin"),
+    (b"cross-origin-resource-policy", b"same-origin"),
+]
+
+
+def is_loopback(host: str) -> bool:
+    """True when ``host`` names this machine only (127.0.0.0/8, ::1, localhost)."""
+    host = (host or "").strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class BodyTooLarge(Exception):
+    """Raised from ``receive`` when a request body passes the limit."""
+
+
+def _host_of(value: str) -> str:
+    value = value.strip().lower()
+    if value.startswith("["):
+        return value[1:value.find("]")] if "]" in value else value
+    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
+
+
+async def _send_json(send, status: int, message: str, headers: Sequence[tuple[bytes, bytes]] = ()) -> None:
+    body = json.dumps({"error": message, "status": status}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode()), *headers, *SECURITY_HEADERS]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class Guard:
+    """Checks every HTTP request before the application sees it.
+
+    * ``allowed_hosts``: the ``Host`` header must name one of them (defends a
+      loopback server against DNS rebinding); None accepts any.
+    * ``token``: when set, every request must carry it as ``Authorization:
+      Bearer TOKEN``, the ``astrovl_token`` cookie or a ``token=`` query
+      parameter, compared in constant time. Opening a page with ``?token=``
+      sets the cookie and redirects to the address without it.
+    * ``max_body``: request bodies larger than this are refused with 413.
+    * security headers (content security policy, no sniffing, no framing) are
+      added to every response.
+    """
+
+    def __init__(self, app, *, token: str | None = None, allowed_hosts: Sequence[str] | None = None,
+                 max_body: int | None = None):
+        self.app = app
+        self.token = token.encode("utf-8") if token else None
+        self.allowed_hosts = {h.lower().strip("[]") for h in allowed_hosts} if allowed_hosts else None
+        self.max_body = max_body
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        if self.allowed_hosts is not None and _host_of(headers.get("host", "")) not in self.allowed_hosts:
+            await _send_json(send, 400, "invalid Host header: this server answers only to "
+                             + ", ".join(sorted(self.allowed_hosts)))
+            return
+        if self.token is not None:
+            query = parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
+            from_query = next((v for k, v in query if k == "token"), None)
+            if not self._authorised(headers, from_query):
+                await self._refuse(scope, send)
+                return
+            if from_query is not None and scope["method"] == "GET" and not scope["path"].startswith(
+                    ("/api/", "/thumb/")):
+                await self._set_cookie_and_redirect(scope, send, query)
+                return
+        if self.max_body is not None:
+            length = headers.get("content-length")
+            if length is not None and length.isdigit() and int(length) > self.max_body:
+                await _send_json(send, 413, f"the request body ({int(length) / 2**20:.1f} MB) is larger "
+                                 f"than the limit of {self.max_body / 2**20:.0f} MB")
+                return
+            receive = self._limited(receive)
+        started = False
+
+        async def send_with_headers(message):
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                message = dict(message)
+                message["headers"] = [*message.get("headers", []), *SECURITY_HEADERS]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_headers)
+        except BodyTooLarge:
+            if started:
+                raise
+            await _send_json(send, 413, f"the request body is larger than the limit of "
+                             f"{self.max_body / 2**20:.0f} MB")
+
+    def _limited(self, receive):
+        seen = 0
+        limit = self.max_body
+
+        async def limited_receive():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise BodyTooLarge()
+            return message
+
+        return limited_receive
+
+    def _authorised(self, headers: dict, from_query: str | None) -> bool:
+        offered = []
+        auth = headers.get("authorization", "")
+        if auth[:7].lower() == "bearer ":
+            offered.append(auth[7:].strip())
+        if "cookie" in headers:
+            cookie = SimpleCookie()
+            try:
+                cookie.load(headers["cookie"])
+            except Exception:  # a malformed cookie header carries no token
+                cookie = SimpleCookie()
+            if TOKEN_COOKIE in cookie:
+                offered.append(cookie[TOKEN_COOKIE].value)
+        if from_query is not None:
+            offered.append(from_query)
+        ok = False
+        for value in offered:  # every offered value is compared, each in constant time
+            ok |= hmac.compare_digest(value.encode("utf-8", "surrogateescape"), self.token)
+        return ok
+
+    async def _refuse(self, scope, send) -> None:
+        path = scope["path"]
+        if path.startswith(("/api/", "/thumb/")) or scope["method"] != "GET":
+            await _send_json(send, 401, "this server needs a token: send 'Authorization: Bearer TOKEN' "
+                             "or open the page address printed by 'astrovl serve' (it ends in ?token=...)",
+                             headers=[(b"www-authenticate", b"Bearer")])
+            return
+        body = (b"<!doctype html><meta charset=utf-8><title>astrovl: token needed</title>"
+                b"<h1>This astrovl server needs a token</h1><p>Open the address printed by "
+                b"<code>astrovl serve</code>; it ends in <code>?token=...</code>.</p>")
+        await send({"type": "http.response.start", "status": 401,
+                    "headers": [(b"content-type", b"text/html; charset=utf-8"),
+                                (b"content-length", str(len(body)).encode()),
+                                (b"www-authenticate", b"Bearer"), *SECURITY_HEADERS]})
+        await send({"type": "http.response.body", "body": body})
+
+    async def _set_cookie_and_redirect(self, scope, send, query) -> None:
+        root = scope.get("root_path", "")
+        rest = urlencode([(k, v) for k, v in query if k != "token"])
+        location = root + scope["path"] + (f"?{rest}" if rest else "")
+        cookie = SimpleCookie()
+        cookie[TOKEN_COOKIE] = self.token.decode("utf-8")
+        cookie[TOKEN_COOKIE]["httponly"] = True
+        cookie[TOKEN_COOKIE]["samesite"] = "Strict"
+        cookie[TOKEN_COOKIE]["path"] = root or "/"
+        await send({"type": "http.response.start", "status": 303,
+                    "headers": [(b"location", location.encode("latin-1", "replace")),
+                                (b"set-cookie", cookie.output(header="").strip().encode("latin-1")),
+                                (b"content-length", b"0"), *SECURITY_HEADERS]})
+        await send({"type": "http.response.body", "body": b""})
