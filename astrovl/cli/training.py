@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ._common import add_command, add_model_args, conf, emit, load_clip
+from ._common import add_command, conf, emit, load_clip
 from .llava import add_llava_args
 
 __all__ = ["register"]
