@@ -22,7 +22,7 @@ from astrovl.clip import TINY_CLIP_CONFIG, CLIPEmbedder, EmbeddingIndex
 
 #: commands whose flags are tested elsewhere (LLaVA commands; evaluate galaxy10's own flags)
 ELSEWHERE = {"caption", "ask", "convert-llava", "train-llava", "serve"}
-GALAXY10_ONLY = {"--max-new-tokens"}
+GALAXY10_ONLY = {"--max-new-tokens", "--batch-size", "--references", "--revision"}  # tests/test_llava_cli.py
 
 
 def _flags(parser, path=()):
@@ -496,12 +496,20 @@ def test_evaluate_retrieval_reports_base_and_control(sky, tiny_dir, tmp_path, ca
     assert "applies to 'evaluate retrieval'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag, value", [("--max-new-tokens", "5"), ("--references", "astrovl"),
+                                         ("--batch-size", "2"), ("--revision", "main")])
+def test_evaluate_retrieval_refuses_galaxy10_flags(sky, flag, value, capsys):
+    assert main(["evaluate", "retrieval", str(sky.root), flag, value]) == 1
+    assert f"{flag} applies to 'evaluate galaxy10'" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------- demo
 @covers("demo", "--output", "--steps", "--seed", "--n-images", "--quick", "--model", "--pretrained", "--device")
 def test_demo_flags(monkeypatch, capsys):
     import astrovl.demo
 
-    rec = Recorder(SimpleNamespace(summary=Table({"model": ["m"]}), report_path="r.html", search_command="s"))
+    rec = Recorder(SimpleNamespace(summary=Table({"model": ["m"]}), report_path="r.html", search_command="s",
+                                     serve_command="v"))
     monkeypatch.setattr(astrovl.demo, "run_demo", rec)
     assert main(["demo", "--output", "o", "--steps", "5", "--seed", "2", "--n-images", "40", "--quick",
                  "--model", "ViT-B-16", "--pretrained", "openai", "--device", "cpu"]) == 0

@@ -20,6 +20,7 @@ from PIL import Image
 
 from astrovl import load_image
 from astrovl.datasets import ManifestDataset, OutreachDatasetBuilder, read_manifest
+from astrovl.datasets.hubble import split_draw
 from astrovl.datasets.outreach import load_outreach_records, strip_html
 from astrovl.exceptions import DatasetError
 
@@ -182,16 +183,25 @@ def test_split_is_deterministic_by_record(tmp_path, m13_path):
         p.write_bytes(img.read_bytes())
         recs.append({"image": str(p), "caption": f"Cluster view {k}.", "id": f"r{k}",
                      "source": "apod"})
-    a = OutreachDatasetBuilder(recs[:10], tmp_path / "a", seed=5, val_fraction=0.2, **COMMON).build()
-    b = OutreachDatasetBuilder(list(reversed(recs[:10])), tmp_path / "b", seed=5, val_fraction=0.2,
+    # the ids hold a digest of each file's path (here under tmp_path, so they differ between
+    # runs); val_fraction=0.5 keeps the small-set fallback of assign_splits out of the way
+    a = OutreachDatasetBuilder(recs[:10], tmp_path / "a", seed=5, val_fraction=0.5, **COMMON).build()
+    b = OutreachDatasetBuilder(list(reversed(recs[:10])), tmp_path / "b", seed=5, val_fraction=0.5,
                                **COMMON).build()
     val_a = set(a.split("val").manifest["id"])
     assert 1 <= len(val_a) < 10 and val_a == set(b.split("val").manifest["id"])
     assert len(a.split("train")) == 10 - len(val_a)
-    # more records later: none of the first ten changes sides
-    c = OutreachDatasetBuilder(recs, tmp_path / "c", seed=5, val_fraction=0.2, **COMMON).build()
+    # more records later: every record keeps the side its own hash gives it
+    c = OutreachDatasetBuilder(recs, tmp_path / "c", seed=5, val_fraction=0.5, **COMMON).build()
     split_c = dict(zip(c.manifest["id"], c.manifest["split"]))
-    assert all(split_c[i] == s for i, s in zip(a.manifest["id"], a.manifest["split"]))
+
+    def by_hash(i):
+        return "val" if split_draw(i, 5) < 0.5 else "train"
+
+    assert all(split_c[i] == by_hash(i) for i in split_c)
+    split_a = dict(zip(a.manifest["id"], a.manifest["split"]))
+    if all(s == by_hash(i) for i, s in split_a.items()):  # no small-set fallback in a
+        assert all(split_c[i] == s for i, s in split_a.items())
 
 
 def test_missing_local_image_counts_as_failed(tmp_path, m13_path):

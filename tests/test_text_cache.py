@@ -21,12 +21,12 @@ def test_cached_texts_equal_fresh_ones_and_skip_the_model(emb, monkeypatch):
     first = emb.embed_text(texts)
     np.testing.assert_array_equal(first, emb.embed_text(texts, cache=False))
     calls = []
-    real = emb.model.encode_text
-    monkeypatch.setattr(emb.model, "encode_text", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = emb._encode_texts
+    monkeypatch.setattr(emb, "_encode_texts", lambda t, *a, **k: calls.append(list(t)) or real(t, *a, **k))
     np.testing.assert_array_equal(emb.embed_text(texts), first)
     assert not calls  # all from the cache
     emb.embed_text(["a barred spiral", "a new text"])
-    assert len(calls) == 1  # only the new text ran
+    assert calls == [["a new text"]]  # only the new text ran
 
 
 def test_zero_shot_reuses_category_embeddings_with_the_same_numbers(emb, m13_path, monkeypatch):
