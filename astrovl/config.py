@@ -23,8 +23,10 @@ class Conf(_config.ConfigNamespace):
     )
     cache_dir = _config.ConfigItem(
         "",
-        "Directory for astrovl caches (summaries, conversations, converted "
-        "checkpoints). Empty means the astropy cache directory for astrovl.",
+        "Directory for the files astrovl makes once and reuses: converted LLaVA "
+        "checkpoints (converted-llava/), serve thumbnails (serve-thumbnails/) and the "
+        "joined offline language model (models/). Empty means the astropy cache "
+        "directory for astrovl.",
         cfgtype="string",
     )
     clip_model = _config.ConfigItem(

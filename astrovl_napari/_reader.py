@@ -5,8 +5,8 @@ Display convention
 Each layer holds the **raw pixel values** (float32) of its HDU, so napari's
 status bar and any analysis on ``layer.data`` see physical values. The contrast
 limits are the limits of the library's display interval
-(``astrovl.conf.interval``, by default the 0.5-99.5 percentile of the finite
-pixels), computed with the same :func:`astrovl.imaging.interval_limits` that
+(``astrovl.conf.interval``, by default the 0.25 and 99.75 percentiles of the
+finite pixels), computed with the same :func:`astrovl.imaging.interval_limits` that
 :func:`astrovl.load_image` uses (percentiles of large images on a fixed
 sample); napari maps them linearly. When a region is sent to a model the
 library's full scaling (interval and ``asinh`` stretch) is applied to the same
@@ -18,6 +18,13 @@ FITS images store row 0 at the bottom. The array is not flipped (so
 in the metadata applies to it directly); instead the layer gets a vertical scale
 of ``-1`` so that napari shows the image the right way up. The vertical world
 coordinate in the status bar is therefore ``-row``.
+
+Images larger than ``astrovl.conf.max_pixels`` are block-averaged by the factor
+``f`` of ``metadata["astrovl"]["downsample"]``: ``layer.data[row, col]`` is then
+the mean of an ``f x f`` block centred on FITS pixel
+``(f * col + (f + 1) / 2, f * row + (f + 1) / 2)``, the status bar counts layer
+pixels (the scale stays ``(-1, 1)``), ``metadata["wcs"]`` describes the
+downsampled grid and ``metadata["header"]`` (the file's) the full one.
 
 Layer metadata
 --------------

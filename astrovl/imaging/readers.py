@@ -71,8 +71,9 @@ def load_image(
         ``"asinh"`` (default, ``astrovl.conf.stretch``), ``"linear"``, ``"log"``,
         ``"sqrt"``... or any :class:`astropy.visualization.BaseStretch`.
     interval : str, float, pair or astropy interval, optional
-        ``"percentile"`` (default: 0.5-99.5 %), ``"zscale"``, ``"minmax"``, a
-        percentile, a ``(vmin, vmax)`` pair or any astropy interval.
+        ``"percentile"`` (default: ``PercentileInterval(99.5)``, the 0.25-99.75
+        percentiles), ``"zscale"``, ``"minmax"``, a number ``p`` (the central ``p``
+        percent), a ``(vmin, vmax)`` pair or any astropy interval.
     max_pixels : int, optional
         Images with more pixels are block-averaged by an integer factor (NaN-aware)
         before scaling so that huge mosaics fit in memory; the WCS is adjusted.

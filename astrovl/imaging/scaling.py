@@ -1,8 +1,9 @@
 """Display scaling to ``[0, 1]`` with :mod:`astropy.visualization`.
 
-The default is an ``asinh`` stretch over the 0.5-99.5 percentile interval of
-the finite pixels, which keeps faint structure visible without saturating
-bright cores: the usual choice for astronomical images.
+The default is an ``asinh`` stretch over the central 99.5 % of the finite
+pixels (``PercentileInterval(99.5)``: the 0.25 and 99.75 percentiles), which
+keeps faint structure visible without saturating bright cores: the usual
+choice for astronomical images.
 
 Rules
 -----
@@ -22,7 +23,7 @@ pixel: a full sort of a 4k x 4k image costs about a hundred times more and
 gives the same picture. The limits are the exact percentiles of the sample,
 computed by the same astropy interval; each lies in the full image within
 0.1 percentage points of the requested percentile (the rank error of a
-100,000-value sample has a standard deviation of 0.016 points at 0.5 %).
+100,000-value sample has a standard deviation of 0.016 points at 0.25 %).
 When more than half of the sampled values are invalid (NaN, inf, masked), the
 valid pixels of the whole image are used instead. ``max_samples=None`` uses
 every pixel. Other intervals (``minmax``, ``zscale``, manual limits) always
@@ -97,8 +98,9 @@ def get_stretch(stretch) -> vis.BaseStretch:
 def get_interval(interval) -> vis.BaseInterval:
     """Return an astropy interval from a name, a percentile number or an interval instance.
 
-    Names: ``"percentile"`` (0.5-99.5 %), ``"zscale"``, ``"minmax"``. A number
-    ``p`` means :class:`~astropy.visualization.PercentileInterval` ``(p)``; a
+    Names: ``"percentile"`` (``PercentileInterval(99.5)``: the 0.25-99.75
+    percentiles), ``"zscale"``, ``"minmax"``. A number ``p`` means
+    :class:`~astropy.visualization.PercentileInterval` ``(p)`` (the central ``p`` percent); a
     pair ``(vmin, vmax)`` a :class:`~astropy.visualization.ManualInterval`.
     """
     if isinstance(interval, vis.BaseInterval):
