@@ -76,8 +76,10 @@ def load_image(
         percent), a ``(vmin, vmax)`` pair or any astropy interval.
     max_pixels : int, optional
         Images with more pixels are block-averaged by an integer factor (NaN-aware)
-        before scaling so that huge mosaics fit in memory; the WCS is adjusted.
-        Defaults to ``astrovl.conf.max_pixels``.
+        before scaling, so that the returned image of a huge mosaic stays small; the
+        WCS is adjusted. The whole image is still read and converted to float32
+        first, so reading needs a few times its float32 size. Defaults to
+        ``astrovl.conf.max_pixels``.
 
     Returns
     -------
