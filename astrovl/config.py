@@ -60,7 +60,8 @@ class Conf(_config.ConfigNamespace):
     )
     stretch = _config.ConfigItem(
         "asinh",
-        "Default display stretch for load_image: 'asinh', 'linear', 'log', 'sqrt'.",
+        "Default display stretch for load_image: 'asinh', 'linear', 'log', 'sqrt', "
+        "'sinh', 'squared' or 'power'.",
         cfgtype="string",
     )
     interval = _config.ConfigItem(
