@@ -127,7 +127,7 @@ def test_fits_input_kinds_keep_pixels_wcs_and_scale(kind, m13, m13_path, m13_ric
     # the WCS maps pixels to the same sky positions as astropy's own WCS of the header
     assert img.wcs is not None and img.wcs.pixel_shape == (300, 300)
     _assert_same_sky(img.wcs, _reference_wcs(header))
-    # default scaling: asinh over the 0.5-99.5 percentile interval
+    # default scaling: asinh over PercentileInterval(99.5), the 0.25-99.75 percentiles
     expected = _astropy_scaled(data, vis.AsinhStretch(), vis.PercentileInterval(99.5))
     np.testing.assert_allclose(img.data, expected, atol=2e-6)
     assert img.meta["stretch"] == "asinh" and img.meta["interval"] == "percentile"
