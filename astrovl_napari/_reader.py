@@ -19,6 +19,12 @@ in the metadata applies to it directly); instead the layer gets a vertical scale
 of ``-1`` so that napari shows the image the right way up. The vertical world
 coordinate in the status bar is therefore ``-row``.
 
+An image block-averaged by a factor ``k`` (larger than ``astrovl.conf.max_pixels``)
+gets a scale of ``(-k, k)`` and a translate of ``(-(k-1)/2, (k-1)/2)``: world
+coordinates stay those of the full-resolution grid (block centres), so layers
+of the same field at different resolutions overlap, while ``metadata["wcs"]``
+is the WCS of the block-averaged ``layer.data`` grid.
+
 Layer metadata
 --------------
 ``metadata["header"]`` (:class:`astropy.io.fits.Header`), ``metadata["wcs"]``
@@ -266,8 +272,10 @@ def fits_layer_data(path: str | os.PathLike, *, interval=None) -> list[LayerData
         mask = None if _is_cube(shape) else img.mask  # a cube's invalid pixels are its NaNs
         vmin, vmax = contrast_limits_for(raw, interval, mask)
         rgb = raw.ndim == 3 and not _is_cube(shape)
-        spatial_scale = (-1.0, 1.0)
+        factor = int(img.meta.get("downsample", 1))
+        spatial_scale, spatial_translate = _grid_transform(factor)
         scale = spatial_scale if rgb or raw.ndim == 2 else (1.0, *spatial_scale)
+        translate = spatial_translate if rgb or raw.ndim == 2 else (0.0, *spatial_translate)
         info = {
             "source": f"{path}[{index}]",
             "hdu": index,
@@ -284,6 +292,7 @@ def fits_layer_data(path: str | os.PathLike, *, interval=None) -> list[LayerData
             "metadata": {"header": img.header, "wcs": img.wcs, "astrovl": info},
             "contrast_limits": [vmin, vmax],
             "scale": scale,
+            "translate": translate,
             "rgb": rgb,
             "visible": extname.upper() not in _AUXILIARY_EXTNAMES,
         }
@@ -291,6 +300,18 @@ def fits_layer_data(path: str | os.PathLike, *, interval=None) -> list[LayerData
             kwargs["colormap"] = "gray"
         layers.append((np.ascontiguousarray(raw, dtype=np.float32), kwargs, "image"))
     return layers
+
+
+def _grid_transform(factor: int) -> tuple[tuple[float, float], tuple[float, float]]:
+    """Layer ``(scale, translate)`` of the (row, column) axes of a grid block-averaged by ``factor``.
+
+    World coordinates are those of the full-resolution FITS grid (column, and
+    minus the row): block ``(i, j)`` lies at the centre of its ``factor x factor``
+    pixels, ``(-(i*k + (k-1)/2), j*k + (k-1)/2)``.
+    """
+    k = float(factor)
+    half = (k - 1.0) / 2.0
+    return (-k, k), (-half, half)
 
 
 def _cube_raw(data: np.ndarray, factor: int) -> np.ndarray:
@@ -302,14 +323,11 @@ def _cube_raw(data: np.ndarray, factor: int) -> np.ndarray:
     cube = np.asarray(data)
     if cube.ndim == 4:
         cube = cube[0]
-    cube = np.asarray(cube, dtype=np.float32)
     if factor <= 1:
-        return cube
-    from astropy.nddata import block_reduce
+        return np.asarray(cube, dtype=np.float32)
+    from astrovl.imaging.pixel_grid import block_mean
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN blocks give NaN
-        return np.asarray(block_reduce(cube, (1, factor, factor), func=np.nanmean), dtype=np.float32)
+    return np.stack([block_mean(plane, factor)[0] for plane in cube])
 
 
 def image_layer_data(path: str | os.PathLike) -> list[LayerData]:
@@ -337,6 +355,10 @@ def image_layer_data(path: str | os.PathLike) -> list[LayerData]:
     else:
         data = np.ascontiguousarray(img.raw, dtype=np.float32)
         kwargs["contrast_limits"] = list(contrast_limits_for(data, mask=img.mask))
+    factor = int(img.meta.get("downsample", 1))
+    if factor > 1:  # block-averaged: world coordinates of the full-resolution picture
+        (_, k), (_, half) = _grid_transform(factor)
+        kwargs.update(scale=(k, k), translate=(half, half))
     if not img.is_color:
         kwargs["colormap"] = "gray"
     return [(data, kwargs, "image")]
