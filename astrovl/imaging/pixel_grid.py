@@ -234,7 +234,9 @@ def read_hdu_reduced(hdu, max_pixels: int, plane: int | None = None
             picks, out_lead = [prefix + (i,) for i in range(n)], shape[:-2]
         else:
             return _placeholder(hdu, shape), factor, (height, width)
-    section = hdu.section
+    # pixels already in memory (an HDU whose .data was read) are used as they are: the
+    # section of an HDU read with memmap=False from a file that is now closed cannot read
+    section = hdu.data if getattr(hdu, "_data_loaded", False) else hdu.section
     align = _tile_rows(hdu)
     planes = []
     for pick in picks:
