@@ -13,8 +13,12 @@ without full-size copies:
   files (``CompImageHDU``) astropy decompresses only the tiles the strip
   touches, and strips are aligned with the tile rows. A file compressed as a
   single tile (or tiles as tall as the image) is decompressed as a whole by
-  astropy, so it needs memory for the whole image. Gzip-compressed files
-  (``.fits.gz``) are decompressed as a stream, strip after strip.
+  astropy, so it needs memory for the whole image. Whole-file compressed
+  files (``.fits.gz``, also bzip2 and xz) cannot be read in strips at a
+  reasonable cost (every section read decompresses the stream from its
+  start), so their data are read at once, as astropy returns them (with
+  ``BSCALE``/``BZERO`` applied), and then reduced in strips: they need memory
+  for the decompressed data but for no float copy of it.
 * :func:`downsample_wcs` gives the WCS of the block-averaged grid, for
   ``PC``/``CDELT`` and ``CD``-matrix headers, with SIP coefficients and
   distortion lookup tables rescaled to the coarser pixels.
@@ -235,8 +239,11 @@ def read_hdu_reduced(hdu, max_pixels: int, plane: int | None = None
         else:
             return _placeholder(hdu, shape), factor, (height, width)
     # pixels already in memory (an HDU whose .data was read) are used as they are: the
-    # section of an HDU read with memmap=False from a file that is now closed cannot read
-    section = hdu.data if getattr(hdu, "_data_loaded", False) else hdu.section
+    # section of an HDU read with memmap=False from a file that is now closed cannot read.
+    # A whole-file compressed stream (.fits.gz, .bz2, .xz) is read at once: astropy's
+    # section seeks back after every read, which restarts the decompression each strip.
+    stream = getattr(getattr(hdu, "_file", None), "compression", None) is not None
+    section = hdu.data if stream or getattr(hdu, "_data_loaded", False) else hdu.section
     align = _tile_rows(hdu)
     planes = []
     for pick in picks:
