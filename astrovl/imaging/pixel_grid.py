@@ -55,9 +55,9 @@ __all__ = [
     "strip_wcs_keywords",
 ]
 
-#: Values per strip read and reduced at once (a float64 strip is then 32 MiB at most,
+#: Values per strip read and reduced at once (a float64 strip is then 8 MiB at most,
 #: unless one row of blocks is larger than that).
-STRIP_VALUES = 1 << 22
+STRIP_VALUES = 1 << 20
 
 
 def reduction_factor(height: int, width: int, max_pixels: int) -> int:
