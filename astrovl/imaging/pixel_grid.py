@@ -205,13 +205,15 @@ def read_hdu_reduced(hdu, max_pixels: int, plane: int | None = None
 
     Returns
     -------
-    None when a plane has at most ``max_pixels`` pixels (read the HDU as usual),
-    else ``(array, factor, (H, W))``: the float32 reduced array with the
-    leading axes of the HDU (a chosen plane gives a 2-D array), the block size,
-    and the full plane shape. When the choice of planes is invalid (a cube of
-    several planes without ``plane``, ``plane`` out of range, more than 4
-    axes) the array is a zero-size-in-memory placeholder of the HDU's shape, so
-    that ``load_image`` raises its usual error without reading any pixel.
+    tuple of (numpy.ndarray, int, (int, int)) or None
+        None when a plane has at most ``max_pixels`` pixels (read the HDU as
+        usual), else ``(array, factor, (H, W))``: the float32 reduced array with
+        the leading axes of the HDU (a chosen plane gives a 2-D array), the block
+        size, and the full plane shape. When the choice of planes is invalid (a
+        cube of several planes without ``plane``, ``plane`` out of range, more
+        than 4 axes) the array is a placeholder of the HDU's shape that takes no
+        memory, so that ``load_image`` raises its usual error without reading any
+        pixel.
     """
     shape = tuple(int(s) for s in (hdu.shape or ()))
     if len(shape) < 2:
