@@ -11,7 +11,9 @@ pixels), computed with the same :func:`astrovl.imaging.interval_limits` that
 sample); napari maps them linearly. When a region is sent to a model the
 library's full scaling (interval and ``asinh`` stretch) is applied to the same
 raw pixels, exactly as for a file loaded with :func:`astrovl.load_image`. A
-file is opened and read once for all its HDUs and cube planes.
+file is opened and read once for all its HDUs and cube planes, except 2-D
+images larger than ``astrovl.conf.max_pixels``, which ``load_image`` reads
+block-averaged a strip at a time (never the whole array in memory).
 
 FITS images store row 0 at the bottom. The array is not flipped (so
 ``layer.data[row, col]`` stays at FITS pixel ``(col + 1, row + 1)`` and the WCS
@@ -136,8 +138,9 @@ def _read_image_hdus(path: Path, *, with_data: bool):
             with fits.open(path, memmap=False, lazy_load_hdus=False) as hdul:
                 entries = _image_hdu_entries(hdul)
                 if with_data:
-                    for index, *_ in entries:
-                        _ = hdul[index].data  # read now, while the file is open
+                    for index, _, _, shape in entries:
+                        if not _read_in_strips(shape):
+                            _ = hdul[index].data  # read now, while the file is open
     except (OSError, ValueError, TypeError, EOFError, IndexError, KeyError,
             AstropyUserWarning) as exc:
         raise ImageFileError(
@@ -228,7 +231,9 @@ def fits_layer_data(path: str | os.PathLike, *, interval=None) -> list[LayerData
     HDUs (and three-plane colour cubes) go through :func:`astrovl.load_image`
     (from the HDU read into memory); cubes of other depths become one 3-D layer
     with a slider, every plane taken from the same array (block-averaged like
-    ``load_image``'s planes when they exceed ``astrovl.conf.max_pixels``). See
+    ``load_image``'s planes when they exceed ``astrovl.conf.max_pixels``). A 2-D
+    image larger than ``max_pixels`` is not read with the others:
+    ``load_image(path, hdu=index)`` reads it block-averaged in strips. See
     the module docstring for the display convention and the metadata kept.
 
     Parameters
@@ -266,6 +271,9 @@ def fits_layer_data(path: str | os.PathLike, *, interval=None) -> list[LayerData
         if _is_cube(shape):
             img = load_image(hdu, plane=0)  # header, WCS and downsampling, from memory
             raw = _cube_raw(hdu.data, int(img.meta.get("downsample", 1)))
+        elif _read_in_strips(shape):  # larger than max_pixels: load_image reads it in strips
+            img = load_image(path, hdu=index)
+            raw = img.raw
         else:
             img = load_image(hdu)
             raw = img.raw
@@ -300,6 +308,17 @@ def fits_layer_data(path: str | os.PathLike, *, interval=None) -> list[LayerData
             kwargs["colormap"] = "gray"
         layers.append((np.ascontiguousarray(raw, dtype=np.float32), kwargs, "image"))
     return layers
+
+
+def _read_in_strips(shape: tuple[int, ...]) -> bool:
+    """True for an image HDU (not a cube) whose planes exceed ``astrovl.conf.max_pixels``.
+
+    Such an HDU is not read with the others: ``load_image`` opens the file again
+    and reads it block-averaged, a strip of rows at a time.
+    """
+    from astrovl import conf
+
+    return not _is_cube(shape) and int(shape[-2]) * int(shape[-1]) > int(conf.max_pixels)
 
 
 def _grid_transform(factor: int) -> tuple[tuple[float, float], tuple[float, float]]:

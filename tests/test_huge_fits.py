@@ -213,6 +213,25 @@ def test_clip_fast_path_does_not_read_huge_files(big_file):
     assert _read_single_fits_image(big_file, SIDE * SIDE).shape == (SIDE, SIDE)
 
 
+def test_napari_reader_reads_huge_images_in_strips(big_file, monkeypatch):
+    from astrovl import conf
+    from astrovl_napari._reader import fits_layer_data
+
+    monkeypatch.setattr(pixel_grid, "STRIP_VALUES", 1 << 18)
+    reference = load_image(big_file, max_pixels=MAX_PIXELS)
+    with conf.set_temp("max_pixels", MAX_PIXELS):
+        tracemalloc.start()
+        try:
+            (data, kwargs, _), = fits_layer_data(big_file)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    np.testing.assert_array_equal(data, reference.raw)
+    assert kwargs["metadata"]["astrovl"]["downsample"] == 5
+    assert kwargs["scale"] == (-5.0, 5.0) and kwargs["translate"] == (-2.0, 2.0)
+    assert peak < SIDE * SIDE * 4 / 5, f"peak {peak / 2**20:.1f} MiB"
+
+
 def test_sampled_percentiles_within_tolerance(big_file, big_pixels):
     """The display interval of the reduced image: percentiles of a 100,000-value sample lie
     within 0.1 percentage points of the exact ones (see astrovl.imaging.scaling)."""
