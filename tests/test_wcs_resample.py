@@ -209,3 +209,26 @@ def test_napari_layer_of_downsampled_image_maps_to_sky(style, tmp_path, rng):
     px, py = original.world_to_pixel(layer_wcs.pixel_to_world(cols, rows))
     ox, oy = original.world_to_pixel(sky_original)
     assert np.max(np.hypot(px - ox, py - oy)) < TOLERANCE
+
+
+def test_napari_region_of_downsampled_cd_layer(tmp_path, rng):
+    """A region sent to a model from a downsampled layer: its header holds the region's WCS only."""
+    from astrovl import conf
+    from astrovl_napari._reader import fits_layer_data
+    from astrovl_napari._regions import BBox, RegionRequest
+
+    header = _m13_cd_header()
+    path = tmp_path / "cd.fits"
+    fits.PrimaryHDU(rng.normal(100.0, 5.0, size=(300, 300)).astype(np.float32), header).writeto(path)
+    with conf.set_temp("max_pixels", 2_500):
+        (data, kwargs, _), = fits_layer_data(path)
+    meta = kwargs["metadata"]
+    k = meta["astrovl"]["downsample"]
+    request = RegionRequest(data=data, name="cd", bbox=BBox(10, 30, 5, 25), wcs=meta["wcs"],
+                            header=meta["header"], origin="lower")
+    image = request.load()
+    assert not {key for key in image.header if key[:2] == "CD" and key[2:3].isdigit()}
+    xs, ys = np.array([0.0, 19.0]), np.array([0.0, 19.0])
+    px, py = _wcs(header).world_to_pixel(_wcs(image.header).pixel_to_world(xs, ys))
+    ex, ey = _block_centre(k, xs + 5, ys + 10)
+    assert np.max(np.hypot(px - ex, py - ey)) < TOLERANCE
