@@ -76,7 +76,9 @@ def load_image(
     max_pixels : int, optional
         Images with more pixels are block-averaged by an integer factor (NaN-aware)
         before scaling so that huge mosaics fit in memory; the WCS is adjusted.
-        Defaults to ``astrovl.conf.max_pixels``.
+        FITS images this large are read a strip of rows at a time, never whole
+        (see :mod:`astrovl.imaging.pixel_grid`). Defaults to
+        ``astrovl.conf.max_pixels``.
 
     Returns
     -------
