@@ -144,6 +144,24 @@ def test_tile_compressed_is_read_in_strips(tmp_path, rng, tile_rows, monkeypatch
     np.testing.assert_allclose(img.raw, _reference(data, k), rtol=1e-6)
 
 
+@pytest.mark.parametrize("tile_rows", [7, 40, 700])
+def test_tile_row_cache_reads_each_tile_row_at_most_twice(tile_rows):
+    image = np.arange(1400 * 30, dtype=np.float32).reshape(1400, 30)
+    requested = []
+
+    def read(y0, y1):
+        requested.append((y0, y1))
+        return image[y0:y1]
+
+    cache = pixel_grid.TileRowCache(read, tile_rows, image.shape[0])
+    for y0 in range(0, 1400, 15):  # strips of 15 rows, not aligned with the tiles
+        np.testing.assert_array_equal(cache(y0, min(1400, y0 + 15)), image[y0:y0 + 15])
+    assert all(a % tile_rows == 0 for a, _ in requested)
+    assert sum(b - a for a, b in requested) <= 2 * 1400
+    out, _ = block_mean(pixel_grid.TileRowCache(read, tile_rows, 1400), 5, shape=(1400, 30))
+    np.testing.assert_allclose(out, _reference(image, 5), rtol=1e-6)
+
+
 def test_gzip_file(tmp_path, big_pixels, monkeypatch):
     """A .fits.gz file is read at once (not in strips: each would decompress from the start)."""
     monkeypatch.setattr(pixel_grid, "STRIP_VALUES", 1 << 14)  # strips of ~16 rows

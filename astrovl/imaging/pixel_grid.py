@@ -11,9 +11,11 @@ without full-size copies:
   ``hdu.section`` (so the full data array is never loaded) and reduces it. For
   uncompressed files only the strip being reduced is read; for tile-compressed
   files (``CompImageHDU``) astropy decompresses only the tiles the strip
-  touches, and strips are aligned with the tile rows. A file compressed as a
-  single tile (or tiles as tall as the image) is decompressed as a whole by
-  astropy, so it needs memory for the whole image. Whole-file compressed
+  touches; strips are aligned with the rows of tiles, and tiles taller than a
+  strip are decompressed once per row of tiles (:class:`TileRowCache`), which
+  then needs memory for a row of tiles. A file compressed as a single tile is
+  thus decompressed once, as a whole, and needs memory for the whole image (in
+  its own integer or float type, no float64 copy). Whole-file compressed
   files (``.fits.gz``, also bzip2 and xz) cannot be read in strips at a
   reasonable cost (every section read decompresses the stream from its
   start), so their data are read at once, as astropy returns them (with
@@ -50,6 +52,7 @@ __all__ = [
     "reduction_factor",
     "block_mean",
     "read_hdu_reduced",
+    "TileRowCache",
     "downsample_wcs",
     "header_with_wcs",
     "strip_wcs_keywords",
@@ -252,6 +255,8 @@ def read_hdu_reduced(hdu, max_pixels: int, plane: int | None = None
         def read(y0: int, y1: int, pick=pick):
             return section[pick + (slice(y0, y1), slice(0, width))]
 
+        if align > 1:  # tiles taller than a strip are decompressed once, not once per strip
+            read = TileRowCache(read, align, height)
         reduced, _ = block_mean(read, factor, shape=(height, width), align_rows=align)
         planes.append(reduced)
     if out_lead is None or not out_lead:
@@ -259,6 +264,46 @@ def read_hdu_reduced(hdu, max_pixels: int, plane: int | None = None
     else:
         array = np.stack(planes).reshape(out_lead + planes[0].shape)
     return array, factor, (height, width)
+
+
+class TileRowCache:
+    """Serve row strips of a tile-compressed image from whole rows of tiles.
+
+    ``read(y0, y1)`` of astropy's ``CompImageHDU.section`` decompresses every
+    tile the rows touch, so strips thinner than the tiles would decompress each
+    tile several times. This reader fetches the rows of tiles that cover a
+    request (native dtype, as astropy returns them) and keeps the last ones, so
+    each row of tiles is decompressed at most twice (once more when a strip
+    straddles two rows of tiles). It holds at most two rows of tiles: a file
+    compressed as one tile is decompressed once, as a whole.
+
+    Parameters
+    ----------
+    read : callable
+        ``read(y0, y1)`` returning rows ``y0:y1``.
+    tile_rows : int
+        Rows per tile.
+    height : int
+        Rows of the image.
+    """
+
+    def __init__(self, read: Callable[[int, int], Any], tile_rows: int, height: int):
+        self._read = read
+        self._tile_rows = max(1, int(tile_rows))
+        self._height = int(height)
+        self._chunk: np.ndarray | None = None
+        self._start = self._stop = 0
+        self.reads = 0  #: calls to ``read`` so far
+
+    def __call__(self, y0: int, y1: int) -> np.ndarray:
+        if self._chunk is None or y0 < self._start or y1 > self._stop:
+            t = self._tile_rows
+            start, stop = (y0 // t) * t, min(self._height, -(-y1 // t) * t)
+            self._chunk = None  # let the previous rows go before reading the next ones
+            self._chunk = np.asarray(self._read(start, stop))
+            self._start, self._stop = start, stop
+            self.reads += 1
+        return self._chunk[y0 - self._start:y1 - self._start]
 
 
 def _placeholder(hdu, shape: tuple[int, ...]) -> np.ndarray:
