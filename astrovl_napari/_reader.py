@@ -11,7 +11,9 @@ finite pixels), computed with the same :func:`astrovl.imaging.interval_limits` t
 sample); napari maps them linearly. When a region is sent to a model the
 library's full scaling (interval and ``asinh`` stretch) is applied to the same
 raw pixels, exactly as for a file loaded with :func:`astrovl.load_image`. A
-file is opened and read once for all its HDUs and cube planes.
+file is opened and read once for all its HDUs and cube planes, except 2-D
+images larger than ``astrovl.conf.max_pixels``, which ``load_image`` reads
+block-averaged a strip at a time (never the whole array in memory).
 
 FITS images store row 0 at the bottom. The array is not flipped (so
 ``layer.data[row, col]`` stays at FITS pixel ``(col + 1, row + 1)`` and the WCS
@@ -19,12 +21,11 @@ in the metadata applies to it directly); instead the layer gets a vertical scale
 of ``-1`` so that napari shows the image the right way up. The vertical world
 coordinate in the status bar is therefore ``-row``.
 
-Images larger than ``astrovl.conf.max_pixels`` are block-averaged by the factor
-``f`` of ``metadata["astrovl"]["downsample"]``: ``layer.data[row, col]`` is then
-the mean of an ``f x f`` block centred on FITS pixel
-``(f * col + (f + 1) / 2, f * row + (f + 1) / 2)``, the status bar counts layer
-pixels (the scale stays ``(-1, 1)``), ``metadata["wcs"]`` describes the
-downsampled grid and ``metadata["header"]`` (the file's) the full one.
+An image block-averaged by a factor ``k`` (larger than ``astrovl.conf.max_pixels``)
+gets a scale of ``(-k, k)`` and a translate of ``(-(k-1)/2, (k-1)/2)``: world
+coordinates stay those of the full-resolution grid (block centres), so layers
+of the same field at different resolutions overlap, while ``metadata["wcs"]``
+is the WCS of the block-averaged ``layer.data`` grid.
 
 Layer metadata
 --------------
@@ -137,8 +138,9 @@ def _read_image_hdus(path: Path, *, with_data: bool):
             with fits.open(path, memmap=False, lazy_load_hdus=False) as hdul:
                 entries = _image_hdu_entries(hdul)
                 if with_data:
-                    for index, *_ in entries:
-                        _ = hdul[index].data  # read now, while the file is open
+                    for index, _, _, shape in entries:
+                        if not _read_in_strips(shape):
+                            _ = hdul[index].data  # read now, while the file is open
     except (OSError, ValueError, TypeError, EOFError, IndexError, KeyError,
             AstropyUserWarning) as exc:
         raise ImageFileError(
@@ -229,7 +231,9 @@ def fits_layer_data(path: str | os.PathLike, *, interval=None) -> list[LayerData
     HDUs (and three-plane colour cubes) go through :func:`astrovl.load_image`
     (from the HDU read into memory); cubes of other depths become one 3-D layer
     with a slider, every plane taken from the same array (block-averaged like
-    ``load_image``'s planes when they exceed ``astrovl.conf.max_pixels``). See
+    ``load_image``'s planes when they exceed ``astrovl.conf.max_pixels``). A 2-D
+    image larger than ``max_pixels`` is not read with the others:
+    ``load_image(path, hdu=index)`` reads it block-averaged in strips. See
     the module docstring for the display convention and the metadata kept.
 
     Parameters
@@ -267,14 +271,19 @@ def fits_layer_data(path: str | os.PathLike, *, interval=None) -> list[LayerData
         if _is_cube(shape):
             img = load_image(hdu, plane=0)  # header, WCS and downsampling, from memory
             raw = _cube_raw(hdu.data, int(img.meta.get("downsample", 1)))
+        elif _read_in_strips(shape):  # larger than max_pixels: load_image reads it in strips
+            img = load_image(path, hdu=index)
+            raw = img.raw
         else:
             img = load_image(hdu)
             raw = img.raw
         mask = None if _is_cube(shape) else img.mask  # a cube's invalid pixels are its NaNs
         vmin, vmax = contrast_limits_for(raw, interval, mask)
         rgb = raw.ndim == 3 and not _is_cube(shape)
-        spatial_scale = (-1.0, 1.0)
+        factor = int(img.meta.get("downsample", 1))
+        spatial_scale, spatial_translate = _grid_transform(factor)
         scale = spatial_scale if rgb or raw.ndim == 2 else (1.0, *spatial_scale)
+        translate = spatial_translate if rgb or raw.ndim == 2 else (0.0, *spatial_translate)
         info = {
             "source": f"{path}[{index}]",
             "hdu": index,
@@ -291,6 +300,7 @@ def fits_layer_data(path: str | os.PathLike, *, interval=None) -> list[LayerData
             "metadata": {"header": img.header, "wcs": img.wcs, "astrovl": info},
             "contrast_limits": [vmin, vmax],
             "scale": scale,
+            "translate": translate,
             "rgb": rgb,
             "visible": extname.upper() not in _AUXILIARY_EXTNAMES,
         }
@@ -298,6 +308,29 @@ def fits_layer_data(path: str | os.PathLike, *, interval=None) -> list[LayerData
             kwargs["colormap"] = "gray"
         layers.append((np.ascontiguousarray(raw, dtype=np.float32), kwargs, "image"))
     return layers
+
+
+def _read_in_strips(shape: tuple[int, ...]) -> bool:
+    """True for an image HDU (not a cube) whose planes exceed ``astrovl.conf.max_pixels``.
+
+    Such an HDU is not read with the others: ``load_image`` opens the file again
+    and reads it block-averaged, a strip of rows at a time.
+    """
+    from astrovl import conf
+
+    return not _is_cube(shape) and int(shape[-2]) * int(shape[-1]) > int(conf.max_pixels)
+
+
+def _grid_transform(factor: int) -> tuple[tuple[float, float], tuple[float, float]]:
+    """Layer ``(scale, translate)`` of the (row, column) axes of a grid block-averaged by ``factor``.
+
+    World coordinates are those of the full-resolution FITS grid (column, and
+    minus the row): block ``(i, j)`` lies at the centre of its ``factor x factor``
+    pixels, ``(-(i*k + (k-1)/2), j*k + (k-1)/2)``.
+    """
+    k = float(factor)
+    half = (k - 1.0) / 2.0
+    return (-k, k), (-half, half)
 
 
 def _cube_raw(data: np.ndarray, factor: int) -> np.ndarray:
@@ -309,14 +342,11 @@ def _cube_raw(data: np.ndarray, factor: int) -> np.ndarray:
     cube = np.asarray(data)
     if cube.ndim == 4:
         cube = cube[0]
-    cube = np.asarray(cube, dtype=np.float32)
     if factor <= 1:
-        return cube
-    from astropy.nddata import block_reduce
+        return np.asarray(cube, dtype=np.float32)
+    from astrovl.imaging.pixel_grid import block_mean
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN blocks give NaN
-        return np.asarray(block_reduce(cube, (1, factor, factor), func=np.nanmean), dtype=np.float32)
+    return np.stack([block_mean(plane, factor)[0] for plane in cube])
 
 
 def image_layer_data(path: str | os.PathLike) -> list[LayerData]:
@@ -344,6 +374,10 @@ def image_layer_data(path: str | os.PathLike) -> list[LayerData]:
     else:
         data = np.ascontiguousarray(img.raw, dtype=np.float32)
         kwargs["contrast_limits"] = list(contrast_limits_for(data, mask=img.mask))
+    factor = int(img.meta.get("downsample", 1))
+    if factor > 1:  # block-averaged: world coordinates of the full-resolution picture
+        (_, k), (_, half) = _grid_transform(factor)
+        kwargs.update(scale=(k, k), translate=(half, half))
     if not img.is_color:
         kwargs["colormap"] = "gray"
     return [(data, kwargs, "image")]

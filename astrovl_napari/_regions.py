@@ -318,8 +318,10 @@ class RegionRequest:
         image = load_image(src, stretch=self.stretch, interval=self.interval)
         if self.header is not None:
             header = self.header.copy()
-            if cut_wcs is not None:
-                header.update(cut_wcs.to_header())
+            if cut_wcs is not None:  # no stale CD/PC/SIP keys of the layer's header stay
+                from astrovl.imaging.pixel_grid import header_with_wcs
+
+                header = header_with_wcs(header, cut_wcs)
             image.header = header
         image.source = self.describe()
         image.meta.update(origin=self.origin, bbox=box.as_list(), plane=list(self.lead),

@@ -134,8 +134,11 @@ def _is_fits_name(path: Path) -> bool:
     return path.name.lower().endswith(FITS_SUFFIXES)
 
 
-def _read_single_fits_image(path: Path) -> np.ndarray | None:
+def _read_single_fits_image(path: Path, max_pixels: int | None = None) -> np.ndarray | None:
     """Pixels of a FITS file with exactly one 2-D image HDU, as float32; None otherwise.
+
+    An image of more than ``max_pixels`` pixels also returns None, before any
+    pixel is read (``load_image`` reads it block-averaged in strips).
 
     This is the HDU :func:`~astrovl.load_image` takes when there is no choice to
     make; anything else (several image HDUs, cubes, unreadable files) returns
@@ -160,6 +163,8 @@ def _read_single_fits_image(path: Path) -> np.ndarray | None:
                         if len(shape) >= 2 and all(s > 0 for s in shape):
                             images.append(h)
                 if len(images) != 1 or len(images[0].shape) != 2:
+                    return None
+                if max_pixels is not None and int(np.prod(images[0].shape)) > max_pixels:
                     return None
                 data = images[0].data
                 if data is None or data.dtype.kind not in "biuf":
@@ -192,9 +197,9 @@ def _fast_raw(item: Any, max_pixels: int | None) -> np.ndarray | None:
     if isinstance(item, (str, os.PathLike)):
         path = Path(item)
         if _is_fits_name(path) and path.is_file():
-            raw = _read_single_fits_image(path)
+            raw = _read_single_fits_image(path, max_pixels)
     elif (isinstance(item, np.ndarray) and type(item) is np.ndarray and item.ndim == 2
-          and item.dtype.kind in "biuf" and item.dtype != np.uint8):
+          and item.dtype.kind in "biuf" and item.dtype != np.uint8 and item.size <= max_pixels):
         raw = np.asarray(item, dtype=np.float32)
     if raw is None or raw.size == 0 or raw.size > max_pixels:
         return None

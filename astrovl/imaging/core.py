@@ -23,9 +23,14 @@ class AstroImage:
         The unscaled pixel values on the same grid as ``data`` (after plane
         selection and any ``max_pixels`` downsampling).
     wcs : astropy.wcs.WCS or None
-        Celestial WCS of the pixel grid, if the input had one.
+        Celestial WCS of the pixel grid, if the input had one. For an image
+        block-averaged by ``meta["downsample"]`` it is the WCS of the coarser
+        grid (pixel centres at the block centres; ``CD`` matrices and SIP
+        rescaled).
     header : astropy.io.fits.Header or None
-        FITS header of the input, if any.
+        FITS header of the input, if any. Its WCS keywords describe the input's
+        grid; :func:`astrovl.imaging.pixel_grid.header_with_wcs` writes
+        :attr:`wcs` into a copy of it.
     source : str
         What the image came from (a path with HDU, or a description of the object).
     mask : numpy.ndarray or None

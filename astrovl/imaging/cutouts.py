@@ -10,6 +10,7 @@ from astropy.nddata.utils import NoOverlapError
 
 from ..exceptions import ImageInputError
 from .core import AstroImage
+from .pixel_grid import header_with_wcs
 from .scaling import get_stretch
 
 __all__ = ["cutout"]
@@ -37,6 +38,9 @@ def cutout(image, position, size, *, stretch=None, interval=None, mode: str = "t
     Returns
     -------
     AstroImage
+        Its ``wcs`` is that of the cutout grid; its ``header`` is the input's
+        header with every WCS keyword replaced by the cutout's (``CD``, ``PC``,
+        SIP and distortion-table keywords of the input are removed first).
     """
     from .readers import load_image
 
@@ -60,7 +64,8 @@ def cutout(image, position, size, *, stretch=None, interval=None, mode: str = "t
     data = cuts[0].data if len(cuts) == 1 else np.stack([c.data for c in cuts], axis=-1)
     header = base.header.copy() if base.header is not None else None
     if header is not None and cuts[0].wcs is not None:
-        header.update(cuts[0].wcs.to_header())
+        # every WCS keyword of the input goes (no stale CD/PC/SIP keys), then the cutout's
+        header = header_with_wcs(header, cuts[0].wcs)
     mask = None
     if base.mask is not None:
         mcut = Cutout2D(base.mask.astype(float), position, size, wcs=base.wcs, mode=mode,

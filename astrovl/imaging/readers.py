@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 import warnings
 from pathlib import Path
@@ -10,13 +9,14 @@ from typing import Any
 
 import numpy as np
 from astropy.io import fits
-from astropy.nddata import NDData, block_reduce
+from astropy.nddata import NDData
 from astropy.utils.exceptions import AstropyUserWarning
 from astropy.wcs import WCS, FITSFixedWarning
 
 from ..config import conf
 from ..exceptions import ImageFileError, ImageInputError
 from .core import AstroImage
+from .pixel_grid import block_mean, downsample_wcs, read_hdu_reduced, reduction_factor
 from .scaling import scale_to_unit
 
 __all__ = ["load_image", "FITS_SUFFIXES", "PICTURE_SUFFIXES"]
@@ -76,9 +76,9 @@ def load_image(
         percent), a ``(vmin, vmax)`` pair or any astropy interval.
     max_pixels : int, optional
         Images with more pixels are block-averaged by an integer factor (NaN-aware)
-        before scaling, so that the returned image of a huge mosaic stays small; the
-        WCS is adjusted. The whole image is still read and converted to float32
-        first, so reading needs a few times its float32 size. Defaults to
+        before scaling so that huge mosaics fit in memory; the WCS is adjusted.
+        FITS images this large are read a strip of rows at a time, never whole
+        (see :mod:`astrovl.imaging.pixel_grid`). Defaults to
         ``astrovl.conf.max_pixels``.
 
     Returns
@@ -115,13 +115,17 @@ def load_image(
     if max_pixels < 1:
         raise ValueError(f"max_pixels={max_pixels!r} must be a positive integer")
 
-    parsed = _parse(obj, hdu=hdu)
+    parsed = _parse(obj, hdu=hdu, limit=max_pixels, plane=plane)
     return _finish(parsed, plane=plane, stretch=stretch, interval=interval,
                    max_pixels=max_pixels, explicit_scaling=explicit_scaling)
 
 
 class _Parsed:
     """Intermediate result: the array and its metadata before scaling."""
+
+    # (factor, (H, W)) when read block-averaged from a FITS HDU (pixel_grid.read_hdu_reduced)
+    reduced: tuple[int, tuple[int, int]] | None = None
+    plane_applied = False  # the plane was chosen while reading
 
     def __init__(self, array, header=None, wcs=None, source="<array>", mask=None,
                  origin="lower", picture=False, meta=None, colour_last=None):
@@ -137,17 +141,17 @@ class _Parsed:
         self.colour_last = colour_last
 
 
-def _parse(obj, *, hdu) -> _Parsed:
+def _parse(obj, *, hdu, limit=None, plane=None) -> _Parsed:
     if isinstance(obj, AstroImage):
         return _Parsed(obj.raw, obj.header, obj.wcs, obj.source, obj.mask,
                        obj.meta.get("origin", "lower"), bool(obj.meta.get("picture", False)),
                        colour_last=obj.is_color)
     if isinstance(obj, (str, os.PathLike)):
-        return _parse_path(Path(obj), hdu=hdu)
+        return _parse_path(Path(obj), hdu=hdu, limit=limit, plane=plane)
     if isinstance(obj, fits.HDUList):
-        return _parse_hdulist(obj, hdu=hdu, source="<HDUList>")
+        return _parse_hdulist(obj, hdu=hdu, source="<HDUList>", limit=limit, plane=plane)
     if isinstance(obj, (fits.PrimaryHDU, fits.ImageHDU, fits.CompImageHDU)):
-        return _parse_hdu(obj, source=f"<{type(obj).__name__} {obj.name}>")
+        return _parse_hdu(obj, source=f"<{type(obj).__name__} {obj.name}>", limit=limit, plane=plane)
     if isinstance(obj, (fits.BinTableHDU, fits.TableHDU)):
         raise ImageInputError(
             f"{type(obj).__name__} {obj.name!r} holds a table, not an image; pass an image "
@@ -188,7 +192,7 @@ def _has_fits_signature(path: Path) -> bool:
         return fh.read(6) == b"SIMPLE"
 
 
-def _parse_path(path: Path, *, hdu) -> _Parsed:
+def _parse_path(path: Path, *, hdu, limit=None, plane=None) -> _Parsed:
     if not path.exists():
         raise ImageFileError(f"image file {str(path)!r} does not exist; check the path")
     if path.is_dir():
@@ -202,8 +206,9 @@ def _parse_path(path: Path, *, hdu) -> _Parsed:
                 # our own handle is closed even when fits.open fails half-way
                 with open(path, "rb") as fh, fits.open(fh, memmap=False,
                                                        lazy_load_hdus=False) as hdul:
-                    parsed = _parse_hdulist(hdul, hdu=hdu, source=str(path))
-                    parsed.array = np.array(parsed.array)  # force the read inside the context
+                    parsed = _parse_hdulist(hdul, hdu=hdu, source=str(path), limit=limit, plane=plane)
+                    if parsed.reduced is None:  # a reduced array is already read and small
+                        parsed.array = np.array(parsed.array)  # force the read inside the context
         except (ImageInputError, ImageFileError):
             raise
         except (OSError, ValueError, TypeError, EOFError, IndexError, KeyError,
@@ -260,7 +265,7 @@ def _describe_hdus(hdul: fits.HDUList) -> str:
     return "; ".join(parts)
 
 
-def _parse_hdulist(hdul: fits.HDUList, *, hdu, source: str) -> _Parsed:
+def _parse_hdulist(hdul: fits.HDUList, *, hdu, source: str, limit=None, plane=None) -> _Parsed:
     if len(hdul) == 0:
         raise ImageInputError(f"{source}: the HDUList is empty")
     if hdu is not None:
@@ -280,7 +285,7 @@ def _parse_hdulist(hdul: fits.HDUList, *, hdu, source: str) -> _Parsed:
             )
         idx = _choose_hdu(hdul, candidates, source)
         chosen, label = hdul[idx], idx
-    parsed = _parse_hdu(chosen, source=f"{source}[{label}]")
+    parsed = _parse_hdu(chosen, source=f"{source}[{label}]", limit=limit, plane=plane)
     parsed.meta["hdu"] = label
     parsed.meta["extname"] = chosen.name
     return parsed
@@ -302,13 +307,19 @@ def _choose_hdu(hdul, candidates: list[int], source: str) -> int:
     )
 
 
-def _parse_hdu(h, *, source: str) -> _Parsed:
+def _parse_hdu(h, *, source: str, limit=None, plane=None) -> _Parsed:
     if isinstance(h, (fits.BinTableHDU, fits.TableHDU)):
         raise ImageInputError(
             f"{source}: HDU {h.name!r} is a table, not an image; choose an image HDU with hdu="
         )
     if not isinstance(h, (fits.PrimaryHDU, fits.ImageHDU, fits.CompImageHDU)):
         raise ImageInputError(f"{source}: HDU of type {type(h).__name__} does not hold an image")
+    if limit is not None and (reduced := read_hdu_reduced(h, limit, plane)) is not None:
+        # larger than max_pixels: read through hdu.section in strips, block-averaged
+        parsed = _Parsed(reduced[0], header=h.header.copy(), source=source)
+        parsed.reduced = reduced[1:]
+        parsed.plane_applied = plane is not None and reduced[0].ndim == 2 and len(h.shape) > 2
+        return parsed
     data = h.data
     if data is None or np.size(data) == 0:
         raise ImageInputError(
@@ -449,26 +460,26 @@ def _reduce_mask(mask, parsed: _Parsed, arr: np.ndarray, select) -> np.ndarray |
 
 
 def _finish(parsed: _Parsed, *, plane, stretch, interval, max_pixels, explicit_scaling) -> AstroImage:
-    arr, _colour, select = _reduce_dims(parsed, plane)
+    arr, _colour, select = _reduce_dims(parsed, None if parsed.plane_applied else plane)
     mask = parsed.mask
     if mask is not None:
         mask = _reduce_mask(mask, parsed, arr, select)
     wcs = _celestial_wcs(parsed.header, parsed.wcs, arr.ndim)
+    full_shape = parsed.reduced[1] if parsed.reduced is not None else arr.shape[:2]
     if wcs is not None and wcs.pixel_shape is None:
-        wcs.pixel_shape = (arr.shape[1], arr.shape[0])
+        wcs.pixel_shape = (full_shape[1], full_shape[0])
 
-    raw = np.asarray(arr, dtype=np.float32)
-    factor = 1
-    npix = raw.shape[0] * raw.shape[1]
-    if npix > max_pixels:
-        factor = int(math.ceil(math.sqrt(npix / max_pixels)))
-        factor = max(1, min(factor, raw.shape[0], raw.shape[1]))  # keep at least one pixel
-        raw = _block_downsample(raw, mask, factor)
-        if mask is not None:
-            mask = block_reduce(mask.astype(np.float32), factor, func=np.min)[: raw.shape[0], : raw.shape[1]] > 0
-        if wcs is not None:
-            wcs = wcs.slice((slice(None, None, factor), slice(None, None, factor)))
-            wcs.pixel_shape = (raw.shape[1], raw.shape[0])
+    if parsed.reduced is not None:  # block-averaged while reading (huge FITS HDU)
+        factor = parsed.reduced[0]
+        raw = np.asarray(arr, dtype=np.float32)
+    else:
+        factor = reduction_factor(arr.shape[0], arr.shape[1], max_pixels)
+        if factor > 1:  # strips of the input, no full-size float copy
+            raw, mask = block_mean(arr, factor, mask=mask)
+        else:
+            raw = np.asarray(arr, dtype=np.float32)
+    if factor > 1 and wcs is not None:
+        wcs = downsample_wcs(wcs, factor, raw.shape[:2])
 
     if not np.isfinite(raw).any() or (mask is not None and not (np.isfinite(raw) & ~_expand(mask, raw)).any()):
         raise ImageInputError(
@@ -505,17 +516,6 @@ def _finish(parsed: _Parsed, *, plane, stretch, interval, max_pixels, explicit_s
 
 def _expand(mask, raw):
     return np.repeat(mask[:, :, None], raw.shape[2], axis=2) if raw.ndim == 3 else mask
-
-
-def _block_downsample(raw: np.ndarray, mask, factor: int) -> np.ndarray:
-    work = raw.copy() if mask is not None else raw
-    if mask is not None:
-        work[_expand(mask, work)] = np.nan
-    block = (factor, factor, 1) if work.ndim == 3 else factor
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN blocks give NaN
-        out = block_reduce(work, block, func=np.nanmean)
-    return np.asarray(out, dtype=np.float32)
 
 
 def _name(x) -> str:
