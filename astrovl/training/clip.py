@@ -39,11 +39,12 @@ from astropy.table import Table
 from ..exceptions import DatasetError
 from .common import (
     CHECKPOINT_DIR,
+    checkpoint_to_resume,
     load_checkpoint,
-    lr_lambda,
     plot_history,
     save_checkpoint,
     seed_everything,
+    warmup_schedule,
     write_history,
 )
 
@@ -571,14 +572,13 @@ def train_clip(embedder, train, val, config: CLIPTrainingConfig | None = None, *
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(_param_groups(model, params, config.weight_decay), lr=config.lr,
                                   betas=(0.9, 0.98), eps=1e-6, fused=device.type == "cuda")
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(config.warmup_steps, config.steps, config.schedule))
+    scheduler = warmup_schedule(optimizer, config.warmup_steps, config.steps, config.schedule)
     loss_fn = _make_loss(config, rank, world)
 
     start_step, rows = 0, []
     best_value = None
-    ckpt_dir = out / CHECKPOINT_DIR
-    if config.resume and (ckpt_dir / "state.json").is_file():
+    ckpt_dir = checkpoint_to_resume(out, config.resume)
+    if ckpt_dir is not None:
         state = load_checkpoint(ckpt_dir, model=model, optimizer=optimizer, scheduler=scheduler)
         start_step = int(state["step"])
         rows = [dict(r) for r in state.get("history", [])]
@@ -648,7 +648,7 @@ def train_clip(embedder, train, val, config: CLIPTrainingConfig | None = None, *
                     best_value = float(value)
                     emb.save_pretrained(out / "best")
                 write_history(_history_table(rows), out / "metrics.csv")
-                save_checkpoint(ckpt_dir, model=model, optimizer=optimizer, scheduler=scheduler,
+                save_checkpoint(out / CHECKPOINT_DIR, model=model, optimizer=optimizer, scheduler=scheduler,
                                 state={"step": step, "history": rows, "best_value": best_value,
                                        "config": _jsonable(dataclasses.asdict(config)),
                                        "data_position": step * config.batch_size})
