@@ -1,4 +1,5 @@
 import json
+import math
 import shutil
 
 import numpy as np
@@ -130,14 +131,35 @@ def test_lora_adapter_saves_and_reloads(tiny_dir, tmp_path, m13_path):
         torch.testing.assert_close(alone.model(**inputs).logits, trained, rtol=1e-5, atol=1e-5)
 
 
-def test_resume_continues_exactly(tiny_dir, sky, tmp_path):
+class _Interrupted(Exception):
+    pass
+
+
+def test_resume_continues_exactly(tiny_dir, sky, tmp_path, monkeypatch):
+    import astrovl.training.llava as llava_training
+
     data = sky.split("train")
-    full = train_llava(_load(tiny_dir), data, _cfg(tmp_path / "a", stage=1, max_steps=4, lr=1e-2))
-    part = train_llava(_load(tiny_dir), data, _cfg(tmp_path / "b", stage=1, max_steps=2, lr=1e-2))
-    assert json.loads((part.output_dir / "checkpoint" / "state.json").read_text())["step"] == 2
-    resumed = train_llava(_load(tiny_dir), data,
-                          _cfg(tmp_path / "b", stage=1, max_steps=4, lr=1e-2, resume=True))
+    # a warm-up step, then cosine over 3 steps: the scheduler's position must come back too
+    sched = dict(stage=1, lr=1e-2, warmup_ratio=0.25, schedule="cosine", save_every=2)
+    full = train_llava(_load(tiny_dir), data, _cfg(tmp_path / "a", max_steps=4, **sched))
+    # the interrupted run is stopped right after its checkpoint at step 2
+    save = llava_training.save_checkpoint
+
+    def save_then_stop(*args, **kwargs):
+        save(*args, **kwargs)
+        raise _Interrupted
+
+    with monkeypatch.context() as m:
+        m.setattr(llava_training, "save_checkpoint", save_then_stop)
+        with pytest.raises(_Interrupted):
+            train_llava(_load(tiny_dir), data, _cfg(tmp_path / "b", max_steps=4, **sched))
+    assert json.loads((tmp_path / "b" / "run" / "checkpoint" / "state.json").read_text())["step"] == 2
+    resumed = train_llava(_load(tiny_dir), data, _cfg(tmp_path / "b", max_steps=4, resume=True, **sched))
     assert list(resumed.history["step"]) == [1, 2, 3, 4]
+    # transformers' cosine schedule after one warm-up step: lr * (1 + cos(pi * (step - 1) / 3)) / 2
+    expected_lr = [1e-2 * 0.5 * (1 + math.cos(math.pi * (s - 1) / 3)) for s in (1, 2, 3, 4)]
+    np.testing.assert_allclose(full.history["lr"], expected_lr, rtol=1e-6, atol=1e-12)
+    np.testing.assert_allclose(resumed.history["lr"], expected_lr, rtol=1e-6, atol=1e-12)
     a = dict(full.model.model.named_parameters())
     b = dict(resumed.model.model.named_parameters())
     for n in a:
