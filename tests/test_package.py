@@ -13,10 +13,14 @@ def test_import_is_light():
 
 
 def test_public_names_resolve():
+    import importlib
+
     import astrovl
 
-    for name in ("load_image", "AstroImage", "make_rgb", "cutout", "conf"):
-        assert getattr(astrovl, name) is not None
+    for name, module in (("load_image", "astrovl.imaging"), ("AstroImage", "astrovl.imaging"),
+                         ("make_rgb", "astrovl.imaging"), ("cutout", "astrovl.imaging"),
+                         ("conf", "astrovl.config")):
+        assert getattr(astrovl, name) is getattr(importlib.import_module(module), name), name
     assert "load_image" in astrovl.__all__
 
 
