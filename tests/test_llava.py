@@ -60,10 +60,21 @@ def test_batched_equals_unbatched_greedy(llava, m13_path, ngc1316_path, dss_path
     assert batched == single
 
 
-def test_generation_stops_at_end_of_turn(llava, m13_path):
-    out = llava.caption(m13_path, max_new_tokens=40)
-    for marker in ("USER:", "ASSISTANT:"):
-        assert marker not in out
+def test_generation_stops_at_end_of_turn(llava, m13_path, monkeypatch):
+    tok = llava.processor.tokenizer
+    reply = tok(" A globular cluster. USER: And its age? ASSISTANT: Old.", add_special_tokens=False,
+                return_tensors="pt").input_ids
+    seen = {}
+
+    def generate(input_ids, **kwargs):  # a model that runs on into the next turn
+        seen.update(kwargs)
+        return torch.cat([input_ids, reply.expand(len(input_ids), -1)], dim=1)
+
+    monkeypatch.setattr(llava.model, "generate", generate)
+    assert llava.caption(m13_path, max_new_tokens=40) == "A globular cluster."
+    # generation itself stops at the end-of-sequence token
+    assert tok.eos_token_id in seen["eos_token_id"] and seen["max_new_tokens"] == 40
+    assert seen["do_sample"] is False
 
 
 def test_batched_score_equals_one_forward_per_text(llava, m13_path):
