@@ -72,7 +72,8 @@ class CLIPTrainingConfig:
         initialisation of the same architecture; ``shuffled``: captions permuted
         across the training set (a control that must stay at chance).
     steps, batch_size, lr, weight_decay, warmup_steps, schedule
-        Optimisation (``schedule`` is ``"constant"`` or ``"cosine"`` after warm-up).
+        Optimisation (``schedule`` is ``"constant"`` or ``"cosine"`` after warm-up;
+        see :func:`astrovl.training.common.warmup_schedule` for the rate at each step).
     eval_every : int
         Validation interval in steps (also the checkpoint interval).
     best_metric : {"val_loss", "val_top10", "val_top10_batch100"}

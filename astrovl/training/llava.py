@@ -73,8 +73,10 @@ class LLaVATrainingConfig:
     lr : float, optional
         Default by stage (see above).
     weight_decay, warmup_ratio, schedule, max_grad_norm : float, float, str, float
-        AdamW weight decay; linear warm-up over this fraction of steps; then
-        ``"cosine"`` (recipe) or ``"constant"``; gradient clipping.
+        AdamW weight decay; linear warm-up from 0 over this fraction of steps,
+        then ``"cosine"`` down to 0 at the last step (recipe) or ``"constant"``
+        (transformers' ``get_cosine_schedule_with_warmup`` /
+        ``get_constant_schedule_with_warmup``); gradient clipping.
     lora, lora_r, lora_alpha, lora_dropout
         LoRA on the language model's attention and MLP layers (peft); the
         projector is trained fully alongside.
