@@ -29,8 +29,15 @@ def test_conf_defaults():
 
     assert conf.clip_model == "openai/clip-vit-base-patch16"  # HubbleCLIP's base model
     assert conf.clip_pretrained == ""
-    with conf.set_temp("device", "cpu"):
-        assert conf.device == "cpu"
+    assert conf.device == "auto"
+    import torch
+
+    from astrovl.utils.devices import resolve_device
+
+    # the setting reaches the code that places models, and is undone after the block
+    with conf.set_temp("device", "meta"):
+        assert resolve_device() == torch.device("meta")
+    assert resolve_device() == torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def test_cli_version_and_help():
