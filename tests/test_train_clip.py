@@ -79,13 +79,36 @@ def test_head_mode_changes_only_head_parameters(sky, base, tmp_path):
     assert res.history["lr"][-1] == pytest.approx(1e-3)
 
 
-def test_resume_after_interruption_matches_uninterrupted(sky, base, tmp_path):
+class _Interrupted(Exception):
+    pass
+
+
+def test_resume_after_interruption_matches_uninterrupted(sky, base, tmp_path, monkeypatch):
+    import math
+
+    import astrovl.training.clip as clip_training
+
     train, val = sky.split("train"), sky.split("val")
-    full = train_clip(base, train, val, _cfg(tmp_path, "full", mode="finetune", steps=20, eval_every=10))
-    # "interrupted" run: stops at step 10, then resumes to 20
-    train_clip(base, train, val, _cfg(tmp_path, "part", mode="finetune", steps=10, eval_every=10))
-    resumed = train_clip(base, train, val, _cfg(tmp_path, "part", mode="finetune", steps=20, eval_every=10,
-                                                resume=True))
+    # warm-up then cosine: the scheduler's position must come back with the weights
+    kw = dict(mode="finetune", steps=20, eval_every=10, schedule="cosine")
+    full = train_clip(base, train, val, _cfg(tmp_path, "full", **kw))
+    # the interrupted run is stopped right after its checkpoint at step 10, then resumed to 20
+    save = clip_training.save_checkpoint
+
+    def save_then_stop(*args, **kwargs):
+        save(*args, **kwargs)
+        raise _Interrupted
+
+    with monkeypatch.context() as m:
+        m.setattr(clip_training, "save_checkpoint", save_then_stop)
+        with pytest.raises(_Interrupted):
+            train_clip(base, train, val, _cfg(tmp_path, "part", **kw))
+    resumed = train_clip(base, train, val, _cfg(tmp_path, "part", resume=True, **kw))
+    # lr 1e-3, 5 warm-up steps, cosine over the other 15
+    expected_lr = [1e-3 * 0.5 * (1 + math.cos(math.pi * (s - 5) / 15)) for s in (10, 20)]
+    np.testing.assert_allclose(full.history["lr"], expected_lr, rtol=1e-6, atol=1e-12)
+    np.testing.assert_allclose(resumed.history["lr"], expected_lr, rtol=1e-6, atol=1e-12)
+    assert list(resumed.history["step"]) == [10, 20]
     a = CLIPEmbedder.from_pretrained(tmp_path / "full" / "final").model.state_dict()
     b = CLIPEmbedder.from_pretrained(tmp_path / "part" / "final").model.state_dict()
     for k in a:
