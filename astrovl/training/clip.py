@@ -37,6 +37,7 @@ import numpy as np
 from astropy.table import Table
 
 from ..exceptions import DatasetError
+from ..utils.files import atomic_write_text
 from .common import (
     CHECKPOINT_DIR,
     checkpoint_to_resume,
@@ -674,7 +675,7 @@ def train_clip(embedder, train, val, config: CLIPTrainingConfig | None = None, *
         write_history(history, out / "metrics.csv")
         if len(history):
             plot_history(history, out / "training_curves.png", title=f"CLIP {config.mode}")
-        (out / "config.json").write_text(json.dumps(_jsonable(dataclasses.asdict(config)), indent=2), "utf-8")
+        atomic_write_text(out / "config.json", json.dumps(_jsonable(dataclasses.asdict(config)), indent=2))
     if world > 1:
         import torch.distributed as dist
 

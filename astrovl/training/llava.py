@@ -490,10 +490,10 @@ def train_llava(model, data, config: LLaVATrainingConfig | None = None, *,
             with atomic_directory(model_dir) as tmp:
                 unwrapped.save_pretrained(tmp, state_dict=full_state, safe_serialization=True)
                 processor.save_pretrained(tmp)
-        (out / "training.json").write_text(json.dumps(
+        atomic_write_text(out / "training.json", json.dumps(
             {"config": {k: v for k, v in asdict(config).items() if k != "extra"}, "steps": step,
              "model_dir": str(model_dir) if model_dir else None,
-             "adapter_dir": str(adapter_dir) if adapter_dir else None}, indent=2), encoding="utf-8")
+             "adapter_dir": str(adapter_dir) if adapter_dir else None}, indent=2))
     accelerator.wait_for_everyone()
     from ..llava import AstroLLaVA
 
