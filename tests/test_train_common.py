@@ -139,3 +139,17 @@ def test_checkpoint_to_resume(tmp_path):
     (tmp_path / "checkpoint" / "state.json").write_text("{}")
     assert checkpoint_to_resume(tmp_path, True) == tmp_path / "checkpoint"
     assert checkpoint_to_resume(tmp_path, False) is None
+
+
+def test_checkpoint_of_the_former_lambda_schedule_resumes(tmp_path):
+    """Checkpoints written with the former ``LambdaLR(lr_lambda)`` resume at the same learning rate."""
+    net, opt, _ = _setup(0, False)
+    old = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _closed_form(s, 3, 10, "cosine"))
+    first = _run(net, opt, old, 5)
+    save_checkpoint(tmp_path / "c", model=net, optimizer=opt, scheduler=old, state={"step": 5})
+    rest_old = _run(net, opt, old, 5)
+
+    net2, opt2, sched2 = _setup(1, False)
+    load_checkpoint(tmp_path / "c", model=net2, optimizer=opt2, scheduler=sched2)
+    assert sched2.last_epoch == 5 and opt2.param_groups[0]["lr"] == pytest.approx(first[-1], rel=1e-12)
+    assert _run(net2, opt2, sched2, 5) == pytest.approx(rest_old, rel=1e-9)

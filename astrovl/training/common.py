@@ -176,9 +176,31 @@ def load_checkpoint(directory, *, model, optimizer, scheduler, trainable_only: b
         else:
             load_model(model, str(directory / "model.safetensors"), strict=True)
         optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True))
-        scheduler.load_state_dict(torch.load(directory / "scheduler.pt", weights_only=True))
+        _load_scheduler(scheduler, optimizer, torch.load(directory / "scheduler.pt", weights_only=True))
         restore_rng_state(torch.load(directory / "rng.pt", weights_only=True))
     return state
+
+
+def _load_scheduler(scheduler, optimizer, saved: dict) -> None:
+    """Restore ``scheduler``; a single-scheduler state (checkpoints of the former ``LambdaLR``) is replayed.
+
+    A :class:`~torch.optim.lr_scheduler.SequentialLR` cannot read the state of one
+    scheduler; it is stepped from its start to the saved step instead, which gives
+    the same rates (:func:`warmup_schedule` reproduces the former schedule).
+    """
+    import warnings
+
+    if "_schedulers" in saved or not hasattr(scheduler, "_schedulers"):
+        scheduler.load_state_dict(saved)
+        return
+    if scheduler.last_epoch != 0:
+        raise ValueError("the scheduler must be at its first step to replay a saved single-scheduler state")
+    for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
+        group["lr"] = lr  # the optimizer's state brought the saved rate; start the replay from step 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "step() before optimizer.step()": intended here
+        for _ in range(int(saved["last_epoch"])):
+            scheduler.step()
 
 
 def rng_state() -> dict:
