@@ -79,11 +79,7 @@ def test_head_mode_changes_only_head_parameters(sky, base, tmp_path):
     assert res.history["lr"][-1] == pytest.approx(1e-3)
 
 
-class _Interrupted(Exception):
-    pass
-
-
-def test_resume_after_interruption_matches_uninterrupted(sky, base, tmp_path, monkeypatch):
+def test_resume_after_interruption_matches_uninterrupted(sky, base, tmp_path, interrupt_after_first_checkpoint):
     import math
 
     import astrovl.training.clip as clip_training
@@ -93,16 +89,7 @@ def test_resume_after_interruption_matches_uninterrupted(sky, base, tmp_path, mo
     kw = dict(mode="finetune", steps=20, eval_every=10, schedule="cosine")
     full = train_clip(base, train, val, _cfg(tmp_path, "full", **kw))
     # the interrupted run is stopped right after its checkpoint at step 10, then resumed to 20
-    save = clip_training.save_checkpoint
-
-    def save_then_stop(*args, **kwargs):
-        save(*args, **kwargs)
-        raise _Interrupted
-
-    with monkeypatch.context() as m:
-        m.setattr(clip_training, "save_checkpoint", save_then_stop)
-        with pytest.raises(_Interrupted):
-            train_clip(base, train, val, _cfg(tmp_path, "part", **kw))
+    interrupt_after_first_checkpoint(clip_training, train_clip, base, train, val, _cfg(tmp_path, "part", **kw))
     resumed = train_clip(base, train, val, _cfg(tmp_path, "part", resume=True, **kw))
     # lr 1e-3, 5 warm-up steps, cosine over the other 15
     expected_lr = [1e-3 * 0.5 * (1 + math.cos(math.pi * (s - 5) / 15)) for s in (10, 20)]

@@ -131,11 +131,7 @@ def test_lora_adapter_saves_and_reloads(tiny_dir, tmp_path, m13_path):
         torch.testing.assert_close(alone.model(**inputs).logits, trained, rtol=1e-5, atol=1e-5)
 
 
-class _Interrupted(Exception):
-    pass
-
-
-def test_resume_continues_exactly(tiny_dir, sky, tmp_path, monkeypatch):
+def test_resume_continues_exactly(tiny_dir, sky, tmp_path, interrupt_after_first_checkpoint):
     import astrovl.training.llava as llava_training
 
     data = sky.split("train")
@@ -143,16 +139,8 @@ def test_resume_continues_exactly(tiny_dir, sky, tmp_path, monkeypatch):
     sched = dict(stage=1, lr=1e-2, warmup_ratio=0.25, schedule="cosine", save_every=2)
     full = train_llava(_load(tiny_dir), data, _cfg(tmp_path / "a", max_steps=4, **sched))
     # the interrupted run is stopped right after its checkpoint at step 2
-    save = llava_training.save_checkpoint
-
-    def save_then_stop(*args, **kwargs):
-        save(*args, **kwargs)
-        raise _Interrupted
-
-    with monkeypatch.context() as m:
-        m.setattr(llava_training, "save_checkpoint", save_then_stop)
-        with pytest.raises(_Interrupted):
-            train_llava(_load(tiny_dir), data, _cfg(tmp_path / "b", max_steps=4, **sched))
+    interrupt_after_first_checkpoint(llava_training, train_llava, _load(tiny_dir), data,
+                                     _cfg(tmp_path / "b", max_steps=4, **sched))
     assert json.loads((tmp_path / "b" / "run" / "checkpoint" / "state.json").read_text())["step"] == 2
     resumed = train_llava(_load(tiny_dir), data, _cfg(tmp_path / "b", max_steps=4, resume=True, **sched))
     assert list(resumed.history["step"]) == [1, 2, 3, 4]
