@@ -106,3 +106,29 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def interrupt_after_first_checkpoint(monkeypatch):
+    """``run(module, train, *args, **kwargs)``: call ``train`` and stop it right after its first checkpoint.
+
+    As a job killed mid-run: ``module.save_checkpoint`` writes the checkpoint, then
+    the run ends with an exception (which ``run`` expects).
+    """
+
+    class Interrupted(Exception):
+        pass
+
+    def run(module, train, *args, **kwargs):
+        save = module.save_checkpoint
+
+        def save_then_stop(*a, **k):
+            save(*a, **k)
+            raise Interrupted
+
+        with monkeypatch.context() as m:
+            m.setattr(module, "save_checkpoint", save_then_stop)
+            with pytest.raises(Interrupted):
+                train(*args, **kwargs)
+
+    return run

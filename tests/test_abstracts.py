@@ -89,7 +89,8 @@ def test_malformed_record_warns_and_is_skipped():
     text = CATALOG + "\n-----\nTitle: no id here\nAbstract:\nlost text\n"
     with pytest.warns(AstropyUserWarning, match="no usable proposal ID"):
         t = read_abstracts(text)
-    assert len(t) == 3
+    assert list(t["proposal_id"]) == [5371, 5092, 12345]
+    assert "lost text" not in " ".join(t["abstract"])
 
 
 def test_duplicate_ids_keep_first_with_abstract():

@@ -143,12 +143,14 @@ def _examples(command):
 
 @pytest.mark.parametrize("command", ORDER)
 def test_help_examples_run(command, workspace, capsys):
+    out = {}
     for line in _examples(command):
         if "--device cuda" in line and not torch.cuda.is_available():
             continue  # run by test_cuda_help_examples_run on a GPU machine
         rc = run_example(line)
         captured = capsys.readouterr()
         assert rc == 0, f"{line}\n{captured.err[-2000:]}"
+        out[line] = captured.out
     checks = {
         "synth": lambda: (workspace / "sky" / "manifest.ecsv").is_file(),
         "build-hubble": lambda: (workspace / "hst" / "manifest.ecsv").is_file(),
@@ -159,7 +161,11 @@ def test_help_examples_run(command, workspace, capsys):
         "embed": lambda: np.load(workspace / "embeddings.npy").shape == (2, 64),
         "index": lambda: (workspace / "hst-index" / "index.json").is_file() and (workspace / "big").is_dir(),
         "search": lambda: (workspace / "hits.ecsv").is_file(),
-        "classify": lambda: True,
+        # three ranked rows for m13; a categories file's three entries are the candidates, its comment is not
+        "classify": lambda: [
+            (sum("m13.fits" in row for row in text.splitlines()),
+             all(c in text for c in ("globular cluster", "spiral galaxy", "nebula")), "comment" in text)
+            for line, text in out.items()] == [(3, False, False), (3, True, False)],
         "evaluate": lambda: (workspace / "curves.png").is_file(),
         "demo": lambda: (workspace / "astrovl-demo" / "report.html").is_file(),
     }

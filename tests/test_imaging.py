@@ -411,8 +411,12 @@ def test_scaling_helpers_reject_unknown_names():
         get_interval(150)
     with pytest.raises(ValueError, match="stretch='gamma'"):
         load_image(np.ones((3, 3)), stretch="gamma")
-    assert isinstance(get_stretch("power"), vis.PowerStretch)
-    assert isinstance(get_interval([1, 2]), vis.ManualInterval)
+    power = get_stretch("power")
+    assert isinstance(power, vis.PowerStretch) and power.a == 2.0
+    np.testing.assert_allclose(power(np.array([0.0, 0.5, 1.0])), [0.0, 0.25, 1.0])
+    manual = get_interval([1, 2])
+    assert isinstance(manual, vis.ManualInterval)
+    assert manual.get_limits(np.arange(10.0)) == (1.0, 2.0)
 
 
 # --------------------------------------------------------------------------- NaN and masks

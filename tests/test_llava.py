@@ -22,16 +22,35 @@ def llava(tiny_dir):
     return AstroLLaVA.from_pretrained(tiny_dir, device="cpu")
 
 
+def _first_token(model, image, messages) -> str:
+    """The greedy first answer token, straight from the model's logits on the chat-template prompt."""
+    inputs = model.processor(images=[model._pil(image)], text=[model._prompt(messages)], return_tensors="pt")
+    with torch.inference_mode():
+        token = int(model.model(**inputs).logits[0, -1].argmax())
+    return model._cut(model.processor.tokenizer.decode([token], skip_special_tokens=True))
+
+
 def test_caption_ask_chat_on_fits(llava, m13_path, ngc1316_path):
+    from astrovl.llava.chat import close_assistant_turns
+    from astrovl.llava.template import DEFAULT_CAPTION_PROMPT
+
     text = llava.caption(m13_path, max_new_tokens=12)
-    assert isinstance(text, str)
     many = llava.caption([m13_path, ngc1316_path], max_new_tokens=12)
     assert isinstance(many, list) and len(many) == 2
     assert many[0] == text
-    assert isinstance(llava.ask(m13_path, "What kind of object is this?", max_new_tokens=8), str)
-    reply = llava.chat(m13_path, [("user", "Describe it."), ("assistant", "A cluster."), ("user", "How old?")],
-                       max_new_tokens=8)
-    assert isinstance(reply, str)
+    assert many[1] == llava.caption(ngc1316_path, max_new_tokens=12)
+    # each call sends its own prompt: the first greedy token is the argmax of the logits on it
+    assert llava.caption(m13_path, max_new_tokens=1) == _first_token(llava, m13_path,
+                                                                     [llava._user(DEFAULT_CAPTION_PROMPT)])
+    question = "What kind of object is this?"
+    assert llava.ask(m13_path, question, max_new_tokens=1) == _first_token(llava, m13_path, [llava._user(question)])
+    assert llava.ask(m13_path, question, max_new_tokens=8) == llava.chat(m13_path, [("user", question)],
+                                                                       max_new_tokens=8)
+    history = [("user", "Describe it."), ("assistant", "A cluster."), ("user", "How old?")]
+    messages = close_assistant_turns(llava.processor, [
+        llava._user("Describe it."), {"role": "assistant", "content": [{"type": "text", "text": "A cluster."}]},
+        llava._user("How old?", with_image=False)])
+    assert llava.chat(m13_path, history, max_new_tokens=1) == _first_token(llava, m13_path, messages)
 
 
 def test_batched_equals_unbatched_greedy(llava, m13_path, ngc1316_path, dss_path):
@@ -41,10 +60,21 @@ def test_batched_equals_unbatched_greedy(llava, m13_path, ngc1316_path, dss_path
     assert batched == single
 
 
-def test_generation_stops_at_end_of_turn(llava, m13_path):
-    out = llava.caption(m13_path, max_new_tokens=40)
-    for marker in ("USER:", "ASSISTANT:"):
-        assert marker not in out
+def test_generation_stops_at_end_of_turn(llava, m13_path, monkeypatch):
+    tok = llava.processor.tokenizer
+    reply = tok(" A globular cluster. USER: And its age? ASSISTANT: Old.", add_special_tokens=False,
+                return_tensors="pt").input_ids
+    seen = {}
+
+    def generate(input_ids, **kwargs):  # a model that runs on into the next turn
+        seen.update(kwargs)
+        return torch.cat([input_ids, reply.expand(len(input_ids), -1)], dim=1)
+
+    monkeypatch.setattr(llava.model, "generate", generate)
+    assert llava.caption(m13_path, max_new_tokens=40) == "A globular cluster."
+    # generation itself stops at the end-of-sequence token
+    assert tok.eos_token_id in seen["eos_token_id"] and seen["max_new_tokens"] == 40
+    assert seen["do_sample"] is False
 
 
 def test_batched_score_equals_one_forward_per_text(llava, m13_path):

@@ -89,12 +89,27 @@ def _examples(command):
 
 @pytest.mark.parametrize("command", ["caption", "ask", "convert-llava", "train-llava", "evaluate"])
 def test_every_help_example_runs(command, in_work, capsys):
+    from astropy.table import Table
+
     for line in _examples(command):
         argv = []
         for word in shlex.split(line)[1:]:
             argv.extend(sorted(glob.glob(word)) or [word])  # as the shell: a pattern without matches stays
         out = _run(argv, capsys)
         assert out.strip(), line
+    # what the examples wrote
+    if command == "caption":
+        table = Table.read(in_work / "captions.csv", format="ascii.csv")
+        assert list(table["image"]) == ["m13.fits", "ngc1316.fits"]
+    elif command == "convert-llava":
+        assert all((in_work / d / "config.json").is_file() for d in ("astrollava-hf", "llava-v1.5-hf"))
+    elif command == "train-llava":
+        assert (in_work / "runs" / "s1" / "model" / "config.json").is_file()
+        assert (in_work / "runs" / "s2" / "adapter" / "adapter_config.json").is_file()
+    elif command == "evaluate":
+        table = Table.read(in_work / "galaxy10.ecsv")  # one row a class, then all 20 images
+        assert len(table) == 11 and table["label"][-1] == "all" and table["n"][-1] == 20
+        assert (in_work / "g10.png").is_file()
 
 
 # ----------------------------------------------------------------------------- spies

@@ -13,10 +13,14 @@ def test_import_is_light():
 
 
 def test_public_names_resolve():
+    import importlib
+
     import astrovl
 
-    for name in ("load_image", "AstroImage", "make_rgb", "cutout", "conf"):
-        assert getattr(astrovl, name) is not None
+    for name, module in (("load_image", "astrovl.imaging"), ("AstroImage", "astrovl.imaging"),
+                         ("make_rgb", "astrovl.imaging"), ("cutout", "astrovl.imaging"),
+                         ("conf", "astrovl.config")):
+        assert getattr(astrovl, name) is getattr(importlib.import_module(module), name), name
     assert "load_image" in astrovl.__all__
 
 
@@ -25,8 +29,15 @@ def test_conf_defaults():
 
     assert conf.clip_model == "openai/clip-vit-base-patch16"  # HubbleCLIP's base model
     assert conf.clip_pretrained == ""
-    with conf.set_temp("device", "cpu"):
-        assert conf.device == "cpu"
+    assert conf.device == "auto"
+    import torch
+
+    from astrovl.utils.devices import resolve_device
+
+    # the setting reaches the code that places models, and is undone after the block
+    with conf.set_temp("device", "meta"):
+        assert resolve_device() == torch.device("meta")
+    assert resolve_device() == torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def test_cli_version_and_help():

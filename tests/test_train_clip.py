@@ -51,29 +51,51 @@ def test_scratch_learns_and_shuffled_stays_at_chance(sky, base, tmp_path):
 
 
 def test_head_mode_changes_only_head_parameters(sky, base, tmp_path):
+    import copy
+
+    from astrovl.clip.heads import HeadCLIP
+    from astrovl.training.common import seed_everything
+
     res = train_clip(base, sky.split("train"), sky.split("val"), _cfg(tmp_path, "head", mode="head", steps=6,
                                                                      eval_every=6, head_hidden=32))
+    # the heads train_clip starts from: it seeds, then builds them the same way
+    seed_everything(0)
+    initial = HeadCLIP(copy.deepcopy(base.model).cpu(), base.embed_dim, 32).state_dict()
     trained = CLIPEmbedder.from_pretrained(tmp_path / "head" / "final")
     sd_new = trained.model.state_dict()
-    sd_old = base.model.state_dict()
-    changed_heads = 0
+    assert sd_new.keys() == initial.keys()
+    heads = [k for k in sd_new if k.startswith(("image_head.", "text_head."))]
+    assert len(heads) == 8  # two heads of two linear layers, weight and bias
     for k, v in sd_new.items():
-        if k.startswith("base."):
-            assert torch.equal(v, sd_old[k[len("base."):]]), k
-        else:
-            assert k.startswith(("image_head.", "text_head.")), k
-            changed_heads += 1
-    assert changed_heads == 8
-    assert res.history["step"][-1] == 6
+        if k in heads:
+            continue
+        assert k.startswith("base."), k
+        assert torch.equal(v, base.model.state_dict()[k[len("base."):]]), k
+    # every head tensor moved, by no more than six AdamW steps can move it (lr 1e-3, warm-up 5)
+    for k in heads:
+        delta = (sd_new[k] - initial[k]).abs().max().item()
+        assert 0 < delta < 6e-3, (k, delta)
+    assert list(res.history["step"]) == [6]
+    assert res.history["lr"][-1] == pytest.approx(1e-3)
 
 
-def test_resume_after_interruption_matches_uninterrupted(sky, base, tmp_path):
+def test_resume_after_interruption_matches_uninterrupted(sky, base, tmp_path, interrupt_after_first_checkpoint):
+    import math
+
+    import astrovl.training.clip as clip_training
+
     train, val = sky.split("train"), sky.split("val")
-    full = train_clip(base, train, val, _cfg(tmp_path, "full", mode="finetune", steps=20, eval_every=10))
-    # "interrupted" run: stops at step 10, then resumes to 20
-    train_clip(base, train, val, _cfg(tmp_path, "part", mode="finetune", steps=10, eval_every=10))
-    resumed = train_clip(base, train, val, _cfg(tmp_path, "part", mode="finetune", steps=20, eval_every=10,
-                                                resume=True))
+    # warm-up then cosine: the scheduler's position must come back with the weights
+    kw = dict(mode="finetune", steps=20, eval_every=10, schedule="cosine")
+    full = train_clip(base, train, val, _cfg(tmp_path, "full", **kw))
+    # the interrupted run is stopped right after its checkpoint at step 10, then resumed to 20
+    interrupt_after_first_checkpoint(clip_training, train_clip, base, train, val, _cfg(tmp_path, "part", **kw))
+    resumed = train_clip(base, train, val, _cfg(tmp_path, "part", resume=True, **kw))
+    # lr 1e-3, 5 warm-up steps, cosine over the other 15
+    expected_lr = [1e-3 * 0.5 * (1 + math.cos(math.pi * (s - 5) / 15)) for s in (10, 20)]
+    np.testing.assert_allclose(full.history["lr"], expected_lr, rtol=1e-6, atol=1e-12)
+    np.testing.assert_allclose(resumed.history["lr"], expected_lr, rtol=1e-6, atol=1e-12)
+    assert list(resumed.history["step"]) == [10, 20]
     a = CLIPEmbedder.from_pretrained(tmp_path / "full" / "final").model.state_dict()
     b = CLIPEmbedder.from_pretrained(tmp_path / "part" / "final").model.state_dict()
     for k in a:

@@ -1,4 +1,5 @@
 import json
+import math
 import shutil
 
 import numpy as np
@@ -130,14 +131,23 @@ def test_lora_adapter_saves_and_reloads(tiny_dir, tmp_path, m13_path):
         torch.testing.assert_close(alone.model(**inputs).logits, trained, rtol=1e-5, atol=1e-5)
 
 
-def test_resume_continues_exactly(tiny_dir, sky, tmp_path):
+def test_resume_continues_exactly(tiny_dir, sky, tmp_path, interrupt_after_first_checkpoint):
+    import astrovl.training.llava as llava_training
+
     data = sky.split("train")
-    full = train_llava(_load(tiny_dir), data, _cfg(tmp_path / "a", stage=1, max_steps=4, lr=1e-2))
-    part = train_llava(_load(tiny_dir), data, _cfg(tmp_path / "b", stage=1, max_steps=2, lr=1e-2))
-    assert json.loads((part.output_dir / "checkpoint" / "state.json").read_text())["step"] == 2
-    resumed = train_llava(_load(tiny_dir), data,
-                          _cfg(tmp_path / "b", stage=1, max_steps=4, lr=1e-2, resume=True))
+    # a warm-up step, then cosine over 3 steps: the scheduler's position must come back too
+    sched = dict(stage=1, lr=1e-2, warmup_ratio=0.25, schedule="cosine", save_every=2)
+    full = train_llava(_load(tiny_dir), data, _cfg(tmp_path / "a", max_steps=4, **sched))
+    # the interrupted run is stopped right after its checkpoint at step 2
+    interrupt_after_first_checkpoint(llava_training, train_llava, _load(tiny_dir), data,
+                                     _cfg(tmp_path / "b", max_steps=4, **sched))
+    assert json.loads((tmp_path / "b" / "run" / "checkpoint" / "state.json").read_text())["step"] == 2
+    resumed = train_llava(_load(tiny_dir), data, _cfg(tmp_path / "b", max_steps=4, resume=True, **sched))
     assert list(resumed.history["step"]) == [1, 2, 3, 4]
+    # transformers' cosine schedule after one warm-up step: lr * (1 + cos(pi * (step - 1) / 3)) / 2
+    expected_lr = [1e-2 * 0.5 * (1 + math.cos(math.pi * (s - 1) / 3)) for s in (1, 2, 3, 4)]
+    np.testing.assert_allclose(full.history["lr"], expected_lr, rtol=1e-6, atol=1e-12)
+    np.testing.assert_allclose(resumed.history["lr"], expected_lr, rtol=1e-6, atol=1e-12)
     a = dict(full.model.model.named_parameters())
     b = dict(resumed.model.model.named_parameters())
     for n in a:
@@ -321,6 +331,17 @@ def test_validation_conversations_are_never_trained_on(tiny_dir, sky, tmp_path):
     assert result.history.meta["records"] == len(train_ids)
     assert result.history.meta["val_records"] == len(sky.split("val"))
     assert np.all(np.isfinite(result.history["val_loss"]))
+    # the last validation loss is the mean batch loss of the trained model on the val records
+    from astrovl.training.llava_data import collate_fn
+
+    val_set = LLaVATorchDataset(load_conversation_records(sky, stage=1, split="val"), result.model.processor,
+                                max_length=2048, pad_to_square=result.model.pad_to_square, system=None, stage=1)
+    loader = torch.utils.data.DataLoader(val_set, batch_size=2,
+                                         collate_fn=collate_fn(result.model.processor.tokenizer.pad_token_id))
+    net = result.model.model.eval()
+    with torch.no_grad():
+        losses = [float(net(**{k: v for k, v in b.items() if k != "position"}).loss) for b in loader]
+    assert result.history["val_loss"][-1] == pytest.approx(np.mean(losses), rel=1e-5)
 
 
 def test_dataloader_workers_prepare_the_same_batches(tiny_dir, sky, tmp_path):

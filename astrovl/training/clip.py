@@ -37,13 +37,15 @@ import numpy as np
 from astropy.table import Table
 
 from ..exceptions import DatasetError
+from ..utils.files import atomic_write_text
 from .common import (
     CHECKPOINT_DIR,
+    checkpoint_to_resume,
     load_checkpoint,
-    lr_lambda,
     plot_history,
     save_checkpoint,
     seed_everything,
+    warmup_schedule,
     write_history,
 )
 
@@ -71,7 +73,8 @@ class CLIPTrainingConfig:
         initialisation of the same architecture; ``shuffled``: captions permuted
         across the training set (a control that must stay at chance).
     steps, batch_size, lr, weight_decay, warmup_steps, schedule
-        Optimisation (``schedule`` is ``"constant"`` or ``"cosine"`` after warm-up).
+        Optimisation (``schedule`` is ``"constant"`` or ``"cosine"`` after warm-up;
+        see :func:`astrovl.training.common.warmup_schedule` for the rate at each step).
     eval_every : int
         Validation interval in steps (also the checkpoint interval).
     best_metric : {"val_loss", "val_top10", "val_top10_batch100"}
@@ -571,14 +574,13 @@ def train_clip(embedder, train, val, config: CLIPTrainingConfig | None = None, *
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(_param_groups(model, params, config.weight_decay), lr=config.lr,
                                   betas=(0.9, 0.98), eps=1e-6, fused=device.type == "cuda")
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(config.warmup_steps, config.steps, config.schedule))
+    scheduler = warmup_schedule(optimizer, config.warmup_steps, config.steps, config.schedule)
     loss_fn = _make_loss(config, rank, world)
 
     start_step, rows = 0, []
     best_value = None
-    ckpt_dir = out / CHECKPOINT_DIR
-    if config.resume and (ckpt_dir / "state.json").is_file():
+    ckpt_dir = checkpoint_to_resume(out, config.resume)
+    if ckpt_dir is not None:
         state = load_checkpoint(ckpt_dir, model=model, optimizer=optimizer, scheduler=scheduler)
         start_step = int(state["step"])
         rows = [dict(r) for r in state.get("history", [])]
@@ -648,7 +650,7 @@ def train_clip(embedder, train, val, config: CLIPTrainingConfig | None = None, *
                     best_value = float(value)
                     emb.save_pretrained(out / "best")
                 write_history(_history_table(rows), out / "metrics.csv")
-                save_checkpoint(ckpt_dir, model=model, optimizer=optimizer, scheduler=scheduler,
+                save_checkpoint(out / CHECKPOINT_DIR, model=model, optimizer=optimizer, scheduler=scheduler,
                                 state={"step": step, "history": rows, "best_value": best_value,
                                        "config": _jsonable(dataclasses.asdict(config)),
                                        "data_position": step * config.batch_size})
@@ -673,7 +675,7 @@ def train_clip(embedder, train, val, config: CLIPTrainingConfig | None = None, *
         write_history(history, out / "metrics.csv")
         if len(history):
             plot_history(history, out / "training_curves.png", title=f"CLIP {config.mode}")
-        (out / "config.json").write_text(json.dumps(_jsonable(dataclasses.asdict(config)), indent=2), "utf-8")
+        atomic_write_text(out / "config.json", json.dumps(_jsonable(dataclasses.asdict(config)), indent=2))
     if world > 1:
         import torch.distributed as dist
 

@@ -16,13 +16,15 @@ from ..utils.files import atomic_directory, atomic_write
 
 __all__ = [
     "seed_everything",
-    "lr_lambda",
+    "warmup_schedule",
     "save_checkpoint",
     "load_checkpoint",
     "write_history",
     "plot_history",
     "CHECKPOINT_DIR",
     "checkpoint_errors",
+    "checkpoint_to_resume",
+    "trainable_state",
     "rng_state",
     "restore_rng_state",
 ]
@@ -39,46 +41,116 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def lr_lambda(warmup_steps: int, total_steps: int, schedule: str = "constant"):
-    """Multiplier of the base learning rate at each step: linear warm-up, then constant or cosine."""
+def warmup_schedule(optimizer, warmup_steps: int, total_steps: int, schedule: str = "constant"):
+    """Linear warm-up then a constant or cosine learning rate, from torch's scheduler building blocks.
+
+    The multiplier of the base learning rate after ``step`` calls of ``scheduler.step()`` is
+
+    * ``(step + 1) / warmup_steps`` while ``step < warmup_steps`` (:class:`~torch.optim.lr_scheduler.LinearLR`),
+    * then ``1`` (``"constant"``), or ``(1 + cos(pi * (step - warmup_steps) / max(1, total_steps -
+      warmup_steps))) / 2`` (``"cosine"``, :class:`~torch.optim.lr_scheduler.CosineAnnealingLR`, which
+      reaches 0 at ``total_steps``),
+
+    chained with :class:`~torch.optim.lr_scheduler.SequentialLR`.
+
+    Parameters
+    ----------
+    optimizer : torch.optim.Optimizer
+    warmup_steps : int
+        Steps of linear warm-up (0: none).
+    total_steps : int
+        Steps of the whole run (the end of the cosine).
+    schedule : {"constant", "cosine"}
+        The rate after warm-up.
+
+    Returns
+    -------
+    torch.optim.lr_scheduler.LRScheduler
+        Its ``state_dict`` holds the position for resuming.
+    """
+    from torch.optim.lr_scheduler import ConstantLR, CosineAnnealingLR, LinearLR, SequentialLR
+
     if schedule not in ("constant", "cosine"):
         raise ValueError(f"schedule={schedule!r} must be 'constant' or 'cosine'")
+    if warmup_steps < 0:
+        raise ValueError(f"warmup_steps={warmup_steps} must be >= 0")
+    if schedule == "constant":
+        after = ConstantLR(optimizer, factor=1.0, total_iters=0)
+    else:
+        after = CosineAnnealingLR(optimizer, T_max=max(1, total_steps - warmup_steps), eta_min=0.0)
+    if warmup_steps == 0:
+        return after
+    warmup = LinearLR(optimizer, start_factor=1.0 / warmup_steps, end_factor=1.0, total_iters=warmup_steps - 1)
+    return SequentialLR(optimizer, [warmup, after], milestones=[warmup_steps])
 
-    def f(step: int) -> float:
-        if warmup_steps > 0 and step < warmup_steps:
-            return (step + 1) / warmup_steps
-        if schedule == "constant":
-            return 1.0
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
-    return f
+def checkpoint_to_resume(output_dir, resume: bool) -> Path | None:
+    """``output_dir/checkpoint`` when ``resume`` is asked for and a complete checkpoint is there, else None."""
+    directory = Path(output_dir) / CHECKPOINT_DIR
+    return directory if resume and (directory / "state.json").is_file() else None
 
 
-def save_checkpoint(directory, *, model, optimizer, scheduler, state: dict, extra_files: dict | None = None) -> Path:
-    """Write a resumable checkpoint atomically.
+def trainable_state(model) -> dict:
+    """The parameters of ``model`` that require gradients, as contiguous CPU tensors by name."""
+    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
-    ``model.safetensors`` (weights), ``optimizer.pt`` and ``scheduler.pt`` (plain
-    tensor state dicts, loaded with ``weights_only=True``), ``rng.pt`` (RNG
-    states) and ``state.json`` (step, data position, history).
+
+def save_checkpoint(directory, *, model, optimizer, scheduler, state: dict, trainable_only: bool = False) -> Path:
+    """Write a resumable checkpoint atomically (the directory is replaced as a whole).
+
+    ``model.safetensors`` (all weights) or, with ``trainable_only``,
+    ``trainable.safetensors`` (only the parameters that require gradients);
+    ``optimizer.pt`` and ``scheduler.pt`` (plain tensor state dicts, loaded with
+    ``weights_only=True``); ``rng.pt`` (the torch, CUDA, NumPy and Python random
+    states, :func:`rng_state`) and ``state.json`` (``state``: step, data
+    position, history).
+
+    Parameters
+    ----------
+    directory : path
+    model : torch.nn.Module
+    optimizer : torch.optim.Optimizer
+    scheduler : torch.optim.lr_scheduler.LRScheduler
+    state : dict
+        JSON-serialisable training state.
+    trainable_only : bool
+        Save only the trained parameters (frozen ones come from the starting model).
+
+    Returns
+    -------
+    pathlib.Path
+        ``directory``.
     """
     import torch
-    from safetensors.torch import save_model
+    from safetensors.torch import save_file, save_model
 
     directory = Path(directory)
     with atomic_directory(directory) as tmp:
-        save_model(model, str(tmp / "model.safetensors"))
+        if trainable_only:
+            save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+        else:
+            save_model(model, str(tmp / "model.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(rng_state(), tmp / "rng.pt")
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text, encoding="utf-8")
         (tmp / "state.json").write_text(json.dumps(state, indent=2), encoding="utf-8")
     return directory
 
 
-def load_checkpoint(directory, *, model, optimizer, scheduler) -> dict:
-    """Restore a checkpoint written by :func:`save_checkpoint`; returns its state dict.
+def load_checkpoint(directory, *, model, optimizer, scheduler, trainable_only: bool = False) -> dict:
+    """Restore a checkpoint written by :func:`save_checkpoint`; returns its ``state`` dict.
+
+    Weights are read with safetensors, optimizer, scheduler and random states with
+    ``torch.load(weights_only=True)``.
+
+    Parameters
+    ----------
+    directory : path
+    model, optimizer, scheduler
+        Built as for the run that wrote the checkpoint; restored in place.
+    trainable_only : bool
+        The checkpoint holds only the parameters that require gradients; they must
+        be exactly the ones of ``model`` that require gradients now.
 
     Raises
     ------
@@ -86,16 +158,49 @@ def load_checkpoint(directory, *, model, optimizer, scheduler) -> dict:
         If files are missing, unreadable or do not match the model.
     """
     import torch
-    from safetensors.torch import load_model
+    from safetensors.torch import load_file, load_model
 
     directory = Path(directory)
     with checkpoint_errors(directory):
         state = json.loads((directory / "state.json").read_text("utf-8"))
-        load_model(model, str(directory / "model.safetensors"), strict=True)
+        if trainable_only:
+            weights = load_file(str(directory / "trainable.safetensors"))
+            params = dict(model.named_parameters())
+            expected = {n for n, p in params.items() if p.requires_grad}
+            if set(weights) != expected:
+                raise ValueError(f"{len(set(weights) ^ expected)} trainable weights differ (another stage or "
+                                 "model?)")
+            with torch.no_grad():
+                for n, w in weights.items():
+                    params[n].copy_(w.to(params[n].dtype))
+        else:
+            load_model(model, str(directory / "model.safetensors"), strict=True)
         optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True))
-        scheduler.load_state_dict(torch.load(directory / "scheduler.pt", weights_only=True))
+        _load_scheduler(scheduler, optimizer, torch.load(directory / "scheduler.pt", weights_only=True))
         restore_rng_state(torch.load(directory / "rng.pt", weights_only=True))
     return state
+
+
+def _load_scheduler(scheduler, optimizer, saved: dict) -> None:
+    """Restore ``scheduler``; a single-scheduler state (checkpoints of the former ``LambdaLR``) is replayed.
+
+    A :class:`~torch.optim.lr_scheduler.SequentialLR` cannot read the state of one
+    scheduler; it is stepped from its start to the saved step instead, which gives
+    the same rates (:func:`warmup_schedule` reproduces the former schedule).
+    """
+    import warnings
+
+    if "_schedulers" in saved or not hasattr(scheduler, "_schedulers"):
+        scheduler.load_state_dict(saved)
+        return
+    if scheduler.last_epoch != 0:
+        raise ValueError("the scheduler must be at its first step to replay a saved single-scheduler state")
+    for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
+        group["lr"] = lr  # the optimizer's state brought the saved rate; start the replay from step 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "step() before optimizer.step()": intended here
+        for _ in range(int(saved["last_epoch"])):
+            scheduler.step()
 
 
 def rng_state() -> dict:

@@ -25,9 +25,17 @@ import numpy as np
 from astropy.table import Table
 
 from ..exceptions import CheckpointError
-from ..utils.files import atomic_directory
+from ..utils.files import atomic_directory, atomic_write, atomic_write_text
 from ..utils.progress import progress_bar
-from .common import checkpoint_errors, lr_lambda, seed_everything, write_history
+from .common import (
+    CHECKPOINT_DIR,
+    checkpoint_errors,
+    checkpoint_to_resume,
+    load_checkpoint,
+    save_checkpoint,
+    seed_everything,
+    write_history,
+)
 from .llava_data import LLaVATorchDataset, collate_fn, load_conversation_records
 
 __all__ = ["LLaVATrainingConfig", "LLaVATrainingResult", "train_llava", "DEEPSPEED_ZERO3_CONFIG",
@@ -65,8 +73,10 @@ class LLaVATrainingConfig:
     lr : float, optional
         Default by stage (see above).
     weight_decay, warmup_ratio, schedule, max_grad_norm : float, float, str, float
-        AdamW weight decay; linear warm-up over this fraction of steps; then
-        ``"cosine"`` (recipe) or ``"constant"``; gradient clipping.
+        AdamW weight decay; linear warm-up from 0 over this fraction of steps,
+        then ``"cosine"`` down to 0 at the last step (recipe) or ``"constant"``
+        (transformers' ``get_cosine_schedule_with_warmup`` /
+        ``get_constant_schedule_with_warmup``); gradient clipping.
     lora, lora_r, lora_alpha, lora_dropout
         LoRA on the language model's attention and MLP layers (peft); the
         projector is trained fully alongside.
@@ -219,45 +229,8 @@ def _enable_checkpointing(net) -> None:
         net.enable_input_require_grads()
 
 
-def _trainable_state(model) -> dict:
-    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-
-
 def _epoch_order(n: int, epoch: int, seed: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n)
-
-
-def _save_checkpoint(path: Path, model, optimizer, scheduler, state: dict) -> None:
-    import torch
-    from safetensors.torch import save_file
-
-    with atomic_directory(path) as tmp:
-        save_file(_trainable_state(model), str(tmp / "trainable.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save({"torch": torch.get_rng_state()}, tmp / "rng.pt")
-        (tmp / "state.json").write_text(json.dumps(state, indent=2), encoding="utf-8")
-
-
-def _load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
-    import torch
-    from safetensors.torch import load_file
-
-    with checkpoint_errors(path):
-        state = json.loads((path / "state.json").read_text("utf-8"))
-        weights = load_file(str(path / "trainable.safetensors"))
-        params = dict(model.named_parameters())
-        expected = {n for n, p in params.items() if p.requires_grad}
-        if set(weights) != expected:
-            raise ValueError(f"{len(set(weights) ^ expected)} trainable weights differ (another stage or "
-                             "model?)")
-        with torch.no_grad():
-            for n, w in weights.items():
-                params[n].copy_(w.to(params[n].dtype))
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-        torch.set_rng_state(torch.load(path / "rng.pt", weights_only=True)["torch"])
-    return state
 
 
 def _as_llava(model):
@@ -339,6 +312,7 @@ def train_llava(model, data, config: LLaVATrainingConfig | None = None, *,
     """
     import torch
     from accelerate import Accelerator
+    from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
     config = config or LLaVATrainingConfig()
     out = Path(config.output_dir)
@@ -390,20 +364,24 @@ def train_llava(model, data, config: LLaVATrainingConfig | None = None, *,
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay,
                                   fused=not use_cpu and torch.cuda.is_available())
     warmup = int(round(config.warmup_ratio * total))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(warmup, total, config.schedule))
+    if config.schedule == "cosine":
+        scheduler = get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=warmup, num_training_steps=total)
+    else:
+        scheduler = get_constant_schedule_with_warmup(optimizer, num_warmup_steps=warmup)
 
     step, epoch, micro = 0, 0, 0
     rows: list[dict] = []
-    ckpt = out / "checkpoint"
-    resume = config.resume and (ckpt / "state.json").is_file()
+    ckpt = out / CHECKPOINT_DIR
+    resume = checkpoint_to_resume(out, config.resume) is not None
     if resume and deepspeed is None:
-        state = _load_checkpoint(ckpt, net, optimizer, scheduler)
+        state = load_checkpoint(ckpt, model=net, optimizer=optimizer, scheduler=scheduler, trainable_only=True)
     net, optimizer = accelerator.prepare(net, optimizer)
     if resume and deepspeed is not None:
         # partitioned weights and optimizer state: DeepSpeed's own checkpoint format
-        state = json.loads((ckpt / "state.json").read_text("utf-8"))
-        accelerator.load_state(str(ckpt / "deepspeed"))
-        scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
+        with checkpoint_errors(ckpt):
+            state = json.loads((ckpt / "state.json").read_text("utf-8"))
+            accelerator.load_state(str(ckpt / "deepspeed"))
+            scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
     if resume:
         if state.get("n_records") != len(records):
             raise CheckpointError(f"checkpoint {str(ckpt)!r} was written for {state.get('n_records')} records, "
@@ -436,10 +414,12 @@ def train_llava(model, data, config: LLaVATrainingConfig | None = None, *,
         if deepspeed is not None:
             accelerator.save_state(str(ckpt / "deepspeed"))  # collective
             if accelerator.is_main_process:
-                torch.save(scheduler.state_dict(), ckpt / "scheduler.pt")
-                (ckpt / "state.json").write_text(json.dumps(state, indent=2), encoding="utf-8")
+                with atomic_write(ckpt / "scheduler.pt", "wb") as fh:
+                    torch.save(scheduler.state_dict(), fh)
+                atomic_write_text(ckpt / "state.json", json.dumps(state, indent=2))
         elif accelerator.is_main_process:
-            _save_checkpoint(ckpt, accelerator.unwrap_model(net), optimizer, scheduler, state)
+            save_checkpoint(ckpt, model=accelerator.unwrap_model(net), optimizer=optimizer, scheduler=scheduler,
+                            state=state, trainable_only=True)
         accelerator.wait_for_everyone()
 
     bar = progress_bar(total=total, initial=step, enabled=config.progress and accelerator.is_main_process,
@@ -510,10 +490,10 @@ def train_llava(model, data, config: LLaVATrainingConfig | None = None, *,
             with atomic_directory(model_dir) as tmp:
                 unwrapped.save_pretrained(tmp, state_dict=full_state, safe_serialization=True)
                 processor.save_pretrained(tmp)
-        (out / "training.json").write_text(json.dumps(
+        atomic_write_text(out / "training.json", json.dumps(
             {"config": {k: v for k, v in asdict(config).items() if k != "extra"}, "steps": step,
              "model_dir": str(model_dir) if model_dir else None,
-             "adapter_dir": str(adapter_dir) if adapter_dir else None}, indent=2), encoding="utf-8")
+             "adapter_dir": str(adapter_dir) if adapter_dir else None}, indent=2))
     accelerator.wait_for_everyone()
     from ..llava import AstroLLaVA
 
