@@ -528,12 +528,12 @@ def test_from_proposals_and_cycles_query_mast(tmp_path, caom_hst, monkeypatch):
 
 
 def test_dataset_feeds_torch_training(tmp_path, caom_hst, pictures, fake_mast):
-    torchdata = pytest.importorskip("astrovl.datasets.torchdata")
+    torch_datasets = pytest.importorskip("astrovl.datasets.torch_datasets")
     populate_caom(fake_mast, caom_hst, pictures)
     ds = HubblePreviewDatasetBuilder(caom_hst, tmp_path, abstracts=ABSTRACTS,
                                      caption_mode="abstract", **COMMON).build()
     train = ds.split("train")
-    tds = torchdata.ImageTextTorchDataset(train, 32, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    tds = torch_datasets.ImageTextTorchDataset(train, 32, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
     image, caption = tds[(0, 7)]
     assert tuple(image.shape) == (3, 32, 32)
     assert caption == train.captions[0] and caption.startswith("Category: ")
