@@ -50,15 +50,16 @@ from astropy.table import Row, Table
 from ..exceptions import DatasetError, ImageFileError
 from ..utils.files import atomic_write_text, safe_join
 from ..utils.progress import progress_bar
-from .hubble import (
+from ._builder import (
+    REPORT_NAME,
     BuildReport,
-    _slug,
     assign_splits,
     check_builder_options,
     is_complete_png,
     open_verified_image,
     resize_and_pad,
     save_png,
+    slug,
 )
 from .records import ManifestDataset, write_manifest
 
@@ -66,7 +67,6 @@ __all__ = ["OutreachDatasetBuilder", "load_outreach_records", "strip_html"]
 
 _RECORD_SUFFIXES = (".json", ".jsonl", ".ndjson", ".ecsv", ".csv")
 _FITS_SUFFIXES = (".fits", ".fit", ".fts", ".fz", ".fits.gz", ".fit.gz", ".fts.gz")
-_REPORT_NAME = "build_report.json"
 
 
 class _TextExtractor(HTMLParser):
@@ -281,7 +281,7 @@ class OutreachDatasetBuilder:
         source = _first(rec, "source").lower()
         if not source and _first(rec, "explanation") and _first(rec, "date"):
             source = "apod"  # the APOD API's record layout
-        source = _slug(source, "outreach", 60)
+        source = slug(source, "outreach", 60)
         if image.lower().startswith("file://"):
             image = image[7:]
         if _is_url(image):
@@ -294,7 +294,7 @@ class OutreachDatasetBuilder:
             key = image
         ident = _first(rec, "id", "date") or Path(image.split("?")[0]).stem
         digest = hashlib.sha1(key.encode()).hexdigest()[:8]
-        stem = f"{_slug(ident, 'image', 60)}-{digest}"
+        stem = f"{slug(ident, 'image', 60)}-{digest}"
         return {
             "key": key, "source_image": image, "caption": caption,
             "title": strip_html(_first(rec, "title")), "source": source,
@@ -398,6 +398,6 @@ class OutreachDatasetBuilder:
                           padding="white (255), image centred")
         write_manifest(table, self.directory, kind="outreach")
         self.report["written"] = len(rows)
-        atomic_write_text(self.directory / _REPORT_NAME,
+        atomic_write_text(self.directory / REPORT_NAME,
                           json.dumps(self.report.to_dict(), indent=1))
         return ManifestDataset(self.directory)
