@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from astrovl.imaging.inputs import PATH_COLUMNS
+
 __all__ = [
     "SearchHit",
     "parse_categories",
@@ -30,9 +32,6 @@ __all__ = [
     "make_thumbnail",
     "PATH_COLUMNS",
 ]
-
-#: metadata columns of an embedding index that may name an image file (first found wins)
-PATH_COLUMNS = ("path", "image", "source", "filename", "file")
 
 
 def parse_categories(text: str) -> list[str]:

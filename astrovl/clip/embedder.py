@@ -13,12 +13,12 @@ from typing import Any
 import numpy as np
 
 from ..exceptions import ModelNotFoundError
+from ..imaging.inputs import as_image_list, describe_input
 from ..utils.devices import resolve_device
 from ..utils.files import atomic_directory
 from ..utils.progress import progress_bar
 from .categories import DEFAULT_TEMPLATES, HUBBLE_CATEGORIES
 from .identity import DigestCache, digest_from_model_id
-from .inputs import as_image_list, describe_input
 from .loading import (
     ASTROVL_CONFIG,
     ASTROVL_FORMAT,

@@ -13,10 +13,10 @@ import numpy as np
 from astropy.table import Table, vstack
 
 from ..exceptions import CheckpointError, IndexMismatchError, ModelNotFoundError
+from ..imaging.inputs import IMAGE_SUFFIXES, as_image_list, describe_input
 from ..utils.files import atomic_directory
 from .chunks import ChunkedRows
 from .identity import digest_from_model_id
-from .inputs import as_image_list, describe_input
 from .loading import describe_source
 
 __all__ = ["EmbeddingIndex"]
@@ -689,8 +689,8 @@ def _recorded_model(manifest: dict, directory: Path) -> dict:
     return rec
 
 
-_IMAGE_SUFFIXES = (".fits", ".fit", ".fts", ".fz", ".gz", ".png", ".jpg", ".jpeg", ".gif", ".tif", ".tiff",
-                   ".bmp", ".webp")
+# any gzipped file counts too: it may be a gzipped FITS file with another name
+_IMAGE_SUFFIXES = IMAGE_SUFFIXES + (".gz",)
 
 
 def _names_image_file(text: str) -> bool:

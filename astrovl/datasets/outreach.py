@@ -48,6 +48,7 @@ import numpy as np
 from astropy.table import Row, Table
 
 from ..exceptions import DatasetError, ImageFileError
+from ..imaging.inputs import is_fits_name
 from ..utils.files import atomic_write_text, safe_join
 from ..utils.progress import progress_bar
 from ._builder import (
@@ -66,7 +67,6 @@ from .records import ManifestDataset, write_manifest
 __all__ = ["OutreachDatasetBuilder", "load_outreach_records", "strip_html"]
 
 _RECORD_SUFFIXES = (".json", ".jsonl", ".ndjson", ".ecsv", ".csv")
-_FITS_SUFFIXES = (".fits", ".fit", ".fts", ".fz", ".fits.gz", ".fit.gz", ".fts.gz")
 
 
 class _TextExtractor(HTMLParser):
@@ -322,7 +322,7 @@ class OutreachDatasetBuilder:
 
         with open(path, "rb") as fh:
             head = fh.read(9)
-        if head.startswith(b"SIMPLE  =") or path.name.lower().endswith(_FITS_SUFFIXES):
+        if head.startswith(b"SIMPLE  =") or is_fits_name(path):
             try:
                 img = load_image(path)
             except Exception as exc:

@@ -24,15 +24,13 @@ from typing import Any
 import numpy as np
 
 from ..exceptions import QueryError
-from ..imaging import FITS_SUFFIXES
+from ..imaging.inputs import PATH_COLUMNS, has_fits_signature, is_fits_name
 
 __all__ = ["IndexImages", "PATH_COLUMNS", "RADEC_COLUMNS", "json_value", "recorded_image_root",
            "default_thumbnail_cache", "LRUCache"]
 
 log = logging.getLogger(__name__)
 
-#: metadata columns that may name an image file (first found wins)
-PATH_COLUMNS = ("path", "image", "source", "filename", "file")
 #: metadata column pairs that give a sky position in degrees (matched case-insensitively)
 RADEC_COLUMNS = (("ra", "dec"), ("s_ra", "s_dec"), ("ra_targ", "dec_targ"), ("ra_deg", "dec_deg"),
                  ("raj2000", "dej2000"))
@@ -305,8 +303,7 @@ class IndexImages:
         cached = self._described.get(row)
         if cached is not None:
             return cached
-        name = path.name.lower()
-        if any(name.endswith(s) for s in FITS_SUFFIXES) or _has_fits_signature(path):
+        if is_fits_name(path) or has_fits_signature(path):
             info = _describe_fits(path)
         else:
             info = _describe_picture(path)
@@ -327,14 +324,6 @@ class IndexImages:
         pos = (info.get("ra"), info.get("dec"))
         self._positions.put(row, pos)
         return pos
-
-
-def _has_fits_signature(path: Path) -> bool:
-    try:
-        with open(path, "rb") as fh:
-            return fh.read(6) == b"SIMPLE"
-    except OSError:
-        return False
 
 
 def _header_cards(header) -> list[list]:
