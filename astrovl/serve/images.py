@@ -58,15 +58,9 @@ def json_value(value: Any) -> Any:
 
 def default_thumbnail_cache() -> Path:
     """Where thumbnails are cached by default: ``<astrovl cache>/serve-thumbnails``."""
-    from ..config import conf
+    from ..config import cache_path
 
-    if conf.cache_dir:
-        base = Path(conf.cache_dir)
-    else:
-        from astropy.config import get_cache_dir_path
-
-        base = Path(get_cache_dir_path("astrovl"))
-    return base / "serve-thumbnails"
+    return cache_path("serve-thumbnails")
 
 
 def recorded_image_root(index, index_dir: str | os.PathLike | None) -> Path | None:
