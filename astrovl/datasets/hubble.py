@@ -6,7 +6,7 @@ dataset directory in the shared manifest schema (:mod:`astrovl.datasets.records`
 
 1. the observations table is checked for the columns ``obsid``, ``obs_id`` and
    ``proposal_id``; observations whose proposal has no abstract (or title, for
-   ``caption_mode="title"``) are excluded and counted;
+   ``caption_source="title"``) are excluded and counted;
 2. the product lists of the remaining observations are fetched with
    :meth:`~astroquery.mast.ObservationsClass.get_product_list` (cached in the
    dataset directory, so a re-run does not query again);
@@ -73,7 +73,7 @@ __all__ = [
     "HubblePreviewDatasetBuilder",
     "BuildReport",
     "REQUIRED_OBSERVATION_COLUMNS",
-    "CAPTION_MODES",
+    "CAPTION_SOURCES",
     "PREVIEW_SUFFIXES",
     "resize_and_pad",
     "open_verified_image",
@@ -86,7 +86,7 @@ __all__ = [
 REQUIRED_OBSERVATION_COLUMNS = ("obsid", "obs_id", "proposal_id")
 REQUIRED_PRODUCT_COLUMNS = ("productType", "productFilename", "dataURI")
 PREVIEW_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif")
-CAPTION_MODES = ("summary", "abstract", "title")
+CAPTION_SOURCES = ("summary", "abstract", "title")
 _PRODUCT_CACHE = "products.ecsv"
 _SUMMARY_CACHE = "summaries.jsonl"
 
@@ -151,6 +151,27 @@ def _summary_fields(summary) -> tuple[list[str], list[str], str]:
     return objects, uses, caption
 
 
+def _caption_source(caption_source: str | None, caption_mode: str | None) -> str:
+    """The builder's ``caption_source``, accepting its former name ``caption_mode`` with a warning."""
+    if caption_mode is None:
+        return "summary" if caption_source is None else caption_source
+    warnings.warn(
+        "HubblePreviewDatasetBuilder(caption_mode=...) is deprecated; use caption_source=... (the "
+        "same values: 'summary', 'abstract', 'title')", DeprecationWarning, stacklevel=3)
+    if caption_source is not None and caption_source != caption_mode:
+        raise DatasetError(f"caption_source={caption_source!r} and its former name "
+                           f"caption_mode={caption_mode!r} disagree; pass caption_source only")
+    return caption_mode
+
+
+def __getattr__(name: str):
+    if name == "CAPTION_MODES":
+        warnings.warn("astrovl.datasets.hubble.CAPTION_MODES is deprecated; use CAPTION_SOURCES",
+                      DeprecationWarning, stacklevel=2)
+        return CAPTION_SOURCES
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 class _CachedSummary:
     def __init__(self, objects_and_phenomena, science_use_cases, caption):
         self.objects_and_phenomena = list(objects_and_phenomena)
@@ -175,20 +196,22 @@ class HubblePreviewDatasetBuilder:
         Dataset root. Created if needed; an existing partial build is resumed.
     abstracts : str, path-like or astropy.table.Table, optional
         Proposal abstracts catalog (anything :func:`~astrovl.datasets.read_abstracts`
-        accepts). Needed for ``caption_mode="summary"`` and ``"abstract"``.
+        accepts). Needed for ``caption_source="summary"`` and ``"abstract"``.
     summarizer : object, optional
         Object with ``summarize(text)`` returning an object with
         ``objects_and_phenomena`` and ``science_use_cases`` (lists of str) and
         ``caption`` (str), such as :class:`astrovl.AbstractSummarizer`. Needed for
-        ``caption_mode="summary"``; when given in the other modes the summary
+        ``caption_source="summary"``; when given in the other modes the summary
         columns are filled too. Summaries are cached in ``directory/summaries.jsonl``
         (:class:`~astrovl.generation.JSONLCache`), keyed by the summarizer's model
         (``model_id``), its ``prompt_version``, the proposal and the abstract, so a
         summary is reused only for the same model, prompt and text.
-    caption_mode : {"summary", "abstract", "title"}
+    caption_source : {"summary", "abstract", "title"}
+        Where each caption comes from (default ``"summary"``).
         ``"summary"``: the summary caption ("objects; use cases");
         ``"abstract"``: ``"Category: <category>. <abstract>"``;
         ``"title"``: the proposal title (catalog title, else ``obs_title``).
+        Recorded as ``caption_mode`` in the manifest metadata.
     max_images_per_proposal : int
         At most this many previews per proposal, drawn at random (default 20).
     image_size : int
@@ -205,6 +228,11 @@ class HubblePreviewDatasetBuilder:
         First back-off delay in seconds; doubled after every retry.
     progress : bool, optional
         Show progress bars (default: ``astrovl.conf.progress``).
+    caption_mode : {"summary", "abstract", "title"}, optional
+        Former name of ``caption_source`` (deprecated: a
+        :class:`DeprecationWarning`; it is not the ``caption_mode`` of
+        :class:`astrovl.training.CLIPTrainingConfig`, which picks the manifest
+        column to train on).
 
     Attributes
     ----------
@@ -223,16 +251,18 @@ class HubblePreviewDatasetBuilder:
     >>> obs = Observations.query_criteria(obs_collection="HST", proposal_id="5371",
     ...                                   dataRights="PUBLIC")  # doctest: +SKIP
     >>> builder = HubblePreviewDatasetBuilder(obs, "hubble_ds", abstracts="abstracts.txt",
-    ...                                       caption_mode="abstract")  # doctest: +SKIP
+    ...                                       caption_source="abstract")  # doctest: +SKIP
     >>> ds = builder.build()  # doctest: +SKIP
     >>> print(builder.report)  # doctest: +SKIP
     """
 
     def __init__(self, observations, directory: str | os.PathLike, *, abstracts=None,
-                 summarizer=None, caption_mode: str = "summary",
+                 summarizer=None, caption_source: str | None = None,
                  max_images_per_proposal: int = 20, image_size: int = 512, seed: int = 0,
                  val_fraction: float = 0.1, keep_color: bool = False, max_retries: int = 3,
-                 retry_delay: float = 1.0, progress: bool | None = None):
+                 retry_delay: float = 1.0, progress: bool | None = None,
+                 caption_mode: str | None = None):
+        caption_source = _caption_source(caption_source, caption_mode)
         self.observations = _as_table(observations)
         missing = [c for c in REQUIRED_OBSERVATION_COLUMNS if c not in self.observations.colnames]
         if missing:
@@ -241,19 +271,19 @@ class HubblePreviewDatasetBuilder:
                 f"{self.observations.colnames[:20]}); pass the table returned by "
                 "astroquery.mast.Observations.query_criteria(obs_collection='HST', ...)"
             )
-        if caption_mode not in CAPTION_MODES:
-            raise DatasetError(f"caption_mode={caption_mode!r} is not known; use one of "
-                               f"{list(CAPTION_MODES)}")
-        if caption_mode == "summary" and summarizer is None:
+        if caption_source not in CAPTION_SOURCES:
+            raise DatasetError(f"caption_source={caption_source!r} is not known; use one of "
+                               f"{list(CAPTION_SOURCES)}")
+        if caption_source == "summary" and summarizer is None:
             raise DatasetError(
-                "caption_mode='summary' needs a summarizer (e.g. astrovl.AbstractSummarizer); "
-                "pass summarizer=..., or use caption_mode='abstract' for raw-abstract captions"
+                "caption_source='summary' needs a summarizer (e.g. astrovl.AbstractSummarizer); "
+                "pass summarizer=..., or use caption_source='abstract' for raw-abstract captions"
             )
         if summarizer is not None and not callable(getattr(summarizer, "summarize", None)):
             raise DatasetError("summarizer must have a summarize(text) method")
-        if caption_mode in ("summary", "abstract") and abstracts is None:
+        if caption_source in ("summary", "abstract") and abstracts is None:
             raise DatasetError(
-                f"caption_mode={caption_mode!r} needs the proposal abstracts: pass abstracts= "
+                f"caption_source={caption_source!r} needs the proposal abstracts: pass abstracts= "
                 "(path of the STScI abstracts catalog, its text, or a table from read_abstracts)"
             )
         if int(max_images_per_proposal) < 1:
@@ -262,7 +292,7 @@ class HubblePreviewDatasetBuilder:
         self.directory = Path(directory)
         self.abstracts = None if abstracts is None else read_abstracts(abstracts)
         self.summarizer = summarizer
-        self.caption_mode = caption_mode
+        self.caption_source = caption_source
         self.max_images_per_proposal = int(max_images_per_proposal)
         self.image_size = int(image_size)
         self.seed = int(seed)
@@ -272,6 +302,13 @@ class HubblePreviewDatasetBuilder:
         self.retry_delay = float(retry_delay)
         self.progress = progress
         self.report = BuildReport(self._report_keys())
+
+    @property
+    def caption_mode(self) -> str:
+        """Former name of :attr:`caption_source` (deprecated)."""
+        warnings.warn("HubblePreviewDatasetBuilder.caption_mode is deprecated; use caption_source",
+                      DeprecationWarning, stacklevel=2)
+        return self.caption_source
 
     # -- constructors ----------------------------------------------------------
     @classmethod
@@ -292,7 +329,7 @@ class HubblePreviewDatasetBuilder:
         batch_size : int
             Proposals per MAST query.
         **kwargs
-            Constructor arguments (``abstracts``, ``caption_mode``...).
+            Constructor arguments (``abstracts``, ``caption_source``...).
 
         Raises
         ------
@@ -388,10 +425,10 @@ class HubblePreviewDatasetBuilder:
             entry = catalog.get(pid, {})
             abstract = entry.get("abstract", "")
             title = entry.get("title", "") or _str_cell(row, "obs_title")
-            if self.caption_mode in ("summary", "abstract") and not abstract:
+            if self.caption_source in ("summary", "abstract") and not abstract:
                 self.report.add_exclusion(obs_id, f"proposal {pid} has no abstract")
                 continue
-            if self.caption_mode == "title" and not title:
+            if self.caption_source == "title" and not title:
                 self.report.add_exclusion(obs_id, f"proposal {pid} has no title")
                 continue
             cycle = entry.get("cycle", None)
@@ -616,7 +653,7 @@ class HubblePreviewDatasetBuilder:
                 AstropyUserWarning, stacklevel=2,
             )
         summaries = self._summaries(plan)
-        if self.caption_mode == "summary":
+        if self.caption_source == "summary":
             plan = [p for p in plan if p["proposal_id"] in summaries]
         splits = assign_splits({p["proposal_id"] for p in plan}, self.seed, self.val_fraction)
         rows = []
@@ -624,9 +661,9 @@ class HubblePreviewDatasetBuilder:
             if not self._download(item):
                 continue
             objects, uses, summary_caption = summaries.get(item["proposal_id"], ([], [], ""))
-            if self.caption_mode == "summary":
+            if self.caption_source == "summary":
                 caption = summary_caption
-            elif self.caption_mode == "abstract":
+            elif self.caption_source == "abstract":
                 caption = raw_abstract_caption(item["category"], item["abstract"])
             else:
                 caption = item["title"]
@@ -661,7 +698,7 @@ class HubblePreviewDatasetBuilder:
         else:
             table = Table(names=names, dtype=dtypes)
         table.meta.update(
-            caption_mode=self.caption_mode, image_size=self.image_size, seed=self.seed,
+            caption_mode=self.caption_source, image_size=self.image_size, seed=self.seed,
             val_fraction=self.val_fraction, max_images_per_proposal=self.max_images_per_proposal,
             keep_color=self.keep_color, padding="white (255), image centred",
         )
