@@ -11,8 +11,10 @@ dataset directory in the shared manifest schema (:mod:`astrovl.datasets.records`
    :meth:`~astroquery.mast.ObservationsClass.get_product_list` (cached in the
    dataset directory, so a re-run does not query again);
 3. only ``productType == "PREVIEW"`` products that are pictures (``.jpg``,
-   ``.jpeg``, ``.png``, ``.gif``) are kept; colour composites (file name
-   containing ``"color"``) are dropped unless ``keep_color=True``;
+   ``.jpeg``, ``.png``, ``.gif``, lower or upper case) are kept
+   (:meth:`~astroquery.mast.ObservationsClass.filter_products`); colour
+   composites (file name containing ``"color"``) are dropped unless
+   ``keep_color=True``;
 4. at most ``max_images_per_proposal`` previews per proposal are drawn at
    random; the draw of each proposal depends only on ``seed`` and the proposal
    ID, so adding proposals does not change the images chosen for the others;
@@ -495,17 +497,25 @@ class HubblePreviewDatasetBuilder:
         cols = {n: [_str_cell(r, n) for r in products] for n in names}
         return Table(cols, names=names, dtype=[str] * len(names))
 
+    @staticmethod
+    def _preview_products(products: Table) -> Table:
+        """The ``PREVIEW`` products whose file is a picture (:data:`PREVIEW_SUFFIXES`)."""
+        from astroquery.mast import Observations
+
+        if not len(products):
+            return products
+        suffixes = [*PREVIEW_SUFFIXES, *(s.upper() for s in PREVIEW_SUFFIXES)]
+        return Observations.filter_products(products, productType="PREVIEW", extension=suffixes)
+
     def _select_previews(self, products: Table, observations: list[dict]) -> list[dict]:
         by_obsid = {o["obsid"]: o for o in observations if o["obsid"]}
         by_obs_id = {o["obs_id"].upper(): o for o in observations if o["obs_id"]}
         seen: set[str] = set()
         previews = []
-        for row in products:
-            if str(row["productType"]).strip().upper() != "PREVIEW":
-                continue
+        for row in self._preview_products(products):
             fname = str(row["productFilename"]).strip()
             uri = str(row["dataURI"]).strip()
-            if not uri or not fname.lower().endswith(PREVIEW_SUFFIXES):
+            if not uri:
                 continue
             if not self.keep_color and "color" in fname.lower():
                 continue
