@@ -17,7 +17,6 @@ import os
 import re
 import threading
 import warnings
-from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ import numpy as np
 
 from ..exceptions import QueryError
 from ..imaging.inputs import PATH_COLUMNS, has_fits_signature, is_fits_name
+from ..utils.lru import LRUCache
 
 __all__ = ["IndexImages", "PATH_COLUMNS", "RADEC_COLUMNS", "json_value", "recorded_image_root",
            "default_thumbnail_cache", "LRUCache"]
@@ -81,34 +81,6 @@ def recorded_image_root(index, index_dir: str | os.PathLike | None) -> Path | No
     if not root.is_absolute() and index_dir is not None:
         root = Path(index_dir) / root
     return root.resolve()
-
-
-class LRUCache:
-    """A small thread-safe least-recently-used mapping."""
-
-    def __init__(self, size: int):
-        self.size = max(0, int(size))
-        self._data: OrderedDict = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key, default=None):
-        with self._lock:
-            if key in self._data:
-                self._data.move_to_end(key)
-                return self._data[key]
-        return default
-
-    def put(self, key, value) -> None:
-        if not self.size:
-            return
-        with self._lock:
-            self._data[key] = value
-            self._data.move_to_end(key)
-            while len(self._data) > self.size:
-                self._data.popitem(last=False)
-
-    def __len__(self) -> int:
-        return len(self._data)
 
 
 class IndexImages:
