@@ -255,12 +255,36 @@ def assign_splits(keys: Iterable, seed: int, val_fraction: float) -> dict:
     return out
 
 
-def retry(fn: Callable[[], Any], *, attempts: int, delay: float, what: str) -> Any:
-    """Call ``fn`` up to ``attempts`` times with exponential back-off; re-raise the last error."""
+def retry(fn: Callable[[], Any], *, attempts: int, delay: float, what: str,
+          cleanup: Callable[[], Any] | None = None) -> Any:
+    """Call ``fn`` up to ``attempts`` times with exponential back-off and return its result.
+
+    Parameters
+    ----------
+    fn : callable
+        Called with no argument (a network query, a download and its check).
+    attempts : int
+        Calls at most.
+    delay : float
+        Seconds to wait before the second call; doubled before every further one.
+    what : str
+        What ``fn`` does, for the error message.
+    cleanup : callable, optional
+        Called after every failed call (e.g. to delete a partial download);
+        its own errors are ignored.
+
+    Raises
+    ------
+    DatasetError
+        When every call failed; its ``__cause__`` is the last error of ``fn``.
+    """
     for attempt in range(attempts):
         try:
             return fn()
         except Exception as exc:
+            if cleanup is not None:
+                with contextlib.suppress(Exception):
+                    cleanup()
             if attempt == attempts - 1:
                 raise DatasetError(f"{what} failed after {attempts} attempt(s): {exc}") from exc
             time.sleep(delay * 2**attempt)

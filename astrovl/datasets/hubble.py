@@ -41,7 +41,6 @@ import contextlib
 import hashlib
 import json
 import os
-import time
 import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -602,25 +601,19 @@ class HubblePreviewDatasetBuilder:
         raw = safe_join(self.directory,
                         f"downloads/{item['proposal_id']}/{slug(item['filename'])}")
         raw.parent.mkdir(parents=True, exist_ok=True)
-        last_error: Exception | None = None
-        image = None
-        for attempt in range(self.max_retries + 1):
-            if attempt:
-                time.sleep(self.retry_delay * 2 ** (attempt - 1))
-            try:
-                result = Observations.download_file(item["data_uri"], local_path=str(raw),
-                                                    cache=True)
-                status, msg = (result[0], result[1]) if isinstance(result, tuple) else (
-                    "COMPLETE", None)
-                if str(status).upper() == "ERROR":
-                    raise OSError(msg or "download error")
-                image = open_verified_image(raw)
-                break
-            except Exception as exc:  # network errors, corrupt or truncated files
-                last_error = exc
-                with contextlib.suppress(OSError):
-                    raw.unlink()
-        if image is None:
+
+        def fetch():
+            result = Observations.download_file(item["data_uri"], local_path=str(raw), cache=True)
+            status, msg = (result[0], result[1]) if isinstance(result, tuple) else ("COMPLETE", None)
+            if str(status).upper() == "ERROR":
+                raise OSError(msg or "download error")
+            return open_verified_image(raw)
+
+        try:  # network errors, corrupt or truncated files are retried
+            image = retry(fetch, attempts=self.max_retries + 1, delay=self.retry_delay,
+                          what=f"the download of {item['data_uri']}", cleanup=raw.unlink)
+        except DatasetError as exc:
+            last_error = exc.__cause__
             self.report.add_failure(item["data_uri"], f"{type(last_error).__name__}: {last_error}")
             return False
         save_png(resize_and_pad(image, self.image_size), out)

@@ -33,12 +33,10 @@ counted in the build report.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import html
 import json
 import os
-import time
 from collections.abc import Mapping
 from html.parser import HTMLParser
 from pathlib import Path
@@ -59,6 +57,7 @@ from ._builder import (
     is_complete_png,
     open_verified_image,
     resize_and_pad,
+    retry,
     save_png,
     slug,
 )
@@ -333,19 +332,17 @@ class OutreachDatasetBuilder:
     def _fetch_url(self, url: str):
         from astropy.utils import data as _data
 
-        last: Exception | None = None
-        for attempt in range(self.max_retries + 1):
-            if attempt:
-                time.sleep(self.retry_delay * 2 ** (attempt - 1))
-            try:
-                path = _data.download_file(url, cache=True, pkgname="astrovl",
-                                           show_progress=False)
-                return self._read_local(Path(path))
-            except Exception as exc:  # network errors, corrupt or truncated files
-                last = exc
-                with contextlib.suppress(Exception):
-                    _data.clear_download_cache(url, pkgname="astrovl")
-        raise ImageFileError(f"{type(last).__name__}: {last}")
+        def fetch():
+            path = _data.download_file(url, cache=True, pkgname="astrovl", show_progress=False)
+            return self._read_local(Path(path))
+
+        try:  # network errors, corrupt or truncated files are retried
+            return retry(fetch, attempts=self.max_retries + 1, delay=self.retry_delay,
+                         what=f"the download of {url}",
+                         cleanup=lambda: _data.clear_download_cache(url, pkgname="astrovl"))
+        except DatasetError as exc:
+            last = exc.__cause__
+            raise ImageFileError(f"{type(last).__name__}: {last}") from last
 
     def _process(self, item: dict) -> bool:
         out = safe_join(self.directory, item["image"])
