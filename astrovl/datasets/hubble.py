@@ -44,6 +44,7 @@ import os
 import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -90,6 +91,7 @@ PREVIEW_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif")
 CAPTION_SOURCES = ("summary", "abstract", "title")
 _PRODUCT_CACHE = "products.ecsv"
 _SUMMARY_CACHE = "summaries.jsonl"
+_SUMMARY_FIELDS = ("objects_and_phenomena", "science_use_cases", "caption")
 
 
 def _cell(row, name: str, default=""):
@@ -171,13 +173,6 @@ def __getattr__(name: str):
                       DeprecationWarning, stacklevel=2)
         return CAPTION_SOURCES
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-class _CachedSummary:
-    def __init__(self, objects_and_phenomena, science_use_cases, caption):
-        self.objects_and_phenomena = list(objects_and_phenomena)
-        self.science_use_cases = list(science_use_cases)
-        self.caption = caption
 
 
 # --------------------------------------------------------------------------- builder
@@ -572,9 +567,8 @@ class HubblePreviewDatasetBuilder:
             text = abstracts[pid]
             key = cache_key("hubble-summary", model, prompt_version, str(pid), text)
             c = cache.get(key)
-            if isinstance(c, dict) and {"objects_and_phenomena", "science_use_cases", "caption"} <= c.keys():
-                out[pid] = _summary_fields(_CachedSummary(c["objects_and_phenomena"],
-                                                          c["science_use_cases"], c["caption"]))
+            if isinstance(c, dict) and set(_SUMMARY_FIELDS) <= c.keys():
+                out[pid] = _summary_fields(SimpleNamespace(**{n: c[n] for n in _SUMMARY_FIELDS}))
                 continue
             try:
                 fields = _summary_fields(self.summarizer.summarize(text))
