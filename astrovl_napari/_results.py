@@ -17,8 +17,6 @@ from typing import Any
 
 import numpy as np
 
-from astrovl.imaging.inputs import PATH_COLUMNS
-
 __all__ = [
     "SearchHit",
     "parse_categories",
@@ -30,7 +28,6 @@ __all__ = [
     "hits_from_table",
     "resolve_image_path",
     "make_thumbnail",
-    "PATH_COLUMNS",
 ]
 
 
@@ -213,6 +210,8 @@ def resolve_image_path(value: Any, index_dir: str | os.PathLike | None = None) -
 
 def hits_from_table(table, index_dir: str | os.PathLike | None = None) -> list[SearchHit]:
     """Turn the table of :meth:`astrovl.EmbeddingIndex.search` into :class:`SearchHit` objects."""
+    from astrovl.imaging.inputs import PATH_COLUMNS
+
     hits = []
     meta_cols = [c for c in table.colnames if c not in ("rank", "score", "row")]
     for r in table:

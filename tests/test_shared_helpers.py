@@ -25,12 +25,22 @@ from astrovl.utils.lru import LRUCache
 
 def test_suffixes_are_defined_once():
     import astrovl.serve.images as serve_images
-    import astrovl_napari._results as napari_results
     from astrovl.imaging.inputs import PATH_COLUMNS
 
     assert READER_PICTURE_SUFFIXES is PICTURE_SUFFIXES
     assert IMAGE_SUFFIXES == FITS_SUFFIXES + PICTURE_SUFFIXES
-    assert serve_images.PATH_COLUMNS is napari_results.PATH_COLUMNS is PATH_COLUMNS
+    assert serve_images.PATH_COLUMNS is PATH_COLUMNS
+
+
+def test_light_modules_stay_light():
+    """The shared input module does not make the CLIP, index and napari modules import the imaging layer."""
+    import subprocess
+    import sys
+
+    code = ("import sys, astrovl.clip.embedder, astrovl.clip.index, astrovl_napari._results; "
+            "print('astrovl.imaging' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
 
 
 @pytest.mark.parametrize(("name", "fits", "image"), [
