@@ -37,7 +37,7 @@ def test_light_modules_stay_light():
     import subprocess
     import sys
 
-    code = ("import sys, astrovl.clip.embedder, astrovl.clip.index, astrovl_napari._results; "
+    code = ("import sys, astrovl.clip.embedder, astrovl.clip.index, astrovl_napari._results, astrovl.datasets; "
             "print('astrovl.imaging' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

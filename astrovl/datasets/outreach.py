@@ -46,7 +46,6 @@ import numpy as np
 from astropy.table import Row, Table
 
 from ..exceptions import DatasetError, ImageFileError
-from ..imaging.inputs import is_fits_name
 from ..utils.files import atomic_write_text, safe_join
 from ..utils.progress import progress_bar
 from ._builder import (
@@ -318,6 +317,7 @@ class OutreachDatasetBuilder:
     @staticmethod
     def _read_local(path: Path):
         from ..imaging import load_image
+        from ..imaging.inputs import is_fits_name
 
         with open(path, "rb") as fh:
             head = fh.read(9)
