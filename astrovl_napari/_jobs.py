@@ -74,19 +74,18 @@ def find_images(folder: str | os.PathLike, *, recursive: bool = True) -> list[Pa
     NotADirectoryError
         If ``folder`` is not a directory.
     """
-    from astrovl.imaging.readers import FITS_SUFFIXES, PICTURE_SUFFIXES
+    from astrovl.imaging.inputs import is_image_name
 
     root = Path(folder).expanduser()
     if not root.is_dir():
         raise NotADirectoryError(f"{str(root)!r} is not a folder; choose a folder of images")
-    suffixes = tuple(s.lower() for s in (*FITS_SUFFIXES, *PICTURE_SUFFIXES))
     pattern = "**/*" if recursive else "*"
     out = []
     for p in root.glob(pattern):
         rel = p.relative_to(root)
         if any(part.startswith(".") for part in rel.parts):
             continue
-        if p.is_file() and p.name.lower().endswith(suffixes):
+        if p.is_file() and is_image_name(p):
             out.append(p)
     return sorted(out)
 

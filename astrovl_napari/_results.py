@@ -28,11 +28,7 @@ __all__ = [
     "hits_from_table",
     "resolve_image_path",
     "make_thumbnail",
-    "PATH_COLUMNS",
 ]
-
-#: metadata columns of an embedding index that may name an image file (first found wins)
-PATH_COLUMNS = ("path", "image", "source", "filename", "file")
 
 
 def parse_categories(text: str) -> list[str]:
@@ -214,6 +210,8 @@ def resolve_image_path(value: Any, index_dir: str | os.PathLike | None = None) -
 
 def hits_from_table(table, index_dir: str | os.PathLike | None = None) -> list[SearchHit]:
     """Turn the table of :meth:`astrovl.EmbeddingIndex.search` into :class:`SearchHit` objects."""
+    from astrovl.imaging.inputs import PATH_COLUMNS
+
     hits = []
     meta_cols = [c for c in table.colnames if c not in ("rank", "score", "row")]
     for r in table:

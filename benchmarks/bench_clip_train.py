@@ -329,7 +329,7 @@ def main(argv=None) -> None:
     import open_clip
     import torch
 
-    import astrovl.datasets.torchdata as torchdata
+    import astrovl.datasets.torch_datasets as torch_datasets
     from astrovl import CLIPEmbedder, SyntheticSkyDataset
     from astrovl.clip import TINY_CLIP_CONFIG
     from astrovl.training import CLIPTrainingConfig, train_clip
@@ -436,7 +436,7 @@ def main(argv=None) -> None:
                 _free(device)
                 meter = MemoryMeter(device)
                 patch = (
-                    mock.patch.object(torchdata, "ImageTextTorchDataset", TensorPairs)
+                    mock.patch.object(torch_datasets, "ImageTextTorchDataset", TensorPairs)
                     if inputs == "tensors"
                     else contextlib.nullcontext()
                 )

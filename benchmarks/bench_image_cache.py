@@ -4,7 +4,7 @@ A synthetic data set of the HubbleCLIP scale is written first: ``-n`` previews
 (30,000 by default) of ``--size`` x ``--size`` pixels (512), 8-bit grey PNG files
 as ``astrovl build-hubble`` writes them, with a manifest. Then, for each cache
 kind, a fresh process reads every image through
-:class:`~astrovl.datasets.torchdata.ImageTextTorchDataset` (the training
+:class:`~astrovl.datasets.torch_datasets.ImageTextTorchDataset` (the training
 augmentation: rotation, flip, 224 crop, normalisation) with a DataLoader of
 ``--workers`` worker processes, for ``--epochs`` epochs, exactly as
 :func:`~astrovl.training.train_clip` does. A sampling thread records, for the
@@ -139,7 +139,7 @@ def run_kind(root: str, kind: str, workers: int, epochs: int, limit: int, crop: 
     import torch
 
     from astrovl.datasets import ManifestDataset
-    from astrovl.datasets.torchdata import ImageTextTorchDataset
+    from astrovl.datasets.torch_datasets import ImageTextTorchDataset
     from astrovl.training.clip import _collate
 
     torch.set_num_threads(1)

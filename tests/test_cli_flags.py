@@ -314,15 +314,18 @@ def test_build_hubble_sources(tmp_path, hubble_spy):
     assert kind == "init" and list(table["obsid"]) == ["1"] and out == "d"
 
 
-@covers("build-hubble", "--abstracts", "--caption-mode", "--max-images-per-proposal", "--image-size",
+@covers("build-hubble", "--abstracts", "--caption-source", "--max-images-per-proposal", "--image-size",
         "--keep-color", "--seed", "--val-fraction")
 def test_build_hubble_options_reach_the_builder(hubble_spy):
-    assert main(["build-hubble", "d", "--proposal-id", "1", "--abstracts", "a.txt", "--caption-mode", "title",
+    assert main(["build-hubble", "d", "--proposal-id", "1", "--abstracts", "a.txt", "--caption-source", "title",
                  "--max-images-per-proposal", "5", "--image-size", "256", "--keep-color", "--seed", "9",
                  "--val-fraction", "0.3"]) == 0
     kw = hubble_spy.calls[-1][2]
-    assert kw == dict(abstracts="a.txt", summarizer=None, caption_mode="title", max_images_per_proposal=5,
+    assert kw == dict(abstracts="a.txt", summarizer=None, caption_source="title", max_images_per_proposal=5,
                       image_size=256, seed=9, keep_color=True, val_fraction=0.3)
+    # the former name of the flag still works
+    assert main(["build-hubble", "d", "--proposal-id", "1", "--abstracts", "a.txt", "--caption-mode", "title"]) == 0
+    assert hubble_spy.calls[-1][2]["caption_source"] == "title"
 
 
 @covers("build-hubble", "--summarizer-model", "--gguf-file", "--device")

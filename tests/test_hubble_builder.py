@@ -188,24 +188,24 @@ def test_missing_columns_are_named(tmp_path, caom_hst):
     bad = caom_hst.copy()
     bad.remove_columns(["obsid", "proposal_id"])
     with pytest.raises(DatasetError, match=r"\['obsid', 'proposal_id'\]"):
-        HubblePreviewDatasetBuilder(bad, tmp_path, abstracts=ABSTRACTS, caption_mode="abstract")
+        HubblePreviewDatasetBuilder(bad, tmp_path, abstracts=ABSTRACTS, caption_source="abstract")
 
 
 def test_bad_options(tmp_path, caom_hst):
     with pytest.raises(DatasetError, match="needs a summarizer"):
         HubblePreviewDatasetBuilder(caom_hst, tmp_path, abstracts=ABSTRACTS)
     with pytest.raises(DatasetError, match="needs the proposal abstracts"):
-        HubblePreviewDatasetBuilder(caom_hst, tmp_path, caption_mode="abstract")
-    with pytest.raises(DatasetError, match="caption_mode"):
-        HubblePreviewDatasetBuilder(caom_hst, tmp_path, caption_mode="poem")
+        HubblePreviewDatasetBuilder(caom_hst, tmp_path, caption_source="abstract")
+    with pytest.raises(DatasetError, match="caption_source"):
+        HubblePreviewDatasetBuilder(caom_hst, tmp_path, caption_source="poem")
     with pytest.raises(TypeError, match="astropy Table"):
-        HubblePreviewDatasetBuilder({"obsid": 1}, tmp_path, caption_mode="title")
+        HubblePreviewDatasetBuilder({"obsid": 1}, tmp_path, caption_source="title")
 
 
 def test_build_from_recorded_mast_rows(tmp_path, caom_hst, pictures, fake_mast):
     names = populate_caom(fake_mast, caom_hst, pictures)
     builder = HubblePreviewDatasetBuilder(caom_hst, tmp_path / "ds", abstracts=ABSTRACTS,
-                                          caption_mode="abstract", **COMMON)
+                                          caption_source="abstract", **COMMON)
     ds = builder.build()
     report = builder.report
     assert report["observations"] == 4 and report["excluded"] == 0
@@ -248,7 +248,7 @@ def test_build_from_recorded_mast_rows(tmp_path, caom_hst, pictures, fake_mast):
 def test_colour_previews_kept_on_request(tmp_path, caom_hst, pictures, fake_mast):
     populate_caom(fake_mast, caom_hst, pictures)
     builder = HubblePreviewDatasetBuilder(caom_hst, tmp_path, abstracts=ABSTRACTS,
-                                          caption_mode="abstract", keep_color=True, **COMMON)
+                                          caption_source="abstract", keep_color=True, **COMMON)
     ds = builder.build()
     assert builder.report["previews"] == 12 and len(ds) == 12
     assert sum("color" in str(p) for p in ds.manifest["image"]) == 4
@@ -270,7 +270,7 @@ def test_per_proposal_cap_is_random_and_seeded(tmp_path, caom_hst, pictures, fak
 
     def chosen(seed, name):
         b = HubblePreviewDatasetBuilder(obs, tmp_path / name, abstracts=text,
-                                        caption_mode="abstract", max_images_per_proposal=5,
+                                        caption_source="abstract", max_images_per_proposal=5,
                                         seed=seed, **COMMON)
         ds = b.build()
         assert b.report["previews"] == 12 and b.report["selected"] == 5
@@ -307,7 +307,7 @@ def test_resize_keeps_aspect_and_pads_white(ngc1316_path):
 def test_built_png_is_padded(tmp_path, caom_hst, pictures, fake_mast):
     populate_caom(fake_mast, caom_hst, pictures)
     ds = HubblePreviewDatasetBuilder(caom_hst, tmp_path, abstracts=ABSTRACTS,
-                                     caption_mode="abstract", **COMMON).build()
+                                     caption_source="abstract", **COMMON).build()
     i = [k for k, p in enumerate(ds.manifest["image"]) if "u27xqe01t_drz" in p][0]  # ngc1316
     arr = np.asarray(Image.open(ds.image_path(i)))
     assert (arr[:10] == 255).all() and (arr[-10:] == 255).all()
@@ -328,7 +328,7 @@ def test_split_by_proposal(tmp_path, caom_hst, pictures, fake_mast):
 
     def splits(seed, name):
         ds = HubblePreviewDatasetBuilder(obs, tmp_path / name, abstracts=catalog,
-                                         caption_mode="abstract", val_fraction=0.25, seed=seed,
+                                         caption_source="abstract", val_fraction=0.25, seed=seed,
                                          **COMMON).build()
         m = ds.manifest
         train = set(m["proposal_id"][np.asarray(m["split"]) == "train"])
@@ -355,7 +355,7 @@ def test_corrupt_download_is_refetched_and_failures_counted(tmp_path, caom_hst, 
     fake_mast.garbage_once.add(garbage)
     fake_mast.always_fail.add(dead)
     builder = HubblePreviewDatasetBuilder(caom_hst, tmp_path, abstracts=ABSTRACTS,
-                                          caption_mode="abstract", max_retries=2, **COMMON)
+                                          caption_source="abstract", max_retries=2, **COMMON)
     ds = builder.build()
     assert fake_mast.downloads.count(truncated) == 2
     assert fake_mast.downloads.count(garbage) == 2
@@ -369,7 +369,7 @@ def test_corrupt_download_is_refetched_and_failures_counted(tmp_path, caom_hst, 
     fake_mast.always_fail.clear()
     before = len(fake_mast.downloads)
     again = HubblePreviewDatasetBuilder(caom_hst, tmp_path, abstracts=ABSTRACTS,
-                                        caption_mode="abstract", max_retries=2, **COMMON)
+                                        caption_source="abstract", max_retries=2, **COMMON)
     assert len(again.build()) == 8
     assert fake_mast.downloads[before:] == [dead]
     assert again.report["skipped"] == 7
@@ -377,7 +377,7 @@ def test_corrupt_download_is_refetched_and_failures_counted(tmp_path, caom_hst, 
 
 def test_resume_downloads_nothing_new(tmp_path, caom_hst, pictures, fake_mast):
     populate_caom(fake_mast, caom_hst, pictures)
-    kw = dict(abstracts=ABSTRACTS, caption_mode="abstract", **COMMON)
+    kw = dict(abstracts=ABSTRACTS, caption_source="abstract", **COMMON)
     first = HubblePreviewDatasetBuilder(caom_hst, tmp_path, **kw).build()
     n_downloads, n_queries = len(fake_mast.downloads), len(fake_mast.product_queries)
     builder = HubblePreviewDatasetBuilder(caom_hst, tmp_path, **kw)
@@ -397,7 +397,7 @@ def test_resume_downloads_nothing_new(tmp_path, caom_hst, pictures, fake_mast):
 
 def test_interrupted_build_finishes_on_rerun(tmp_path, caom_hst, pictures, fake_mast):
     populate_caom(fake_mast, caom_hst, pictures)
-    kw = dict(abstracts=ABSTRACTS, caption_mode="abstract", **COMMON)
+    kw = dict(abstracts=ABSTRACTS, caption_source="abstract", **COMMON)
     fake_mast.interrupt_at = 4
     with pytest.raises(KeyboardInterrupt):
         HubblePreviewDatasetBuilder(caom_hst, tmp_path, **kw).build()
@@ -468,7 +468,7 @@ def test_excluded_without_abstract(tmp_path, caom_hst, pictures, fake_mast):
     populate_caom(fake_mast, caom_hst, pictures)
     only_5371 = ABSTRACTS.split("-----")[0]
     builder = HubblePreviewDatasetBuilder(caom_hst, tmp_path, abstracts=only_5371,
-                                          caption_mode="abstract", **COMMON)
+                                          caption_source="abstract", **COMMON)
     ds = builder.build()
     assert builder.report["excluded"] == 2
     assert {e["reason"] for e in builder.report.exclusions} == {"proposal 5092 has no abstract"}
@@ -479,7 +479,7 @@ def test_excluded_without_abstract(tmp_path, caom_hst, pictures, fake_mast):
 
 def test_title_mode_uses_observation_titles(tmp_path, caom_hst, pictures, fake_mast):
     populate_caom(fake_mast, caom_hst, pictures)
-    ds = HubblePreviewDatasetBuilder(caom_hst, tmp_path, caption_mode="title",
+    ds = HubblePreviewDatasetBuilder(caom_hst, tmp_path, caption_source="title",
                                      **COMMON).build()
     caps = dict(zip(ds.manifest["proposal_id"], ds.captions))
     assert caps[5371] == "HST MEDIUM-DEEP SURVEY: CYCLE4MEDIUM LOW GAL. LAT."
@@ -487,11 +487,26 @@ def test_title_mode_uses_observation_titles(tmp_path, caom_hst, pictures, fake_m
     assert set(ds.manifest["cycle"]) == {-1}
 
 
+
+def test_former_caption_mode_keyword_still_works(tmp_path, caom_hst):
+    with pytest.warns(DeprecationWarning, match="caption_source"):
+        builder = HubblePreviewDatasetBuilder(caom_hst, tmp_path, caption_mode="title", **COMMON)
+    assert builder.caption_source == "title"
+    with pytest.warns(DeprecationWarning):
+        assert builder.caption_mode == "title"
+    with pytest.warns(DeprecationWarning), pytest.raises(DatasetError, match="disagree"):
+        HubblePreviewDatasetBuilder(caom_hst, tmp_path, caption_source="abstract", caption_mode="title",
+                                    abstracts=ABSTRACTS)
+    import astrovl.datasets.hubble as hubble
+
+    with pytest.warns(DeprecationWarning):
+        assert hubble.CAPTION_MODES == hubble.CAPTION_SOURCES == ("summary", "abstract", "title")
+
 def test_no_previews_warns_and_gives_empty_dataset(tmp_path, caom_hst, fake_mast):
     for row in caom_hst:
         fake_mast.add(row, f"{str(row['obs_id']).lower()}_c0f.fits", b"x", product_type="SCIENCE")
     builder = HubblePreviewDatasetBuilder(caom_hst, tmp_path, abstracts=ABSTRACTS,
-                                          caption_mode="abstract", **COMMON)
+                                          caption_source="abstract", **COMMON)
     with pytest.warns(AstropyUserWarning, match="no PREVIEW images"):
         ds = builder.build()
     assert len(ds) == 0 and builder.report["records"] == 0
@@ -508,32 +523,32 @@ def test_from_proposals_and_cycles_query_mast(tmp_path, caom_hst, monkeypatch):
 
     monkeypatch.setattr(mast.Observations, "query_criteria", query_criteria)
     b = HubblePreviewDatasetBuilder.from_proposals([5371, "5092"], tmp_path, abstracts=ABSTRACTS,
-                                                   caption_mode="abstract", **COMMON)
+                                                   caption_source="abstract", **COMMON)
     assert calls == [{"obs_collection": "HST", "proposal_id": ["5092", "5371"],
                       "dataRights": "PUBLIC"}]
     assert len(b.observations) == 4
     calls.clear()
     b = HubblePreviewDatasetBuilder.from_cycles(4, tmp_path, abstracts=ABSTRACTS,
-                                                caption_mode="abstract", **COMMON)
+                                                caption_source="abstract", **COMMON)
     assert calls[0]["proposal_id"] == ["5092", "5371"] and len(b.observations) == 4
     with pytest.raises(DatasetError, match=r"no proposal in cycle\(s\) \[31\].*cycles \[4\]"):
         HubblePreviewDatasetBuilder.from_cycles([31], tmp_path, abstracts=ABSTRACTS,
-                                                caption_mode="abstract")
+                                                caption_source="abstract")
     with pytest.raises(DatasetError, match="not an integer"):
-        HubblePreviewDatasetBuilder.from_proposals(["abc"], tmp_path, caption_mode="title")
+        HubblePreviewDatasetBuilder.from_proposals(["abc"], tmp_path, caption_source="title")
     monkeypatch.setattr(mast.Observations, "query_criteria", lambda **kw: caom_hst[:0])
     with pytest.raises(DatasetError, match="no public HST observations"):
-        HubblePreviewDatasetBuilder.from_proposals([1], tmp_path, caption_mode="title",
+        HubblePreviewDatasetBuilder.from_proposals([1], tmp_path, caption_source="title",
                                                    retry_delay=0.0)
 
 
 def test_dataset_feeds_torch_training(tmp_path, caom_hst, pictures, fake_mast):
-    torchdata = pytest.importorskip("astrovl.datasets.torchdata")
+    torch_datasets = pytest.importorskip("astrovl.datasets.torch_datasets")
     populate_caom(fake_mast, caom_hst, pictures)
     ds = HubblePreviewDatasetBuilder(caom_hst, tmp_path, abstracts=ABSTRACTS,
-                                     caption_mode="abstract", **COMMON).build()
+                                     caption_source="abstract", **COMMON).build()
     train = ds.split("train")
-    tds = torchdata.ImageTextTorchDataset(train, 32, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    tds = torch_datasets.ImageTextTorchDataset(train, 32, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
     image, caption = tds[(0, 7)]
     assert tuple(image.shape) == (3, 32, 32)
     assert caption == train.captions[0] and caption.startswith("Category: ")
@@ -542,7 +557,7 @@ def test_dataset_feeds_torch_training(tmp_path, caom_hst, pictures, fake_mast):
 def test_product_file_names_cannot_escape_the_root(tmp_path, caom_hst, pictures, fake_mast):
     fake_mast.add(caom_hst[0], "../../escape_drz.jpg", pictures["m13.jpg"])
     ds = HubblePreviewDatasetBuilder(caom_hst, tmp_path / "ds", abstracts=ABSTRACTS,
-                                     caption_mode="abstract", **COMMON).build()
+                                     caption_source="abstract", **COMMON).build()
     assert list(ds.manifest["image"]) == ["images/5371/escape_drz.png"]
     assert (tmp_path / "ds" / "images" / "5371" / "escape_drz.png").is_file()
     assert not (tmp_path / "escape_drz.png").exists()

@@ -9,7 +9,7 @@ def test_hubble_previews_from_real_mast(tmp_path):
     from astrovl import HubblePreviewDatasetBuilder
 
     # proposal 11359: Hubble WFC3 early release science, public previews
-    builder = HubblePreviewDatasetBuilder.from_proposals([11359], tmp_path / "ds", caption_mode="title",
+    builder = HubblePreviewDatasetBuilder.from_proposals([11359], tmp_path / "ds", caption_source="title",
                                                          max_images_per_proposal=2, image_size=128,
                                                          progress=False)
     ds = builder.build()
@@ -17,7 +17,7 @@ def test_hubble_previews_from_real_mast(tmp_path):
     assert builder.report["downloaded"] == len(ds)
     img = ds.load_image(0)
     assert max(img.data.shape[:2]) == 128
-    again = HubblePreviewDatasetBuilder.from_proposals([11359], tmp_path / "ds", caption_mode="title",
+    again = HubblePreviewDatasetBuilder.from_proposals([11359], tmp_path / "ds", caption_source="title",
                                                        max_images_per_proposal=2, image_size=128,
                                                        progress=False)
     again.build()

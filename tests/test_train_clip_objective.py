@@ -10,7 +10,7 @@ import torch
 
 from astrovl.clip import TINY_CLIP_CONFIG, CLIPEmbedder
 from astrovl.datasets import ManifestDataset, SyntheticSkyDataset
-from astrovl.datasets.torchdata import ImageTextTorchDataset
+from astrovl.datasets.torch_datasets import ImageTextTorchDataset
 from astrovl.training import CLIPTrainingConfig, train_clip
 from astrovl.training import clip as tclip
 
@@ -210,7 +210,7 @@ def test_augmentation_on_8_bit_pixels_gives_the_former_numbers(sky, base):
     """Rotation, flip and crop before the float conversion: the same tensors as after it."""
     from torchvision.transforms import v2
 
-    from astrovl.datasets.torchdata import uint8_to_tensor
+    from astrovl.datasets.torch_datasets import uint8_to_tensor
 
     train = sky.split("train")
     ds = ImageTextTorchDataset(train, 48, base.image_mean, base.image_std, cache="none")

@@ -95,16 +95,14 @@ def _table_records(table) -> list[dict]:
 
 def expand_images(inputs: Sequence[str]) -> list[str]:
     """Image files named in ``inputs``, directories searched recursively."""
-    from ..imaging import FITS_SUFFIXES
-    from ..imaging.readers import PICTURE_SUFFIXES
+    from ..imaging.inputs import is_image_name
 
     out: list[str] = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
             for f in sorted(path.rglob("*")):
-                name = f.name.lower()
-                if f.is_file() and (name.endswith(FITS_SUFFIXES) or name.endswith(PICTURE_SUFFIXES)):
+                if f.is_file() and is_image_name(f):
                     out.append(str(f))
         else:
             out.append(str(path))

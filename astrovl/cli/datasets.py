@@ -23,7 +23,7 @@ def register(sub) -> None:
     p = add_command(sub, "build-hubble", "build a Hubble preview dataset from MAST",
                     """
                     astrovl build-hubble ./hst --proposal-id 5371 5092 --abstracts abstracts.txt
-                    astrovl build-hubble ./hst --observations obs.ecsv --abstracts abstracts.txt --caption-mode abstract --val-fraction 0.5
+                    astrovl build-hubble ./hst --observations obs.ecsv --abstracts abstracts.txt --caption-source abstract --val-fraction 0.5
                     """, _cmd_build_hubble)
     p.add_argument("output", help="dataset directory to write (resumes an interrupted build)")
     src = p.add_mutually_exclusive_group(required=True)
@@ -32,12 +32,14 @@ def register(sub) -> None:
     src.add_argument("--observations", default=None,
                      help="a saved MAST observation table (ECSV/VOTable) from Observations.query_criteria")
     p.add_argument("--abstracts", default=None, help="proposal abstracts catalog file or URL")
-    p.add_argument("--caption-mode", choices=("summary", "abstract", "title"), default="abstract",
+    p.add_argument("--caption-source", "--caption-mode", dest="caption_source",
+                   choices=("summary", "abstract", "title"), default="abstract",
                    help="captions: 'summary' (a language model summarises each abstract), 'abstract' "
-                   "('Category: X. <abstract>'), 'title' (observation titles); default abstract")
+                   "('Category: X. <abstract>'), 'title' (observation titles); default abstract "
+                   "(--caption-mode is its former name)")
     p.add_argument("--summarizer-model", default=None,
                    help="language model for summaries (default astrovl.conf.summarizer_model with "
-                   "--caption-mode summary; in the other modes, given, it fills the summary columns)")
+                   "--caption-source summary; in the other modes, given, it fills the summary columns)")
     p.add_argument("--gguf-file", default=None, help="GGUF file of --summarizer-model")
     p.add_argument("--max-images-per-proposal", type=int, default=20,
                    help="previews kept per proposal, drawn at random with --seed (default 20)")
@@ -95,7 +97,7 @@ def _cmd_build_hubble(args):
     from ..datasets import HubblePreviewDatasetBuilder
 
     summarizer = None
-    if args.caption_mode == "summary" or args.summarizer_model:
+    if args.caption_source == "summary" or args.summarizer_model:
         from ..generation import AbstractSummarizer
 
         summarizer = AbstractSummarizer.from_pretrained(
@@ -104,9 +106,9 @@ def _cmd_build_hubble(args):
     else:
         for flag, value in (("--gguf-file", args.gguf_file), ("--device", args.device)):
             if value is not None:
-                raise ValueError(f"{flag} applies to the summarizer, which runs only with --caption-mode "
+                raise ValueError(f"{flag} applies to the summarizer, which runs only with --caption-source "
                                  "summary or --summarizer-model")
-    common = dict(abstracts=args.abstracts, summarizer=summarizer, caption_mode=args.caption_mode,
+    common = dict(abstracts=args.abstracts, summarizer=summarizer, caption_source=args.caption_source,
                   max_images_per_proposal=args.max_images_per_proposal, image_size=args.image_size,
                   seed=args.seed, keep_color=args.keep_color, val_fraction=args.val_fraction)
     if args.observations:

@@ -18,7 +18,6 @@ from ..utils.files import atomic_directory
 from ..utils.progress import progress_bar
 from .categories import DEFAULT_TEMPLATES, HUBBLE_CATEGORIES
 from .identity import DigestCache, digest_from_model_id
-from .inputs import as_image_list, describe_input
 from .loading import (
     ASTROVL_CONFIG,
     ASTROVL_FORMAT,
@@ -351,6 +350,7 @@ class CLIPEmbedder:
         """
         import torch
 
+        from ..imaging.inputs import as_image_list
         from .preprocess import (
             FeedDataset,
             InputSpec,
@@ -488,6 +488,8 @@ class CLIPEmbedder:
         cats = list(HUBBLE_CATEGORIES if categories is None else categories)
         txt = self.category_embeddings(cats, templates)
         top_k = max(1, min(int(top_k), len(cats)))
+        from ..imaging.inputs import as_image_list, describe_input
+
         items, _ = as_image_list(images)
         img = self.embed_images(items, batch_size=batch_size, progress=False)
         sims = img @ txt.T

@@ -16,7 +16,6 @@ from ..exceptions import CheckpointError, IndexMismatchError, ModelNotFoundError
 from ..utils.files import atomic_directory
 from .chunks import ChunkedRows
 from .identity import digest_from_model_id
-from .inputs import as_image_list, describe_input
 from .loading import describe_source
 
 __all__ = ["EmbeddingIndex"]
@@ -117,6 +116,8 @@ class EmbeddingIndex:
         -------
         EmbeddingIndex
         """
+        from ..imaging.inputs import as_image_list
+
         items, _ = as_image_list(images)
         if not items:
             raise ValueError("no images to index: the input is empty")
@@ -149,6 +150,8 @@ class EmbeddingIndex:
     @staticmethod
     def _metadata_for(items: list, metadata) -> Table:
         if metadata is None:
+            from ..imaging.inputs import describe_input
+
             return Table({"source": [describe_input(x) for x in items]})
         meta = metadata if isinstance(metadata, Table) else Table(dict(metadata))
         if len(meta) != len(items):
@@ -689,13 +692,12 @@ def _recorded_model(manifest: dict, directory: Path) -> dict:
     return rec
 
 
-_IMAGE_SUFFIXES = (".fits", ".fit", ".fts", ".fz", ".gz", ".png", ".jpg", ".jpeg", ".gif", ".tif", ".tiff",
-                   ".bmp", ".webp")
-
-
 def _names_image_file(text: str) -> bool:
     """True if ``text`` is the path of an existing image or FITS file (not a text query)."""
-    if len(text) > 4096 or "\n" in text or not text.lower().endswith(_IMAGE_SUFFIXES):
+    from ..imaging.inputs import IMAGE_SUFFIXES
+
+    # any gzipped file counts too: it may be a gzipped FITS file with another name
+    if len(text) > 4096 or "\n" in text or not text.lower().endswith((*IMAGE_SUFFIXES, ".gz")):
         return False
     try:
         return Path(text).is_file()

@@ -128,12 +128,6 @@ class UnitImage:
     clipped: bool = True  # False: values may lie outside [0, 1] (a user's AstroImage)
 
 
-def _is_fits_name(path: Path) -> bool:
-    from ..imaging.readers import FITS_SUFFIXES
-
-    return path.name.lower().endswith(FITS_SUFFIXES)
-
-
 def _read_single_fits_image(path: Path, max_pixels: int | None = None) -> np.ndarray | None:
     """Pixels of a FITS file with exactly one 2-D image HDU, as float32; None otherwise.
 
@@ -195,8 +189,10 @@ def _fast_raw(item: Any, max_pixels: int | None) -> np.ndarray | None:
         max_pixels = int(conf.max_pixels)
     raw = None
     if isinstance(item, (str, os.PathLike)):
+        from ..imaging.inputs import is_fits_name
+
         path = Path(item)
-        if _is_fits_name(path) and path.is_file():
+        if is_fits_name(path) and path.is_file():
             raw = _read_single_fits_image(path, max_pixels)
     elif (isinstance(item, np.ndarray) and type(item) is np.ndarray and item.ndim == 2
           and item.dtype.kind in "biuf" and item.dtype != np.uint8 and item.size <= max_pixels):

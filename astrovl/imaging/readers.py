@@ -16,13 +16,12 @@ from astropy.wcs import WCS, FITSFixedWarning
 from ..config import conf
 from ..exceptions import ImageFileError, ImageInputError
 from .core import AstroImage
+from .inputs import FITS_SUFFIXES, PICTURE_SUFFIXES
 from .pixel_grid import block_mean, downsample_wcs, read_hdu_reduced, reduction_factor
 from .scaling import scale_to_unit
 
 __all__ = ["load_image", "FITS_SUFFIXES", "PICTURE_SUFFIXES"]
 
-FITS_SUFFIXES = (".fits", ".fit", ".fts", ".fits.gz", ".fit.gz", ".fts.gz", ".fz", ".fits.fz")
-PICTURE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".gif", ".webp")
 
 # extension names that hold auxiliary planes rather than the science image
 _AUX_EXTNAMES = {"ERR", "DQ", "WHT", "VAR", "MASK", "CTX", "SAMP", "TIME", "CON", "EXP", "WGT", "IVM", "RMS"}

@@ -80,16 +80,10 @@ def _match_vision_prefix(state: dict, expected: set) -> dict:
     return out
 
 
-def _default_cache() -> Path:
-    from astropy.config import get_cache_dir_path
-
-    return Path(get_cache_dir_path("astrovl"))
-
-
 def _cache_root() -> Path:
-    from ..config import conf
+    from ..config import cache_path
 
-    return (Path(conf.cache_dir) if conf.cache_dir else _default_cache()) / "converted-llava"
+    return cache_path("converted-llava")
 
 
 def _local_fingerprint(directory: Path) -> str:

@@ -306,7 +306,7 @@ class AstroLLaVA:
         **gen_kwargs
             Extra arguments for ``generate`` (greedy decoding by default).
         """
-        from ..clip.inputs import as_image_list
+        from ..imaging.inputs import as_image_list
 
         prompt = self._check_text(prompt if prompt is not None else DEFAULT_CAPTION_PROMPT, "prompt")
         if max_new_tokens < 1:

@@ -17,22 +17,20 @@ import os
 import re
 import threading
 import warnings
-from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..exceptions import QueryError
-from ..imaging import FITS_SUFFIXES
+from ..imaging.inputs import PATH_COLUMNS, has_fits_signature, is_fits_name
+from ..utils.lru import LRUCache
 
 __all__ = ["IndexImages", "PATH_COLUMNS", "RADEC_COLUMNS", "json_value", "recorded_image_root",
            "default_thumbnail_cache", "LRUCache"]
 
 log = logging.getLogger(__name__)
 
-#: metadata columns that may name an image file (first found wins)
-PATH_COLUMNS = ("path", "image", "source", "filename", "file")
 #: metadata column pairs that give a sky position in degrees (matched case-insensitively)
 RADEC_COLUMNS = (("ra", "dec"), ("s_ra", "s_dec"), ("ra_targ", "dec_targ"), ("ra_deg", "dec_deg"),
                  ("raj2000", "dej2000"))
@@ -60,15 +58,9 @@ def json_value(value: Any) -> Any:
 
 def default_thumbnail_cache() -> Path:
     """Where thumbnails are cached by default: ``<astrovl cache>/serve-thumbnails``."""
-    from ..config import conf
+    from ..config import cache_path
 
-    if conf.cache_dir:
-        base = Path(conf.cache_dir)
-    else:
-        from astropy.config import get_cache_dir_path
-
-        base = Path(get_cache_dir_path("astrovl"))
-    return base / "serve-thumbnails"
+    return cache_path("serve-thumbnails")
 
 
 def recorded_image_root(index, index_dir: str | os.PathLike | None) -> Path | None:
@@ -89,34 +81,6 @@ def recorded_image_root(index, index_dir: str | os.PathLike | None) -> Path | No
     if not root.is_absolute() and index_dir is not None:
         root = Path(index_dir) / root
     return root.resolve()
-
-
-class LRUCache:
-    """A small thread-safe least-recently-used mapping."""
-
-    def __init__(self, size: int):
-        self.size = max(0, int(size))
-        self._data: OrderedDict = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key, default=None):
-        with self._lock:
-            if key in self._data:
-                self._data.move_to_end(key)
-                return self._data[key]
-        return default
-
-    def put(self, key, value) -> None:
-        if not self.size:
-            return
-        with self._lock:
-            self._data[key] = value
-            self._data.move_to_end(key)
-            while len(self._data) > self.size:
-                self._data.popitem(last=False)
-
-    def __len__(self) -> int:
-        return len(self._data)
 
 
 class IndexImages:
@@ -305,8 +269,7 @@ class IndexImages:
         cached = self._described.get(row)
         if cached is not None:
             return cached
-        name = path.name.lower()
-        if any(name.endswith(s) for s in FITS_SUFFIXES) or _has_fits_signature(path):
+        if is_fits_name(path) or has_fits_signature(path):
             info = _describe_fits(path)
         else:
             info = _describe_picture(path)
@@ -327,14 +290,6 @@ class IndexImages:
         pos = (info.get("ra"), info.get("dec"))
         self._positions.put(row, pos)
         return pos
-
-
-def _has_fits_signature(path: Path) -> bool:
-    try:
-        with open(path, "rb") as fh:
-            return fh.read(6) == b"SIMPLE"
-    except OSError:
-        return False
 
 
 def _header_cards(header) -> list[list]:

@@ -11,8 +11,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from ..exceptions import QueryError
-from ..imaging import FITS_SUFFIXES
-from ..imaging.readers import PICTURE_SUFFIXES
+from ..imaging.inputs import IMAGE_SUFFIXES
 from .defaults import DEFAULT_MAX_UPLOAD_BYTES
 
 __all__ = ["read_upload", "DEFAULT_MAX_UPLOAD_BYTES", "DECODED_FACTOR"]
@@ -26,7 +25,7 @@ _CHUNK = 1 << 20
 def _suffix(filename: str) -> str:
     """The known image suffix of a client's file name ('' when none): never a path."""
     name = (filename or "").lower()
-    for suffix in sorted(FITS_SUFFIXES + PICTURE_SUFFIXES, key=len, reverse=True):
+    for suffix in sorted(IMAGE_SUFFIXES, key=len, reverse=True):
         if name.endswith(suffix):
             return suffix
     return ".gz" if name.endswith(".gz") else ""

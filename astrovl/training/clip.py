@@ -275,7 +275,7 @@ class _StepBatches:
 
     def __init__(self, n: int, batch_size: int, seed: int, start_step: int, steps: int,
                  rank: int = 0, world: int = 1):
-        from ..datasets.torchdata import item_seed
+        from ..datasets.torch_datasets import item_seed
 
         self._item_seed = item_seed
         self.n, self.bs, self.seed = n, batch_size, seed
@@ -439,7 +439,7 @@ def _evaluate(embedder, val_ds, config, autocast):
     """
     import torch
 
-    from ..datasets.torchdata import item_seed
+    from ..datasets.torch_datasets import item_seed
     from ..evaluation.retrieval import top_k_percent_accuracy
 
     model = embedder.model
@@ -519,7 +519,7 @@ def train_clip(embedder, train, val, config: CLIPTrainingConfig | None = None, *
     from torch.utils.data import DataLoader
 
     from ..clip import CLIPEmbedder
-    from ..datasets.torchdata import ImageTextTorchDataset
+    from ..datasets.torch_datasets import ImageTextTorchDataset
     from ..utils.progress import progress_bar
 
     config = dataclasses.replace(config or CLIPTrainingConfig(), **overrides)

@@ -39,9 +39,7 @@ LAYERS = {
 #: imports allowed between two parts of the same layer (importer, imported); the
 #: floor's parts may import each other. Each pair goes one way only.
 SIDEWAYS = {
-    ("clip", "datasets"),        # clip.inputs reads dataset manifests (ManifestDataset)
     ("datasets", "generation"),  # the Hubble builder summarises abstracts (JSONLCache)
-    ("llava", "clip"),           # llava.model takes image lists as clip.inputs does
     ("training", "evaluation"),  # train_clip validates with top_k_percent_accuracy
     ("cli", "serve"),            # "astrovl serve" starts the web service
 }
