@@ -51,7 +51,13 @@ from astropy.table import Row, Table, vstack
 from astropy.utils.exceptions import AstropyUserWarning
 
 from ..exceptions import DatasetError, ImageFileError
-from ..utils.files import atomic_write, atomic_write_text, safe_join
+from ..utils.files import (
+    atomic_write,
+    atomic_write_text,
+    check_output_dir,
+    prepare_output_dir,
+    safe_join,
+)
 from ..utils.progress import progress_bar
 from .abstracts import abstracts_by_proposal, raw_abstract_caption, read_abstracts
 from .records import ManifestDataset, write_manifest
@@ -78,6 +84,13 @@ PAD_VALUE = 255
 _PRODUCT_CACHE = "products.ecsv"
 _SUMMARY_CACHE = "summaries.jsonl"
 _REPORT_NAME = "build_report.json"
+#: kind of the output folder of a build (see :func:`astrovl.utils.files.check_output_dir`)
+OUTPUT_KIND = "hubble-dataset"
+
+
+def _is_earlier_build(directory: Path) -> bool:
+    """True for a build folder written before output folders were marked."""
+    return (directory / _PRODUCT_CACHE).is_file() or (directory / _REPORT_NAME).is_file()
 _SLUG = re.compile(r"[^A-Za-z0-9_.-]+")
 
 
@@ -396,7 +409,9 @@ class HubblePreviewDatasetBuilder:
         ``proposal_id``; ``instrument_name``, ``filters``, ``target_name``,
         ``s_ra``, ``s_dec`` and ``obs_title`` are copied when present.
     directory : str or path-like
-        Dataset root. Created if needed; an existing partial build is resumed.
+        Dataset root. Created if needed; an existing partial build is resumed. A
+        folder holding other files is refused
+        (:class:`~astrovl.exceptions.OutputDirectoryError`).
     abstracts : str, path-like or astropy.table.Table, optional
         Proposal abstracts catalog (anything :func:`~astrovl.datasets.read_abstracts`
         accepts). Needed for ``caption_mode="summary"`` and ``"abstract"``.
@@ -484,6 +499,7 @@ class HubblePreviewDatasetBuilder:
             raise DatasetError(f"max_images_per_proposal={max_images_per_proposal!r} must be >= 1")
         check_builder_options(image_size, val_fraction, max_retries)
         self.directory = Path(directory)
+        check_output_dir(self.directory, OUTPUT_KIND, recognize=_is_earlier_build)
         self.abstracts = None if abstracts is None else read_abstracts(abstracts)
         self.summarizer = summarizer
         self.caption_mode = caption_mode
@@ -821,7 +837,7 @@ class HubblePreviewDatasetBuilder:
             When no preview image is left after filtering (the dataset is empty).
         """
         self.report = BuildReport(self._report_keys())
-        self.directory.mkdir(parents=True, exist_ok=True)
+        prepare_output_dir(self.directory, OUTPUT_KIND, recognize=_is_earlier_build)
         self.report["observations"] = len(self.observations)
         observations = self._observation_records()
         obsids = sorted({o["obsid"] for o in observations if o["obsid"]})

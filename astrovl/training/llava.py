@@ -25,7 +25,7 @@ import numpy as np
 from astropy.table import Table
 
 from ..exceptions import CheckpointError
-from ..utils.files import atomic_directory
+from ..utils.files import atomic_directory, prepare_output_dir
 from ..utils.progress import progress_bar
 from .common import checkpoint_errors, lr_lambda, seed_everything, write_history
 from .llava_data import LLaVATorchDataset, collate_fn, load_conversation_records
@@ -54,7 +54,9 @@ class LLaVATrainingConfig:
         1: projector only, on captions (lr 1e-3). 2: language model + projector
         end to end (lr 2e-5), or LoRA adapters with ``lora=True`` (lr 2e-4).
     output_dir : str
-        Where the checkpoint, the trained model, metrics and plots go.
+        Where the checkpoint, the trained model, metrics and plots go: a new or
+        empty folder, or the folder of an earlier run (to resume or replace it);
+        a folder holding other files is refused.
     epochs : float
         Passes over the data (1 in the recipe); ``max_steps`` overrides it.
     max_steps : int, optional
@@ -231,7 +233,7 @@ def _save_checkpoint(path: Path, model, optimizer, scheduler, state: dict) -> No
     import torch
     from safetensors.torch import save_file
 
-    with atomic_directory(path) as tmp:
+    with atomic_directory(path, kind="checkpoint") as tmp:
         save_file(_trainable_state(model), str(tmp / "trainable.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
@@ -341,7 +343,8 @@ def train_llava(model, data, config: LLaVATrainingConfig | None = None, *,
     from accelerate import Accelerator
 
     config = config or LLaVATrainingConfig()
-    out = Path(config.output_dir)
+    out = prepare_output_dir(config.output_dir, "llava-training",
+                             recognize=lambda p: (p / "checkpoint" / "state.json").is_file())
     use_cpu = (config.device or "").startswith("cpu") or not torch.cuda.is_available()
     bf16 = config.bf16 if config.bf16 is not None else not use_cpu
     accelerator = Accelerator(cpu=use_cpu, mixed_precision="bf16" if bf16 else "no",
@@ -502,12 +505,12 @@ def train_llava(model, data, config: LLaVATrainingConfig | None = None, *,
             _plot_loss(history, out / "loss.png", config)
         if config.lora:
             adapter_dir = out / "adapter"
-            with atomic_directory(adapter_dir) as tmp:
+            with atomic_directory(adapter_dir, kind="llava-adapter") as tmp:
                 unwrapped.save_pretrained(tmp, state_dict=full_state, safe_serialization=True)
                 processor.save_pretrained(tmp)
         else:
             model_dir = out / "model"
-            with atomic_directory(model_dir) as tmp:
+            with atomic_directory(model_dir, kind="llava-model") as tmp:
                 unwrapped.save_pretrained(tmp, state_dict=full_state, safe_serialization=True)
                 processor.save_pretrained(tmp)
         (out / "training.json").write_text(json.dumps(
