@@ -49,6 +49,7 @@ __all__ = [
     "read_manifest",
     "write_manifest",
     "validate_manifest",
+    "check_no_local_paths",
     "empty_manifest",
     "ManifestDataset",
 ]
