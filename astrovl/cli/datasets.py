@@ -52,8 +52,7 @@ def register(sub) -> None:
     p = add_command(sub, "build-outreach",
                     "build an outreach image-caption dataset from APOD/ESO/ESA records",
                     """
-                    astrovl build-outreach ./outreach apod.json eso.jsonl --image-size 256
-                    astrovl build-outreach ./outreach local.jsonl --image-root ./my-pictures
+                    astrovl build-outreach ./outreach apod.json eso.jsonl --image-root ./pictures --image-size 256
                     """, _cmd_build_outreach)
     p.add_argument("output", help="dataset directory to write (resumes an interrupted build)")
     p.add_argument("records", nargs="+", help="JSON/JSONL/CSV record files")

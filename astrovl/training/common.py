@@ -66,7 +66,7 @@ def save_checkpoint(directory, *, model, optimizer, scheduler, state: dict, extr
     from safetensors.torch import save_model
 
     directory = Path(directory)
-    with atomic_directory(directory, kind="checkpoint") as tmp:
+    with atomic_directory(directory, kind="checkpoint", recognize=lambda p: (p / "state.json").is_file()) as tmp:
         save_model(model, str(tmp / "model.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")

@@ -233,7 +233,7 @@ def _save_checkpoint(path: Path, model, optimizer, scheduler, state: dict) -> No
     import torch
     from safetensors.torch import save_file
 
-    with atomic_directory(path, kind="checkpoint") as tmp:
+    with atomic_directory(path, kind="checkpoint", recognize=lambda p: (p / "state.json").is_file()) as tmp:
         save_file(_trainable_state(model), str(tmp / "trainable.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
