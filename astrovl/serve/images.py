@@ -127,7 +127,9 @@ class IndexImages:
     metadata : astropy.table.Table
         The index metadata.
     index_dir : path, optional
-        The index directory (relative paths are tried against it and its parent).
+        The index directory (relative paths are tried against the image root,
+        then against it, its parent and the working directory; the file found
+        must still lie under the image root).
     image_root : path, optional
         Only files under this directory are opened. Default: the directory common
         to every file the index names.
@@ -190,10 +192,9 @@ class IndexImages:
         candidate = Path(os.path.expanduser(text))
         if candidate.is_absolute():
             tries = [candidate]
-        elif self.recorded_root is not None:
-            tries = [self.recorded_root / candidate]
-        else:
-            bases = [self.index_dir, self.index_dir.parent] if self.index_dir is not None else []
+        else:  # relative to the image root first, then as the index's writer saw it
+            bases = [self.recorded_root] if self.recorded_root is not None else []
+            bases += [self.index_dir, self.index_dir.parent] if self.index_dir is not None else []
             tries = [b / candidate for b in bases] + [Path.cwd() / candidate]
         for p in tries:
             try:
