@@ -156,7 +156,7 @@ def test_crash_during_the_swap_puts_the_previous_output_back(tmp_path, monkeypat
 
     def failing_replace(src, dst):
         calls.append((Path(src).name, Path(dst).name))
-        if len(calls) == 2:  # the new folder moving into place
+        if Path(dst).name == "out" and Path(src).name.endswith(".part"):  # the new folder moving into place
             raise OSError("disk full")
         return real_replace(src, dst)
 
@@ -165,7 +165,7 @@ def test_crash_during_the_swap_puts_the_previous_output_back(tmp_path, monkeypat
         with atomic_directory(target, kind="thing") as tmp:
             (tmp / "data.txt").write_text("version 2")
     monkeypatch.undo()
-    assert len(calls) == 3 and calls[2][1] == "out"  # moved back
+    assert calls[-1][0].endswith(".old") and calls[-1][1] == "out"  # the previous output moved back
     assert snapshot(target) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
@@ -367,11 +367,12 @@ def test_demo_refuses_a_user_folder(user_dir):
 def test_synthetic_generate(tmp_path, user_dir):
     from astrovl.datasets import SyntheticSkyDataset
 
+    kw = dict(n_images=8, image_size=32, classes=["elliptical", "cigar"], progress=False)
     with pytest.raises(OutputDirectoryError):
-        SyntheticSkyDataset.generate(user_dir, n_images=8, image_size=32, progress=False)
+        SyntheticSkyDataset.generate(user_dir, **kw)
     assert_untouched(user_dir)
-    ds = SyntheticSkyDataset.generate(tmp_path / "sky", n_images=8, image_size=32, progress=False)
-    again = SyntheticSkyDataset.generate(tmp_path / "sky", n_images=8, image_size=32, progress=False)  # resume
+    ds = SyntheticSkyDataset.generate(tmp_path / "sky", **kw)
+    again = SyntheticSkyDataset.generate(tmp_path / "sky", **kw)  # resumes in its own folder
     assert len(ds) == len(again) == 8
     assert read_output_marker(tmp_path / "sky")["kind"] == "synthetic-dataset"
 
@@ -432,7 +433,7 @@ CLI_COMMANDS = {
     "train-clip": lambda d, t, m13: ["train-clip", str(t / "no-dataset"), "--output", str(d)],
     "train-llava": lambda d, t, m13: ["train-llava", "--stage", "1", "--data", str(t / "no-data.json"), "--output", str(d)],
     "demo": lambda d, t, m13: ["demo", "--output", str(d), "--quick"],
-    "synth": lambda d, t, m13: ["synth", str(d), "--n-images", "8", "--image-size", "32"],
+    "synth": lambda d, t, m13: ["synth", str(d), "--n-images", "11", "--image-size", "32"],
     "build-hubble": lambda d, t, m13: ["build-hubble", str(d), "--proposal-id", "5371"],
     "build-outreach": lambda d, t, m13: ["build-outreach", str(d), str(_records_file(t))],
     "convert-llava": lambda d, t, m13: ["convert-llava", str(t / "no-checkpoint"), str(d)],
