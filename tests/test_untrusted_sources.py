@@ -135,7 +135,7 @@ def test_cli_build_outreach_refuses_file_urls(tmp_path, pictures, capsys):
     err = capsys.readouterr().err
     assert "file:///etc/passwd" in err and "not allowed" in err
     assert not (tmp_path / "ds").exists()
-    recs = _records(tmp_path, [{"image": "m13.png", "caption": "M13."}], name="ok.jsonl")
+    recs = _records(root, [{"image": "m13.png", "caption": "M13."}], name="ok.jsonl")
     assert main(["build-outreach", str(tmp_path / "ds"), str(recs), "--image-root", str(root),
                  "--image-size", "32"]) == 0
     assert (tmp_path / "ds" / "manifest.ecsv").is_file()
@@ -149,7 +149,7 @@ def test_write_manifest_refuses_absolute_local_paths(tmp_path, value):
                    "original": [value]})
     with pytest.raises(ManifestError, match="'original' row 0") as err:
         write_manifest(table, tmp_path)
-    assert value in str(err.value)
+    assert repr(value) in str(err.value)
     assert not (tmp_path / "manifest.ecsv").exists()
 
 

@@ -120,7 +120,7 @@ def check_no_local_paths(table: Table) -> None:
         for i, value in enumerate(table[name]):
             if isinstance(value, str) and _ABSOLUTE_PATH.match(value.strip()):
                 raise ManifestError(
-                    f"manifest column {name!r} row {i} holds the absolute local path {value!r}; a "
+                    f"manifest column {name!r} row {i} holds the absolute local path {str(value)!r}; a "
                     "manifest is shared with its dataset, so write paths relative to the dataset "
                     "root (or to the source folder), or provenance URLs"
                 )
