@@ -470,3 +470,21 @@ def test_cli_index_build_replaces_its_own_index(tmp_path, m13_path, ngc1316_path
     assert main(["index", "build", str(images), "--index", str(images), "--model", str(model)]) == 1
     assert "not empty" in capsys.readouterr().err
     assert snapshot(images) == before
+
+
+def test_serve_thumbnail_cache_never_fills_a_user_folder(user_dir, tmp_path, m13_path, caplog):
+    from astrovl.serve.images import IndexImages
+
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "m13.fits").write_bytes(Path(m13_path).read_bytes())
+    meta = Table({"path": [str(images / "m13.fits")]})
+    refused = IndexImages(meta, image_root=images, cache_dir=user_dir, size=32)
+    png, _ = refused.thumbnail(0)
+    assert png.startswith(b"\x89PNG") and "not cached" in caplog.text  # served all the same
+    assert_untouched(user_dir)
+    cache = tmp_path / "thumbs"
+    used = IndexImages(meta, image_root=images, cache_dir=cache, size=32)
+    assert used.thumbnail(0)[0] == png
+    assert len(list(cache.rglob("*.png"))) == 1 and read_output_marker(cache)["kind"] == "thumbnail-cache"
+    assert IndexImages(meta, image_root=images, cache_dir=cache, size=32).thumbnail(0)[0] == png
