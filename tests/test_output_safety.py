@@ -383,6 +383,8 @@ def test_hubble_builder_refuses_a_user_folder(user_dir):
     obs = Table({"obsid": ["1"], "obs_id": ["j8pu0y010"], "proposal_id": ["10000"]})
     with pytest.raises(OutputDirectoryError):
         HubblePreviewDatasetBuilder(obs, user_dir, caption_mode="title")
+    with pytest.raises(OutputDirectoryError):  # before MAST is asked anything
+        HubblePreviewDatasetBuilder.from_proposals([5371], user_dir, caption_mode="title")
     assert_untouched(user_dir)
 
 

@@ -538,9 +538,12 @@ class HubblePreviewDatasetBuilder:
         ------
         DatasetError
             If an ID is not an integer, or MAST returns no public observation.
+        OutputDirectoryError
+            ``directory`` holds other files (checked before MAST is queried).
         """
         from astroquery.mast import Observations
 
+        check_output_dir(directory, OUTPUT_KIND, recognize=_is_earlier_build)
         ids: list[str] = []
         for p in proposal_ids:
             pid = _int_or_none(p)
