@@ -126,7 +126,9 @@ def run_demo(output_dir: str | os.PathLike = "astrovl-demo", *, steps: int | Non
     Parameters
     ----------
     output_dir : path
-        Where the dataset, runs and ``report.html`` go.
+        Where the dataset, runs and ``report.html`` go: a new or empty folder,
+        or the folder of an earlier demo (a folder holding other files is
+        refused with :class:`~astrovl.exceptions.OutputDirectoryError`).
     steps : int, optional
         Training steps per model (default 400; 60 with ``quick``).
     seed : int
@@ -155,13 +157,13 @@ def run_demo(output_dir: str | os.PathLike = "astrovl-demo", *, steps: int | Non
     from .reporting import HTMLReport
     from .training import CLIPTrainingConfig, train_clip
     from .training.common import plot_history
+    from .utils.files import prepare_output_dir
 
     if pretrained is not None and model is None:
         raise ValueError(f"pretrained={pretrained!r} needs model= (the open_clip model name it is a tag "
                          "of); without a model the demo trains a small CLIP from scratch")
     t0 = time.perf_counter()
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare_output_dir(output_dir, "demo", recognize=lambda p: (p / "report.html").is_file())
     steps = steps or (60 if quick else 400)
     n_images = n_images or (330 if quick else 1100)
 
@@ -211,7 +213,7 @@ def run_demo(output_dir: str | os.PathLike = "astrovl-demo", *, steps: int | Non
                   "path": [os.path.relpath(p, out) for p in items]})
     # the trained model was loaded from its run directory, so the index records where it is and
     # `astrovl search OUT/index "text"` works without naming the model
-    index = EmbeddingIndex.build(trained, items, metadata=meta, progress=False)
+    index = EmbeddingIndex.build(trained, items, metadata=meta, progress=False, image_root=out / "data")
     index.save(out / "index")
     search_command = follow_up_command(out / "index")
     thumbs = {i: load_image(obj) for i, obj in enumerate(items)}

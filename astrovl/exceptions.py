@@ -16,6 +16,8 @@ __all__ = [
     "IndexMismatchError",
     "GenerationError",
     "QueryError",
+    "OutputDirectoryError",
+    "UntrustedSourceError",
 ]
 
 
@@ -70,3 +72,22 @@ class QueryError(AstroVLError, ValueError):
     def __init__(self, message: str, status: int = 400):
         super().__init__(message)
         self.status = int(status)
+
+
+class OutputDirectoryError(AstroVLError, FileExistsError):
+    """An output folder holds files that astrovl did not write, or another kind of output.
+
+    astrovl replaces or fills a folder only when it is missing, empty, or an
+    earlier astrovl output of the same kind (it carries the marker file
+    ``.astrovl-output.json``); the message names the folder and a new subfolder
+    to use instead.
+    """
+
+
+class UntrustedSourceError(DatasetError):
+    """A record names an image source that is not allowed.
+
+    Records may name only ``http(s)`` URLs, or files under the local root the
+    caller passes explicitly; other schemes (``file://``, ``ftp://``...) and
+    paths outside that root are refused.
+    """

@@ -174,21 +174,36 @@ def open_index_job(registry: ModelRegistry, spec: ModelSpec, directory: str | os
 
 
 def build_index_job(registry: ModelRegistry, spec: ModelSpec, paths: Sequence[str | os.PathLike], *,
-                    save_to: str | os.PathLike | None = None, batch_size: int = 16
+                    save_to: str | os.PathLike | None = None, batch_size: int = 16,
+                    image_root: str | os.PathLike | None = None
                     ) -> Generator[Step, None, BuildResult]:
     """Embed image files and index them, one batch per step.
 
     Unreadable files are skipped (listed in :attr:`BuildResult.skipped`). The
-    metadata has a ``path`` (absolute) and a ``name`` column. With ``save_to``
-    the index is written there (atomically) at the end.
+    metadata has a ``path`` (absolute) and a ``name`` column; the index records
+    ``image_root`` (default: the folder common to all files) as its image root.
+    With ``save_to`` the index is written there (atomically) at the end:
+    ``save_to`` must be a new or empty folder, or an earlier index, which is
+    checked before any image is embedded.
+
+    Raises
+    ------
+    astrovl.exceptions.OutputDirectoryError
+        ``save_to`` holds files that are not an astrovl index.
     """
     from astropy.table import Table
 
     from astrovl.clip import EmbeddingIndex
+    from astrovl.clip.index import OUTPUT_KIND, is_saved_index
+    from astrovl.utils.files import check_output_dir
 
     paths = [Path(p).resolve() for p in paths]
     if not paths:
         raise ValueError("no image files to index: the folder holds no FITS or picture files")
+    if save_to:
+        check_output_dir(save_to, OUTPUT_KIND, recognize=is_saved_index)
+    if image_root is None:
+        image_root = os.path.commonpath([str(p.parent) for p in paths])
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1")
     total = len(paths)
@@ -215,7 +230,7 @@ def build_index_job(registry: ModelRegistry, spec: ModelSpec, paths: Sequence[st
     if not kept:
         reasons = "; ".join(f"{p.name}: {why}" for p, why in skipped[:3])
         raise ValueError(f"none of the {total} images could be read ({reasons})")
-    index = EmbeddingIndex(embedder.embed_dim, embedder=embedder)
+    index = EmbeddingIndex(embedder.embed_dim, embedder=embedder, image_root=image_root)
     index.add(np.concatenate(vectors), Table({"path": [str(p) for p in kept],
                                               "name": [p.name for p in kept]}))
     saved = None
@@ -229,10 +244,15 @@ def search_job(index, query: str | RegionRequest, *, k: int = 10, thumbnail_size
                index_dir: str | os.PathLike | None = None) -> Generator[Step, None, list[SearchHit]]:
     """Query an index by text or by a region and make thumbnails of the hits.
 
+    Thumbnails are made only of files under the image root the index records
+    (:func:`astrovl.serve.images.recorded_image_root`): a file named by an
+    index's metadata is not opened outside it.
+
     Returns
     -------
     list of SearchHit
-        Best first; ``thumbnail`` is None for hits whose image cannot be found or read.
+        Best first; ``thumbnail`` is None for hits whose image cannot be found or
+        read, or lies outside the image root (``in_root`` False).
     """
     if isinstance(query, str):
         if not query.strip():
@@ -247,12 +267,14 @@ def search_job(index, query: str | RegionRequest, *, k: int = 10, thumbnail_size
     yield Step(0, 1, f"searching for {what}")
     if q is None:
         q = query.load().to_pil()
+    from astrovl.serve.images import recorded_image_root
+
     table = index.search(q, k=int(k))
-    hits = hits_from_table(table, index_dir)
+    hits = hits_from_table(table, index_dir, recorded_image_root(index, index_dir))
     total = 1 + len(hits)
     yield Step(1, total, f"{len(hits)} results")
     for i, hit in enumerate(hits, start=1):
-        if hit.path is not None and thumbnail_size:
+        if hit.path is not None and hit.in_root and thumbnail_size:
             try:
                 hit.thumbnail = make_thumbnail(hit.path, thumbnail_size)
             except Exception as exc:  # thumbnails are a convenience: keep the hit

@@ -165,6 +165,9 @@ class SearchHit:
         The index metadata row.
     thumbnail : numpy.ndarray or None
         ``uint8`` RGB thumbnail (row 0 at the top).
+    in_root : bool
+        True when :attr:`path` lies under the image root the index records: only
+        such files are opened (thumbnails included) without asking the user.
     """
 
     rank: int
@@ -174,6 +177,7 @@ class SearchHit:
     path: Path | None = None
     metadata: dict = field(default_factory=dict)
     thumbnail: np.ndarray | None = None
+    in_root: bool = False
 
     def text(self) -> str:
         """``"1.  0.842  m13.fits"``."""
@@ -208,8 +212,21 @@ def resolve_image_path(value: Any, index_dir: str | os.PathLike | None = None) -
     return None
 
 
-def hits_from_table(table, index_dir: str | os.PathLike | None = None) -> list[SearchHit]:
-    """Turn the table of :meth:`astrovl.EmbeddingIndex.search` into :class:`SearchHit` objects."""
+def is_under(path: str | os.PathLike | None, root: str | os.PathLike | None) -> bool:
+    """True when ``path`` (resolved, links followed) lies under the folder ``root``."""
+    if path is None or root is None:
+        return False
+    p, r = Path(path).resolve(), Path(root).resolve()
+    return p == r or r in p.parents
+
+
+def hits_from_table(table, index_dir: str | os.PathLike | None = None,
+                    image_root: str | os.PathLike | None = None) -> list[SearchHit]:
+    """Turn the table of :meth:`astrovl.EmbeddingIndex.search` into :class:`SearchHit` objects.
+
+    ``image_root`` is the folder the index records for its images; hits whose
+    file lies under it get ``in_root=True``.
+    """
     from astrovl.imaging.inputs import PATH_COLUMNS
 
     hits = []
@@ -232,7 +249,7 @@ def hits_from_table(table, index_dir: str | os.PathLike | None = None) -> list[S
         if label is None:
             label = f"row {int(r['row'])}"
         hits.append(SearchHit(rank=int(r["rank"]), score=float(r["score"]), row=int(r["row"]),
-                              label=label, path=path, metadata=meta))
+                              label=label, path=path, metadata=meta, in_root=is_under(path, image_root)))
     return hits
 
 

@@ -31,6 +31,23 @@ def _pixmap(rgb: np.ndarray):
     return QPixmap.fromImage(qimg.copy())
 
 
+def confirm_open_outside_root(parent, path: Path, root: Path | None) -> bool:
+    """Ask the user whether to open ``path``, which lies outside the index's image root.
+
+    Returns True only when the user answers Yes (the default button is No).
+    """
+    from qtpy.QtWidgets import QMessageBox
+
+    where = f"outside the index's image folder ({root})" if root is not None else \
+        "but the index records no image folder"
+    answer = QMessageBox.question(
+        parent, "Open a file named by the index?",
+        f"The index names the file\n{path}\n{where}.\n\nAn index from someone else can name any "
+        "file on this computer. Open it?",
+        QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No, QMessageBox.StandardButton.No)
+    return answer == QMessageBox.StandardButton.Yes
+
+
 def _path_or_none(value) -> Path | None:
     if value is None:
         return None
@@ -44,7 +61,11 @@ class SearchWidget(Container):
     """Open or build an :class:`~astrovl.EmbeddingIndex` and search it by text or by a region.
 
     Results show ranked with thumbnails and cosine scores; double-click a result
-    (or select it and press "Open selected") to open the image as layers.
+    (or select it and press "Open selected") to open the image as layers. Files
+    named by the index are opened (thumbnails included) only under the image
+    folder the index records; any other file is opened only after the user
+    confirms. "save index to" must be a new or empty folder, or an earlier
+    index: a folder holding other files is refused, never replaced.
 
     Parameters
     ----------
@@ -66,7 +87,8 @@ class SearchWidget(Container):
         self.open_button = PushButton(text="Open index")
         self.image_folder = FileEdit(label="image folder", mode="d", nullable=True, value=None)
         self.save_to = FileEdit(label="save index to", mode="d", nullable=True, value=None,
-                                tooltip="optional: a new folder for the index built")
+                                tooltip="optional: a new or empty folder for the index built (a folder "
+                                "holding other files is refused, never replaced)")
         self.build_button = PushButton(text="Build index")
         self.index_info = Label(value="no index open")
         self.query = LineEdit(label="text query", value="")
@@ -125,7 +147,7 @@ class SearchWidget(Container):
             return None
         save_to = _path_or_none(self.save_to.value)
         return self.runner.start(build_index_job, self.registry, self.model.spec, paths,
-                                 save_to=save_to, desc=desc, on_result=self._on_built)
+                                 save_to=save_to, image_root=folder, desc=desc, on_result=self._on_built)
 
     def _on_built(self, result) -> None:
         self._set_index(result.index, result.saved_to)
@@ -191,6 +213,8 @@ class SearchWidget(Container):
         for hit in self.hits:
             item = QListWidgetItem(hit.text())
             tip = str(hit.path) if hit.path is not None else "image file not found"
+            if hit.path is not None and not hit.in_root:
+                tip += " (outside the index's image folder: opened only after you confirm)"
             item.setToolTip(tip)
             if hit.thumbnail is not None:
                 item.setIcon(QIcon(_pixmap(hit.thumbnail)))
@@ -215,6 +239,12 @@ class SearchWidget(Container):
                     f"result {hit.rank} ({hit.label}) names no image file that exists here; "
                     "the index metadata should hold paths to the images"
                 )
+            if not hit.in_root:
+                from astrovl.serve.images import recorded_image_root
+
+                root = recorded_image_root(self.index, self.index_dir) if self.index is not None else None
+                if not confirm_open_outside_root(self.native, hit.path, root):
+                    return []
             layers = [self.viewer.add_image(data, **kwargs) for data, kwargs, _ in image_layer_data(hit.path)]
         except Exception as exc:
             self.runner.fail(exc, desc="Open result")

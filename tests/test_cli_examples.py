@@ -98,7 +98,7 @@ def workspace(tmp_path_factory, m13_path, ngc1316_path, xdf_array):
     Image.fromarray(np.ascontiguousarray(xdf_array[::4, ::4])).save(work / "more-previews" / "xdf.png")
     (work / "abstracts.txt").write_text(th.ABSTRACTS)
     (work / "my_categories.txt").write_text("globular cluster\nspiral galaxy\n# a comment\nnebula\n")
-    pictures = build / "pictures"
+    pictures = work / "pictures"  # the --image-root of the example: local images must lie under it
     pictures.mkdir()
     recs = []
     for i, src in enumerate((m13_path, ngc1316_path, m13_path, ngc1316_path)):

@@ -369,14 +369,17 @@ def test_build_hubble_val_fraction_end_to_end(tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------------- build-outreach
-@covers("build-outreach", "--image-size", "--seed", "--val-fraction")
+@covers("build-outreach", "--image-size", "--seed", "--val-fraction", "--image-root")
 def test_build_outreach_flags(monkeypatch):
     import astrovl.datasets
 
     rec = Recorder(SimpleNamespace(build=lambda: "dataset", report="report"))
     monkeypatch.setattr(astrovl.datasets, "OutreachDatasetBuilder", rec)
     assert main(["build-outreach", "d", "a.json", "--image-size", "128", "--seed", "2", "--val-fraction", "0.4"]) == 0
-    assert rec.calls[-1] == ((["a.json"], "d"), {"image_size": 128, "seed": 2, "val_fraction": 0.4})
+    assert rec.calls[-1] == ((["a.json"], "d"), {"image_root": None, "image_size": 128, "seed": 2,
+                                                 "val_fraction": 0.4})
+    assert main(["build-outreach", "d", "a.json", "--image-root", "pics"]) == 0
+    assert rec.calls[-1][1]["image_root"] == "pics"
 
 
 # ---------------------------------------------------------------------- summarize, conversations

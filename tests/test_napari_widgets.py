@@ -318,3 +318,55 @@ def test_models_load_after_the_viewer_rendered(tmp_path, tiny_clip_dir):
         pytest.skip("the OpenGL driver here does not load the system LLVM")
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().splitlines()[-1] == "ok True (1, 64)"
+
+
+def test_search_widget_asks_before_opening_a_file_outside_the_image_root(
+        make_napari_viewer, tmp_path, image_folder, m13_path, monkeypatch):
+    """An index from someone else can name any file: those outside its image root need a yes."""
+    from astrovl.clip import EmbeddingIndex
+    from astrovl_napari import SearchWidget, _search_widget
+    from astrovl_napari._results import SearchHit
+
+    outside = tmp_path / "elsewhere" / "private.fits"
+    outside.parent.mkdir()
+    shutil.copy(m13_path, outside)
+    viewer = make_napari_viewer()
+    widget = SearchWidget(viewer, registry=ModelRegistry())
+    widget.index = EmbeddingIndex(4, image_root=image_folder)
+    widget.hits = [SearchHit(rank=1, score=0.9, row=0, label="inside", path=image_folder / "m13.fits",
+                             in_root=True),
+                   SearchHit(rank=2, score=0.8, row=1, label="outside", path=outside, in_root=False)]
+    asked = []
+
+    def answer(value):
+        def confirm(parent, path, root):
+            asked.append((Path(path), root))
+            return value
+        return confirm
+
+    monkeypatch.setattr(_search_widget, "confirm_open_outside_root", answer(False))
+    assert len(widget.open_result(0)) == 1 and asked == []  # inside the root: no question
+    assert widget.open_result(1) == [] and len(viewer.layers) == 1  # the user said no
+    assert asked == [(outside, image_folder.resolve())]
+    monkeypatch.setattr(_search_widget, "confirm_open_outside_root", answer(True))
+    layers = widget.open_result(1)
+    assert len(layers) == 1 and len(viewer.layers) == 2 and len(asked) == 2
+
+
+def test_search_widget_save_to_refuses_a_folder_with_files(make_napari_viewer, qtbot, astrovl_plugin,
+                                                           tmp_path, image_folder, tiny_clip_dir):
+    """The "save index to" picker offers existing folders: one holding files is never replaced."""
+    from astrovl.exceptions import OutputDirectoryError
+
+    before = {p.name: p.read_bytes() for p in image_folder.iterdir()}
+    viewer = make_napari_viewer()
+    _, widget = viewer.window.add_plugin_dock_widget(astrovl_plugin, "Search")
+    use_model(widget, tiny_clip_dir)
+    widget.image_folder.value = image_folder
+    widget.save_to.value = image_folder  # the folder of the images themselves
+    widget.build_index()
+    wait_done(qtbot, widget)
+    assert isinstance(widget.runner.last_error, OutputDirectoryError)
+    assert str(image_folder) in last_error_message() and "not empty" in last_error_message()
+    assert {p.name: p.read_bytes() for p in image_folder.iterdir()} == before
+    assert widget.index is None

@@ -100,7 +100,8 @@ def record_files(tmp_path, m13_path, ngc1316_path):
          "image": M13_URL, "source": "ESO"},
     ]
     (src / "eso.jsonl").write_text("\n".join(json.dumps(r) for r in eso) + "\n")
-    esa = Table({"image": [str(ngc1316_path)], "caption": ["The radio galaxy NGC 1316."],
+    (src / "img" / "ngc1316.fits").write_bytes(Path(ngc1316_path).read_bytes())
+    esa = Table({"image": [str(src / "img" / "ngc1316.fits")], "caption": ["The radio galaxy NGC 1316."],
                  "title": ["Fornax A"], "source": ["esahubble"], "credit": ["ESA/Hubble"]})
     esa.write(src / "esahubble.csv", format="ascii.csv")
     return [src / "apod.json", src / "eso.jsonl", src / "esahubble.csv"]
@@ -114,7 +115,8 @@ def test_strip_html():
 
 
 def test_build_outreach_dataset(tmp_path, record_files, web):
-    builder = OutreachDatasetBuilder(record_files, tmp_path / "ds", val_fraction=0.25, **COMMON)
+    builder = OutreachDatasetBuilder(record_files, tmp_path / "ds", val_fraction=0.25,
+                                     image_root=record_files[0].parent, **COMMON)
     ds = builder.build()
     r = builder.report
     assert r["records"] == 8
@@ -134,6 +136,9 @@ def test_build_outreach_dataset(tmp_path, record_files, web):
     assert m[by_title["M13 again"]]["source"] == "eso"
     assert m[by_title["Messier 13"]]["url"] == "https://www.eso.org/public/images/x/"
     assert set(m["source"]) == {"apod", "eso", "esahubble"}
+    # local files are recorded relative to the image root: no absolute local path in the manifest
+    assert m[by_title["Messier 13"]]["original"] == "img/m13.jpg"
+    assert m[by_title["Fornax A"]]["original"] == "img/ngc1316.fits"
     # a record's split is the hash rule of its id and the seed (stable when records are added)
     from astrovl.datasets.hubble import assign_splits
 
@@ -154,7 +159,8 @@ def test_build_outreach_dataset(tmp_path, record_files, web):
 
 def test_corrupt_url_is_refetched(tmp_path, record_files, web):
     web.truncate_once.add(XDF_URL)
-    builder = OutreachDatasetBuilder(record_files, tmp_path / "ds", **COMMON)
+    builder = OutreachDatasetBuilder(record_files, tmp_path / "ds", image_root=record_files[0].parent,
+                                     **COMMON)
     ds = builder.build()
     assert web.calls.count(XDF_URL) == 2 and XDF_URL in web.cleared
     assert "The Extreme Deep Field" in set(ds.manifest["title"])
@@ -162,10 +168,11 @@ def test_corrupt_url_is_refetched(tmp_path, record_files, web):
 
 
 def test_resume_skips_finished_images(tmp_path, record_files, web):
-    first = OutreachDatasetBuilder(record_files, tmp_path / "ds", **COMMON).build()
+    root = record_files[0].parent
+    first = OutreachDatasetBuilder(record_files, tmp_path / "ds", image_root=root, **COMMON).build()
     good_calls = [c for c in web.calls if c != DEAD_URL]
     web.calls.clear()
-    builder = OutreachDatasetBuilder(record_files, tmp_path / "ds", **COMMON)
+    builder = OutreachDatasetBuilder(record_files, tmp_path / "ds", image_root=root, **COMMON)
     second = builder.build()
     assert [c for c in web.calls if c != DEAD_URL] == []  # nothing fetched again
     assert len(good_calls) == 2
@@ -183,16 +190,17 @@ def test_split_is_deterministic_by_record(tmp_path, m13_path):
         p.write_bytes(img.read_bytes())
         recs.append({"image": str(p), "caption": f"Cluster view {k}.", "id": f"r{k}",
                      "source": "apod"})
-    # the ids hold a digest of each file's path (here under tmp_path, so they differ between
-    # runs); val_fraction=0.5 keeps the small-set fallback of assign_splits out of the way
-    a = OutreachDatasetBuilder(recs[:10], tmp_path / "a", seed=5, val_fraction=0.5, **COMMON).build()
+    # the ids hold a digest of each file's path relative to the image root (the same on every
+    # machine); val_fraction=0.5 keeps the small-set fallback of assign_splits out of the way
+    COMMON_ROOT = {**COMMON, "image_root": tmp_path}
+    a = OutreachDatasetBuilder(recs[:10], tmp_path / "a", seed=5, val_fraction=0.5, **COMMON_ROOT).build()
     b = OutreachDatasetBuilder(list(reversed(recs[:10])), tmp_path / "b", seed=5, val_fraction=0.5,
-                               **COMMON).build()
+                               **COMMON_ROOT).build()
     val_a = set(a.split("val").manifest["id"])
     assert 1 <= len(val_a) < 10 and val_a == set(b.split("val").manifest["id"])
     assert len(a.split("train")) == 10 - len(val_a)
     # more records later: every record keeps the side its own hash gives it
-    c = OutreachDatasetBuilder(recs, tmp_path / "c", seed=5, val_fraction=0.5, **COMMON).build()
+    c = OutreachDatasetBuilder(recs, tmp_path / "c", seed=5, val_fraction=0.5, **COMMON_ROOT).build()
     split_c = dict(zip(c.manifest["id"], c.manifest["split"]))
 
     def by_hash(i):
@@ -205,9 +213,10 @@ def test_split_is_deterministic_by_record(tmp_path, m13_path):
 
 
 def test_missing_local_image_counts_as_failed(tmp_path, m13_path):
-    recs = Table({"image": [str(tmp_path / "nope.jpg"), str(m13_path)],
+    (tmp_path / "m13.fits").write_bytes(Path(m13_path).read_bytes())
+    recs = Table({"image": ["nope.jpg", "m13.fits"],
                   "caption": ["Missing.", "M13 FITS."], "title": ["a", "b"]})
-    builder = OutreachDatasetBuilder(recs, tmp_path / "ds", **COMMON)
+    builder = OutreachDatasetBuilder(recs, tmp_path / "ds", image_root=tmp_path, **COMMON)
     ds = builder.build()
     assert builder.report["failed"] == 1 and "does not exist" in builder.report.failures[0]["reason"]
     assert len(ds) == 1 and ds.manifest["source"][0] == "outreach"
@@ -237,6 +246,6 @@ def test_relative_paths_follow_the_records_file(tmp_path, record_files):
     wrapped = tmp_path / "wrapped.json"
     wrapped.write_text(json.dumps({"records": [{"image": "records/img/m13.jpg",
                                                 "caption": "M13."}]}))
-    ds = OutreachDatasetBuilder(wrapped, tmp_path / "ds", **COMMON).build()
+    ds = OutreachDatasetBuilder(wrapped, tmp_path / "ds", image_root=tmp_path, **COMMON).build()
     assert len(ds) == 1
-    assert ds.manifest["original"][0] == str((tmp_path / "records/img/m13.jpg").resolve())
+    assert ds.manifest["original"][0] == "records/img/m13.jpg"

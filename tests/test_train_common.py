@@ -13,6 +13,7 @@ from astrovl.training.common import (
     save_checkpoint,
     warmup_schedule,
 )
+from astrovl.utils.files import OUTPUT_MARKER
 
 
 def _closed_form(step: int, warmup: int, total: int, schedule: str) -> float:
@@ -93,7 +94,7 @@ def test_resume_from_a_checkpoint_continues_exactly(tmp_path, trainable_only):
                            state={"step": 4}, trainable_only=trainable_only)
     names = {p.name for p in ckpt.iterdir()}
     weights = "trainable.safetensors" if trainable_only else "model.safetensors"
-    assert names == {weights, "optimizer.pt", "scheduler.pt", "rng.pt", "state.json"}
+    assert names == {weights, "optimizer.pt", "scheduler.pt", "rng.pt", "state.json", OUTPUT_MARKER}
 
     # a fresh process: other weights, other random state, scheduler at step 0
     net2, opt2, sched2 = _setup(0 if trainable_only else 1, trainable_only)

@@ -54,10 +54,13 @@ def register(sub) -> None:
     p = add_command(sub, "build-outreach",
                     "build an outreach image-caption dataset from APOD/ESO/ESA records",
                     """
-                    astrovl build-outreach ./outreach apod.json eso.jsonl --image-size 256
+                    astrovl build-outreach ./outreach apod.json eso.jsonl --image-root ./pictures --image-size 256
                     """, _cmd_build_outreach)
     p.add_argument("output", help="dataset directory to write (resumes an interrupted build)")
     p.add_argument("records", nargs="+", help="JSON/JSONL/CSV record files")
+    p.add_argument("--image-root", default=None,
+                   help="the only directory local image files named by the records may come from "
+                   "(default: none; records may then name only http(s) URLs)")
     p.add_argument("--image-size", type=int, default=512, help="side of the padded square images (default 512)")
     p.add_argument("--seed", type=int, default=0, help="seed of the split (default 0)")
     p.add_argument("--val-fraction", type=float, default=0.1,
@@ -95,7 +98,10 @@ def _cmd_build_hubble(args):
     from astropy.table import Table
 
     from ..datasets import HubblePreviewDatasetBuilder
+    from ..datasets.hubble import OUTPUT_KIND, is_earlier_build
+    from ..utils.files import check_output_dir
 
+    check_output_dir(args.output, OUTPUT_KIND, recognize=is_earlier_build)  # before any query
     summarizer = None
     if args.caption_source == "summary" or args.summarizer_model:
         from ..generation import AbstractSummarizer
@@ -126,8 +132,9 @@ def _cmd_build_hubble(args):
 def _cmd_build_outreach(args):
     from ..datasets import OutreachDatasetBuilder
 
-    builder = OutreachDatasetBuilder(list(args.records), args.output, image_size=args.image_size,
-                                     seed=args.seed, val_fraction=args.val_fraction)
+    builder = OutreachDatasetBuilder(list(args.records), args.output, image_root=args.image_root,
+                                     image_size=args.image_size, seed=args.seed,
+                                     val_fraction=args.val_fraction)
     ds = builder.build()
     print(ds)
     print(builder.report)

@@ -33,6 +33,16 @@ log = logging.getLogger(__name__)
 CONFIG_NAME = ASTROVL_CONFIG
 WEIGHTS_NAME = ASTROVL_WEIGHTS
 FORMAT = ASTROVL_FORMAT
+#: kind of the output folder a model is saved in (see :func:`astrovl.utils.files.check_output_dir`)
+OUTPUT_KIND = "clip-model"
+
+
+def _is_saved_model(directory: Path) -> bool:
+    """True for a model folder saved before output folders were marked."""
+    try:
+        return json.loads((directory / CONFIG_NAME).read_text("utf-8")).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
 
 #: A small CLIP (about 4 M parameters) that trains from scratch in minutes on a CPU;
 #: used by the demo, the tests and quick experiments.
@@ -272,6 +282,12 @@ class CLIPEmbedder:
         The directory reloads with :meth:`from_pretrained`; nothing is pickled.
         Afterwards :attr:`source` names this directory, so an index built with this
         embedder can load it again.
+
+        The folder is written under a temporary name and renamed into place once
+        complete. An existing ``directory`` is replaced only when it is empty or
+        a model saved earlier by astrovl; a folder holding anything else is
+        refused (:class:`~astrovl.exceptions.OutputDirectoryError`) and left
+        untouched.
         """
         directory = self.write_pretrained(directory)
         self.source = {"kind": "directory", "path": str(Path(directory).resolve())}
@@ -285,7 +301,7 @@ class CLIPEmbedder:
 
         directory = Path(directory)
         digest = self.weights_digest
-        with atomic_directory(directory) as tmp:
+        with atomic_directory(directory, kind=OUTPUT_KIND, recognize=_is_saved_model) as tmp:
             save_model(self.model, str(tmp / WEIGHTS_NAME))
             cfg = {"format": FORMAT, "format_version": 1, "astrovl_version": __version__,
                    "model_id": self.model_id, "weights_digest": digest, **self.config}

@@ -27,6 +27,8 @@ VECTORS = "vectors.safetensors"
 METADATA = "metadata.ecsv"
 FAISS_FILE = "index.faiss"
 FORMAT = "astrovl-embedding-index"
+#: kind of the output folder an index is saved in (see :func:`astrovl.utils.files.check_output_dir`)
+OUTPUT_KIND = "index"
 KINDS = ("exact", "hnsw", "ivf")
 IVF_TRAIN_POINTS_PER_CELL = 64
 IVF_TRAIN_SAMPLE = 100_000
@@ -56,6 +58,10 @@ class EmbeddingIndex:
         Device of the embedder when the index loads its recorded model itself.
     hnsw_m, ef_search, nlist, nprobe : int
         Parameters of the approximate structures.
+    image_root : path, optional
+        The folder the image files named in the metadata lie under. Saved with
+        the index (relative to the index folder); viewers such as the napari
+        plugin and ``astrovl serve`` open files only under it.
 
     Notes
     -----
@@ -70,13 +76,16 @@ class EmbeddingIndex:
 
     def __init__(self, dim: int, *, kind: str = "exact", embedder=None, model_id: str | None = None,
                  device=None, hnsw_m: int = 32, ef_search: int = 128, ef_construction: int = 200,
-                 nlist: int | None = None, nprobe: int = 32):
+                 nlist: int | None = None, nprobe: int = 32,
+                 image_root: str | os.PathLike | None = None):
         if kind not in KINDS:
             raise ValueError(f"kind={kind!r} is not known; use one of {KINDS}")
         if int(dim) < 1:
             raise ValueError(f"dim={dim!r} must be positive")
         self.dim = int(dim)
         self.kind = kind
+        #: folder the image files of the metadata lie under (absolute), or None
+        self.image_root: str | None = str(Path(image_root).expanduser().resolve()) if image_root else None
         self.device = device
         self._embedder = None
         self._embedder_lock = threading.Lock()
@@ -111,6 +120,9 @@ class EmbeddingIndex:
             GPU in real use). Image inputs must then be paths (or other picklable
             inputs), and the workers must see the same file system.
         progress : bool
+        **params
+            Other arguments of the constructor (``hnsw_m``, ``nlist``,
+            ``image_root``...).
 
         Returns
         -------
@@ -543,13 +555,35 @@ class EmbeddingIndex:
 
     # ------------------------------------------------------------------ persistence
     def save(self, directory: str | os.PathLike) -> Path:
-        """Write vectors (safetensors), metadata (ECSV) and a JSON manifest, atomically."""
+        """Write vectors (safetensors), metadata (ECSV) and a JSON manifest, atomically.
+
+        The folder is written under a temporary name and renamed into place once
+        complete. An existing ``directory`` is replaced only when it is empty or
+        an index saved earlier by astrovl; a folder holding anything else (your
+        images, say) is refused and left untouched.
+
+        Parameters
+        ----------
+        directory : path
+            The index folder.
+
+        Returns
+        -------
+        pathlib.Path
+            ``directory``.
+
+        Raises
+        ------
+        astrovl.exceptions.OutputDirectoryError
+            ``directory`` holds files that are not an astrovl index; save into a
+            new subfolder instead.
+        """
         from safetensors.numpy import save_file
 
         from .. import __version__
 
         directory = Path(directory)
-        with atomic_directory(directory) as tmp:
+        with atomic_directory(directory, kind=OUTPUT_KIND, recognize=is_saved_index) as tmp:
             save_file({"vectors": np.ascontiguousarray(self.vectors)}, str(tmp / VECTORS))
             self.metadata.write(tmp / METADATA, format="ascii.ecsv")
             if self.kind != "exact" and len(self):
@@ -560,6 +594,8 @@ class EmbeddingIndex:
                         "model_id": self.model_id, "model": self._model_manifest(directory),
                         "dim": self.dim, "count": len(self),
                         "metric": "inner_product", "kind": self.kind, "params": self.params}
+            if self.image_root is not None:
+                manifest["image_root"] = _relative_root(self.image_root, directory)
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
         return directory
 
@@ -629,6 +665,9 @@ class EmbeddingIndex:
         params = manifest.get("params", {})
         index = cls(dim, kind=manifest.get("kind", "exact"), device=device, **params)
         index._model = _recorded_model(manifest, directory)
+        root = manifest.get("image_root")
+        if isinstance(root, str) and root:
+            index.image_root = str((directory / Path(root).expanduser()).resolve())
         if vectors.dtype != np.float32:
             raise CheckpointError(f"embedding index {str(directory)!r} holds {vectors.dtype} vectors, not float32")
         index._vec.replace(vectors)
@@ -642,6 +681,22 @@ class EmbeddingIndex:
             if index._faiss.ntotal != count:
                 index._faiss = None
         return index
+
+
+def is_saved_index(directory: Path) -> bool:
+    """True for an index folder saved before output folders were marked."""
+    try:
+        return json.loads((directory / MANIFEST).read_text("utf-8")).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _relative_root(root: str, directory: Path) -> str:
+    """``root`` relative to the index folder (POSIX separators); absolute on another drive."""
+    try:
+        return Path(os.path.relpath(Path(root).resolve(), Path(directory).resolve())).as_posix()
+    except ValueError:
+        return str(root)
 
 
 def _stack_tables(tables) -> Table:

@@ -52,7 +52,13 @@ from astropy.table import Row, Table, vstack
 from astropy.utils.exceptions import AstropyUserWarning
 
 from ..exceptions import DatasetError
-from ..utils.files import atomic_write, atomic_write_text, safe_join
+from ..utils.files import (
+    atomic_write,
+    atomic_write_text,
+    check_output_dir,
+    prepare_output_dir,
+    safe_join,
+)
 from ..utils.progress import progress_bar
 from ._builder import (
     PAD_VALUE,  # noqa: F401  (public constant of this module before the split)
@@ -92,6 +98,13 @@ CAPTION_SOURCES = ("summary", "abstract", "title")
 _PRODUCT_CACHE = "products.ecsv"
 _SUMMARY_CACHE = "summaries.jsonl"
 _SUMMARY_FIELDS = ("objects_and_phenomena", "science_use_cases", "caption")
+#: kind of the output folder of a build (see :func:`astrovl.utils.files.check_output_dir`)
+OUTPUT_KIND = "hubble-dataset"
+
+
+def is_earlier_build(directory: Path) -> bool:
+    """True for a build folder written before output folders were marked."""
+    return (directory / _PRODUCT_CACHE).is_file() or (directory / REPORT_NAME).is_file()
 
 
 def _cell(row, name: str, default=""):
@@ -189,7 +202,9 @@ class HubblePreviewDatasetBuilder:
         ``proposal_id``; ``instrument_name``, ``filters``, ``target_name``,
         ``s_ra``, ``s_dec`` and ``obs_title`` are copied when present.
     directory : str or path-like
-        Dataset root. Created if needed; an existing partial build is resumed.
+        Dataset root. Created if needed; an existing partial build is resumed. A
+        folder holding other files is refused
+        (:class:`~astrovl.exceptions.OutputDirectoryError`).
     abstracts : str, path-like or astropy.table.Table, optional
         Proposal abstracts catalog (anything :func:`~astrovl.datasets.read_abstracts`
         accepts). Needed for ``caption_source="summary"`` and ``"abstract"``.
@@ -286,6 +301,7 @@ class HubblePreviewDatasetBuilder:
             raise DatasetError(f"max_images_per_proposal={max_images_per_proposal!r} must be >= 1")
         check_builder_options(image_size, val_fraction, max_retries)
         self.directory = Path(directory)
+        check_output_dir(self.directory, OUTPUT_KIND, recognize=is_earlier_build)
         self.abstracts = None if abstracts is None else read_abstracts(abstracts)
         self.summarizer = summarizer
         self.caption_source = caption_source
@@ -331,9 +347,12 @@ class HubblePreviewDatasetBuilder:
         ------
         DatasetError
             If an ID is not an integer, or MAST returns no public observation.
+        OutputDirectoryError
+            ``directory`` holds other files (checked before MAST is queried).
         """
         from astroquery.mast import Observations
 
+        check_output_dir(directory, OUTPUT_KIND, recognize=is_earlier_build)
         ids: list[str] = []
         for p in proposal_ids:
             pid = _int_or_none(p)
@@ -631,7 +650,7 @@ class HubblePreviewDatasetBuilder:
             When no preview image is left after filtering (the dataset is empty).
         """
         self.report = BuildReport(self._report_keys())
-        self.directory.mkdir(parents=True, exist_ok=True)
+        prepare_output_dir(self.directory, OUTPUT_KIND, recognize=is_earlier_build)
         self.report["observations"] = len(self.observations)
         observations = self._observation_records()
         obsids = sorted({o["obsid"] for o in observations if o["obsid"]})

@@ -31,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..utils.files import OUTPUT_MARKER, prepare_output_dir
+
 __all__ = ["MemoryImageCache", "DiskImageCache", "CACHE_KINDS"]
 
 CACHE_KINDS = ("memory", "disk", "none")
@@ -65,7 +67,9 @@ class DiskImageCache:
     directory : path
         Where ``images.u8``, ``filled.u8`` and ``cache.json`` live. A cache left
         there by an earlier run over the same files (same paths, sizes and
-        modification times, same shape) is reused; any other content is replaced.
+        modification times, same shape) is reused, an earlier cache of other
+        files is replaced; a folder holding anything else is refused
+        (:class:`~astrovl.exceptions.OutputDirectoryError`).
     keys : list of str
         One key per image (its path); they identify the cache.
     shape : tuple of int
@@ -83,7 +87,7 @@ class DiskImageCache:
         self.shape = tuple(int(s) for s in shape)
         self.n = len(keys)
         self.identity = _files_identity(keys, self.shape)
-        self.directory.mkdir(parents=True, exist_ok=True)
+        prepare_output_dir(self.directory, "image-cache", recognize=lambda p: (p / "cache.json").is_file())
         meta_path = self.directory / "cache.json"
         reuse = False
         if meta_path.is_file():
@@ -132,7 +136,7 @@ class DiskImageCache:
     def remove(self) -> None:
         """Delete the cache files."""
         self._images = self._filled = None
-        for name in ("images.u8", "filled.u8", "cache.json"):
+        for name in ("images.u8", "filled.u8", "cache.json", OUTPUT_MARKER):
             (self.directory / name).unlink(missing_ok=True)
         try:
             self.directory.rmdir()

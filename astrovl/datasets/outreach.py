@@ -11,11 +11,13 @@ Records
 Each record is a mapping with these fields:
 
 ``image``
-    Local path (absolute, or relative to the records file it comes from; FITS or
-    any picture format) or an ``http(s)://`` URL (downloaded with
+    An ``http(s)://`` URL (downloaded with
     :func:`astropy.utils.data.download_file`, cached under the ``astrovl``
-    package). When absent, ``image_url`` or ``hdurl`` are used, and ``url``
-    for APOD-style records whose ``media_type`` is ``"image"``.
+    package), or a local file (FITS or any picture format; absolute, or
+    relative to the records file it comes from) that lies under the
+    ``image_root`` the caller passes. When absent, ``image_url`` or ``hdurl``
+    are used, and ``url`` for APOD-style records whose ``media_type`` is
+    ``"image"``.
 ``caption``
     The text (``explanation`` or ``description`` are accepted instead). HTML
     tags are removed and entities decoded.
@@ -29,6 +31,13 @@ Each record is a mapping with these fields:
 Records with a ``media_type`` other than ``"image"`` (APOD videos), without
 image or without caption are excluded; repeated images are kept once. Both are
 counted in the build report.
+
+Records come from others, so they are not trusted: a record naming another
+scheme (``file://``, ``ftp://``, ``data:``...), a local file without an
+``image_root``, or a file outside ``image_root`` (``..``, symbolic links) stops
+the build with :class:`~astrovl.exceptions.UntrustedSourceError` before
+anything is written. The manifest's ``original`` column holds the URL, or the
+local file's path relative to ``image_root``: never an absolute local path.
 """
 
 from __future__ import annotations
@@ -46,7 +55,13 @@ import numpy as np
 from astropy.table import Row, Table
 
 from ..exceptions import DatasetError, ImageFileError
-from ..utils.files import atomic_write_text, safe_join
+from ..utils.files import (
+    atomic_write_text,
+    check_output_dir,
+    prepare_output_dir,
+    resolve_source,
+    safe_join,
+)
 from ..utils.progress import progress_bar
 from ._builder import (
     REPORT_NAME,
@@ -65,6 +80,13 @@ from .records import ManifestDataset, write_manifest
 __all__ = ["OutreachDatasetBuilder", "load_outreach_records", "strip_html"]
 
 _RECORD_SUFFIXES = (".json", ".jsonl", ".ndjson", ".ecsv", ".csv")
+#: kind of the output folder of a build (see :func:`astrovl.utils.files.check_output_dir`)
+OUTPUT_KIND = "outreach-dataset"
+
+
+def is_earlier_build(directory: Path) -> bool:
+    """True for a build folder written before output folders were marked."""
+    return (directory / REPORT_NAME).is_file()
 
 
 class _TextExtractor(HTMLParser):
@@ -173,17 +195,18 @@ def load_outreach_records(records) -> list[dict[str, Any]]:
     -------
     list of dict
         The records in input order, each with a private ``_base`` key (the
-        directory that relative image paths refer to) and ``_origin`` (where it
-        came from).
+        directory that relative image paths refer to: the folder of the records
+        file, or None for dicts and tables, whose relative paths refer to the
+        builder's ``image_root``) and ``_origin`` (where it came from).
     """
     if isinstance(records, (str, os.PathLike, Mapping, Table)):
         records = [records]
     out: list[dict] = []
     for item in records:
         if isinstance(item, Mapping):
-            out.append({**item, "_base": str(Path.cwd()), "_origin": "<dict>"})
+            out.append({**item, "_base": None, "_origin": "<dict>"})
         elif isinstance(item, Table):
-            out.extend({**_row_dict(r), "_base": str(Path.cwd()), "_origin": "<Table>"}
+            out.extend({**_row_dict(r), "_base": None, "_origin": "<Table>"}
                        for r in item)
         elif isinstance(item, (str, os.PathLike)):
             path = Path(item).expanduser()
@@ -197,7 +220,7 @@ def load_outreach_records(records) -> list[dict[str, Any]]:
 
 
 def _is_url(text: str) -> bool:
-    return text.lower().startswith(("http://", "https://", "ftp://"))
+    return text.lower().startswith(("http://", "https://"))
 
 
 class OutreachDatasetBuilder:
@@ -211,7 +234,11 @@ class OutreachDatasetBuilder:
     records : str, path-like, Mapping, astropy.table.Table or list of them
         Record files (JSON, JSON Lines, ECSV, CSV), tables or dicts.
     directory : str or path-like
-        Dataset root; an existing partial build is resumed.
+        Dataset root; an existing partial build is resumed. A folder holding
+        other files is refused (:class:`~astrovl.exceptions.OutputDirectoryError`).
+    image_root : str or path-like, optional
+        The only directory local image files may come from. Without it, records
+        may name only ``http(s)`` URLs.
     image_size : int
         Side of the square output images (default 512).
     seed : int
@@ -240,12 +267,15 @@ class OutreachDatasetBuilder:
     >>> ds = builder.build()  # doctest: +SKIP
     """
 
-    def __init__(self, records, directory: str | os.PathLike, *, image_size: int = 512,
+    def __init__(self, records, directory: str | os.PathLike, *,
+                 image_root: str | os.PathLike | None = None, image_size: int = 512,
                  seed: int = 0, val_fraction: float = 0.1, max_retries: int = 3,
                  retry_delay: float = 1.0, progress: bool | None = None):
         check_builder_options(image_size, val_fraction, max_retries)
         self.raw_records = load_outreach_records(records)
         self.directory = Path(directory)
+        check_output_dir(self.directory, OUTPUT_KIND, recognize=is_earlier_build)
+        self.image_root = Path(image_root).expanduser().resolve() if image_root is not None else None
         self.image_size = int(image_size)
         self.seed = int(seed)
         self.val_fraction = float(val_fraction)
@@ -280,21 +310,17 @@ class OutreachDatasetBuilder:
         if not source and _first(rec, "explanation") and _first(rec, "date"):
             source = "apod"  # the APOD API's record layout
         source = slug(source, "outreach", 60)
-        if image.lower().startswith("file://"):
-            image = image[7:]
-        if _is_url(image):
-            key = image
+        checked = resolve_source(image, self.image_root, base=rec.get("_base"), what=where)
+        if isinstance(checked, Path):
+            image = str(checked)
+            key = checked.relative_to(self.image_root).as_posix()  # shareable, the same on every machine
         else:
-            path = Path(image).expanduser()
-            if not path.is_absolute():
-                path = Path(rec["_base"]) / path
-            image = str(path.resolve())
-            key = image
+            image = key = checked
         ident = _first(rec, "id", "date") or Path(image.split("?")[0]).stem
         digest = hashlib.sha1(key.encode()).hexdigest()[:8]
         stem = f"{slug(ident, 'image', 60)}-{digest}"
         return {
-            "key": key, "source_image": image, "caption": caption,
+            "key": key, "source_image": image, "original": key, "caption": caption,
             "title": strip_html(_first(rec, "title")), "source": source,
             "credit": strip_html(_first(rec, "credit", "copyright")), "url": page_url,
             "id": f"{source}-{stem}", "image": f"images/{source}/{stem}.png",
@@ -358,7 +384,7 @@ class OutreachDatasetBuilder:
                     raise ImageFileError(f"local image {str(path)!r} does not exist")
                 image = self._read_local(path)
         except (ImageFileError, OSError) as exc:
-            self.report.add_failure(item["source_image"], str(exc))
+            self.report.add_failure(item["original"], str(exc))
             return False
         save_png(resize_and_pad(image, self.image_size), out)
         self.report["downloaded"] += 1
@@ -372,11 +398,19 @@ class OutreachDatasetBuilder:
         -------
         ManifestDataset
             The dataset in ``directory``.
+
+        Raises
+        ------
+        astrovl.exceptions.UntrustedSourceError
+            A record names a source that is not allowed (see the module
+            documentation); nothing is written.
+        astrovl.exceptions.OutputDirectoryError
+            ``directory`` holds files that are not an outreach build.
         """
         self.report = BuildReport(self._report_keys())
         self.report["records"] = len(self.raw_records)
-        self.directory.mkdir(parents=True, exist_ok=True)
-        plan = self._plan()
+        plan = self._plan()  # refuses untrusted sources before anything is written
+        prepare_output_dir(self.directory, OUTPUT_KIND, recognize=is_earlier_build)
         splits = assign_splits([p["id"] for p in plan], self.seed, self.val_fraction)
         rows = []
         for item in progress_bar(plan, enabled=self.progress, desc="outreach images",
@@ -387,7 +421,7 @@ class OutreachDatasetBuilder:
         names = ("id", "split", "image", "caption", "title", "source", "credit", "url",
                  "original")
         data = [[r["id"], splits[r["id"]], r["image"], r["caption"], r["title"], r["source"],
-                 r["credit"], r["url"], r["source_image"]] for r in rows]
+                 r["credit"], r["url"], r["original"]] for r in rows]
         table = (Table(rows=data, names=names, dtype=[str] * len(names)) if data
                  else Table(names=names, dtype=[str] * len(names)))
         table.meta.update(image_size=self.image_size, seed=self.seed,

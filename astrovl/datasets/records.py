@@ -18,12 +18,18 @@ Optional standard columns: ``label`` (class name), ``objects`` and
 ``title``, ``conversations`` (LLaVA conversation JSON), ``source``
 (provenance, e.g. ``"mast"``, ``"apod"``, ``"synthetic"``). Builders add their
 own provenance columns (``obs_id``, ``proposal_id``, ``ra``, ``dec``...).
+
+A manifest is meant to be shared with its dataset, so it holds no absolute
+local paths: image paths are relative to the root, and provenance columns hold
+URLs (``https://...``, ``mast:...``) or paths relative to a source folder.
+:func:`write_manifest` refuses a cell that holds an absolute local path.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -43,6 +49,7 @@ __all__ = [
     "read_manifest",
     "write_manifest",
     "validate_manifest",
+    "check_no_local_paths",
     "empty_manifest",
     "ManifestDataset",
 ]
@@ -91,11 +98,47 @@ def validate_manifest(table: Table, root: str | os.PathLike | None = None) -> Ta
     return table
 
 
+#: free-text columns, not checked for local paths
+_TEXT_COLUMNS = frozenset(("caption", "abstract", "title", "objects", "use_cases", "credit", "description",
+                           "conversations"))
+_ABSOLUTE_PATH = re.compile(r"^(?:/|\\\\|~[/\\]|[A-Za-z]:[/\\]|file:)", re.IGNORECASE)
+
+
+def check_no_local_paths(table: Table) -> None:
+    """Refuse cells that hold absolute local paths (a manifest is meant to be shared).
+
+    Free-text columns (captions, abstracts, titles...) are not checked.
+
+    Raises
+    ------
+    ManifestError
+        Naming the column and row of the first such cell.
+    """
+    for name in table.colnames:
+        if name in _TEXT_COLUMNS or table[name].dtype.kind not in "USO":
+            continue
+        for i, value in enumerate(table[name]):
+            if isinstance(value, str) and _ABSOLUTE_PATH.match(value.strip()):
+                raise ManifestError(
+                    f"manifest column {name!r} row {i} holds the absolute local path {str(value)!r}; a "
+                    "manifest is shared with its dataset, so write paths relative to the dataset "
+                    "root (or to the source folder), or provenance URLs"
+                )
+
+
 def write_manifest(table: Table, root: str | os.PathLike, *, kind: str = "generic",
                    name: str = MANIFEST_NAME) -> Path:
-    """Validate ``table`` and write it atomically as ``root/manifest.ecsv``."""
+    """Validate ``table`` and write it atomically as ``root/manifest.ecsv``.
+
+    Raises
+    ------
+    ManifestError
+        An invalid manifest (see :func:`validate_manifest`), or a cell holding
+        an absolute local path (see :func:`check_no_local_paths`).
+    """
     root = Path(root)
     validate_manifest(table, root)
+    check_no_local_paths(table)
     out = table.copy(copy_data=True)
     out.meta = dict(out.meta)
     out.meta.update(astrovl_manifest_version=MANIFEST_VERSION, kind=kind)

@@ -38,7 +38,7 @@ from astropy.table import Table
 from astropy.wcs import WCS
 
 from ..exceptions import DatasetError
-from ..utils.files import atomic_write
+from ..utils.files import atomic_write, prepare_output_dir
 from ..utils.progress import progress_bar
 from .records import ManifestDataset, write_manifest
 
@@ -373,6 +373,9 @@ class SyntheticSkyDataset(ManifestDataset):
         Parameters
         ----------
         directory : path
+            A new or empty folder, or a synthetic dataset written earlier (which
+            is resumed); a folder holding other files is refused
+            (:class:`~astrovl.exceptions.OutputDirectoryError`).
         n_images : int
         image_size : int
             Side in pixels (at least 32).
@@ -400,7 +403,8 @@ class SyntheticSkyDataset(ManifestDataset):
             raise DatasetError(f"image_size={image_size} is too small; use at least 32 pixels")
         if not 0 <= val_fraction < 1:
             raise DatasetError(f"val_fraction={val_fraction} must be in [0, 1)")
-        root = Path(directory)
+        root = prepare_output_dir(directory, "synthetic-dataset",
+                                  recognize=lambda p: (p / "images" / "sky_000000.fits").is_file())
         (root / "images").mkdir(parents=True, exist_ok=True)
         plan = np.random.default_rng([seed, 0])
         assignment = np.array([labels[i % len(labels)] for i in range(n_images)])

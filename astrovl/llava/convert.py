@@ -26,7 +26,7 @@ import os
 from pathlib import Path
 
 from ..exceptions import CheckpointError
-from ..utils.files import atomic_directory
+from ..utils.files import atomic_directory, check_output_dir
 from .checkpoints import fetch_weights, load_weights, normalize_llava_key, read_json
 from .hub import ResolvedCheckpoint, resolve_checkpoint, resolve_reference
 from .template import MISTRAL_INSTRUCT_CHAT_TEMPLATE, VICUNA_V1_CHAT_TEMPLATE
@@ -109,6 +109,11 @@ def converted_cache_path(source: ResolvedCheckpoint | str | os.PathLike) -> Path
         org, _, name = source.repo_id.partition("/")
         return _cache_root() / f"{org}--{name}" / str(source.revision)
     return _cache_root() / "local" / f"{source.path.name}-{_local_fingerprint(source.path)}"
+
+
+def _is_conversion(path: Path) -> bool:
+    """True for a conversion written before output folders were marked."""
+    return (path / CONVERSION_RECORD).is_file()
 
 
 def _is_complete(path: Path) -> bool:
@@ -294,7 +299,7 @@ def _convert(source: ResolvedCheckpoint, dst: Path, *, vision_tower=None, dtype:
         value = getattr(tokenizer, gen_key, None)
         if value is not None:
             setattr(model.generation_config, gen_key, value)
-    with atomic_directory(dst) as tmp:
+    with atomic_directory(dst, kind="llava-model", recognize=_is_conversion) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         processor.save_pretrained(tmp)
         (tmp / CONVERSION_RECORD).write_text(json.dumps({
@@ -320,7 +325,10 @@ def convert_llava_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *,
         sharded with an index json; ``.bin`` files are read with
         ``weights_only=True``) and the tokenizer files.
     dst : path
-        Output directory (written atomically).
+        Output directory (written atomically). An existing folder is replaced
+        only when it is empty or an earlier astrovl model or conversion; a
+        folder holding anything else is refused
+        (:class:`~astrovl.exceptions.OutputDirectoryError`).
     vision_tower : str or path-like, optional
         CLIP vision tower (directory or hub id) when it is not the one named by
         ``mm_vision_tower`` (which is itself resolved through the hub cache).
@@ -343,5 +351,6 @@ def convert_llava_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *,
     ModelNotFoundError
         When ``src`` or its vision tower is neither local nor in the hub cache.
     """
+    check_output_dir(dst, "llava-model", recognize=_is_conversion)  # before the long conversion
     source = resolve_checkpoint(src, revision=revision)
     return _convert(source, Path(dst), vision_tower=vision_tower, dtype=dtype)

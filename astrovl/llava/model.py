@@ -215,6 +215,11 @@ class AstroLLaVA:
         """Save model (safetensors) and processor to ``directory`` atomically.
 
         A LoRA-wrapped model saves only its adapter unless ``merge_adapter`` is true.
+        The folder is written under a temporary name and renamed into place once
+        complete; an existing ``directory`` is replaced only when it is empty or
+        a model saved earlier by astrovl. A folder holding anything else is
+        refused (:class:`~astrovl.exceptions.OutputDirectoryError`) and left
+        untouched.
         """
         from ..utils.files import atomic_directory
 
@@ -222,7 +227,7 @@ class AstroLLaVA:
         if merge_adapter and hasattr(model, "merge_and_unload"):
             model = model.merge_and_unload()
         directory = Path(directory)
-        with atomic_directory(directory) as tmp:
+        with atomic_directory(directory, kind="llava-model") as tmp:
             model.save_pretrained(tmp, safe_serialization=True)
             self.processor.save_pretrained(tmp)
         return directory

@@ -177,7 +177,7 @@ def make_tiny_llava(directory: str | os.PathLike, *, seed: int = 0, image_size: 
                                vision_feature_select_strategy="default", num_additional_image_tokens=1,
                                chat_template=chat_template)
     directory = Path(directory)
-    with atomic_directory(directory) as tmp:
+    with atomic_directory(directory, kind="llava-model") as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
     return directory
@@ -200,7 +200,7 @@ def make_tiny_clip_tower(directory: str | os.PathLike, *, seed: int = 0, image_s
     torch.manual_seed(seed)
     model = CLIPModel(config).eval()
     directory = Path(directory)
-    with atomic_directory(directory) as tmp:
+    with atomic_directory(directory, kind="clip-tower") as tmp:
         model.save_pretrained(tmp)
         CLIPImageProcessor(size={"shortest_edge": image_size},
                            crop_size={"height": image_size, "width": image_size}).save_pretrained(tmp)
@@ -247,7 +247,7 @@ def make_tiny_original_llava(directory: str | os.PathLike, *, vision_tower: str 
     directory = Path(directory)
     if weight_format not in ("safetensors", "bin"):
         raise ValueError(f"weight_format={weight_format!r}; use 'safetensors' or 'bin'")
-    with atomic_directory(directory) as tmp:
+    with atomic_directory(directory, kind="original-llava") as tmp:
         make_sentencepiece_tokenizer(tmp, vocab_size=vocab_size)
         tok = AutoTokenizer.from_pretrained(str(tmp))
         cls, cfg_cls = (MistralForCausalLM, MistralConfig) if text_model == "mistral" else \
@@ -352,7 +352,7 @@ def make_tiny_lora_release(directory: str | os.PathLike, *, base_model_name_or_p
         "base_model.model.model.mm_projector.2.bias": torch.randn(text.hidden_size, generator=gen) * 0.01,
     }
     directory = Path(directory)
-    with atomic_directory(directory) as tmp:
+    with atomic_directory(directory, kind="lora-release") as tmp:
         if weight_format == "bin":
             torch.save({k: v.to(torch.bfloat16) for k, v in adapter.items()}, tmp / "adapter_model.bin")
         else:
@@ -513,7 +513,7 @@ def make_tiny_galaxy10(directory: str | os.PathLike, *, per_class: int = 2, imag
 
     directory = Path(directory)
     image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
-    with atomic_directory(directory) as tmp:
+    with atomic_directory(directory, kind="galaxy10") as tmp:
         (tmp / "data").mkdir()
         for split, shards in (("train", train_shards), ("test", 1)):
             labels = np.repeat(np.arange(10), per_class).astype(np.uint8)

@@ -83,6 +83,12 @@ def recorded_image_root(index, index_dir: str | os.PathLike | None) -> Path | No
     return root.resolve()
 
 
+def _is_thumbnail_cache(directory: Path) -> bool:
+    """True for a thumbnail cache written before output folders were marked (two-hex-digit folders)."""
+    return all(len(p.name) == 2 and p.is_dir() and all(c in "0123456789abcdef" for c in p.name)
+               for p in directory.iterdir())
+
+
 class IndexImages:
     """Find, check and render the image file of each index row.
 
@@ -91,12 +97,17 @@ class IndexImages:
     metadata : astropy.table.Table
         The index metadata.
     index_dir : path, optional
-        The index directory (relative paths are tried against it and its parent).
+        The index directory (relative paths are tried against the image root,
+        then against it, its parent and the working directory; the file found
+        must still lie under the image root).
     image_root : path, optional
         Only files under this directory are opened. Default: the directory common
         to every file the index names.
     cache_dir : path, optional
-        Where thumbnails are cached (default :func:`default_thumbnail_cache`).
+        Where thumbnails are cached (default :func:`default_thumbnail_cache`): a
+        new or empty folder, or an earlier thumbnail cache. A folder holding
+        other files is left alone (thumbnails are then not cached, with a
+        warning in the log).
     size : int
         Longest side of a thumbnail in pixels.
     preview_size : int
@@ -114,6 +125,7 @@ class IndexImages:
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_thumbnail_cache()
         self.size = int(size)
         self.preview_size = int(preview_size)
+        self._cache_usable: bool | None = None
         self._root_lock = threading.Lock()
         self._root: Path | None = self.recorded_root
         self._root_known = self.recorded_root is not None
@@ -154,10 +166,9 @@ class IndexImages:
         candidate = Path(os.path.expanduser(text))
         if candidate.is_absolute():
             tries = [candidate]
-        elif self.recorded_root is not None:
-            tries = [self.recorded_root / candidate]
-        else:
-            bases = [self.index_dir, self.index_dir.parent] if self.index_dir is not None else []
+        else:  # relative to the image root first, then as the index's writer saw it
+            bases = [self.recorded_root] if self.recorded_root is not None else []
+            bases += [self.index_dir, self.index_dir.parent] if self.index_dir is not None else []
             tries = [b / candidate for b in bases] + [Path.cwd() / candidate]
         for p in tries:
             try:
@@ -234,13 +245,31 @@ class IndexImages:
         except OSError:
             pass
         data = self._render(row, path, size)
-        try:
-            from ..utils.files import atomic_write_bytes
+        if self._cache_is_usable():
+            try:
+                from ..utils.files import atomic_write_bytes
 
-            atomic_write_bytes(file, data)
-        except OSError as exc:  # a read-only cache still serves, just more slowly
-            log.warning("thumbnail cache %s is not writable (%s); thumbnails are not cached", file, exc)
+                atomic_write_bytes(file, data)
+            except OSError as exc:  # a read-only cache still serves, just more slowly
+                log.warning("thumbnail cache %s is not writable (%s); thumbnails are not cached", file, exc)
         return data, key
+
+    def _cache_is_usable(self) -> bool:
+        """Whether thumbnails may be written to :attr:`cache_dir` (checked once).
+
+        Only a new or empty folder, or an earlier thumbnail cache, is written to:
+        a folder holding other files is never filled.
+        """
+        if self._cache_usable is None:
+            from ..utils.files import prepare_output_dir
+
+            try:
+                prepare_output_dir(self.cache_dir, "thumbnail-cache", recognize=_is_thumbnail_cache)
+                self._cache_usable = True
+            except OSError as exc:  # OutputDirectoryError (a folder of other files) or read-only
+                log.warning("thumbnails are not cached: %s", exc)
+                self._cache_usable = False
+        return self._cache_usable
 
     def _render(self, row: int, path: Path, size: int) -> bytes:
         from PIL import Image

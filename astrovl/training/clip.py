@@ -37,7 +37,7 @@ import numpy as np
 from astropy.table import Table
 
 from ..exceptions import DatasetError
-from ..utils.files import atomic_write_text
+from ..utils.files import atomic_write_text, prepare_output_dir
 from .common import (
     CHECKPOINT_DIR,
     checkpoint_to_resume,
@@ -109,7 +109,9 @@ class CLIPTrainingConfig:
     cache_max_bytes : int
         Bound of each in-process image cache (default 4 GiB).
     output_dir : str
-        Where checkpoints, ``best/``, ``metrics.csv`` and ``training_curves.png`` go.
+        Where checkpoints, ``best/``, ``metrics.csv`` and ``training_curves.png`` go:
+        a new or empty folder, or the folder of an earlier run (to resume or
+        replace it); a folder holding other files is refused.
     resume : bool
         Continue from ``output_dir/checkpoint`` if it exists.
     max_val : int, optional
@@ -408,6 +410,12 @@ def _token_counter(tokenizer):
                      "caption_mode='abstract' needs an open_clip tokenizer")
 
 
+def is_earlier_run(directory: Path) -> bool:
+    """True for a training folder written before output folders were marked."""
+    return (directory / CHECKPOINT_DIR / "state.json").is_file() or (
+        (directory / "config.json").is_file() and (directory / "metrics.csv").is_file())
+
+
 def _image_caches(config: CLIPTrainingConfig, num_workers: int, out: Path, rank: int):
     """(train cache kind, train cache dir, validation cache kind)."""
     kind = config.image_cache
@@ -532,8 +540,7 @@ def train_clip(embedder, train, val, config: CLIPTrainingConfig | None = None, *
     if config.batch_size % (world * config.grad_accum):
         raise ValueError(f"batch_size={config.batch_size} must be divisible by the number of processes "
                          f"({world}) times grad_accum ({config.grad_accum})")
-    out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare_output_dir(config.output_dir, "clip-training", recognize=is_earlier_run)
     seed_everything(config.seed)
 
     device = _training_device(config, embedder, world)

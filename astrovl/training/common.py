@@ -125,7 +125,7 @@ def save_checkpoint(directory, *, model, optimizer, scheduler, state: dict, trai
     from safetensors.torch import save_file, save_model
 
     directory = Path(directory)
-    with atomic_directory(directory) as tmp:
+    with atomic_directory(directory, kind="checkpoint", recognize=lambda p: (p / "state.json").is_file()) as tmp:
         if trainable_only:
             save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
         else:

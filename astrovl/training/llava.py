@@ -25,7 +25,7 @@ import numpy as np
 from astropy.table import Table
 
 from ..exceptions import CheckpointError
-from ..utils.files import atomic_directory, atomic_write, atomic_write_text
+from ..utils.files import atomic_directory, atomic_write, atomic_write_text, prepare_output_dir
 from ..utils.progress import progress_bar
 from .common import (
     CHECKPOINT_DIR,
@@ -62,7 +62,9 @@ class LLaVATrainingConfig:
         1: projector only, on captions (lr 1e-3). 2: language model + projector
         end to end (lr 2e-5), or LoRA adapters with ``lora=True`` (lr 2e-4).
     output_dir : str
-        Where the checkpoint, the trained model, metrics and plots go.
+        Where the checkpoint, the trained model, metrics and plots go: a new or
+        empty folder, or the folder of an earlier run (to resume or replace it);
+        a folder holding other files is refused.
     epochs : float
         Passes over the data (1 in the recipe); ``max_steps`` overrides it.
     max_steps : int, optional
@@ -315,7 +317,8 @@ def train_llava(model, data, config: LLaVATrainingConfig | None = None, *,
     from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
     config = config or LLaVATrainingConfig()
-    out = Path(config.output_dir)
+    out = prepare_output_dir(config.output_dir, "llava-training",
+                             recognize=lambda p: (p / "checkpoint" / "state.json").is_file())
     use_cpu = (config.device or "").startswith("cpu") or not torch.cuda.is_available()
     bf16 = config.bf16 if config.bf16 is not None else not use_cpu
     accelerator = Accelerator(cpu=use_cpu, mixed_precision="bf16" if bf16 else "no",
@@ -482,12 +485,12 @@ def train_llava(model, data, config: LLaVATrainingConfig | None = None, *,
             _plot_loss(history, out / "loss.png", config)
         if config.lora:
             adapter_dir = out / "adapter"
-            with atomic_directory(adapter_dir) as tmp:
+            with atomic_directory(adapter_dir, kind="llava-adapter") as tmp:
                 unwrapped.save_pretrained(tmp, state_dict=full_state, safe_serialization=True)
                 processor.save_pretrained(tmp)
         else:
             model_dir = out / "model"
-            with atomic_directory(model_dir) as tmp:
+            with atomic_directory(model_dir, kind="llava-model") as tmp:
                 unwrapped.save_pretrained(tmp, state_dict=full_state, safe_serialization=True)
                 processor.save_pretrained(tmp)
         atomic_write_text(out / "training.json", json.dumps(

@@ -1,15 +1,29 @@
-"""Atomic file writes and safe paths."""
+"""Atomic file writes, safe output folders and safe paths.
+
+Output folders
+--------------
+Every folder astrovl writes (an index, a model, a converted checkpoint, a
+training run, a dataset) carries a marker file, :data:`OUTPUT_MARKER`
+(``.astrovl-output.json``, holding ``{"kind": ..., "astrovl_version": ...}``).
+astrovl replaces or fills a folder only when it is missing, empty, or an
+earlier astrovl output of the same kind; a folder holding anything else is
+refused with :class:`~astrovl.exceptions.OutputDirectoryError`, which names
+the folder and suggests a new subfolder. So a user's files are never deleted
+or overwritten by a save.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from ..exceptions import ManifestError
+from ..exceptions import ManifestError, OutputDirectoryError, UntrustedSourceError
 
 
 def _umask() -> int:
@@ -18,7 +32,12 @@ def _umask() -> int:
     return mask
 
 
-__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_directory", "safe_join"]
+__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_directory", "safe_join",
+           "OUTPUT_MARKER", "read_output_marker", "write_output_marker", "check_output_dir",
+           "prepare_output_dir", "resolve_source"]
+
+#: name of the file that marks a folder as an astrovl output (see the module documentation)
+OUTPUT_MARKER = ".astrovl-output.json"
 
 
 @contextlib.contextmanager
@@ -69,31 +88,240 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         fh.write(text)
 
 
+def read_output_marker(path: str | os.PathLike) -> dict | None:
+    """The marker of the astrovl output folder ``path`` (``{"kind": ...}``), or None.
+
+    None when ``path`` is not a folder, has no marker, or its marker is unreadable.
+    """
+    try:
+        marker = json.loads((Path(path) / OUTPUT_MARKER).read_text("utf-8"))
+    except (OSError, ValueError):
+        return None
+    return marker if isinstance(marker, dict) and isinstance(marker.get("kind"), str) else None
+
+
+def write_output_marker(directory: str | os.PathLike, kind: str) -> Path:
+    """Mark ``directory`` (which must exist) as an astrovl output of ``kind``; returns the marker path."""
+    from .. import __version__
+
+    path = Path(directory) / OUTPUT_MARKER
+    atomic_write_text(path, json.dumps({"kind": str(kind), "astrovl_version": __version__}, indent=1) + "\n")
+    return path
+
+
+def _foreign_entries(path: Path) -> list[str]:
+    """Names in ``path`` other than the marker and its temporary files, sorted."""
+    with os.scandir(path) as it:
+        names = [e.name for e in it]
+    return sorted(n for n in names if n != OUTPUT_MARKER
+                  and not (n.startswith(f".{OUTPUT_MARKER}.") and n.endswith(".part")))
+
+
+def check_output_dir(path: str | os.PathLike, kind: str, *,
+                     recognize: Callable[[Path], bool] | None = None) -> bool:
+    """Check that astrovl may write the output folder ``path`` of ``kind``.
+
+    Allowed: a missing path, an empty folder, or a folder marked as an earlier
+    astrovl output of the same ``kind``.
+
+    Parameters
+    ----------
+    path : path-like
+        The output folder.
+    kind : str
+        What is written there (``"index"``, ``"clip-model"``, ``"clip-training"``...).
+    recognize : callable, optional
+        ``recognize(path) -> bool``: True for an unmarked folder that is
+        nevertheless an earlier output of this kind (written by an astrovl
+        version before markers existed).
+
+    Returns
+    -------
+    bool
+        True when ``path`` exists (and may be replaced or filled), False when it
+        does not exist.
+
+    Raises
+    ------
+    OutputDirectoryError
+        ``path`` is a file, holds files astrovl did not write, or holds another
+        kind of astrovl output. The message names the folder and suggests a new
+        subfolder.
+    """
+    path = Path(path)
+    if not path.exists() and not path.is_symlink():
+        return False
+    if not path.is_dir():
+        raise OutputDirectoryError(
+            f"the output {str(path)!r} is a file, not a folder; astrovl does not replace it. "
+            f"Choose a new folder, e.g. {str(path.with_name(path.name + '-' + kind))!r}"
+        )
+    marker = read_output_marker(path)
+    if marker is not None:
+        if marker["kind"] == kind:
+            return True
+        raise OutputDirectoryError(
+            f"the folder {str(path)!r} holds an astrovl output of another kind ({marker['kind']!r}), "
+            f"not a {kind!r}; astrovl does not replace it. Write into a new subfolder instead, "
+            f"e.g. {str(path / kind)!r}"
+        )
+    try:
+        entries = _foreign_entries(path)
+    except OSError as exc:
+        raise OutputDirectoryError(f"the output folder {str(path)!r} cannot be read ({exc})") from exc
+    if not entries or (recognize is not None and recognize(path)):
+        return True
+    shown = ", ".join(repr(n) for n in entries[:3]) + (f" and {len(entries) - 3} more" if len(entries) > 3 else "")
+    raise OutputDirectoryError(
+        f"the folder {str(path)!r} is not empty ({shown}) and is not an astrovl {kind!r} output; "
+        "astrovl never replaces or fills a folder holding files it did not write. Write into a "
+        f"new subfolder instead, e.g. {str(path / kind)!r}, or into an empty folder"
+    )
+
+
+def prepare_output_dir(path: str | os.PathLike, kind: str, *,
+                       recognize: Callable[[Path], bool] | None = None) -> Path:
+    """Create or reuse the output folder ``path``, filled piece by piece (a build, a training run).
+
+    The folder is allowed when missing, empty, or an earlier astrovl output of
+    the same ``kind`` (so an interrupted job resumes into its own folder); the
+    marker is written before anything else.
+
+    Parameters
+    ----------
+    path : path-like
+    kind : str
+    recognize : callable, optional
+        See :func:`check_output_dir`.
+
+    Returns
+    -------
+    pathlib.Path
+        ``path``.
+
+    Raises
+    ------
+    OutputDirectoryError
+        See :func:`check_output_dir`.
+    """
+    path = Path(path)
+    check_output_dir(path, kind, recognize=recognize)
+    path.mkdir(parents=True, exist_ok=True)
+    marker = read_output_marker(path)
+    if marker is None or marker["kind"] != kind:
+        write_output_marker(path, kind)
+    return path
+
+
 @contextlib.contextmanager
-def atomic_directory(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Path]:
+def atomic_directory(path: str | os.PathLike, overwrite: bool = True, *, kind: str = "output",
+                     recognize: Callable[[Path], bool] | None = None) -> Iterator[Path]:
     """Build a directory under a temporary name and move it into place on success.
 
-    Yields the temporary directory to fill. If ``path`` exists and ``overwrite`` is
-    true, it is replaced only after the new content is complete.
+    Yields the temporary directory to fill; on success it is marked as an
+    astrovl output of ``kind`` and renamed to ``path``. An existing ``path`` is
+    replaced only when it is empty or an earlier astrovl output of the same
+    ``kind`` (see :func:`check_output_dir`), and only after the new content is
+    complete: an exception inside the block leaves it untouched.
+
+    Parameters
+    ----------
+    path : path-like
+        Final folder.
+    overwrite : bool
+        False refuses any existing ``path``.
+    kind : str
+        What the folder holds (``"index"``, ``"clip-model"``...).
+    recognize : callable, optional
+        See :func:`check_output_dir`.
+
+    Raises
+    ------
+    OutputDirectoryError
+        ``path`` holds files astrovl did not write, or another kind of output
+        (checked before the block runs and again before the swap).
     """
     path = Path(path)
     if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it")
+        raise OutputDirectoryError(f"{path} already exists; pass overwrite=True to replace it")
+    check_output_dir(path, kind, recognize=recognize)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent))
     os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        write_output_marker(tmp, kind)
+        if check_output_dir(path, kind, recognize=recognize):
+            old = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.old")
             os.replace(path, old)
-            os.replace(tmp, path)
+            try:
+                os.replace(tmp, path)
+            except BaseException:
+                os.replace(old, path)  # put the previous output back
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def resolve_source(source: str | os.PathLike, root: str | os.PathLike | None, *,
+                   base: str | os.PathLike | None = None, what: str = "source") -> str | Path:
+    """Check an image source named by someone else's record; return the URL or the local file.
+
+    Parameters
+    ----------
+    source : str or path-like
+        An ``http://`` or ``https://`` URL, or a local path.
+    root : path-like or None
+        The only directory local files may come from, passed explicitly by the
+        caller; None allows no local files.
+    base : path-like, optional
+        The directory relative paths are taken from (for example the folder of
+        the records file); default ``root``.
+    what : str
+        Where ``source`` comes from, for error messages (``"record 3 (apod.json)"``).
+
+    Returns
+    -------
+    str or pathlib.Path
+        The URL unchanged, or the resolved path (which lies under ``root``).
+
+    Raises
+    ------
+    UntrustedSourceError
+        Any other scheme (``file://``, ``ftp://``, ``data:``...), a local path
+        without ``root``, or a path outside ``root`` (``..``, symbolic links).
+    """
+    import re
+
+    text = os.fspath(source).strip() if isinstance(source, os.PathLike) else str(source).strip()
+    scheme = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*):", text)
+    if scheme and not re.match(r"^[A-Za-z]:[\\/]", text):  # not a Windows drive letter
+        if scheme.group(1).lower() in ("http", "https") and text.lower().startswith(("http://", "https://")):
+            return text
+        raise UntrustedSourceError(
+            f"{what} names {text!r}: the scheme {scheme.group(1)!r}: is not allowed; records may name "
+            "only http:// or https:// URLs, or files under the local image root passed explicitly"
+        )
+    if root is None:
+        raise UntrustedSourceError(
+            f"{what} names the local file {text!r}, but no local image root was given; records may "
+            "name only http(s) URLs unless the caller passes the directory local images may come "
+            "from (image_root=..., --image-root)"
+        )
+    root_path = Path(root).expanduser().resolve()
+    candidate = Path(text).expanduser()
+    start = Path(base).expanduser() if base is not None else root_path
+    full = (candidate if candidate.is_absolute() else start / candidate).resolve()
+    if full != root_path and root_path not in full.parents:
+        raise UntrustedSourceError(
+            f"{what} names {text!r}, which lies outside the local image root {str(root_path)!r}; "
+            "records may name only files under that root (no '..' or links out of it) or http(s) URLs"
+        )
+    return full
 
 
 def safe_join(root: str | os.PathLike, relative: str | os.PathLike) -> Path:
