@@ -124,116 +124,160 @@ def _stream_kind(path: Path) -> str | None:
     return None
 
 
-def _stream_size(path: Path, kind: str | None) -> int:
-    """Bytes of the FITS stream: the file size, or the decompressed size (read through once)."""
+def _open_stream(path: Path, kind: str | None):
+    """A binary stream of the FITS bytes (decompressed when the file is compressed)."""
     if kind is None:
-        return path.stat().st_size
-    if kind == "zip":
-        with zipfile.ZipFile(path) as zf:
-            names = zf.namelist()
-            if len(names) != 1:
-                raise ImageFileError(
-                    f"FITS file {str(path)!r} is a zip archive of {len(names)} files; astrovl "
-                    "reads zip archives holding exactly one FITS file: unzip it first"
-                )
-            opener = zf.open(names[0])
-            return _count_bytes(opener)
-    opener = gzip.open(path, "rb") if kind == "gzip" else bz2.open(path, "rb")
-    return _count_bytes(opener)
-
-
-def _count_bytes(stream) -> int:
-    total = 0
-    with stream:
-        while True:
-            chunk = stream.read(2**22)
-            if not chunk:
-                return total
-            total += len(chunk)
-
-
-def _int_value(header, key: str, source: str, index: int, *, default=None, low=None, high=None,
-               allowed=None) -> int:
-    try:
-        value = header.get(key, default)
-    except Exception as exc:  # an unparsable card
+        return open(path, "rb")
+    if kind == "gzip":
+        return gzip.open(path, "rb")
+    if kind == "bzip2":
+        return bz2.open(path, "rb")
+    zf = zipfile.ZipFile(path)
+    names = zf.namelist()
+    if len(names) != 1:
+        zf.close()
         raise ImageFileError(
-            f"FITS file {source!r}: HDU {index} has an unreadable {key} card ({exc}); the file "
-            "is corrupt: download it again"
-        ) from exc
-    ok = isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+            f"FITS file {str(path)!r} is a zip archive of {len(names)} files; astrovl reads zip "
+            "archives holding exactly one FITS file: unzip it first"
+        )
+    return zf.open(names[0])
+
+
+_BLOCK = 2880
+_END = b"END"
+
+
+def _read_header(stream) -> tuple[dict[str, str], int] | None:
+    """Cards of the next header as ``{keyword: raw value}`` (first occurrence) and its length.
+
+    None at the end of the stream; raises ``EOFError`` when it ends inside the header.
+    """
+    cards: dict[str, str] = {}
+    length = 0
+    while True:
+        block = stream.read(_BLOCK)
+        if not block:
+            if length == 0:
+                return None
+            raise EOFError("the stream ends inside a header (no END card)")
+        if len(block) < _BLOCK:
+            raise EOFError("the stream ends inside a header block")
+        length += _BLOCK
+        for pos in range(0, _BLOCK, 80):
+            card = block[pos:pos + 80]
+            key = card[:8].rstrip().decode("ascii", "replace")
+            if card[:3] == _END and not card[3:8].strip():
+                return cards, length
+            if key and card[8:10] == b"= " and key not in cards:
+                cards[key] = card[10:].decode("ascii", "replace")
+
+
+def _raw_int(cards: dict[str, str], key: str):
+    """The integer value of ``key``, None when missing, or the raw text when not an integer."""
+    text = cards.get(key)
+    if text is None:
+        return None
+    value = text.split("/", 1)[0].strip()
+    try:
+        return int(value) if value.lstrip("+-").isdigit() else value
+    except ValueError:
+        return value
+
+
+def _raw_true(cards: dict[str, str], key: str) -> bool:
+    text = cards.get(key)
+    return text is not None and text.split("/", 1)[0].strip() == "T"
+
+
+def _int_value(cards, key: str, source: str, index: int, *, default=None, low=None, high=None,
+               allowed=None) -> int:
+    value = _raw_int(cards, key)
+    if value is None:
+        value = default
+    ok = isinstance(value, int)
     if ok:
-        value = int(value)
         ok = (low is None or value >= low) and (high is None or value <= high) and (
             allowed is None or value in allowed)
     if not ok:
-        what = "missing" if value is None else f"{value!r}"
+        what = "nothing (missing)" if value is None else repr(value)
         if allowed is not None:
             rule = f"one of {', '.join(str(a) for a in allowed)}"
         elif high is not None:
             rule = f"an integer from {low} to {high}"
         else:
             rule = f"an integer of at least {low}"
-        raise ImageFileError(
-            f"FITS file {source!r}: HDU {index} declares {key} = {what}, which must be {rule}; "
-            "the header is corrupt: download the file again"
-        )
+        raise _refuse(source, f"HDU {index} declares {key} = {what}, which must be {rule}")
     return value
 
 
-def _declared_data_bytes(header, source: str, index: int) -> int:
-    bitpix = _int_value(header, "BITPIX", source, index, allowed=_BITPIX)
-    naxis = _int_value(header, "NAXIS", source, index, low=0, high=999)
+def _declared_data_bytes(cards, source: str, index: int) -> int:
+    bitpix = _int_value(cards, "BITPIX", source, index, allowed=_BITPIX)
+    naxis = _int_value(cards, "NAXIS", source, index, low=0, high=999)
     if naxis == 0:
         return 0
-    axes = [_int_value(header, f"NAXIS{n}", source, index, low=0) for n in range(1, naxis + 1)]
-    pcount = _int_value(header, "PCOUNT", source, index, default=0, low=0)
-    gcount = _int_value(header, "GCOUNT", source, index, default=1, low=0)
-    try:
-        groups = bool(header.get("GROUPS", False)) and axes[0] == 0
-    except Exception:
-        groups = False
-    if groups:
+    axes = [_int_value(cards, f"NAXIS{n}", source, index, low=0) for n in range(1, naxis + 1)]
+    pcount = _int_value(cards, "PCOUNT", source, index, default=0, low=0)
+    gcount = _int_value(cards, "GCOUNT", source, index, default=1, low=0)
+    if "TFIELDS" in cards:
+        _int_value(cards, "TFIELDS", source, index, low=0, high=999)
+    if _raw_true(cards, "GROUPS") and axes[0] == 0:
         axes = axes[1:]
     return abs(bitpix) // 8 * gcount * (pcount + math.prod(axes))
 
 
-def _compressed_image_bytes(header, source: str, index: int, data_bytes: int) -> int:
-    zbitpix = _int_value(header, "ZBITPIX", source, index, allowed=_BITPIX)
-    znaxis = _int_value(header, "ZNAXIS", source, index, low=1, high=999)
-    shape = [_int_value(header, f"ZNAXIS{n}", source, index, low=0) for n in range(1, znaxis + 1)]
+def _compressed_image_bytes(cards, source: str, index: int, data_bytes: int) -> int:
+    zbitpix = _int_value(cards, "ZBITPIX", source, index, allowed=_BITPIX)
+    znaxis = _int_value(cards, "ZNAXIS", source, index, low=1, high=999)
+    shape = [_int_value(cards, f"ZNAXIS{n}", source, index, low=0) for n in range(1, znaxis + 1)]
     tiles = []
     for n, size in enumerate(shape, start=1):
         default = size if n == 1 else 1
-        tiles.append(_int_value(header, f"ZTILE{n}", source, index, default=max(default, 1),
+        tiles.append(_int_value(cards, f"ZTILE{n}", source, index, default=max(default, 1),
                                 low=1))
-    rows = _int_value(header, "NAXIS2", source, index, low=0)
+    rows = _int_value(cards, "NAXIS2", source, index, low=0)
     ntiles = math.prod(math.ceil(s / t) for s, t in zip(shape, tiles)) if all(shape) else 0
     if ntiles != rows:
-        raise ImageFileError(
-            f"FITS file {source!r}: tile-compressed HDU {index} declares an image of "
-            f"{' x '.join(map(str, shape))} pixels in tiles of {' x '.join(map(str, tiles))} "
-            f"({ntiles} tiles) but its table has {rows} rows; the header is corrupt: download "
-            "the file again"
-        )
+        raise _refuse(source, f"tile-compressed HDU {index} declares an image of "
+                      f"{' x '.join(map(str, shape))} pixels in tiles of "
+                      f"{' x '.join(map(str, tiles))} ({ntiles} tiles) but its table has "
+                      f"{rows} rows")
     image_bytes = math.prod(shape) * abs(zbitpix) // 8
-    tile_bytes = math.prod(min(s, t) for s, t in zip(shape, tiles)) * 8
+    tile_bytes = math.prod(tiles) * 8
     limit = max(_SMALL_IMAGE_BYTES, MAX_COMPRESSION_RATIO * data_bytes)
     if max(image_bytes, tile_bytes) > limit:
-        raise ImageFileError(
-            f"FITS file {source!r}: tile-compressed HDU {index} declares an image of "
-            f"{' x '.join(map(str, shape))} pixels ({image_bytes:,} bytes) from {data_bytes:,} "
-            f"bytes of compressed data, more than {MAX_COMPRESSION_RATIO} times as much; the "
-            "header is corrupt or forged: download the file again"
-        )
+        raise _refuse(source, f"tile-compressed HDU {index} declares an image of "
+                      f"{' x '.join(map(str, shape))} pixels in tiles of "
+                      f"{' x '.join(map(str, tiles))} from {data_bytes:,} bytes of compressed "
+                      f"data, more than {MAX_COMPRESSION_RATIO} times as much (a forged or "
+                      "damaged header)")
     return image_bytes
+
+
+def _skip(stream, nbytes: int, plain_size: int | None) -> int:
+    """Move ``nbytes`` forward; return how many bytes were actually there."""
+    if nbytes <= 0:
+        return 0
+    if plain_size is not None:
+        here = stream.tell()
+        available = max(0, min(nbytes, plain_size - here))
+        stream.seek(here + available)
+        return available
+    done = 0
+    while done < nbytes:
+        chunk = stream.read(min(2**22, nbytes - done))
+        if not chunk:
+            break
+        done += len(chunk)
+    return done
 
 
 def scan_fits(path: str | os.PathLike) -> list[HDUExtent]:
     """Check the sizes every header of a FITS file declares against what the file holds.
 
-    Only headers are parsed (with the tile compression left undone, so that the
-    raw ``Z*`` keywords are seen); no data is read.
+    The headers are walked block by block without astropy and without reading
+    any data (compressed files are decompressed as a stream, in constant
+    memory). HDU 0 must start with ``SIMPLE``; the walk stops, as astropy's does,
+    at bytes after the last HDU that do not start an extension.
 
     Parameters
     ----------
@@ -243,65 +287,66 @@ def scan_fits(path: str | os.PathLike) -> list[HDUExtent]:
     Returns
     -------
     list of HDUExtent
-        One entry per HDU that astropy finds.
+        One entry per HDU.
 
     Raises
     ------
     astrovl.exceptions.ImageFileError
-        The file is not FITS, a size keyword is missing or invalid, an HDU's data
-        runs past the end of the file, or a tile-compressed HDU's declared image
-        does not match its table or is out of proportion to its compressed bytes.
+        The file is not FITS, a size keyword (``BITPIX``, ``NAXIS``, ``NAXISn``,
+        ``PCOUNT``, ``GCOUNT``, ``ZBITPIX``, ``ZNAXIS``, ``ZNAXISn``, ``ZTILEn``)
+        is missing or invalid, an HDU's data runs past the end of the file, or a
+        tile-compressed HDU's declared image does not match its table or is out
+        of proportion to its compressed bytes.
     """
     path = Path(path)
     source = str(path)
+    extents: list[HDUExtent] = []
     try:
         kind = _stream_kind(path)
-        size = _stream_size(path, kind)
+        plain_size = path.stat().st_size if kind is None else None
+        with _open_stream(path, kind) as stream:
+            offset = 0
+            while True:
+                index = len(extents)
+                try:
+                    got = _read_header(stream)
+                except EOFError:
+                    if index == 0:
+                        raise _refuse(source, "its first header has no END card (not FITS, "
+                                      "or cut short)") from None
+                    break  # bytes after the last HDU: astropy ignores them with a warning
+                if got is None:
+                    break
+                cards, header_len = got
+                first = "SIMPLE" if index == 0 else "XTENSION"
+                if first not in cards:
+                    if index == 0:
+                        raise _refuse(source, "it does not start with a SIMPLE card (not FITS)")
+                    break
+                data_offset = offset + header_len
+                data_bytes = _declared_data_bytes(cards, source, index)
+                compressed = _raw_true(cards, "ZIMAGE") and "BINTABLE" in cards.get("XTENSION", "")
+                image_bytes = data_bytes
+                if compressed:
+                    image_bytes = _compressed_image_bytes(cards, source, index, data_bytes)
+                padded = -(-data_bytes // _BLOCK) * _BLOCK
+                there = _skip(stream, padded, plain_size)
+                if there < data_bytes:
+                    raise _refuse(source, f"HDU {index} declares {data_bytes:,} bytes of data "
+                                  f"from byte {data_offset:,} but the file holds only "
+                                  f"{there:,} of them")
+                name = cards.get("EXTNAME", "'PRIMARY'" if index == 0 else "''")
+                extname = name.split("/", 1)[0].strip().strip("'").strip()
+                extents.append(HDUExtent(index, extname, data_offset, data_bytes, image_bytes,
+                                         compressed))
+                offset = data_offset + there
+                if there < padded:
+                    break  # the last HDU, without its final padding
     except AstroVLError:
         raise
     except Exception as exc:
-        raise ImageFileError(
-            f"FITS file {source!r} could not be read ({type(exc).__name__}: {exc}); its "
-            "compressed stream is damaged: download it again"
-        ) from exc
-    extents = []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # reported when the file is opened for reading
-        try:
-            with open(path, "rb") as fh, fits.open(fh, memmap=False, lazy_load_hdus=False,
-                                                   disable_image_compression=True) as hdul:
-                for index, hdu in enumerate(hdul):
-                    info = hdul.fileinfo(index)
-                    header = hdu.header
-                    data_bytes = _declared_data_bytes(header, source, index)
-                    end = info["datLoc"] + data_bytes
-                    if end > size:
-                        raise ImageFileError(
-                            f"FITS file {source!r} is truncated: HDU {index} declares "
-                            f"{data_bytes:,} bytes of data ending at byte {end:,} but the file "
-                            f"holds {size:,} bytes; download it again"
-                        )
-                    compressed = False
-                    image_bytes = data_bytes
-                    if isinstance(hdu, fits.BinTableHDU) and _is_true(header, "ZIMAGE"):
-                        compressed = True
-                        image_bytes = _compressed_image_bytes(header, source, index, data_bytes)
-                    extents.append(HDUExtent(index, _extname(hdu), int(info["datLoc"]),
-                                             data_bytes, image_bytes, compressed))
-        except AstroVLError:
-            raise
-        except Exception as exc:
-            raise _file_error(source, exc) from exc
-    if not extents:
-        raise ImageFileError(f"FITS file {source!r} holds no HDU; it is empty or not FITS")
+        raise _refuse(source, f"{type(exc).__name__}: {exc}") from exc
     return extents
-
-
-def _is_true(header, key: str) -> bool:
-    try:
-        return header.get(key, False) is True
-    except Exception:
-        return False
 
 
 def _extname(hdu) -> str:
@@ -309,6 +354,13 @@ def _extname(hdu) -> str:
         return str(hdu.name)
     except Exception:
         return "?"
+
+
+def _refuse(source: str, reason: str) -> ImageFileError:
+    return ImageFileError(
+        f"FITS file {source!r} could not be read: {reason}; the file is truncated or corrupt: "
+        "download it again"
+    )
 
 
 def _file_error(source: str, exc: BaseException) -> ImageFileError:
@@ -402,8 +454,7 @@ def _report_fixes(source: str, caught: list[warnings.WarningMessage]) -> None:
         if issubclass(category, AstropyWarning):
             text = " ".join(str(w.message).split())
             if "truncated" in text.lower():
-                raise ImageFileError(
-                    f"FITS file {source!r} is truncated ({text}); download it again")
+                raise _refuse(source, text)
             if text and not _is_noise(text) and text not in fixes:
                 fixes.append(text)
         else:
