@@ -429,16 +429,23 @@ _KEYS_READ = ("BITPIX", "NAXIS", "EXTNAME", "EXTVER", "BSCALE", "BZERO", "BLANK"
 
 
 def _fix_if_unparsable(hdu) -> None:
-    """Let astropy fix (with a warning) the header of ``hdu`` if a card astrovl reads is unparsable."""
+    """Let astropy fix (with a warning) the cards astrovl reads that it cannot parse."""
     header = hdu.header
     try:
-        keys = list(_KEYS_READ) + [f"NAXIS{n}" for n in range(1, int(header.get("NAXIS", 0)) + 1)]
-        for key in keys:
-            header.get(key)
-    except fits.VerifyError:
-        hdu.verify("fix+warn")
+        naxis = header.get("NAXIS", 0)
+        keys = list(_KEYS_READ) + [f"NAXIS{n}" for n in range(1, int(naxis) + 1)]
     except Exception:
-        pass  # reported when the HDU is used
+        return  # reported when the HDU is used
+    for key in keys:
+        try:
+            header.get(key)
+        except fits.VerifyError:
+            try:
+                header.cards[key].verify("fix+warn")
+            except Exception:
+                pass  # unfixable: reported when the HDU is used
+        except Exception:
+            pass
 
 
 def _is_noise(text: str) -> bool:
