@@ -12,8 +12,8 @@ a temporary file and loaded with ``load_image(path)``; the script counts
 
 It also reports the peak memory: the process's peak resident set size above the
 resident size after the first case (``ru_maxrss``), and with ``--trace-memory``
-the largest ``tracemalloc`` peak of one case, alone and relative to the larger of
-the file size and the loaded image.
+the largest ``tracemalloc`` peak of one case, alone and relative to the largest of
+the file size, the loaded image and 1 MiB (a floor for fixed overheads).
 
 Usage::
 
@@ -79,7 +79,8 @@ def main(argv=None) -> None:
             if result.outcome == "other":
                 others.append(result)
             if args.trace_memory:
-                ratio = result.peak_bytes / max(len(case.data), result.output_bytes, 1)
+                # relative to the file or the image, with a 1 MiB floor (fixed overheads)
+                ratio = result.peak_bytes / max(len(case.data), result.output_bytes, 2**20)
                 if ratio > peak_case["ratio"]:
                     peak_case.update(ratio=ratio, case=f"{case.seed}/{case.mutation}: {case.detail}")
                 peak_case["bytes"] = max(peak_case["bytes"], result.peak_bytes)
@@ -108,7 +109,7 @@ def main(argv=None) -> None:
     }
     if args.trace_memory:
         memory["max_traced_peak_mib"] = round(peak_case["bytes"] / 2**20, 2)
-        memory["max_traced_peak_over_file_or_output"] = round(peak_case["ratio"], 2)
+        memory["max_traced_peak_over_file_output_or_1MiB"] = round(peak_case["ratio"], 2)
         memory["case_with_that_ratio"] = peak_case["case"]
     print_table("time and memory", [memory])
     for r in others[: args.show]:
