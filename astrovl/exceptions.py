@@ -5,6 +5,8 @@ that best describes it, so ``except ValueError`` keeps working for callers that
 do not know about astrovl.
 """
 
+from astropy.utils.exceptions import AstropyUserWarning
+
 __all__ = [
     "AstroVLError",
     "ImageInputError",
@@ -18,6 +20,8 @@ __all__ = [
     "QueryError",
     "OutputDirectoryError",
     "UntrustedSourceError",
+    "AstroVLWarning",
+    "ImageFileWarning",
 ]
 
 
@@ -55,6 +59,14 @@ class GenerationError(AstroVLError, RuntimeError):
 
 class ImageFileError(AstroVLError, OSError):
     """An image file is missing, truncated, corrupt or of an unknown format."""
+
+
+class AstroVLWarning(AstropyUserWarning):
+    """Base class of the warnings astrovl issues."""
+
+
+class ImageFileWarning(AstroVLWarning):
+    """A file was read although it is not standard: what was fixed or ignored is in the message."""
 
 
 class QueryError(AstroVLError, ValueError):

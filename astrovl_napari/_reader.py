@@ -38,7 +38,6 @@ Layer metadata
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -58,10 +57,6 @@ __all__ = [
 
 #: filename patterns of the napari reader contribution (matched case-insensitively by napari)
 FITS_PATTERNS = ("*.fits", "*.fit", "*.fts", "*.fits.gz", "*.fit.gz", "*.fts.gz", "*.fz")
-
-# extensions that hold auxiliary planes: opened hidden so the science image is what shows
-_AUXILIARY_EXTNAMES = frozenset(
-    {"ERR", "DQ", "WHT", "VAR", "MASK", "CTX", "SAMP", "TIME", "CON", "EXP", "WGT", "IVM", "RMS"})
 
 LayerData = tuple  # (data, kwargs, "image")
 
@@ -122,31 +117,18 @@ def _read_image_hdus(path: Path, *, with_data: bool):
     pixels in memory (read with ``memmap=False``), so layers are built from them
     without touching the file again.
     """
-    from astropy.io import fits
-    from astropy.utils.exceptions import AstropyUserWarning
-    from astropy.wcs import FITSFixedWarning
-
     from astrovl.exceptions import ImageFileError
+    from astrovl.imaging.fitsfile import open_fits, read_hdu_data
 
     if not path.is_file():
         raise ImageFileError(f"FITS file {str(path)!r} does not exist; check the path")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", AstropyUserWarning)  # "file may have been truncated"
-            warnings.filterwarnings("ignore", category=FITSFixedWarning)
-            warnings.filterwarnings("ignore", message=".*non-standard.*")
-            with fits.open(path, memmap=False, lazy_load_hdus=False) as hdul:
-                entries = _image_hdu_entries(hdul)
-                if with_data:
-                    for index, _, _, shape in entries:
-                        if not _read_in_strips(shape):
-                            _ = hdul[index].data  # read now, while the file is open
-    except (OSError, ValueError, TypeError, EOFError, IndexError, KeyError,
-            AstropyUserWarning) as exc:
-        raise ImageFileError(
-            f"FITS file {str(path)!r} could not be read ({type(exc).__name__}: {exc}); it may be "
-            "truncated or corrupt: download it again"
-        ) from exc
+    # the same header checks, tolerance and errors as astrovl.load_image
+    with open_fits(path) as hdul:
+        entries = _image_hdu_entries(hdul)
+        if with_data:
+            for index, _, _, shape in entries:
+                if not _read_in_strips(shape):
+                    read_hdu_data(hdul[index], f"{path}[{index}]")  # read now, while the file is open
     return entries, hdul
 
 
@@ -255,6 +237,7 @@ def fits_layer_data(path: str | os.PathLike, *, interval=None) -> list[LayerData
     """
     from astrovl import load_image
     from astrovl.exceptions import ImageInputError
+    from astrovl.imaging.fitsfile import AUXILIARY_EXTNAMES
 
     path = Path(path)
     hdus, hdul = _read_image_hdus(path, with_data=True)  # the only read of the file
@@ -268,15 +251,18 @@ def fits_layer_data(path: str | os.PathLike, *, interval=None) -> list[LayerData
     layers = []
     for index, extname, extver, shape in hdus:
         hdu = hdul[index]
-        if _is_cube(shape):
-            img = load_image(hdu, plane=0)  # header, WCS and downsampling, from memory
-            raw = _cube_raw(hdu.data, int(img.meta.get("downsample", 1)))
-        elif _read_in_strips(shape):  # larger than max_pixels: load_image reads it in strips
-            img = load_image(path, hdu=index)
-            raw = img.raw
-        else:
-            img = load_image(hdu)
-            raw = img.raw
+        try:
+            if _is_cube(shape):
+                img = load_image(hdu, plane=0)  # header, WCS and downsampling, from memory
+                raw = _cube_raw(hdu.data, int(img.meta.get("downsample", 1)))
+            elif _read_in_strips(shape):  # larger than max_pixels: load_image reads it in strips
+                img = load_image(path, hdu=index)
+                raw = img.raw
+            else:
+                img = load_image(hdu)
+                raw = img.raw
+        except ImageInputError as exc:  # name the file, not the in-memory HDU
+            raise ImageInputError(f"{path}[{index}]: {exc}") from exc
         mask = None if _is_cube(shape) else img.mask  # a cube's invalid pixels are its NaNs
         vmin, vmax = contrast_limits_for(raw, interval, mask)
         rgb = raw.ndim == 3 and not _is_cube(shape)
@@ -302,7 +288,8 @@ def fits_layer_data(path: str | os.PathLike, *, interval=None) -> list[LayerData
             "scale": scale,
             "translate": translate,
             "rgb": rgb,
-            "visible": extname.upper() not in _AUXILIARY_EXTNAMES,
+            # auxiliary planes open hidden so that the science image is what shows
+            "visible": extname.upper() not in AUXILIARY_EXTNAMES,
         }
         if not rgb:
             kwargs["colormap"] = "gray"

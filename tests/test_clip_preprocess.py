@@ -135,8 +135,10 @@ def test_fast_reads_equal_load_image(tmp_path, m13_path, big_sky):
 def test_host_path_matches_the_reference(embedder, m13_path, ngc1316_path, dss_path, acs_path,
                                          xdf_array, big_sky):
     m13 = load_image(m13_path)
+    with fits.open(acs_path) as hdul:  # two SCI chips: the file itself asks for hdu=
+        acs_chip = fits.ImageHDU(hdul[1].data, hdul[1].header)
     inputs = {"m13": m13_path, "ngc1316 (440x300, cropped)": ngc1316_path, "dss .fits.gz": dss_path,
-              "acs (several image HDUs)": acs_path, "xdf colour picture": xdf_array,
+              "acs chip (an ImageHDU)": acs_chip, "xdf colour picture": xdf_array,
               "AstroImage": m13, "big array": big_sky}
     batch = embedder.embed_images(list(inputs.values()), batch_size=3, progress=False)
     ref_pixels = torch.stack([_full_percentile_pixels(embedder, x) for x in inputs.values()])

@@ -180,8 +180,10 @@ def test_dss_gzip_file_with_table_extension(dss_path):
     _assert_same_sky(img.wcs, ref, pixels=[(0, 0), (99, 99), (50, 3)])
 
 
-def test_acs_file_picks_first_sci_extension_and_keeps_sip(acs_path):
-    img = load_image(acs_path)
+def test_acs_file_with_two_chips_asks_for_one_and_keeps_sip(acs_path):
+    with pytest.raises(ImageInputError, match=r"2 SCI images .*hdu=\('SCI', 1\), hdu=\('SCI', 2\)"):
+        load_image(acs_path)
+    img = load_image(acs_path, hdu=1)
     assert img.meta["hdu"] == 1 and img.meta["extname"] == "SCI"
     assert img.wcs.sip is not None
     with fits.open(acs_path) as hdul:

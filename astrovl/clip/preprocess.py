@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import functools
 import os
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,43 +128,34 @@ class UnitImage:
 
 
 def _read_single_fits_image(path: Path, max_pixels: int | None = None) -> np.ndarray | None:
-    """Pixels of a FITS file with exactly one 2-D image HDU, as float32; None otherwise.
+    """Pixels of a FITS file whose science image is one 2-D HDU, as float32; None otherwise.
 
     An image of more than ``max_pixels`` pixels also returns None, before any
     pixel is read (``load_image`` reads it block-averaged in strips).
 
     This is the HDU :func:`~astrovl.load_image` takes when there is no choice to
-    make; anything else (several image HDUs, cubes, unreadable files) returns
-    None and goes through ``load_image``, which chooses or raises the error.
+    make; anything else (several candidate HDUs, cubes) returns None and goes
+    through ``load_image``, which chooses or raises the error.
+    The file is opened with :func:`astrovl.imaging.fitsfile.open_fits`, so the
+    same size checks run before any data is read and a corrupt or forged file
+    raises the same :class:`~astrovl.exceptions.ImageFileError` as ``load_image``.
     No header is copied and no WCS is built.
     """
-    from astropy.io import fits
-    from astropy.utils.exceptions import AstropyUserWarning
-    from astropy.wcs import FITSFixedWarning
+    from ..imaging.fitsfile import open_fits, read_hdu_data, science_candidates
 
-    image_kinds = (fits.PrimaryHDU, fits.ImageHDU, fits.CompImageHDU)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", AstropyUserWarning)
-            warnings.filterwarnings("ignore", category=FITSFixedWarning)
-            warnings.filterwarnings("ignore", message=".*non-standard.*")
-            with fits.open(path, memmap=False, lazy_load_hdus=False) as hdul:
-                images = []
-                for h in hdul:
-                    if isinstance(h, image_kinds) and h.header.get("NAXIS", 0) >= 2:
-                        shape = h.shape if hasattr(h, "shape") else ()
-                        if len(shape) >= 2 and all(s > 0 for s in shape):
-                            images.append(h)
-                if len(images) != 1 or len(images[0].shape) != 2:
-                    return None
-                if max_pixels is not None and int(np.prod(images[0].shape)) > max_pixels:
-                    return None
-                data = images[0].data
-                if data is None or data.dtype.kind not in "biuf":
-                    return None
-                return _native_float32(np.asarray(data))
-    except Exception:  # load_image reads the file again and raises the right error
-        return None
+    with open_fits(path) as hdul:  # ImageFileError for corrupt, truncated or forged files
+        candidates = science_candidates(hdul)
+        if len(candidates) != 1:
+            return None
+        hdu = hdul[candidates[0]]
+        if len(hdu.shape) != 2:
+            return None
+        if max_pixels is not None and int(np.prod(hdu.shape)) > max_pixels:
+            return None  # load_image reads it block-averaged in strips
+        data = read_hdu_data(hdu, str(path))
+        if data is None or data.dtype.kind not in "biuf":
+            return None
+        return _native_float32(np.asarray(data))
 
 
 def _native_float32(data: np.ndarray) -> np.ndarray:

@@ -11,20 +11,18 @@ import numpy as np
 from astropy.io import fits
 from astropy.nddata import NDData
 from astropy.utils.exceptions import AstropyUserWarning
-from astropy.wcs import WCS, FITSFixedWarning
+from astropy.wcs import WCS
 
 from ..config import conf
 from ..exceptions import ImageFileError, ImageInputError
 from .core import AstroImage
+from .fitsfile import choose_science_hdu, describe_hdus, open_fits, read_hdu_data
 from .inputs import FITS_SUFFIXES, PICTURE_SUFFIXES
 from .pixel_grid import block_mean, downsample_wcs, read_hdu_reduced, reduction_factor
 from .scaling import scale_to_unit
 
 __all__ = ["load_image", "FITS_SUFFIXES", "PICTURE_SUFFIXES"]
 
-
-# extension names that hold auxiliary planes rather than the science image
-_AUX_EXTNAMES = {"ERR", "DQ", "WHT", "VAR", "MASK", "CTX", "SAMP", "TIME", "CON", "EXP", "WGT", "IVM", "RMS"}
 
 
 def load_image(
@@ -197,25 +195,10 @@ def _parse_path(path: Path, *, hdu, limit=None, plane=None) -> _Parsed:
     if path.is_dir():
         raise ImageFileError(f"{str(path)!r} is a directory; pass an image file")
     if _is_fits_path(path) or _has_fits_signature(path):
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", AstropyUserWarning)
-                warnings.filterwarnings("ignore", category=FITSFixedWarning)
-                warnings.filterwarnings("ignore", message=".*non-standard.*")
-                # our own handle is closed even when fits.open fails half-way
-                with open(path, "rb") as fh, fits.open(fh, memmap=False,
-                                                       lazy_load_hdus=False) as hdul:
-                    parsed = _parse_hdulist(hdul, hdu=hdu, source=str(path), limit=limit, plane=plane)
-                    if parsed.reduced is None:  # a reduced array is already read and small
-                        parsed.array = np.array(parsed.array)  # force the read inside the context
-        except (ImageInputError, ImageFileError):
-            raise
-        except (OSError, ValueError, TypeError, EOFError, IndexError, KeyError,
-                AstropyUserWarning) as exc:
-            raise ImageFileError(
-                f"FITS file {str(path)!r} could not be read ({type(exc).__name__}: {exc}); "
-                "it may be truncated or corrupt: download it again"
-            ) from exc
+        with open_fits(path) as hdul:  # checked before any data is read; errors name the file
+            parsed = _parse_hdulist(hdul, hdu=hdu, source=str(path), limit=limit, plane=plane)
+            if parsed.reduced is None:  # a reduced array is already read and small
+                parsed.array = np.array(parsed.array)  # force the read inside the context
         return parsed
     try:
         from PIL import Image, UnidentifiedImageError
@@ -242,28 +225,6 @@ def _parse_pil(im, *, source: str) -> _Parsed:
     return _Parsed(arr, source=source, origin="upper", picture=True)
 
 
-def _image_hdus(hdul: fits.HDUList) -> list[int]:
-    out = []
-    for i, h in enumerate(hdul):
-        if isinstance(h, (fits.PrimaryHDU, fits.ImageHDU, fits.CompImageHDU)) and h.header.get("NAXIS", 0) >= 2:
-            shape = h.shape if hasattr(h, "shape") else ()
-            if len(shape) >= 2 and all(s > 0 for s in shape):
-                out.append(i)
-    return out
-
-
-def _describe_hdus(hdul: fits.HDUList) -> str:
-    parts = []
-    for i, h in enumerate(hdul):
-        if isinstance(h, (fits.BinTableHDU, fits.TableHDU)):
-            what = f"table of {h.header.get('NAXIS2', 0)} rows"
-        else:
-            shape = getattr(h, "shape", None)
-            what = str(tuple(shape)) if shape else "no data"
-        parts.append(f"[{i}] {h.name!r} {type(h).__name__} {what}")
-    return "; ".join(parts)
-
-
 def _parse_hdulist(hdul: fits.HDUList, *, hdu, source: str, limit=None, plane=None) -> _Parsed:
     if len(hdul) == 0:
         raise ImageInputError(f"{source}: the HDUList is empty")
@@ -272,38 +233,16 @@ def _parse_hdulist(hdul: fits.HDUList, *, hdu, source: str, limit=None, plane=No
             chosen = hdul[hdu]
         except (KeyError, IndexError) as exc:
             raise ImageInputError(
-                f"{source}: hdu={hdu!r} does not exist; available HDUs: {_describe_hdus(hdul)}"
+                f"{source}: hdu={hdu!r} does not exist; available HDUs: {describe_hdus(hdul)}"
             ) from exc
         label = hdu
     else:
-        candidates = _image_hdus(hdul)
-        if not candidates:
-            raise ImageInputError(
-                f"{source}: no HDU holds 2-D image data (HDUs: {_describe_hdus(hdul)}); "
-                "pass a file with an image or choose one with hdu="
-            )
-        idx = _choose_hdu(hdul, candidates, source)
+        idx = choose_science_hdu(hdul, source)
         chosen, label = hdul[idx], idx
     parsed = _parse_hdu(chosen, source=f"{source}[{label}]", limit=limit, plane=plane)
     parsed.meta["hdu"] = label
     parsed.meta["extname"] = chosen.name
     return parsed
-
-
-def _choose_hdu(hdul, candidates: list[int], source: str) -> int:
-    if len(candidates) == 1:
-        return candidates[0]
-    names = [hdul[i].name.upper() for i in candidates]
-    science = [i for i, n in zip(candidates, names) if n not in _AUX_EXTNAMES]
-    sci_named = [i for i, n in zip(candidates, names) if n == "SCI"]
-    if sci_named:
-        return sci_named[0]
-    if len(science) == 1:
-        return science[0]
-    raise ImageInputError(
-        f"{source}: {len(science)} image HDUs could hold the science image "
-        f"({_describe_hdus(hdul)}); choose one with hdu= (an index or an EXTNAME)"
-    )
 
 
 def _parse_hdu(h, *, source: str, limit=None, plane=None) -> _Parsed:
@@ -319,7 +258,7 @@ def _parse_hdu(h, *, source: str, limit=None, plane=None) -> _Parsed:
         parsed.reduced = reduced[1:]
         parsed.plane_applied = plane is not None and reduced[0].ndim == 2 and len(h.shape) > 2
         return parsed
-    data = h.data
+    data = read_hdu_data(h, source)
     if data is None or np.size(data) == 0:
         raise ImageInputError(
             f"{source}: HDU {h.name!r} has no data (header only); in multi-extension files the "
