@@ -52,6 +52,7 @@ from astropy.utils.exceptions import AstropyUserWarning
 
 from ..exceptions import DatasetError, ImageFileError
 from ..utils.files import atomic_write, atomic_write_text, safe_join
+from ..utils.imports import optional_import
 from ..utils.progress import progress_bar
 from .abstracts import abstracts_by_proposal, raw_abstract_caption, read_abstracts
 from .records import ManifestDataset, write_manifest
@@ -523,6 +524,7 @@ class HubblePreviewDatasetBuilder:
         DatasetError
             If an ID is not an integer, or MAST returns no public observation.
         """
+        optional_import("astroquery", purpose="querying the Hubble archive (MAST)")
         from astroquery.mast import Observations
 
         ids: list[str] = []
@@ -650,6 +652,7 @@ class HubblePreviewDatasetBuilder:
                         for c in cached.colnames})
             except Exception:  # an unreadable cache is rebuilt
                 pass
+        optional_import("astroquery", purpose="querying the Hubble archive (MAST)")
         from astroquery.mast import Observations
 
         batch = 500
@@ -770,6 +773,7 @@ class HubblePreviewDatasetBuilder:
 
     def _download(self, item: dict) -> bool:
         """Fetch, check, resize and save one preview; True when its PNG is complete."""
+        optional_import("astroquery", purpose="querying the Hubble archive (MAST)")
         from astroquery.mast import Observations
 
         out = safe_join(self.directory, item["image"])

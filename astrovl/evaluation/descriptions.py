@@ -48,6 +48,7 @@ import numpy as np
 from astropy.table import Table
 
 from ..exceptions import DatasetError, ModelNotFoundError
+from ..utils.imports import optional_import
 
 __all__ = [
     "GALAXY10_CLASSES",
@@ -288,6 +289,7 @@ class DescriptionEvaluator:
     def sentence_model(self):
         """The loaded sentence-transformers model (loaded on first use)."""
         if self._model is None:
+            optional_import("sentence_transformers", purpose="scoring descriptions")
             from sentence_transformers import SentenceTransformer
 
             try:
@@ -588,6 +590,7 @@ def _parquet_files(directory: Path, split: str) -> list[Path]:
 def _load_parquet(files: list[Path], limit, seed) -> tuple[list, list[int]]:
     import io
 
+    optional_import("pyarrow", purpose="reading the Galaxy10 DECaLS parquet files")
     import pyarrow.parquet as pq
     from PIL import Image
 
@@ -624,6 +627,7 @@ def _load_parquet(files: list[Path], limit, seed) -> tuple[list, list[int]]:
 
 
 def _load_h5(path: Path, split: str, limit, seed: int, test_fraction: float) -> tuple[list, list[int]]:
+    optional_import("h5py", purpose="reading the Galaxy10 DECaLS HDF5 file")
     import h5py
     from PIL import Image
 

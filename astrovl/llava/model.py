@@ -14,6 +14,7 @@ import numpy as np
 
 from ..exceptions import CheckpointError, ModelNotFoundError
 from ..utils.devices import resolve_device
+from ..utils.imports import optional_import
 from ..utils.progress import progress_bar
 from .chat import close_assistant_turns
 from .checkpoints import detect_layout, fetch_weights, is_original_config, read_json
@@ -202,6 +203,7 @@ class AstroLLaVA:
             model, processor = _load_full(source, dev, **options)
             label = source.name
         if adapter is not None:
+            optional_import("peft", purpose="LoRA adapters")
             from peft import PeftModel
 
             model = PeftModel.from_pretrained(model, str(adapter))
@@ -505,6 +507,7 @@ def _load_full(source: ResolvedCheckpoint, dev, *, dtype=None, load_in_4bit: boo
                trust_remote_code: bool = False, vision_tower=None):
     """Model and processor of a full (non-adapter) checkpoint, converting an original layout once."""
     import torch
+    optional_import("transformers", purpose="LLaVA models")
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     layout = detect_layout(source.path)

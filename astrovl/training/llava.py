@@ -26,6 +26,7 @@ from astropy.table import Table
 
 from ..exceptions import CheckpointError
 from ..utils.files import atomic_directory
+from ..utils.imports import optional_import
 from ..utils.progress import progress_bar
 from .common import checkpoint_errors, lr_lambda, seed_everything, write_history
 from .llava_data import LLaVATorchDataset, collate_fn, load_conversation_records
@@ -193,6 +194,7 @@ def _freeze_for_stage(model, config: LLaVATrainingConfig):
             p.requires_grad_(True)
         return model
     if config.lora:
+        optional_import("peft", purpose="LoRA training")
         from peft import LoraConfig, get_peft_model
 
         lcfg = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
@@ -338,6 +340,7 @@ def train_llava(model, data, config: LLaVATrainingConfig | None = None, *,
     LLaVATrainingResult
     """
     import torch
+    optional_import("accelerate", purpose="LLaVA training")
     from accelerate import Accelerator
 
     config = config or LLaVATrainingConfig()
