@@ -204,7 +204,7 @@ def load_causal_lm(name_or_path: str | os.PathLike, *, gguf_file: str | None = N
     CheckpointError
         If files are found but cannot be loaded as a causal language model.
     """
-    optional_import("transformers", purpose="the language models of the dataset generators")
+    optional_import("transformers", "datasets", "the language models of the dataset generators")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source, gguf = _resolve_source(name_or_path, gguf_file)
