@@ -84,6 +84,14 @@ def test_llava_transformers(monkeypatch, tmp_path):
     assert_names_extra(exc, "llava", "transformers")
 
 
+def test_llava_model_checks_transformers_first(monkeypatch, tmp_path):
+    """Without transformers, loading a LLaVA model names the extra before looking for weights."""
+    hide(monkeypatch, "transformers")
+    with pytest.raises(ImportError) as exc:
+        astrovl.AstroLLaVA.from_pretrained(tmp_path / "no-such-model")
+    assert_names_extra(exc, "llava", "transformers")
+
+
 def test_llava_peft(monkeypatch):
     from astrovl.llava.lora import apply_lora_release
 

@@ -179,6 +179,7 @@ class AstroLLaVA:
         """
         from ..config import conf
 
+        optional_import("transformers", purpose="LLaVA models")  # before looking for the weights
         name = name_or_path if name_or_path is not None else conf.llava_model
         dev = resolve_device(device)
         source = resolve_checkpoint(name, revision=revision)
