@@ -245,3 +245,19 @@ def test_core_names_import_without_the_extras(tmp_path):
     lines = proc.stdout.splitlines()
     assert lines[-1] == "OK"
     assert any(ln.startswith("ERROR pydantic is required") and "astrovl[datasets]" in ln for ln in lines)
+
+
+def test_oldest_requirements_pins_the_floors(tmp_path):
+    """``tox -e test-oldestdeps`` pins each direct runtime dependency to its floor, torch excepted."""
+    pytest.importorskip("tomllib")
+    script = PYPROJECT.parent / ".ci" / "oldest_requirements.py"
+    out = tmp_path / "oldest.txt"
+    subprocess.run([sys.executable, str(script), "--pyproject", str(PYPROJECT), "--extras", "test",
+                    "--output", str(out)], check=True, capture_output=True, timeout=60)
+    pins = dict(line.split("==") for line in out.read_text().split())
+    assert pins["transformers"] == "4.56"
+    assert pins["astropy"] == "7.0"
+    assert pins["dask[distributed]"] == "2024.1"
+    assert "torch" not in pins and "torchvision" not in pins
+    assert "pytest" not in pins  # test tooling is not pinned
+    assert len(pins) == len(set(pins))
