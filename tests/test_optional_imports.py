@@ -256,6 +256,7 @@ def test_oldest_requirements_pins_the_floors(tmp_path):
                     "--output", str(out)], check=True, capture_output=True, timeout=60)
     pins = dict(line.split("==") for line in out.read_text().split())
     assert pins["transformers"] == "4.56"
+    assert pins["open_clip_torch"] == "3.1"
     assert pins["astropy"] == "7.0"
     assert pins["dask[distributed]"] == "2024.1"
     assert "torch" not in pins and "torchvision" not in pins
