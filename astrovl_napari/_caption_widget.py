@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from magicgui.widgets import Container, LineEdit, PushButton, SpinBox, TextEdit
+try:
+    from magicgui.widgets import Container, LineEdit, PushButton, SpinBox, TextEdit
+except ImportError as exc:
+    from astrovl.utils.imports import missing_dependency
+
+    raise missing_dependency("magicgui", purpose="the napari widgets") from exc
 
 from ._jobs import caption_job
 from ._models import ModelRegistry, default_registry

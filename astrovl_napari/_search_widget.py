@@ -6,7 +6,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from magicgui.widgets import Container, FileEdit, Label, LineEdit, PushButton, SpinBox
+
+try:
+    from magicgui.widgets import Container, FileEdit, Label, LineEdit, PushButton, SpinBox
+except ImportError as exc:
+    from astrovl.utils.imports import missing_dependency
+
+    raise missing_dependency("magicgui", purpose="the napari widgets") from exc
 
 from ._jobs import build_index_job, find_images, open_index_job, search_job
 from ._models import ModelRegistry, default_registry

@@ -7,7 +7,12 @@ import traceback
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from magicgui.widgets import ComboBox, Container, Label, LineEdit, ProgressBar, PushButton
+try:
+    from magicgui.widgets import ComboBox, Container, Label, LineEdit, ProgressBar, PushButton
+except ImportError as exc:
+    from astrovl.utils.imports import missing_dependency
+
+    raise missing_dependency("magicgui", purpose="the napari widgets") from exc
 
 from ._models import ModelSpec
 from ._regions import REGION_MODES, RegionRequest, region_request

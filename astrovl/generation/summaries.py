@@ -14,7 +14,12 @@ import os
 from collections.abc import Sequence
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+try:
+    from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+except ImportError as exc:
+    from ..utils.imports import missing_dependency
+
+    raise missing_dependency("pydantic", purpose="structured (JSON schema) generation") from exc
 
 from .cache import JSONLCache
 from .guided import JSON_SCHEMA_EXTRA, GuidedJSONGenerator, excerpt

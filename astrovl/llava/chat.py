@@ -14,6 +14,8 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 
+from ..utils.imports import optional_import
+
 __all__ = ["to_messages", "close_assistant_turns", "template_closes_turns", "render", "answer_spans",
            "eos_token"]
 
@@ -49,6 +51,7 @@ def render(processor, messages: list[dict], add_generation_prompt: bool) -> str:
 
 @functools.lru_cache(maxsize=64)
 def _closes(template: str, eos: str) -> bool:
+    optional_import("transformers", purpose="LLaVA chat templates")
     from transformers.utils.chat_template_utils import render_jinja_template
 
     probe = [{"role": "user", "content": [{"type": "text", "text": "Q"}]},

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from ..exceptions import CheckpointError
 from ..utils.files import atomic_directory, check_output_dir
+from ..utils.imports import optional_import
 from .checkpoints import fetch_weights, load_weights, normalize_llava_key, read_json
 from .hub import ResolvedCheckpoint, resolve_checkpoint, resolve_reference
 from .template import MISTRAL_INSTRUCT_CHAT_TEMPLATE, VICUNA_V1_CHAT_TEMPLATE
@@ -160,6 +161,7 @@ def _family(orig: dict, where: str) -> str:
 
 
 def _text_config(family: str, orig: dict, vocab: int):
+    optional_import("transformers", purpose="converting LLaVA checkpoints")
     from transformers import LlamaConfig, MistralConfig
 
     cls = MistralConfig if family == "mistral" else LlamaConfig
@@ -171,6 +173,7 @@ def _text_config(family: str, orig: dict, vocab: int):
 
 def _vision_tower(orig: dict, state: dict, vision_tower, where: str):
     """The CLIP vision config, tower weights (if not in the checkpoint) and the tower directory."""
+    optional_import("transformers", purpose="converting LLaVA checkpoints")
     from transformers import CLIPVisionConfig
 
     name = str(vision_tower) if vision_tower is not None else orig.get("mm_vision_tower")
@@ -214,6 +217,7 @@ def _check_against(model, state: dict, where: str) -> None:
 
 def _convert(source: ResolvedCheckpoint, dst: Path, *, vision_tower=None, dtype: str | None = None) -> Path:
     import torch
+    optional_import("transformers", purpose="converting LLaVA checkpoints")
     from transformers import (
         AutoTokenizer,
         CLIPImageProcessor,

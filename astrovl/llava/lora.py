@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..exceptions import CheckpointError
+from ..utils.imports import optional_import
 from .checkpoints import (
     fetch_weights,
     is_original_config,
@@ -105,6 +106,7 @@ class LoRARelease:
         module names (``q_proj``...) mean the language model's layers only; in
         transformers' LLaVA the CLIP tower has layers of the same names.
         """
+        optional_import("peft", purpose="LoRA adapters")
         from peft import LoraConfig
 
         fields = {k: v for k, v in self.config.items() if k in LoraConfig.__dataclass_fields__}
@@ -153,6 +155,7 @@ def apply_lora_release(model, release: LoRARelease, *, merge: bool = False):
     -------
     peft.PeftModel or transformers.LlavaForConditionalGeneration
     """
+    optional_import("peft", purpose="LoRA adapters")
     from peft import get_peft_model, set_peft_model_state_dict
 
     where = repr(release.source.name)

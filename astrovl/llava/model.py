@@ -14,6 +14,7 @@ import numpy as np
 
 from ..exceptions import CheckpointError, ModelNotFoundError
 from ..utils.devices import resolve_device
+from ..utils.imports import optional_import
 from ..utils.progress import progress_bar
 from .chat import close_assistant_turns
 from .checkpoints import detect_layout, fetch_weights, is_original_config, read_json
@@ -179,6 +180,7 @@ class AstroLLaVA:
         """
         from ..config import conf
 
+        optional_import("transformers", purpose="LLaVA models")  # before looking for the weights
         name = name_or_path if name_or_path is not None else conf.llava_model
         dev = resolve_device(device)
         source = resolve_checkpoint(name, revision=revision)
@@ -203,6 +205,7 @@ class AstroLLaVA:
             model, processor = _load_full(source, dev, **options)
             label = source.name
         if adapter is not None:
+            optional_import("peft", purpose="LoRA adapters")
             from peft import PeftModel
 
             model = PeftModel.from_pretrained(model, str(adapter))
@@ -283,7 +286,8 @@ class AstroLLaVA:
         import torch
 
         inputs = self.processor(images=pils, text=prompts, padding=True, return_tensors="pt")
-        inputs = {k: v.to(self.device) for k, v in inputs.items()}
+        # LLaVA takes no token type ids (generate of transformers 4.x rejects them)
+        inputs = {k: v.to(self.device) for k, v in inputs.items() if k != "token_type_ids"}
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
         tok = self.processor.tokenizer
@@ -444,7 +448,8 @@ class AstroLLaVA:
         return prompt, texts
 
     def _to_device(self, inputs) -> dict:
-        inputs = {k: v.to(self.device) for k, v in inputs.items()}
+        # LLaVA takes no token type ids (generate of transformers 4.x rejects them)
+        inputs = {k: v.to(self.device) for k, v in inputs.items() if k != "token_type_ids"}
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
         return inputs
@@ -511,6 +516,7 @@ def _load_full(source: ResolvedCheckpoint, dev, *, dtype=None, load_in_4bit: boo
                trust_remote_code: bool = False, vision_tower=None):
     """Model and processor of a full (non-adapter) checkpoint, converting an original layout once."""
     import torch
+    optional_import("transformers", purpose="LLaVA models")
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     layout = detect_layout(source.path)

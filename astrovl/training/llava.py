@@ -26,6 +26,7 @@ from astropy.table import Table
 
 from ..exceptions import CheckpointError
 from ..utils.files import atomic_directory, atomic_write, atomic_write_text, prepare_output_dir
+from ..utils.imports import optional_import
 from ..utils.progress import progress_bar
 from .common import (
     CHECKPOINT_DIR,
@@ -205,6 +206,7 @@ def _freeze_for_stage(model, config: LLaVATrainingConfig):
             p.requires_grad_(True)
         return model
     if config.lora:
+        optional_import("peft", purpose="LoRA training")
         from peft import LoraConfig, get_peft_model
 
         lcfg = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
@@ -313,6 +315,8 @@ def train_llava(model, data, config: LLaVATrainingConfig | None = None, *,
     LLaVATrainingResult
     """
     import torch
+    optional_import("accelerate", purpose="LLaVA training")
+    optional_import("transformers", purpose="LLaVA training")
     from accelerate import Accelerator
     from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
