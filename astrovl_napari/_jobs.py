@@ -245,7 +245,7 @@ def search_job(index, query: str | RegionRequest, *, k: int = 10, thumbnail_size
     """Query an index by text or by a region and make thumbnails of the hits.
 
     Thumbnails are made only of files under the image root the index records
-    (:func:`astrovl.serve.images.recorded_image_root`): a file named by an
+    (:func:`astrovl.clip.index.recorded_image_root`): a file named by an
     index's metadata is not opened outside it.
 
     Returns
@@ -267,7 +267,7 @@ def search_job(index, query: str | RegionRequest, *, k: int = 10, thumbnail_size
     yield Step(0, 1, f"searching for {what}")
     if q is None:
         q = query.load().to_pil()
-    from astrovl.serve.images import recorded_image_root
+    from astrovl.clip.index import recorded_image_root
 
     table = index.search(q, k=int(k))
     hits = hits_from_table(table, index_dir, recorded_image_root(index, index_dir))

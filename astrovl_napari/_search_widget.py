@@ -246,7 +246,7 @@ class SearchWidget(Container):
                     "the index metadata should hold paths to the images"
                 )
             if not hit.in_root:
-                from astrovl.serve.images import recorded_image_root
+                from astrovl.clip.index import recorded_image_root
 
                 root = recorded_image_root(self.index, self.index_dir) if self.index is not None else None
                 if not confirm_open_outside_root(self.native, hit.path, root):

@@ -18,7 +18,7 @@ from .chunks import ChunkedRows
 from .identity import digest_from_model_id
 from .loading import describe_source
 
-__all__ = ["EmbeddingIndex"]
+__all__ = ["EmbeddingIndex", "recorded_image_root"]
 
 log = logging.getLogger(__name__)
 
@@ -758,3 +758,23 @@ def _names_image_file(text: str) -> bool:
         return Path(text).is_file()
     except OSError:
         return False
+
+
+def recorded_image_root(index, index_dir: str | os.PathLike | None) -> Path | None:
+    """The image root recorded with an index (its ``image_root`` or its manifest's), if any.
+
+    A relative root is taken relative to the index directory.
+    """
+    root = getattr(index, "image_root", None)
+    if root is None and index_dir is not None:
+        manifest = Path(index_dir) / "index.json"
+        try:
+            root = json.loads(manifest.read_text("utf-8")).get("image_root")
+        except (OSError, ValueError, AttributeError):
+            root = None
+    if not root:
+        return None
+    root = Path(os.path.expanduser(str(root)))
+    if not root.is_absolute() and index_dir is not None:
+        root = Path(index_dir) / root
+    return root.resolve()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import logging
 import math
 import os
@@ -22,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from ..clip.index import recorded_image_root  # noqa: F401  (re-exported)
 from ..exceptions import QueryError
 from ..imaging.inputs import PATH_COLUMNS, has_fits_signature, is_fits_name
 from ..utils.lru import LRUCache
@@ -61,26 +61,6 @@ def default_thumbnail_cache() -> Path:
     from ..config import cache_path
 
     return cache_path("serve-thumbnails")
-
-
-def recorded_image_root(index, index_dir: str | os.PathLike | None) -> Path | None:
-    """The image root recorded with an index (its ``image_root`` or its manifest's), if any.
-
-    A relative root is taken relative to the index directory.
-    """
-    root = getattr(index, "image_root", None)
-    if root is None and index_dir is not None:
-        manifest = Path(index_dir) / "index.json"
-        try:
-            root = json.loads(manifest.read_text("utf-8")).get("image_root")
-        except (OSError, ValueError, AttributeError):
-            root = None
-    if not root:
-        return None
-    root = Path(os.path.expanduser(str(root)))
-    if not root.is_absolute() and index_dir is not None:
-        root = Path(index_dir) / root
-    return root.resolve()
 
 
 def _is_thumbnail_cache(directory: Path) -> bool:
