@@ -524,3 +524,21 @@ def test_demo_flags(monkeypatch, capsys):
     monkeypatch.undo()
     assert main(["demo", "--output", "o", "--pretrained", "openai"]) == 1
     assert "needs model=" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("via", ["file", "stdout"])
+def test_csv_output_keeps_one_row_per_result(tmp_path, via, capsys):
+    """Text holding line breaks other than "\\n" (a vertical tab, "\\r\\n", U+2028) stays in its row."""
+    from astrovl.cli._common import emit
+
+    table = Table({"image": ["m13.fits", "ngc1316.fits"],
+                   "caption": ["a cluster\x0bof stars\r\nand more", "a galaxy\u2028with dust"]})
+    out = tmp_path / "captions.csv"
+    emit(table, SimpleNamespace(output=str(out) if via == "file" else None,
+                                format="table" if via == "file" else "csv"))
+    text = out.read_text("utf-8") if via == "file" else capsys.readouterr().out
+    assert not any(c in text for c in "\x0b\r\u2028")
+    back = Table.read(text, format="ascii.csv")
+    assert list(back["image"]) == ["m13.fits", "ngc1316.fits"]
+    assert list(back["caption"]) == ["a cluster\nof stars\nand more", "a galaxy\nwith dust"]
+    assert table["caption"][0] == "a cluster\x0bof stars\r\nand more"  # the caller's table is unchanged

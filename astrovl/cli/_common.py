@@ -72,14 +72,45 @@ def emit(table, args) -> None:
             if fmt == "json":
                 json.dump(_table_records(table), fh, indent=2)
             else:
-                table.write(fh, format=fmt)
+                (_csv_safe(table) if fmt == "ascii.csv" else table).write(fh, format=fmt)
     fmt = getattr(args, "format", "table")
     if fmt == "table":
         table.pprint_all() if len(table) <= 200 else table.pprint(max_lines=60, max_width=200)
     elif fmt == "json":
         print(json.dumps(_table_records(table), indent=2))
     else:
-        table.write(sys.stdout, format="ascii.ecsv" if fmt == "ecsv" else "ascii.csv")
+        if fmt == "ecsv":
+            table.write(sys.stdout, format="ascii.ecsv")
+        else:
+            _csv_safe(table).write(sys.stdout, format="ascii.csv")
+
+
+#: characters other than "\n" that Python's ``str.splitlines`` (and so some CSV
+#: readers) take as the end of a line
+_LINE_BREAKS = str.maketrans({c: "\n" for c in "\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"})
+
+
+def _csv_safe(table):
+    """``table`` with every line break in its text cells written as ``"\\n"``.
+
+    A CSV field that holds a line break is quoted, and readers keep it in one
+    row; other line-break characters (vertical tab, form feed, ``"\\r"``,
+    Unicode separators) are not always quoted or are split by readers that use
+    ``str.splitlines``, which would break the row apart.
+    """
+    text_cols = [c for c in table.colnames if table[c].dtype.kind in "UO"]
+    if not text_cols:
+        return table
+    from astropy.table import MaskedColumn
+
+    out = table.copy(copy_data=False)
+    for c in text_cols:
+        col = table[c]
+        mask = getattr(col, "mask", None)
+        values = [v.replace("\r\n", "\n").translate(_LINE_BREAKS) if isinstance(v, str) else v
+                  for v in (col.filled("") if mask is not None else col)]
+        out[c] = MaskedColumn(values, mask=mask) if mask is not None else values
+    return out
 
 
 def _table_records(table) -> list[dict]:
