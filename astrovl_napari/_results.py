@@ -191,33 +191,18 @@ def resolve_image_path(value: Any, index_dir: str | os.PathLike | None = None) -
     directory, its parent and the current directory. Values that are not file
     names (``"<ndarray (64, 64)>"``) or that name no existing file give None.
     HDU suffixes written by :func:`astrovl.load_image` sources (``file.fits[1]``)
-    are removed.
+    are removed (:func:`astrovl.imaging.inputs.locate_image_file`).
     """
-    if value is None:
-        return None
-    text = str(value).strip()
-    if not text or text.startswith("<"):
-        return None
-    text = re.sub(r"\[[^\]]*\]$", "", text)
-    candidate = Path(os.path.expanduser(text))
-    tries = [candidate] if candidate.is_absolute() else []
-    if not candidate.is_absolute():
-        if index_dir is not None:
-            base = Path(index_dir)
-            tries += [base / candidate, base.parent / candidate]
-        tries.append(Path.cwd() / candidate)
-    for p in tries:
-        if p.is_file():
-            return p.resolve()
-    return None
+    from astrovl.imaging.inputs import locate_image_file
+
+    return locate_image_file(value, index_dir=index_dir)
 
 
 def is_under(path: str | os.PathLike | None, root: str | os.PathLike | None) -> bool:
     """True when ``path`` (resolved, links followed) lies under the folder ``root``."""
-    if path is None or root is None:
-        return False
-    p, r = Path(path).resolve(), Path(root).resolve()
-    return p == r or r in p.parents
+    from astrovl.utils.files import is_within
+
+    return path is not None and root is not None and is_within(path, root)
 
 
 def hits_from_table(table, index_dir: str | os.PathLike | None = None,

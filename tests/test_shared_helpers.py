@@ -154,3 +154,32 @@ def test_no_module_imports_another_modules_private_names():
                 found += [f"{path.relative_to(root.parent)}:{node.lineno} {a.name}" for a in node.names
                           if a.name.startswith("_") and not a.name.startswith("__")]
     assert found == []
+
+
+def test_is_within_follows_links_and_dotdot(tmp_path):
+    from astrovl.utils.files import is_within
+
+    root = tmp_path / "root"
+    (root / "sub").mkdir(parents=True)
+    (tmp_path / "outside").mkdir()
+    (root / "link").symlink_to(tmp_path / "outside")
+    assert is_within(root, root) and is_within(root / "sub" / "a.fits", root)
+    assert not is_within(root / ".." / "outside", root)
+    assert not is_within(root / "link" / "a.fits", root)  # a link out of the root
+
+
+def test_locate_image_file_tries_the_image_root_first(tmp_path, monkeypatch):
+    from astrovl.imaging.inputs import locate_image_file
+
+    root, index_dir = tmp_path / "images", tmp_path / "work" / "index"
+    root.mkdir()
+    index_dir.mkdir(parents=True)
+    (root / "m13.fits").write_bytes(b"root")
+    (index_dir / "m13.fits").write_bytes(b"index")
+    monkeypatch.chdir(tmp_path)
+    assert locate_image_file("m13.fits[1]", index_dir=index_dir, image_root=root) == (root / "m13.fits").resolve()
+    assert locate_image_file("m13.fits", index_dir=index_dir) == (index_dir / "m13.fits").resolve()
+    assert locate_image_file(str(root / "m13.fits")) == (root / "m13.fits").resolve()
+    assert locate_image_file("bad\x00name.fits", index_dir=index_dir) is None
+    assert locate_image_file("<ndarray (3, 3)>", index_dir=index_dir) is None
+    assert locate_image_file("nowhere.fits", index_dir=index_dir, image_root=root) is None

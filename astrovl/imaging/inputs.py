@@ -8,7 +8,8 @@
   of them, or a dataset with ``image_paths``) into a list of single-image
   inputs; :func:`describe_input` names one input in a result table.
 * :data:`PATH_COLUMNS`: the metadata columns of an embedding index that may
-  name an image file.
+  name an image file; :func:`locate_image_file` finds the file such a value
+  names.
 
 :mod:`astrovl.clip`, :mod:`astrovl.llava`, :mod:`astrovl.serve`, the dataset
 builders, the command line and the napari plugin use these instead of lists of
@@ -18,7 +19,9 @@ their own.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,6 +36,7 @@ __all__ = [
     "has_fits_signature",
     "as_image_list",
     "describe_input",
+    "locate_image_file",
 ]
 
 #: file-name endings read as FITS (lower case; gzip- and tile-compressed included)
@@ -157,3 +161,37 @@ def describe_input(obj: Any) -> str:
     if isinstance(obj, np.ndarray):
         return f"<ndarray {obj.shape}>"
     return f"<{type(obj).__name__}>"
+
+
+def locate_image_file(value: Any, *, index_dir: str | os.PathLike | None = None,
+                      image_root: str | os.PathLike | None = None) -> Path | None:
+    """Find the existing image file an index metadata value names (resolved), or None.
+
+    Absolute paths are used as they are. Relative ones are tried against
+    ``image_root`` (when given), then against ``index_dir`` and its parent
+    (when given), then against the current directory. HDU suffixes of
+    :func:`~astrovl.load_image` sources (``file.fits[1]``) are removed; values
+    that are not file names (masked, empty, ``"<ndarray (64, 64)>"``, holding a
+    NUL character) or that name no existing file give None. Whether the file
+    found may be opened (under an image root or not) is for the caller to decide.
+    """
+    if value is None or value is np.ma.masked:
+        return None
+    text = str(value).strip()
+    if not text or text.startswith("<") or "\x00" in text:
+        return None
+    text = re.sub(r"\[[^\]]*\]$", "", text)  # HDU suffix of load_image sources: file.fits[1]
+    candidate = Path(os.path.expanduser(text))
+    if candidate.is_absolute():
+        tries = [candidate]
+    else:
+        bases = [Path(image_root)] if image_root is not None else []
+        bases += [Path(index_dir), Path(index_dir).parent] if index_dir is not None else []
+        tries = [b / candidate for b in bases] + [Path.cwd() / candidate]
+    for p in tries:
+        try:
+            if p.is_file():
+                return p.resolve()
+        except OSError:
+            continue
+    return None

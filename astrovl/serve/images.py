@@ -13,7 +13,6 @@ import io
 import logging
 import math
 import os
-import re
 import threading
 import warnings
 from pathlib import Path
@@ -23,7 +22,8 @@ import numpy as np
 
 from ..clip.index import recorded_image_root  # noqa: F401  (re-exported)
 from ..exceptions import QueryError
-from ..imaging.inputs import PATH_COLUMNS, has_fits_signature, is_fits_name
+from ..imaging.inputs import PATH_COLUMNS, has_fits_signature, is_fits_name, locate_image_file
+from ..utils.files import is_within
 from ..utils.lru import LRUCache
 
 __all__ = ["IndexImages", "PATH_COLUMNS", "RADEC_COLUMNS", "json_value", "recorded_image_root",
@@ -137,26 +137,7 @@ class IndexImages:
 
     def _locate(self, value) -> Path | None:
         """The existing file a metadata value names (resolved), or None."""
-        if value is None or value is np.ma.masked:
-            return None
-        text = str(value).strip()
-        if not text or text.startswith("<") or "\x00" in text:
-            return None
-        text = re.sub(r"\[[^\]]*\]$", "", text)  # HDU suffix of load_image sources: file.fits[1]
-        candidate = Path(os.path.expanduser(text))
-        if candidate.is_absolute():
-            tries = [candidate]
-        else:  # relative to the image root first, then as the index's writer saw it
-            bases = [self.recorded_root] if self.recorded_root is not None else []
-            bases += [self.index_dir, self.index_dir.parent] if self.index_dir is not None else []
-            tries = [b / candidate for b in bases] + [Path.cwd() / candidate]
-        for p in tries:
-            try:
-                if p.is_file():
-                    return p.resolve()
-            except OSError:
-                continue
-        return None
+        return locate_image_file(value, index_dir=self.index_dir, image_root=self.recorded_root)
 
     def check_row(self, row: int) -> int:
         """``row`` as an int, or a 404 :class:`~astrovl.exceptions.QueryError`."""
@@ -188,7 +169,7 @@ class IndexImages:
             raise QueryError(f"item {row} names no image file that exists here ({json_value(value)!r})",
                              status=404)
         root = self.root
-        if root is None or (path != root and root not in path.parents):
+        if root is None or not is_within(path, root):
             raise QueryError(
                 f"item {row} names a file outside the index's image root ({root}); it is not served",
                 status=403)

@@ -34,7 +34,7 @@ def _umask() -> int:
 
 __all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_directory", "safe_join",
            "OUTPUT_MARKER", "read_output_marker", "write_output_marker", "check_output_dir",
-           "prepare_output_dir", "resolve_source"]
+           "prepare_output_dir", "resolve_source", "is_within"]
 
 #: name of the file that marks a folder as an astrovl output (see the module documentation)
 OUTPUT_MARKER = ".astrovl-output.json"
@@ -316,12 +316,18 @@ def resolve_source(source: str | os.PathLike, root: str | os.PathLike | None, *,
     candidate = Path(text).expanduser()
     start = Path(base).expanduser() if base is not None else root_path
     full = (candidate if candidate.is_absolute() else start / candidate).resolve()
-    if full != root_path and root_path not in full.parents:
+    if not is_within(full, root_path):
         raise UntrustedSourceError(
             f"{what} names {text!r}, which lies outside the local image root {str(root_path)!r}; "
             "records may name only files under that root (no '..' or links out of it) or http(s) URLs"
         )
     return full
+
+
+def is_within(path: str | os.PathLike, root: str | os.PathLike) -> bool:
+    """True when ``path`` is the folder ``root`` or lies under it, both resolved (links followed)."""
+    full, root_path = Path(path).resolve(), Path(root).resolve()
+    return full == root_path or root_path in full.parents
 
 
 def safe_join(root: str | os.PathLike, relative: str | os.PathLike) -> Path:
@@ -340,7 +346,7 @@ def safe_join(root: str | os.PathLike, relative: str | os.PathLike) -> Path:
             f"dataset root {str(root_path)!r}"
         )
     full = (root_path / rel).resolve()
-    if full != root_path and root_path not in full.parents:
+    if not is_within(full, root_path):
         raise ManifestError(
             f"path {str(relative)!r} escapes the dataset root {str(root_path)!r}; "
             "remove '..' components or symbolic links that leave the root"
