@@ -94,9 +94,10 @@ def _cmd_train_clip(args):
     if args.mode == "scratch" and args.pretrained is not None:
         raise ValueError(f"--pretrained {args.pretrained!r} has no effect with --mode scratch, which "
                          "starts from random weights; drop --pretrained, or use --mode finetune")
-    from ..training.clip import is_earlier_run
+    from ..training.clip import OUTPUT_KIND, is_earlier_run
+    from ..utils.files import check_output_dir
 
-    _check_output(args.output, "clip-training", is_earlier_run)
+    check_output_dir(args.output, OUTPUT_KIND, recognize=is_earlier_run)  # before any model loads
     ds = ManifestDataset(args.dataset)
     names = ("steps", "batch_size", "grad_accum", "lr", "warmup_steps", "eval_every", "best_metric",
              "max_val", "caption_mode", "image_cache")
@@ -116,13 +117,6 @@ def _cmd_train_clip(args):
     return 0
 
 
-def _check_output(path, kind: str, recognize=None) -> None:
-    """Refuse an output folder holding other files before any model is loaded."""
-    from ..utils.files import check_output_dir
-
-    check_output_dir(path, kind, recognize=recognize or (lambda p: (p / "checkpoint" / "state.json").is_file()))
-
-
 def _is_open_clip_name(name) -> bool:
     if not name:
         return False
@@ -133,8 +127,10 @@ def _is_open_clip_name(name) -> bool:
 
 def _cmd_train_llava(args):
     from ..training import LLaVATrainingConfig, train_llava
+    from ..training.llava import OUTPUT_KIND, is_earlier_run
+    from ..utils.files import check_output_dir
 
-    _check_output(args.output, "llava-training")
+    check_output_dir(args.output, OUTPUT_KIND, recognize=is_earlier_run)  # before any model loads
     # a name, not a loaded model: train_llava loads on the CPU and accelerate places it on
     # each process's device (also under `accelerate launch` with several GPUs)
     model = args.model or conf().llava_model

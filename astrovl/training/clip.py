@@ -410,6 +410,10 @@ def _token_counter(tokenizer):
                      "caption_mode='abstract' needs an open_clip tokenizer")
 
 
+#: kind of a CLIP training output folder (see :func:`astrovl.utils.files.check_output_dir`)
+OUTPUT_KIND = "clip-training"
+
+
 def is_earlier_run(directory: Path) -> bool:
     """True for a training folder written before output folders were marked."""
     return (directory / CHECKPOINT_DIR / "state.json").is_file() or (
@@ -540,7 +544,7 @@ def train_clip(embedder, train, val, config: CLIPTrainingConfig | None = None, *
     if config.batch_size % (world * config.grad_accum):
         raise ValueError(f"batch_size={config.batch_size} must be divisible by the number of processes "
                          f"({world}) times grad_accum ({config.grad_accum})")
-    out = prepare_output_dir(config.output_dir, "clip-training", recognize=is_earlier_run)
+    out = prepare_output_dir(config.output_dir, OUTPUT_KIND, recognize=is_earlier_run)
     seed_everything(config.seed)
 
     device = _training_device(config, embedder, world)

@@ -233,6 +233,15 @@ def _enable_checkpointing(net) -> None:
         net.enable_input_require_grads()
 
 
+#: kind of a LLaVA training output folder (see :func:`astrovl.utils.files.check_output_dir`)
+OUTPUT_KIND = "llava-training"
+
+
+def is_earlier_run(directory: Path) -> bool:
+    """True for a training folder written before output folders were marked (it holds a checkpoint)."""
+    return (directory / CHECKPOINT_DIR / "state.json").is_file()
+
+
 def _epoch_order(n: int, epoch: int, seed: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n)
 
@@ -321,8 +330,7 @@ def train_llava(model, data, config: LLaVATrainingConfig | None = None, *,
     from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
     config = config or LLaVATrainingConfig()
-    out = prepare_output_dir(config.output_dir, "llava-training",
-                             recognize=lambda p: (p / "checkpoint" / "state.json").is_file())
+    out = prepare_output_dir(config.output_dir, OUTPUT_KIND, recognize=is_earlier_run)
     use_cpu = (config.device or "").startswith("cpu") or not torch.cuda.is_available()
     bf16 = config.bf16 if config.bf16 is not None else not use_cpu
     accelerator = Accelerator(cpu=use_cpu, mixed_precision="bf16" if bf16 else "no",
