@@ -31,6 +31,15 @@ def _replace_card(raw: bytes, key: str, value: str) -> bytes:
     raise AssertionError(f"no {key} card")
 
 
+def _overwrite_card(raw: bytes, anchor: bytes, card: bytes, path):
+    """Write ``raw`` to ``path`` with the card that starts with ``anchor`` replaced by ``card``."""
+    buf = bytearray(raw)
+    pos = raw.index(anchor)
+    buf[pos:pos + 80] = card.ljust(80)
+    path.write_bytes(bytes(buf))
+    return path
+
+
 def _load_traced(path, **kwargs):
     """``load_image(path)``'s outcome (image or exception) and its traced peak memory."""
     tracemalloc.start()
@@ -77,12 +86,8 @@ def test_unparsable_card_is_fixed_like_astropy(tmp_path):
     """A card astropy fixes (``verify('fix')``) loads with a warning naming the fix."""
     raw = io.BytesIO()
     fits.HDUList([fits.PrimaryHDU(), _image("SCI", 3.0)]).writeto(raw)
-    raw = raw.getvalue()
-    buf = bytearray(raw)
-    pos = raw.index(b"EXTNAME ")
-    buf[pos:pos + 80] = b"EXTNAME = 'SCI / the closing quote is missing".ljust(80)
-    path = tmp_path / "fixable.fits"
-    path.write_bytes(bytes(buf))
+    path = _overwrite_card(raw.getvalue(), b"EXTNAME ", b"EXTNAME = 'SCI / the closing quote is missing",
+                           tmp_path / "fixable.fits")
     with fits.open(path) as hdul, pytest.raises(fits.VerifyError):
         _ = hdul[1].name  # astropy asks for verify('fix') first
     with pytest.warns(ImageFileWarning, match=r"fixable\.fits.*Fixed 'EXTNAME' card"):
@@ -91,11 +96,8 @@ def test_unparsable_card_is_fixed_like_astropy(tmp_path):
 
 
 def test_files_astropy_cannot_open_are_refused(m13_path, tmp_path):
-    buf = bytearray(m13_path.read_bytes())
-    pos = bytes(buf).index(b"COMMENT")
-    buf[pos:pos + 80] = b"BSCALE  = 1.0 .0 / not a number".ljust(80)
-    path = tmp_path / "unfixable.fits"
-    path.write_bytes(bytes(buf))
+    path = _overwrite_card(m13_path.read_bytes(), b"COMMENT", b"BSCALE  = 1.0 .0 / not a number",
+                           tmp_path / "unfixable.fits")
     with warnings.catch_warnings(), pytest.raises(OSError):
         warnings.simplefilter("ignore")
         fits.getdata(path)
@@ -112,12 +114,8 @@ def test_bytes_after_the_last_hdu_are_ignored_with_a_warning(m13_path, tmp_path)
 
 
 def test_non_standard_card_nobody_reads_loads_silently(m13_path, tmp_path):
-    raw = m13_path.read_bytes()
-    buf = bytearray(raw)
-    pos = raw.index(b"COMMENT")
-    buf[pos:pos + 80] = b"SKEW    = -1.38, -1.69 / two values".ljust(80)
-    path = tmp_path / "skew.fits"
-    path.write_bytes(bytes(buf))
+    path = _overwrite_card(m13_path.read_bytes(), b"COMMENT", b"SKEW    = -1.38, -1.69 / two values",
+                           tmp_path / "skew.fits")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert load_image(path).shape == (300, 300)
