@@ -44,6 +44,8 @@ from typing import Any
 
 import numpy as np
 
+from astrovl.imaging.inputs import FITS_SUFFIXES, is_fits_name
+
 __all__ = [
     "FITS_PATTERNS",
     "napari_get_reader",
@@ -55,18 +57,19 @@ __all__ = [
     "image_layer_data",
 ]
 
-#: filename patterns of the napari reader contribution (matched case-insensitively by napari)
-FITS_PATTERNS = ("*.fits", "*.fit", "*.fts", "*.fits.gz", "*.fit.gz", "*.fts.gz", "*.fz")
+#: filename patterns of the napari reader contribution (matched case-insensitively by napari),
+#: one per FITS file name suffix of the library; napari.yaml lists the same patterns
+FITS_PATTERNS = tuple(f"*{suffix}" for suffix in FITS_SUFFIXES)
 
 LayerData = tuple  # (data, kwargs, "image")
 
 
 def is_fits_path(path: str | os.PathLike) -> bool:
-    """True when ``path`` has a FITS file name (``.fits``, ``.fit``, ``.fts``, ``.fz``, gzipped)."""
-    from astrovl.imaging import FITS_SUFFIXES
+    """True when ``path`` has a FITS file name (``.fits``, ``.fit``, ``.fts``, ``.fz``, gzipped).
 
-    name = os.fspath(path).lower()
-    return any(name.endswith(s) for s in FITS_SUFFIXES)
+    The same test as the library's (:func:`astrovl.imaging.inputs.is_fits_name`).
+    """
+    return is_fits_name(path)
 
 
 def napari_get_reader(path: str | os.PathLike | Sequence[str | os.PathLike]

@@ -44,8 +44,9 @@ Resize modes other than ``shortest`` and
 from __future__ import annotations
 
 import functools
+import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -338,15 +339,57 @@ def host_model_input(unit: UnitImage, spec: InputSpec, transform=None):
 # --------------------------------------------------------------------------- device path
 
 
-_TORCH_STRETCHES = ("LinearStretch", "AsinhStretch", "SqrtStretch", "LogStretch", "PowerStretch",
-                    "SquaredStretch", "SinhStretch")
+def _torch_linear(x, stretch):
+    if stretch.slope != 1:
+        x = x.mul_(float(stretch.slope))
+    if stretch.intercept != 0:
+        x = x.add_(float(stretch.intercept))
+    return x
+
+
+def _torch_asinh(x, stretch):
+    a = float(stretch.a)
+    return x.div_(a).asinh_().div_(math.asinh(1.0 / a))
+
+
+def _torch_sinh(x, stretch):
+    a = float(stretch.a)
+    return x.div_(a).sinh_().div_(math.sinh(1.0 / a))
+
+
+def _torch_sqrt(x, stretch):
+    return x.sqrt_()
+
+
+def _torch_log(x, stretch):
+    a = float(stretch.a)
+    return x.mul_(a).add_(1.0).log_().div_(math.log(a + 1.0))
+
+
+def _torch_power(x, stretch):
+    return x.pow_(float(stretch.a))
+
+
+@functools.cache
+def _torch_stretches() -> dict[type, Callable]:
+    """The astropy stretches with a torch version, keyed by their type."""
+    from astropy import visualization as vis
+
+    return {
+        vis.LinearStretch: _torch_linear,
+        vis.AsinhStretch: _torch_asinh,
+        vis.SinhStretch: _torch_sinh,
+        vis.SqrtStretch: _torch_sqrt,
+        vis.LogStretch: _torch_log,
+        vis.PowerStretch: _torch_power,
+        vis.SquaredStretch: _torch_power,
+    }
 
 
 def _device_scaling_supported(stretch, interval) -> bool:
     from astropy import visualization as vis
 
-    return (type(stretch).__name__ in _TORCH_STRETCHES
-            and type(stretch).__module__.startswith("astropy.visualization")
+    return (type(stretch) in _torch_stretches()
             and isinstance(interval, (vis.AsymmetricPercentileInterval, vis.MinMaxInterval,
                                       vis.ManualInterval))
             and getattr(interval, "n_samples", None) is None)
@@ -354,31 +397,10 @@ def _device_scaling_supported(stretch, interval) -> bool:
 
 def _torch_stretch(x, stretch):
     """Apply an astropy stretch to a torch tensor of values in ``[0, 1]`` (in place when possible)."""
-    import math
-
-    import torch
-
-    name = type(stretch).__name__
-    if name == "LinearStretch":
-        if stretch.slope != 1:
-            x = x.mul_(float(stretch.slope))
-        if stretch.intercept != 0:
-            x = x.add_(float(stretch.intercept))
-        return x
-    if name == "AsinhStretch":
-        a = float(stretch.a)
-        return torch.asinh(x.div_(a)).div_(math.asinh(1.0 / a))
-    if name == "SinhStretch":
-        a = float(stretch.a)
-        return torch.sinh(x.div_(a)).div_(math.sinh(1.0 / a))
-    if name == "SqrtStretch":
-        return x.sqrt_()
-    if name == "LogStretch":
-        a = float(stretch.a)
-        return x.mul_(a).add_(1.0).log_().div_(math.log(a + 1.0))
-    if name in ("PowerStretch", "SquaredStretch"):
-        return x.pow_(float(stretch.a))
-    raise TypeError(f"no torch version of {name}")  # guarded by _device_scaling_supported
+    apply = _torch_stretches().get(type(stretch))
+    if apply is None:  # guarded by _device_scaling_supported
+        raise TypeError(f"no torch version of {type(stretch).__name__}")
+    return apply(x, stretch)
 
 
 def _torch_percentiles(values, valid, percents: Sequence[float]):

@@ -148,6 +148,12 @@ def parse_abstracts_text(text: str, *, source: str = "<text>") -> Table:
         For records without a usable proposal ID (skipped) and for duplicated IDs
         (the first record with a non-empty abstract is kept).
     """
+    rows = _records_to_rows(_read_records(text), source)
+    return _rows_to_table(rows, source)
+
+
+def _read_records(text: str) -> list[dict]:
+    """Split catalog text into raw records: one dict of field values per proposal."""
     records: list[dict] = []
     current: dict = {}
     abstract_lines: list[str] | None = None
@@ -207,6 +213,11 @@ def parse_abstracts_text(text: str, *, source: str = "<text>") -> Table:
         prev_blank = False
     finish()
 
+    return records
+
+
+def _records_to_rows(records: list[dict], source: str) -> list[dict]:
+    """Turn raw records into table rows: IDs parsed, unusable records and duplicates reported."""
     rows = []
     bad: list[int] = []
     seen: dict[int, int] = {}
@@ -237,13 +248,13 @@ def parse_abstracts_text(text: str, *, source: str = "<text>") -> Table:
         warnings.warn(
             f"{len(bad)} record(s) in the abstracts catalog {source} have no usable proposal ID "
             f"and were skipped (records starting at line(s) {bad[:10]})",
-            AstropyUserWarning, stacklevel=2,
+            AstropyUserWarning, stacklevel=3,
         )
     if duplicates:
         warnings.warn(
             f"proposal ID(s) {sorted(set(duplicates))[:10]} appear more than once in the abstracts "
             f"catalog {source}; the first record with an abstract is kept",
-            AstropyUserWarning, stacklevel=2,
+            AstropyUserWarning, stacklevel=3,
         )
     if not rows:
         raise DatasetError(
@@ -251,7 +262,7 @@ def parse_abstracts_text(text: str, *, source: str = "<text>") -> Table:
             "'Proposal ID: 12345', 'Cycle: 20', 'Title: ...', 'PI: ...', 'Category: ...', "
             "'Abstract:' followed by the text, separated by blank or divider lines"
         )
-    return _rows_to_table(rows, source)
+    return rows
 
 
 def _rows_to_table(rows: list[dict], source: str) -> Table:

@@ -3,7 +3,8 @@
 * :data:`FITS_SUFFIXES` and :data:`PICTURE_SUFFIXES`: the file names
   :func:`~astrovl.load_image` reads as FITS or as pictures (Pillow);
   :func:`is_fits_name`, :func:`is_image_name` and :func:`has_fits_signature`
-  test a path against them.
+  test a path against them, and :func:`is_fits_file` (name or signature) is the
+  one test of whether a file is read as FITS.
 * :func:`as_image_list` turns what the models accept (one image input, a list
   of them, or a dataset with ``image_paths``) into a list of single-image
   inputs; :func:`describe_input` names one input in a result table.
@@ -34,6 +35,7 @@ __all__ = [
     "is_fits_name",
     "is_image_name",
     "has_fits_signature",
+    "is_fits_file",
     "as_image_list",
     "describe_input",
     "locate_image_file",
@@ -82,6 +84,15 @@ def has_fits_signature(path: str | os.PathLike) -> bool:
             return fh.read(6) == b"SIMPLE"
     except OSError:
         return False
+
+
+def is_fits_file(path: str | os.PathLike) -> bool:
+    """True when ``path`` is read as FITS: a FITS file name, or a file that starts like one.
+
+    The one test of the library for "is this file FITS?" (:func:`is_fits_name`, then
+    :func:`has_fits_signature` for FITS files under other names).
+    """
+    return is_fits_name(path) or has_fits_signature(path)
 
 
 def _is_single_image(obj: Any) -> bool:

@@ -17,7 +17,7 @@ from ..config import conf
 from ..exceptions import ImageFileError, ImageInputError
 from .core import AstroImage
 from .fitsfile import choose_science_hdu, describe_hdus, open_fits, read_hdu_data
-from .inputs import FITS_SUFFIXES, PICTURE_SUFFIXES
+from .inputs import FITS_SUFFIXES, PICTURE_SUFFIXES, is_fits_file
 from .pixel_grid import block_mean, downsample_wcs, read_hdu_reduced, reduction_factor
 from .scaling import scale_to_unit
 
@@ -179,22 +179,12 @@ def _looks_like_picture(arr: np.ndarray) -> bool:
     return arr.ndim == 3 and arr.shape[-1] in (3, 4) and arr.shape[0] > 4
 
 
-def _is_fits_path(path: Path) -> bool:
-    name = path.name.lower()
-    return any(name.endswith(s) for s in FITS_SUFFIXES)
-
-
-def _has_fits_signature(path: Path) -> bool:
-    with open(path, "rb") as fh:
-        return fh.read(6) == b"SIMPLE"
-
-
 def _parse_path(path: Path, *, hdu, limit=None, plane=None) -> _Parsed:
     if not path.exists():
         raise ImageFileError(f"image file {str(path)!r} does not exist; check the path")
     if path.is_dir():
         raise ImageFileError(f"{str(path)!r} is a directory; pass an image file")
-    if _is_fits_path(path) or _has_fits_signature(path):
+    if is_fits_file(path):
         with open_fits(path) as hdul:  # checked before any data is read; errors name the file
             parsed = _parse_hdulist(hdul, hdu=hdu, source=str(path), limit=limit, plane=plane)
             if parsed.reduced is None:  # a reduced array is already read and small

@@ -22,7 +22,7 @@ import numpy as np
 
 from ..clip.index import recorded_image_root  # noqa: F401  (re-exported)
 from ..exceptions import QueryError
-from ..imaging.inputs import PATH_COLUMNS, has_fits_signature, is_fits_name, locate_image_file
+from ..imaging.inputs import PATH_COLUMNS, is_fits_file, locate_image_file
 from ..utils.files import is_within
 from ..utils.lru import LRUCache
 
@@ -259,7 +259,7 @@ class IndexImages:
         cached = self._described.get(row)
         if cached is not None:
             return cached
-        if is_fits_name(path) or has_fits_signature(path):
+        if is_fits_file(path):
             info = _describe_fits(path)
         else:
             info = _describe_picture(path)

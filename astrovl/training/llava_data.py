@@ -31,11 +31,11 @@ from typing import Any
 import numpy as np
 
 from ..exceptions import DatasetError
+from ..llava.template import DEFAULT_CAPTION_PROMPT
 from ..utils.files import safe_join
 
 __all__ = [
     "IGNORE_INDEX",
-    "DESCRIBE_PROMPT",
     "load_conversation_records",
     "encode_conversation",
     "encode_plain",
@@ -47,10 +47,6 @@ log = logging.getLogger(__name__)
 
 #: Label value ignored by the loss (prompt, image and padding tokens).
 IGNORE_INDEX = -100
-
-#: Instruction of the single-turn conversations made from captions when a stage-2
-#: record has no conversation of its own.
-DESCRIBE_PROMPT = "Describe this astronomical image in detail."
 
 _ROLE = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
@@ -119,7 +115,8 @@ def load_conversation_records(data: Any, *, stage: int, image_root: str | os.Pat
             if conv:
                 turns = _turns_from_llava(conv, f"record {data.manifest['id'][i]!r}")
             elif caption:
-                turns = [("user", DESCRIBE_PROMPT), ("assistant", caption)]
+                # the instruction of captioning at inference, so training and use ask alike
+                turns = [("user", DEFAULT_CAPTION_PROMPT), ("assistant", caption)]
             else:
                 continue
             records.append({"id": str(data.manifest["id"][i]), "image": data.image_path(i), "turns": turns})

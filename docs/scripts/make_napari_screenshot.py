@@ -102,7 +102,7 @@ def main(argv=None) -> int:
         from napari.settings import get_settings
 
         get_settings().application.gui_notification_level = "none"
-        try:  # napari 0.9 shows a toast about its PyQt5 support at the first window
+        try:  # with a PyQt5 binding, napari 0.9 shows a toast about it at the first window
             import napari._qt.qt_main_window as qt_main_window
 
             qt_main_window.SHOW_QT_WARNING = False
