@@ -14,6 +14,7 @@ import gzip
 import http.client
 import io
 import json
+import logging
 import os
 import re
 import shutil
@@ -466,4 +467,6 @@ def test_no_5xx_and_bounded_memory(served):
     missing = [r[:3] for r in RESPONSES if not all(n in r[3] for n in SECURITY)]
     assert not missing, missing
     growth = c.rss_mb() - c.baseline_rss
+    logging.getLogger(__name__).info("server RSS %.0f MB -> %.0f MB (%+.1f MB) over %d requests",
+                                     c.baseline_rss, c.rss_mb(), growth, len(RESPONSES))
     assert growth < RSS_GROWTH_LIMIT_MB, f"server RSS grew by {growth:.0f} MB over {len(RESPONSES)} requests"
