@@ -304,6 +304,15 @@ def test_the_image_root_is_never_widened_through_a_symlink(served, tmp_path):
     assert common_image_root(files) == str(images.resolve())
     recorded = json.loads((served["base"] / "index" / "index.json").read_text())["image_root"]
     assert (served["base"] / "index" / recorded).resolve() == images.resolve()
+    # an index that records no root: the root found when serving is not widened either
+    from astrovl.exceptions import QueryError
+    from astrovl.serve.images import IndexImages
+
+    found = IndexImages(Table({"path": [str(f) for f in files]}), cache_dir=tmp_path / "cache")
+    assert found.root == images.resolve()
+    with pytest.raises(QueryError) as exc:
+        found.path(1)
+    assert exc.value.status == 403
     # the command line records the same root
     from astrovl.cli import main
 

@@ -12,7 +12,6 @@ import hashlib
 import io
 import logging
 import math
-import os
 import threading
 import warnings
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from ..clip.index import recorded_image_root  # noqa: F401  (re-exported)
+from ..clip.index import common_image_root, recorded_image_root  # noqa: F401  (re-exported)
 from ..exceptions import QueryError
 from ..imaging.inputs import PATH_COLUMNS, has_fits_signature, is_fits_name, locate_image_file
 from ..utils.files import is_within
@@ -129,16 +128,13 @@ class IndexImages:
             return self._root
 
     def _common_root(self) -> Path | None:
+        """The folder common to the files the index names, as named: a link never widens it."""
         if self.column is None:
             return None
-        dirs = set()
-        for value in self.metadata[self.column]:
-            path = self._locate(value)
-            if path is not None:
-                dirs.add(str(path.parent))
-        if not dirs:
-            return None
-        return Path(os.path.commonpath(sorted(dirs)))
+        named = [locate_image_file(value, index_dir=self.index_dir, resolve=False)
+                 for value in self.metadata[self.column]]
+        named = [p for p in named if p is not None]
+        return Path(common_image_root(named)) if named else None
 
     def _locate(self, value) -> Path | None:
         """The existing file a metadata value names (resolved), or None."""
