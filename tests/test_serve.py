@@ -536,8 +536,11 @@ def test_unexpected_errors_are_json_without_traceback(app, client, monkeypatch):
         raise RuntimeError("secret internal detail")
 
     monkeypatch.setattr(app.state.service, "item", boom)
-    message = _error(client.get("/api/item/0"), 500)
+    r = client.get("/api/item/0")
+    message = _error(r, 500)
     assert "secret internal detail" not in message and "RuntimeError" in message
+    assert r.headers["x-content-type-options"] == "nosniff"  # security headers on errors too
+    assert "frame-ancestors 'none'" in r.headers["content-security-policy"]
     assert client.get("/api/health").status_code == 200
 
 
@@ -627,7 +630,8 @@ def test_cli_serve_binds_loopback_and_warns_on_all_interfaces(monkeypatch, archi
     assert "?token=from-env" in out.out
     assert TestClient(app).get("/api/health").status_code == 401
     assert TestClient(app).get("/api/health", headers={"authorization": "Bearer from-env"}).status_code == 200
-    assert main(["serve", str(archive["index_dir"]), "--port", "70000"]) == 1
+    with pytest.raises(SystemExit):  # refused by the argument parser
+        main(["serve", str(archive["index_dir"]), "--port", "70000"])
     # an index that records no model source needs --model
     assert main(["serve", str(archive["index_dir"]), "--thumbnail-cache", str(tmp_path / "t")]) == 1
     assert "needs the model that built it" in capsys.readouterr().err

@@ -128,14 +128,14 @@ def _cmd_index_build(args):
     from astropy.table import Table
 
     from ..clip import EmbeddingIndex
-    from ..clip.index import OUTPUT_KIND, is_saved_index
+    from ..clip.index import OUTPUT_KIND, common_image_root, is_saved_index
     from ..utils.files import check_output_dir
 
     check_output_dir(args.index, OUTPUT_KIND, recognize=is_saved_index)  # before the long embedding
     files = expand_images(args.inputs)
     index = EmbeddingIndex.build(load_clip(args), files, metadata=Table({"path": files}),
                                  batch_size=args.batch_size, approximate=args.approximate,
-                                 image_root=_common_folder(files))
+                                 image_root=common_image_root(files))
     index.save(args.index)
     print(f"index {args.index}: {len(index)} images, model {index.model_id}")
     return 0
@@ -147,25 +147,18 @@ def _cmd_index_add(args):
     from astropy.table import Table
 
     from ..clip import EmbeddingIndex
+    from ..clip.index import common_image_root
 
     files = expand_images(args.inputs)
     index = EmbeddingIndex.load(args.index, embedder=load_clip_if_named(args),
                                 device=args.device)
     if index.image_root is not None:  # the recorded root now covers the new images too
-        index.image_root = _common_folder([*files, os.path.join(index.image_root, "x")])
+        index.image_root = common_image_root([*files, os.path.join(index.image_root, "x")])
     vectors = _index_embedder(index, "index add").embed_images(files, batch_size=args.batch_size)
     index.add(vectors, Table({"path": files}))
     index.save(args.index)
     print(f"index {args.index}: {len(index)} images, model {index.model_id}")
     return 0
-
-
-def _common_folder(files) -> str:
-    """The deepest folder holding every file (the image root an index records)."""
-    import os
-    from pathlib import Path
-
-    return os.path.commonpath([str(Path(f).resolve().parent) for f in files])
 
 
 def _index_embedder(index, command: str):

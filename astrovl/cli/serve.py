@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import math
 import os
 import sys
 
@@ -12,7 +14,13 @@ __all__ = ["register", "serve_url"]
 
 def register(sub) -> None:
     """Add the ``serve`` subcommand to ``sub``."""
-    from ..serve.defaults import DEFAULT_HOST, DEFAULT_PORT, MAX_K, TOKEN_ENV
+    from ..serve.defaults import (
+        DEFAULT_HOST,
+        DEFAULT_MAX_IMAGE_PIXELS,
+        DEFAULT_PORT,
+        MAX_K,
+        TOKEN_ENV,
+    )
 
     p = add_command(sub, "serve", "serve an embedding index on the web: a search page and a JSON API",
                     f"""
@@ -25,15 +33,18 @@ def register(sub) -> None:
     p.add_argument("--host", default=DEFAULT_HOST,
                    help=f"address to listen on (default {DEFAULT_HOST}: this machine only; 0.0.0.0 "
                    "shares the index with every machine that can reach this one)")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
+    p.add_argument("--port", type=_port, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
     add_model_args(p, pretrained=True)
     p.set_defaults(model=None)  # default: the model the index records
     p.add_argument("--token", default=None,
                    help=f"require this token on every request (default: the {TOKEN_ENV} environment "
                    "variable, which other users of this machine cannot read from the process list)")
-    p.add_argument("--max-upload-mb", type=float, default=50.0,
+    p.add_argument("--max-upload-mb", type=_positive_float, default=50.0,
                    help="largest image upload in MB (default 50)")
-    p.add_argument("--max-k", type=int, default=MAX_K,
+    p.add_argument("--max-image-mpix", type=_positive_float, default=DEFAULT_MAX_IMAGE_PIXELS / 1e6,
+                   help="largest image, in millions of pixels, that is decoded (uploads and thumbnails; "
+                   f"default {DEFAULT_MAX_IMAGE_PIXELS / 1e6:g}); larger ones are refused before decoding")
+    p.add_argument("--max-k", type=_positive_int, default=MAX_K,
                    help=f"largest number of results per query (default {MAX_K})")
     p.add_argument("--image-root", default=None,
                    help="serve only image files under this directory (default: the root recorded "
@@ -48,34 +59,67 @@ def register(sub) -> None:
                    help="server log level (default info; 'warning' hides the access log)")
 
 
+def _positive_float(text: str) -> float:
+    """A finite number > 0 (argparse type: ``nan``, ``inf`` and negatives are refused)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number above 0")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    """A whole number >= 1 written with the digits 0-9 (argparse type)."""
+    if not (text.strip().isascii() and text.strip().isdigit()) or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a whole number of at least 1")
+    return int(text)
+
+
+def _port(text: str) -> int:
+    """A TCP port number 1-65535 (argparse type)."""
+    text = text.strip()
+    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port (1-65535)")
+    return int(text)
+
+
 def serve_url(host: str, port: int, token: str | None = None) -> str:
-    """The address to open in a browser for a server on ``host:port``."""
+    """The address to open in a browser for a server on ``host:port`` (the token percent-encoded)."""
+    from ..serve.security import quote_token
+
     shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
     if ":" in shown and not shown.startswith("["):
         shown = f"[{shown}]"
-    return f"http://{shown}:{port}/" + (f"?token={token}" if token else "")
+    return f"http://{shown}:{port}/" + (f"?token={quote_token(token)}" if token else "")
 
 
 def _cmd_serve(args):
     from ..clip import EmbeddingIndex
     from ..serve import LOOPBACK_HOSTS, TOKEN_ENV, create_app, is_loopback, run_app
+    from ..serve.security import check_token
 
     token = args.token or os.environ.get(TOKEN_ENV) or None
+    if token is not None:
+        try:
+            check_token(token)
+        except ValueError as exc:
+            raise ValueError(f"--token / {TOKEN_ENV}: {exc}") from None
     loopback = is_loopback(args.host)
     if not loopback:
         print(f"astrovl serve: warning: listening on {args.host}: every machine that can reach this "
               "one can search the index and see its images and headers"
               + ("" if token else f"; set a token with {TOKEN_ENV} or --token"), file=sys.stderr)
-    if not 1 <= args.port <= 65535:
-        raise ValueError(f"--port {args.port} is not a TCP port (1-65535)")
-    if args.max_upload_mb <= 0:
-        raise ValueError(f"--max-upload-mb {args.max_upload_mb} must be positive")
     embedder = load_clip_if_named(args)
     index = EmbeddingIndex.load(args.index, embedder=embedder, device=args.device)
     app = create_app(index, embedder, index_dir=args.index, token=token,
                      max_upload_bytes=int(args.max_upload_mb * 2**20), max_k=args.max_k,
+                     max_image_pixels=int(args.max_image_mpix * 1e6),
                      image_root=args.image_root, thumbnail_cache=args.thumbnail_cache,
-                     allowed_hosts=LOOPBACK_HOSTS if loopback else None, cors_origins=args.cors_origin,
+                     # the address it listens on is accepted too (127.0.0.2, a host name)
+                     allowed_hosts=(*LOOPBACK_HOSTS, args.host) if loopback else None,
+                     cors_origins=args.cors_origin,
                      title=args.title)
     print(f"astrovl serve: {len(index)} images from {args.index}; open {serve_url(args.host, args.port, token)}",
           flush=True)

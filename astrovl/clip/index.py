@@ -18,7 +18,7 @@ from .chunks import ChunkedRows
 from .identity import digest_from_model_id
 from .loading import describe_source
 
-__all__ = ["EmbeddingIndex", "recorded_image_root"]
+__all__ = ["EmbeddingIndex", "recorded_image_root", "common_image_root"]
 
 log = logging.getLogger(__name__)
 
@@ -758,6 +758,30 @@ def _names_image_file(text: str) -> bool:
         return Path(text).is_file()
     except OSError:
         return False
+
+
+def common_image_root(files) -> str:
+    """The deepest folder holding every file, as named: the image root an index records.
+
+    The folders are compared as written (made absolute, ``..`` removed), and
+    only the folder found has its links resolved: a file that is a link to
+    somewhere else never widens the root to a common parent of both places
+    (such a file then lies outside the root, and ``astrovl serve`` refuses it).
+
+    Parameters
+    ----------
+    files : sequence of path
+        The image files.
+
+    Returns
+    -------
+    str
+        An absolute, resolved folder.
+    """
+    folders = [os.path.dirname(os.path.abspath(os.path.expanduser(str(f)))) for f in files]
+    if not folders:
+        raise ValueError("no image files: an image root needs at least one file")
+    return str(Path(os.path.commonpath(folders)).resolve())
 
 
 def recorded_image_root(index, index_dir: str | os.PathLike | None) -> Path | None:

@@ -175,7 +175,7 @@ def describe_input(obj: Any) -> str:
 
 
 def locate_image_file(value: Any, *, index_dir: str | os.PathLike | None = None,
-                      image_root: str | os.PathLike | None = None) -> Path | None:
+                      image_root: str | os.PathLike | None = None, resolve: bool = True) -> Path | None:
     """Find the existing image file an index metadata value names (resolved), or None.
 
     Absolute paths are used as they are. Relative ones are tried against
@@ -185,6 +185,8 @@ def locate_image_file(value: Any, *, index_dir: str | os.PathLike | None = None,
     that are not file names (masked, empty, ``"<ndarray (64, 64)>"``, holding a
     NUL character) or that name no existing file give None. Whether the file
     found may be opened (under an image root or not) is for the caller to decide.
+    With ``resolve=False`` the file is returned as named (absolute, ``..``
+    removed), links not followed.
     """
     if value is None or value is np.ma.masked:
         return None
@@ -202,7 +204,7 @@ def locate_image_file(value: Any, *, index_dir: str | os.PathLike | None = None,
     for p in tries:
         try:
             if p.is_file():
-                return p.resolve()
+                return p.resolve() if resolve else Path(os.path.abspath(p))
         except OSError:
             continue
     return None

@@ -10,7 +10,14 @@ from pathlib import Path
 
 from ..exceptions import QueryError
 from ..utils.imports import optional_import
-from .defaults import DEFAULT_HOST, DEFAULT_MAX_UPLOAD_BYTES, DEFAULT_PORT, MAX_K
+from .defaults import (
+    DEFAULT_HOST,
+    DEFAULT_MAX_IMAGE_PIXELS,
+    DEFAULT_MAX_UPLOAD_BYTES,
+    DEFAULT_PORT,
+    MAX_K,
+)
+from .parsing import read_json
 from .security import Guard
 from .service import SearchService
 from .uploads import read_upload
@@ -32,7 +39,8 @@ def create_app(index, embedder=None, *, index_dir: str | os.PathLike | None = No
                max_k: int = MAX_K, image_root: str | os.PathLike | None = None,
                thumbnail_cache: str | os.PathLike | None = None, thumbnail_size: int = 256,
                allowed_hosts=None, cors_origins=None, search_threads: int | None = 1,
-               device=None, title: str | None = None):
+               device=None, title: str | None = None,
+               max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
     """Build the ASGI application that serves an embedding index on the web.
 
     The index and its model are loaded once, here. The application answers:
@@ -63,6 +71,7 @@ def create_app(index, embedder=None, *, index_dir: str | os.PathLike | None = No
     token : str, optional
         When given, every request must carry it (``Authorization: Bearer``, the
         cookie set by opening ``/?token=...``, or a ``token`` query parameter).
+        Any printable characters; see :func:`~astrovl.serve.security.check_token`.
     max_upload_bytes : int
         Largest accepted upload (default 50 MB).
     max_k : int
@@ -87,6 +96,9 @@ def create_app(index, embedder=None, *, index_dir: str | os.PathLike | None = No
         Move the model to this torch device.
     title : str, optional
         The name of the index shown on the page (default: its directory's name).
+    max_image_pixels : int
+        Largest image (width x height, read from its header) decoded for an
+        upload or a thumbnail; larger ones are answered 413 before decoding.
 
     Returns
     -------
@@ -100,7 +112,10 @@ def create_app(index, embedder=None, *, index_dir: str | os.PathLike | None = No
     from starlette.routing import Route
 
     from ..clip import EmbeddingIndex
-    from .security import BodyTooLarge
+    from .security import BodyTooLarge, check_token
+
+    if token:
+        check_token(token)  # now, not at the first request: a token HTTP cannot carry is refused
 
     if isinstance(index, (str, os.PathLike)):
         index_dir = Path(index)
@@ -111,10 +126,10 @@ def create_app(index, embedder=None, *, index_dir: str | os.PathLike | None = No
         faiss.omp_set_num_threads(int(search_threads))
     service = SearchService(index, embedder, index_dir=index_dir, image_root=image_root,
                             thumbnail_cache=thumbnail_cache, thumbnail_size=thumbnail_size, max_k=max_k,
-                            title=title)
+                            title=title, max_image_pixels=int(max_image_pixels))
     if device is not None:
         service.embedder.to(device)
-    handlers = _Handlers(service, int(max_upload_bytes))
+    handlers = _Handlers(service, int(max_upload_bytes), int(max_image_pixels))
     routes = [
         Route("/", handlers.page, methods=["GET"]),
         Route("/static/{name}", handlers.static, methods=["GET"]),
@@ -180,18 +195,24 @@ async def _http_error(request, exc):
 
 
 async def _internal_error(request, exc):
+    from .security import SECURITY_HEADERS
+
     log.exception("error while answering %s %s", request.method, request.url.path, exc_info=exc)
-    return _error(500, f"internal error ({type(exc).__name__}); the server log has the details")
+    # sent by Starlette's outermost middleware, past the Guard: the security headers are added here
+    headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in SECURITY_HEADERS}
+    return _error(500, f"internal error ({type(exc).__name__}); the server log has the details", headers)
 
 
 class _Handlers:
     """The endpoints; blocking work runs in worker threads, never on the event loop."""
 
-    def __init__(self, service: SearchService, max_upload_bytes: int):
+    def __init__(self, service: SearchService, max_upload_bytes: int,
+                 max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
         import anyio
 
         self.service = service
         self.max_upload_bytes = max_upload_bytes
+        self.max_image_pixels = max_image_pixels
         self.image_limiter = anyio.CapacityLimiter(IMAGE_WORKERS)
         static = resources.files("astrovl.serve") / "static"
         self.files = {name: (static / name).read_bytes() for name in [*STATIC_FILES, "index.html"]}
@@ -229,6 +250,7 @@ class _Handlers:
         from .. import __version__
 
         return _json({**self.service.info(), "max_upload_bytes": self.max_upload_bytes,
+                      "max_image_pixels": self.max_image_pixels,
                       "astrovl_version": __version__})
 
     async def search(self, request):
@@ -248,10 +270,7 @@ class _Handlers:
     async def _search_post(self, request, k, filters):
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if ctype == "application/json":
-            try:
-                body = json.loads(await request.body() or b"null")
-            except (ValueError, UnicodeDecodeError) as exc:
-                raise QueryError(f"the request body is not valid JSON ({exc})") from None
+            body = await read_json(request)  # size and nesting bounded before parsing
             if not isinstance(body, dict) or set(body) - {"id", "k", "filter", "q"}:
                 raise QueryError('POST a JSON object such as {"id": 12} (more like item 12) or '
                                  '{"q": "text"}')
@@ -284,7 +303,8 @@ class _Handlers:
 
     def _read_upload(self, upload):
         upload.file.seek(0)
-        return read_upload(upload.file, upload.filename or "", max_bytes=self.max_upload_bytes)
+        return read_upload(upload.file, upload.filename or "", max_bytes=self.max_upload_bytes,
+                           max_pixels=self.max_image_pixels)
 
     async def too_large(self, request, exc):
         return _error(413, f"the request body is larger than the limit of "
@@ -320,4 +340,4 @@ def _as_list(value) -> list[str]:
         return [value]
     if isinstance(value, list) and all(isinstance(v, str) for v in value):
         return value
-    raise QueryError(f"filter must be a 'column:value' string or a list of them, not {value!r}")
+    raise QueryError(f"filter must be a 'column:value' string or a list of them, not {repr(value)[:80]}")

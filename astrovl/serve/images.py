@@ -12,7 +12,6 @@ import hashlib
 import io
 import logging
 import math
-import os
 import threading
 import warnings
 from pathlib import Path
@@ -20,11 +19,12 @@ from typing import Any
 
 import numpy as np
 
-from ..clip.index import recorded_image_root  # noqa: F401  (re-exported)
+from ..clip.index import common_image_root, recorded_image_root  # noqa: F401  (re-exported)
 from ..exceptions import QueryError
 from ..imaging.inputs import PATH_COLUMNS, is_fits_file, locate_image_file
 from ..utils.files import is_within
 from ..utils.lru import LRUCache
+from .defaults import DEFAULT_MAX_IMAGE_PIXELS
 
 __all__ = ["IndexImages", "PATH_COLUMNS", "RADEC_COLUMNS", "json_value", "recorded_image_root",
            "default_thumbnail_cache", "LRUCache"]
@@ -92,10 +92,13 @@ class IndexImages:
         Longest side of a thumbnail in pixels.
     preview_size : int
         Longest side of the larger preview of the detail view.
+    max_pixels : int
+        Pictures with more pixels (from their headers) are not decoded; their
+        thumbnails are refused with 413. FITS files are read in strips instead.
     """
 
     def __init__(self, metadata, *, index_dir=None, image_root=None, cache_dir=None, size: int = 256,
-                 preview_size: int = 768):
+                 preview_size: int = 768, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
         if int(size) < 16 or int(preview_size) < 16:
             raise ValueError(f"thumbnail sizes ({size}, {preview_size}) must be at least 16 pixels")
         self.metadata = metadata
@@ -105,6 +108,7 @@ class IndexImages:
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_thumbnail_cache()
         self.size = int(size)
         self.preview_size = int(preview_size)
+        self.max_pixels = int(max_pixels)
         self._cache_usable: bool | None = None
         self._root_lock = threading.Lock()
         self._root: Path | None = self.recorded_root
@@ -124,16 +128,13 @@ class IndexImages:
             return self._root
 
     def _common_root(self) -> Path | None:
+        """The folder common to the files the index names, as named: a link never widens it."""
         if self.column is None:
             return None
-        dirs = set()
-        for value in self.metadata[self.column]:
-            path = self._locate(value)
-            if path is not None:
-                dirs.add(str(path.parent))
-        if not dirs:
-            return None
-        return Path(os.path.commonpath(sorted(dirs)))
+        named = [locate_image_file(value, index_dir=self.index_dir, resolve=False)
+                 for value in self.metadata[self.column]]
+        named = [p for p in named if p is not None]
+        return Path(common_image_root(named)) if named else None
 
     def _locate(self, value) -> Path | None:
         """The existing file a metadata value names (resolved), or None."""
@@ -147,7 +148,11 @@ class IndexImages:
         return int(row)
 
     def path(self, row: int) -> Path:
-        """The file of ``row``, checked to lie under :attr:`root`.
+        """The file of ``row``, checked to lie under :attr:`root` now.
+
+        The file a row names is looked up once, but where it leads is checked at
+        every call, links followed: a file replaced by a link to somewhere else
+        after it was first served is refused from then on.
 
         Raises
         ------
@@ -156,24 +161,30 @@ class IndexImages:
             the image root.
         """
         row = self.check_row(row)
-        cached = self._paths.get(row)
-        if cached is not None:
-            return cached
-        if self.column is None:
-            raise QueryError(
-                f"item {row} has no image file: the index metadata has none of the columns "
-                f"{list(PATH_COLUMNS)}", status=404)
-        value = self.metadata[self.column][row]
-        path = self._locate(value)
-        if path is None:
-            raise QueryError(f"item {row} names no image file that exists here ({json_value(value)!r})",
-                             status=404)
+        located = self._paths.get(row)
+        if located is None:
+            if self.column is None:
+                raise QueryError(
+                    f"item {row} has no image file: the index metadata has none of the columns "
+                    f"{list(PATH_COLUMNS)}", status=404)
+            value = self.metadata[self.column][row]
+            located = self._locate(value)
+            if located is None:
+                raise QueryError(f"item {row} names no image file that exists here ({json_value(value)!r})",
+                                 status=404)
+            self._paths.put(row, located)
+        try:
+            path = located.resolve(strict=True)  # links followed now, not when first seen
+            exists = path.is_file()
+        except (OSError, RuntimeError):  # gone, or a loop of links
+            exists = False
+        if not exists:
+            raise QueryError(f"the image file of item {row} no longer exists here", status=404)
         root = self.root
         if root is None or not is_within(path, root):
             raise QueryError(
                 f"item {row} names a file outside the index's image root ({root}); it is not served",
                 status=403)
-        self._paths.put(row, path)
         return path
 
     def has_image(self, row: int) -> bool:
@@ -236,7 +247,10 @@ class IndexImages:
         from PIL import Image
 
         from ..imaging import load_image
+        from .uploads import check_image_size
 
+        # a picture is decoded whole: its declared size is checked first (FITS is read in strips)
+        check_image_size(path, path.name, max_pixels=self.max_pixels, check_fits=False)
         try:
             img = load_image(path)
         except Exception as exc:  # any unreadable file is answered, not raised

@@ -5,13 +5,16 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import json
+import unicodedata
 from collections.abc import Sequence
 from http.cookies import SimpleCookie
-from urllib.parse import parse_qsl, urlencode
+from urllib.parse import parse_qsl, quote, unquote_to_bytes, urlencode
 
 from .defaults import LOOPBACK_HOSTS, TOKEN_ENV
 
-__all__ = ["Guard", "is_loopback", "LOOPBACK_HOSTS", "TOKEN_COOKIE", "TOKEN_ENV", "BodyTooLarge"]
+__all__ = ["Guard", "is_loopback", "LOOPBACK_HOSTS", "TOKEN_COOKIE", "TOKEN_ENV", "BodyTooLarge",
+           "check_token", "quote_token", "same_origin_path", "SECURITY_HEADERS", "BIDI_CONTROLS",
+           "neutralise_bidi"]
 
 #: cookie that carries the token after the page was opened with ``?token=...``
 TOKEN_COOKIE = "astrovl_token"
@@ -27,6 +30,57 @@ SECURITY_HEADERS = [
     (b"cross-origin-opener-policy", b"same-origin"),
     (b"cross-origin-resource-policy", b"same-origin"),
 ]
+
+
+#: characters that reorder the text around them (bidirectional embeddings, overrides, isolates, marks)
+BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u200e\u200f\u061c")
+#: longest token accepted
+MAX_TOKEN_CHARS = 1024
+
+
+def check_token(token: str) -> str:
+    """``token`` when it can be sent in a header, a cookie and a URL; else a ValueError saying why.
+
+    Any printable characters work (spaces inside, ``+``, ``&``, non-ASCII
+    letters): they are percent-encoded in addresses and cookies. Refused:
+    the empty token, leading or trailing white space (clients strip it), control
+    characters (not allowed in HTTP headers) and more than 1024 characters.
+    """
+    if not isinstance(token, str) or not token:
+        raise ValueError("the token is empty; choose one, e.g. $(openssl rand -hex 16)")
+    if len(token) > MAX_TOKEN_CHARS:
+        raise ValueError(f"the token has {len(token)} characters; use at most {MAX_TOKEN_CHARS}")
+    if token != token.strip():
+        raise ValueError("the token starts or ends with white space, which clients strip; remove it")
+    bad = sorted({f"U+{ord(c):04X}" for c in token
+                  if unicodedata.category(c) in ("Cc", "Cs") or c in BIDI_CONTROLS})
+    if bad:
+        raise ValueError(f"the token holds control characters ({', '.join(bad)}), which HTTP headers "
+                         "cannot carry; use printable characters, e.g. $(openssl rand -hex 16)")
+    return token
+
+
+def quote_token(token: str) -> str:
+    """``token`` percent-encoded for a URL query or a cookie value (every reserved character encoded)."""
+    return quote(token, safe="")
+
+
+def same_origin_path(path: str) -> str:
+    """``path`` as a relative reference that can only name a page of this server.
+
+    Leading slashes and backslashes collapse to one ``/`` (``//evil.example/``
+    and ``/\\evil.example/`` would name another host), and every character
+    that is not plain in a path is percent-encoded.
+    """
+    rest = path.lstrip("/\\")
+    return "/" + quote(rest, safe="/:@!$'()*+,;=-._~")
+
+
+def neutralise_bidi(text: str) -> str:
+    """``text`` with each bidirectional control character shown as ``<U+202E>`` instead of applied."""
+    if not any(c in BIDI_CONTROLS for c in text):
+        return text
+    return "".join(f"<U+{ord(c):04X}>" if c in BIDI_CONTROLS else c for c in text)
 
 
 def is_loopback(host: str) -> bool:
@@ -76,7 +130,7 @@ class Guard:
     def __init__(self, app, *, token: str | None = None, allowed_hosts: Sequence[str] | None = None,
                  max_body: int | None = None):
         self.app = app
-        self.token = token.encode("utf-8") if token else None
+        self.token = check_token(token).encode("utf-8") if token else None
         self.allowed_hosts = {h.lower().strip("[]") for h in allowed_hosts} if allowed_hosts else None
         self.max_body = max_body
 
@@ -90,7 +144,9 @@ class Guard:
                              + ", ".join(sorted(self.allowed_hosts)))
             return
         if self.token is not None:
-            query = parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
+            # latin-1 both ways: each value is the exact bytes the client sent, percent-decoded
+            query = parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True,
+                              encoding="latin-1")
             from_query = next((v for k, v in query if k == "token"), None)
             if not self._authorised(headers, from_query):
                 await self._refuse(scope, send)
@@ -140,23 +196,23 @@ class Guard:
         return limited_receive
 
     def _authorised(self, headers: dict, from_query: str | None) -> bool:
-        offered = []
+        offered = []  # raw bytes: headers were decoded as latin-1, query values too
         auth = headers.get("authorization", "")
         if auth[:7].lower() == "bearer ":
-            offered.append(auth[7:].strip())
+            offered.append(auth[7:].strip().encode("latin-1"))
         if "cookie" in headers:
             cookie = SimpleCookie()
             try:
                 cookie.load(headers["cookie"])
             except Exception:  # a malformed cookie header carries no token
                 cookie = SimpleCookie()
-            if TOKEN_COOKIE in cookie:
-                offered.append(cookie[TOKEN_COOKIE].value)
+            if TOKEN_COOKIE in cookie:  # the cookie holds the token percent-encoded
+                offered.append(unquote_to_bytes(cookie[TOKEN_COOKIE].value))
         if from_query is not None:
-            offered.append(from_query)
+            offered.append(from_query.encode("latin-1"))
         ok = False
         for value in offered:  # every offered value is compared, each in constant time
-            ok |= hmac.compare_digest(value.encode("utf-8", "surrogateescape"), self.token)
+            ok |= hmac.compare_digest(value, self.token)
         return ok
 
     async def _refuse(self, scope, send) -> None:
@@ -176,16 +232,21 @@ class Guard:
         await send({"type": "http.response.body", "body": body})
 
     async def _set_cookie_and_redirect(self, scope, send, query) -> None:
-        root = scope.get("root_path", "")
-        rest = urlencode([(k, v) for k, v in query if k != "token"])
-        location = root + scope["path"] + (f"?{rest}" if rest else "")
+        root = scope.get("root_path", "").rstrip("/")
+        rest = urlencode([(k, v) for k, v in query if k != "token"], encoding="latin-1")
+        path = scope["path"]
+        if root and path.startswith(root):
+            path = path[len(root):]
+        # only ever a path of this server: never //host/ or /\\host/ (another origin)
+        location = (same_origin_path(root + "/" + path.lstrip("/\\")) if root else same_origin_path(path)) \
+            + (f"?{rest}" if rest else "")
         cookie = SimpleCookie()
-        cookie[TOKEN_COOKIE] = self.token.decode("utf-8")
+        cookie[TOKEN_COOKIE] = quote_token(self.token.decode("utf-8"))
         cookie[TOKEN_COOKIE]["httponly"] = True
         cookie[TOKEN_COOKIE]["samesite"] = "Strict"
-        cookie[TOKEN_COOKIE]["path"] = root or "/"
+        cookie[TOKEN_COOKIE]["path"] = same_origin_path(root) if root else "/"
         await send({"type": "http.response.start", "status": 303,
-                    "headers": [(b"location", location.encode("latin-1", "replace")),
+                    "headers": [(b"location", location.encode("ascii")),
                                 (b"set-cookie", cookie.output(header="").strip().encode("latin-1")),
                                 (b"content-length", b"0"), *SECURITY_HEADERS]})
         await send({"type": "http.response.body", "body": b""})

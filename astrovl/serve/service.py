@@ -17,10 +17,12 @@ from pathlib import Path
 import numpy as np
 
 from ..exceptions import IndexMismatchError, QueryError
-from .defaults import DEFAULT_K, MAX_K
+from .defaults import DEFAULT_K, DEFAULT_MAX_IMAGE_PIXELS, MAX_K
 from .images import RADEC_COLUMNS, IndexImages, LRUCache, json_value, recorded_image_root
+from .parsing import is_sky_position, parse_count, parse_id
 
-__all__ = ["SearchService", "DEFAULT_K", "MAX_K", "MAX_QUERY_CHARS", "LABEL_COLUMNS"]
+__all__ = ["SearchService", "DEFAULT_K", "MAX_K", "MAX_QUERY_CHARS", "LABEL_COLUMNS",
+           "MAX_FILTER_TERMS", "MAX_FILTER_CHARS", "MASK_CACHE_BYTES"]
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +31,12 @@ MAX_QUERY_CHARS = 1000
 LABEL_COLUMNS = ("name", "title", "target_name", "target", "obs_id", "label", "object")
 #: a column is offered as a filter when it has at most this many distinct values
 MAX_FILTER_VALUES = 60
+#: most ``column:value`` filter terms one request may give
+MAX_FILTER_TERMS = 64
+#: longest filter term (characters)
+MAX_FILTER_CHARS = 256
+#: memory kept by the cache of filter results (row positions), in bytes
+MASK_CACHE_BYTES = 64 * 2**20
 
 
 class SearchService:
@@ -61,6 +69,8 @@ class SearchService:
     title : str, optional
         The name shown on the page; default the index directory's name (with its
         parent's when the directory is just called ``index``).
+    max_image_pixels : int
+        Pictures with more pixels are not decoded for thumbnails (413).
 
     Raises
     ------
@@ -73,7 +83,8 @@ class SearchService:
     def __init__(self, index, embedder=None, *, index_dir: str | os.PathLike | None = None,
                  image_root: str | os.PathLike | None = None,
                  thumbnail_cache: str | os.PathLike | None = None, thumbnail_size: int = 256,
-                 max_k: int = MAX_K, text_cache_size: int = 4096, title: str | None = None):
+                 max_k: int = MAX_K, text_cache_size: int = 4096, title: str | None = None,
+                 max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
         if len(index) == 0:
             raise ValueError("the index is empty; there is nothing to serve")
         if embedder is None:
@@ -98,7 +109,8 @@ class SearchService:
         self.default_k = min(DEFAULT_K, self.max_k)
         root = image_root if image_root is not None else recorded_image_root(index, index_dir)
         self.images = IndexImages(index.metadata, index_dir=index_dir, image_root=root,
-                                  cache_dir=thumbnail_cache, size=thumbnail_size)
+                                  cache_dir=thumbnail_cache, size=thumbnail_size,
+                                  max_pixels=max_image_pixels)
         self.columns = list(index.metadata.colnames)
         self.filters = self._filter_options()
         self.label_column = next((c for c in LABEL_COLUMNS if c in self.columns), None)
@@ -107,7 +119,7 @@ class SearchService:
                                    if a in lower and b in lower), None)
         self._model_lock = threading.Lock()
         self._text_vectors = LRUCache(text_cache_size)
-        self._masks = LRUCache(128)
+        self._masks = LRUCache(128, max_bytes=MASK_CACHE_BYTES)
         self._warm_up()
 
     # ------------------------------------------------------------------ set-up
@@ -145,12 +157,9 @@ class SearchService:
         if k is None or (isinstance(k, str) and not k.strip()):
             return self.default_k
         try:
-            value = int(str(k).strip()) if not isinstance(k, int) else k
-        except ValueError:
-            raise QueryError(f"k={k!r} is not a whole number; ask for 1 to {self.max_k} results") from None
-        if not 1 <= value <= self.max_k:
-            raise QueryError(f"k={value} is out of range; ask for 1 to {self.max_k} results")
-        return value
+            return parse_count(k, "k", 1, self.max_k)
+        except QueryError as exc:
+            raise QueryError(f"{exc}; ask for 1 to {self.max_k} results") from None
 
     def check_text(self, text) -> str:
         """The query text with its whitespace collapsed, or a 400 QueryError."""
@@ -167,11 +176,19 @@ class SearchService:
         Raises
         ------
         QueryError
-            A string without ``:``, or a column the metadata lacks.
+            A string without ``:``, a column the metadata lacks, more than
+            :data:`MAX_FILTER_TERMS` terms or one longer than :data:`MAX_FILTER_CHARS`.
         """
         where: dict[str, list[str]] = {}
-        for item in filters or ():
-            column, sep, value = str(item).partition(":")
+        filters = list(filters or ())
+        if len(filters) > MAX_FILTER_TERMS:
+            raise QueryError(f"{len(filters)} filter terms were given; use at most {MAX_FILTER_TERMS}")
+        for item in filters:
+            if not isinstance(item, str) or len(item) > MAX_FILTER_CHARS:
+                shown = repr(item)[:60]
+                raise QueryError(f"filter {shown} is not a column:value text of at most "
+                                 f"{MAX_FILTER_CHARS} characters")
+            column, sep, value = item.partition(":")
             column = column.strip()
             if not sep or not column:
                 raise QueryError(f"filter {item!r} is not of the form column:value "
@@ -302,7 +319,7 @@ class SearchService:
             out["hdus"] = described.get("hdus", [])
         ra, dec = self._position(row, metadata) if described or self.radec_columns else (None, None)
         out["ra"], out["dec"] = ra, dec
-        if ra is not None:
+        if is_sky_position(ra, dec):  # catalogue sentinels (dec 99) are shown as given, not formatted
             out["sky"] = _sky_strings(ra, dec)
         return out
 
@@ -332,14 +349,7 @@ def _default_title(index_dir: Path | None) -> str:
 
 
 def _as_row(value) -> int:
-    if isinstance(value, bool):
-        raise QueryError(f"item id {value!r} is not a whole number")
-    if isinstance(value, (int, np.integer)):
-        return int(value)
-    text = str(value).strip()
-    if not text.lstrip("-").isdigit():
-        raise QueryError(f"item id {value!r} is not a whole number", status=404)
-    return int(text)
+    return parse_id(value, "item id", status=400 if isinstance(value, bool) else 404)
 
 
 def _finite(value) -> bool:
@@ -347,7 +357,7 @@ def _finite(value) -> bool:
 
 
 def _sky_strings(ra: float, dec: float) -> dict:
-    """Sexagesimal and galactic forms of an ICRS position (degrees)."""
+    """Sexagesimal and galactic forms of a valid ICRS position (degrees; see ``is_sky_position``)."""
     from astropy import units as u
     from astropy.coordinates import SkyCoord
 

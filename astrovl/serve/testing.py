@@ -45,6 +45,11 @@ class ServerProcess:
         File that receives the server's output.
     timeout : float
         Seconds to wait for ``/api/health`` to answer.
+    host : str
+        Loopback address to listen on (``--host``).
+    token : str, optional
+        Token the server requires, given through its environment variable (never
+        on the command line); the health check sends it.
 
     Attributes
     ----------
@@ -53,23 +58,32 @@ class ServerProcess:
     proc : subprocess.Popen
     """
 
-    def __init__(self, args: Sequence[str], log: str | os.PathLike, timeout: float = 120.0):
+    def __init__(self, args: Sequence[str], log: str | os.PathLike, timeout: float = 120.0, *,
+                 host: str = "127.0.0.1", token: str | None = None):
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}/"
+        self.url = f"http://{host}:{self.port}/"
         self.log = Path(log)
         self.timeout = float(timeout)
+        self.token = token
         self.argv = [sys.executable, "-m", "astrovl.cli", "serve", *map(str, args), "--port", str(self.port)]
+        if host != "127.0.0.1":
+            self.argv += ["--host", host]
         self.proc: subprocess.Popen | None = None
 
     def __enter__(self) -> ServerProcess:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         env.pop("ASTROVL_SERVE_TOKEN", None)
+        headers = {}
+        if self.token is not None:
+            env["ASTROVL_SERVE_TOKEN"] = self.token
+            headers["Authorization"] = "Bearer " + self.token.encode("utf-8").decode("latin-1")
         with open(self.log, "w") as out:
             self.proc = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + self.timeout
         while True:
             try:
-                with urllib.request.urlopen(self.url + "api/health", timeout=2) as r:
+                health = urllib.request.Request(self.url + "api/health", headers=headers)
+                with urllib.request.urlopen(health, timeout=2) as r:
                     if r.status == 200:
                         return self
             except OSError:

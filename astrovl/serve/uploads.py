@@ -12,13 +12,16 @@ from typing import BinaryIO
 
 from ..exceptions import QueryError
 from ..imaging.inputs import IMAGE_SUFFIXES
-from .defaults import DEFAULT_MAX_UPLOAD_BYTES
+from .defaults import DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_UPLOAD_BYTES
 
-__all__ = ["read_upload", "DEFAULT_MAX_UPLOAD_BYTES", "DECODED_FACTOR"]
+__all__ = ["read_upload", "check_image_size", "DEFAULT_MAX_UPLOAD_BYTES", "DEFAULT_MAX_IMAGE_PIXELS",
+           "DECODED_FACTOR", "MAX_HDUS"]
 
 #: an upload may decode (gunzip, tile decompression, picture decoding) to at most this many
 #: times the upload limit; larger ones are refused before their pixels are read
 DECODED_FACTOR = 8
+#: FITS uploads with more HDUs than this are refused (each header is parsed)
+MAX_HDUS = 256
 _CHUNK = 1 << 20
 
 
@@ -39,7 +42,7 @@ def _display_name(filename: str) -> str:
 
 
 def read_upload(stream: BinaryIO, filename: str = "", *,
-                max_bytes: int = DEFAULT_MAX_UPLOAD_BYTES):
+                max_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
     """Read an uploaded image (FITS or picture) into an :class:`~astrovl.AstroImage`.
 
     The bytes are copied into a private temporary file named only by the
@@ -57,6 +60,9 @@ def read_upload(stream: BinaryIO, filename: str = "", *,
     max_bytes : int
         Largest accepted upload. Decoded data (gunzipped files, tile-compressed
         FITS, pictures) may be at most :data:`DECODED_FACTOR` times larger.
+    max_pixels : int
+        Largest image (width x height) decoded; read from the picture's or the
+        FITS header's declared size before any pixel is decoded.
 
     Returns
     -------
@@ -80,7 +86,7 @@ def read_upload(stream: BinaryIO, filename: str = "", *,
         if size == 0:
             raise QueryError(f"the uploaded file {shown!r} is empty; choose a FITS file or a picture")
         path = _gunzip_if_needed(raw, max_decoded, shown)
-        _check_decoded_size(path, max_decoded, shown)
+        check_image_size(path, shown, max_pixels=max_pixels, max_bytes=max_decoded)
         try:
             image = load_image(path)
         except MemoryError as exc:
@@ -116,59 +122,99 @@ def _gunzip_if_needed(path: Path, max_decoded: int, shown: str) -> Path:
     try:
         with gzip.open(path, "rb") as src:
             _copy_capped(src, target, max_decoded, f"the uploaded file {shown!r} decompresses to more "
-                         f"than {max_decoded / 2**20:.0f} MB; it is refused")
+                         f"than the limit of {max_decoded / 2**20:.0f} MB; it is refused")
     except (OSError, EOFError, zlib.error) as exc:
         raise QueryError(f"the uploaded file {shown!r} is not a valid gzip file ({exc})") from exc
     return target
 
 
-def _check_decoded_size(path: Path, max_decoded: int, shown: str) -> None:
-    """Refuse FITS data or pictures whose declared pixels exceed ``max_decoded`` bytes."""
+def check_image_size(path: Path, shown: str, *, max_pixels: int, max_bytes: int | None = None,
+                     check_fits: bool = True) -> None:
+    """Refuse an image whose headers declare more than ``max_pixels`` pixels or ``max_bytes`` of data.
+
+    Only headers are read: a picture's size from :func:`PIL.Image.open` (which
+    reads the PNG ``IHDR``, the JPEG ``SOF``... and decodes nothing), a FITS
+    file's ``NAXISn`` and ``BITPIX`` of every image HDU.
+
+    Parameters
+    ----------
+    path : path
+        The file (already decompressed when it was gzipped).
+    shown : str
+        Its name in messages.
+    max_pixels : int
+        Most pixels of one image plane (width x height).
+    max_bytes : int, optional
+        Most bytes of data one HDU or picture may declare.
+    check_fits : bool
+        Also check FITS files (their pixels are otherwise read in strips, so that
+        a large FITS file never sits whole in memory).
+
+    Raises
+    ------
+    QueryError
+        413 naming the declared size and the limit.
+    """
     with open(path, "rb") as fh:
         head = fh.read(6)
     if head == b"SIMPLE":
-        declared = _fits_declared_bytes(path)
+        if not check_fits:
+            return
+        pixels, declared = _fits_declared_size(path, shown)
     else:
-        declared = _picture_declared_bytes(path)
-    if declared is not None and declared > max_decoded:
+        pixels, declared = _picture_declared_size(path, shown)
+    if pixels is not None and pixels > max_pixels:
         raise QueryError(
-            f"the uploaded image {shown!r} declares {declared / 2**20:.0f} MB of pixels, more than "
-            f"the limit of {max_decoded / 2**20:.0f} MB", status=413)
+            f"the image {shown!r} declares {pixels / 1e6:.1f} million pixels, more than the limit of "
+            f"{max_pixels / 1e6:g} million; it is not decoded (send a smaller image)", status=413)
+    if max_bytes is not None and declared is not None and declared > max_bytes:
+        raise QueryError(
+            f"the image {shown!r} declares {declared / 2**20:.0f} MB of pixels, more than "
+            f"the limit of {max_bytes / 2**20:.0f} MB", status=413)
 
 
-def _fits_declared_bytes(path: Path) -> int | None:
-    """Largest data size any image HDU declares in its header (None when unreadable)."""
+def _fits_declared_size(path: Path, shown: str) -> tuple[int | None, int | None]:
+    """Largest plane (pixels) and data size (bytes) that any image HDU declares (None: unreadable)."""
     from astropy.io import fits
 
-    largest = 0
+    largest_plane = largest = 0
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with fits.open(path, memmap=False, lazy_load_hdus=True) as hdul:
-                for hdu in hdul:
+                for i, hdu in enumerate(hdul):
+                    if i >= MAX_HDUS:
+                        raise QueryError(f"the FITS file {shown!r} has more than {MAX_HDUS} HDUs; "
+                                         "send the image HDU alone", status=413)
                     if not hdu.is_image:
                         continue
                     header = hdu.header
-                    naxis = int(header.get("NAXIS", 0))
-                    if naxis == 0:
+                    axes = [max(0, int(header.get(f"NAXIS{a}", 0)))
+                            for a in range(1, int(header.get("NAXIS", 0)) + 1)]
+                    if not axes:
                         continue
                     n = abs(int(header.get("BITPIX", 8))) // 8
-                    for a in range(1, naxis + 1):
-                        n *= max(0, int(header.get(f"NAXIS{a}", 0)))
+                    for size in axes:
+                        n *= size
                     largest = max(largest, n)
+                    largest_plane = max(largest_plane, axes[0] * (axes[1] if len(axes) > 1 else 1))
+    except QueryError:
+        raise
     except Exception:  # load_image gives the real error for a broken file
-        return None
-    return largest
+        return None, None
+    return largest_plane, largest
 
 
-def _picture_declared_bytes(path: Path) -> int | None:
+def _picture_declared_size(path: Path, shown: str) -> tuple[int | None, int | None]:
     from PIL import Image
 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            with Image.open(path) as im:
+            with Image.open(path) as im:  # reads the header only
                 w, h = im.size
-                return int(w) * int(h) * max(1, len(im.getbands())) * 4
+                return int(w) * int(h), int(w) * int(h) * max(1, len(im.getbands())) * 4
+    except Image.DecompressionBombError as exc:  # Pillow's own limit (2 x MAX_IMAGE_PIXELS)
+        raise QueryError(f"the image {shown!r} is too large to decode ({exc})", status=413) from None
     except Exception:
-        return None
+        return None, None

@@ -1,6 +1,6 @@
 // astrovl search page: plain JavaScript, no build step, no external assets.
 // Every text from the index (metadata, headers, file names) is put into the page with
-// textContent, never as HTML.
+// textContent, never as HTML, and through shown(), which neutralises bidirectional controls.
 "use strict";
 
 (function () {
@@ -15,11 +15,21 @@
   };
   const state = { info: null, detailId: null, lastCard: null, request: 0 };
 
+  // Bidirectional control characters (embeddings, overrides, isolates, marks) in a label or a
+  // header would reorder the text shown around them: each is shown as <U+XXXX> instead.
+  const BIDI_CONTROLS = /[\u202A-\u202E\u2066-\u2069\u200E\u200F\u061C]/g;
+  function shown(value) {
+    return String(value).replace(BIDI_CONTROLS,
+      (c) => `<U+${c.charCodeAt(0).toString(16).toUpperCase().padStart(4, "0")}>`);
+  }
+
+  function setText(node, value) { node.textContent = shown(value); }
+
   function el(tag, props, ...children) {
     const node = document.createElement(tag);
     for (const [key, value] of Object.entries(props || {})) {
       if (key === "class") node.className = value;
-      else if (key === "text") node.textContent = value;
+      else if (key === "text" || key === "title" || key === "alt") node[key === "text" ? "textContent" : key] = shown(value);
       else if (key.startsWith("data-")) node.setAttribute(key, value);
       else node[key] = value;
     }
@@ -45,7 +55,7 @@
   }
 
   function setStatus(parts, isError) {
-    els.status.replaceChildren(...parts.map((p) => (typeof p === "string" ? document.createTextNode(p) : p)));
+    els.status.replaceChildren(...parts.map((p) => (typeof p === "string" ? document.createTextNode(shown(p)) : p)));
     els.status.classList.toggle("error", Boolean(isError));
   }
 
@@ -61,13 +71,13 @@
     try {
       const info = await call(apiUrl("api/info"));
       state.info = info;
-      els.name.textContent = `· ${info.name}`;
-      document.title = `astrovl · ${info.name}`;
+      setText(els.name, `· ${info.name}`);
+      document.title = shown(`astrovl · ${info.name}`);
       const model = info.model && (info.model.name || info.model.id) ? ` · model ${info.model.name || info.model.id}` : "";
-      els.info.textContent = `${info.count.toLocaleString()} images · ${info.dim}-d ${info.kind} index${model}`;
+      setText(els.info, `${info.count.toLocaleString()} images · ${info.dim}-d ${info.kind} index${model}`);
       buildFilters(info.filters || {});
     } catch (err) {
-      els.info.textContent = `could not read the index information: ${err.message}`;
+      setText(els.info, `could not read the index information: ${err.message}`);
     }
   }
 
@@ -217,9 +227,9 @@
   async function openDetail(id, score, fromCard) {
     state.lastCard = fromCard || null;
     state.detailId = id;
-    els.title.textContent = `item ${id}`;
-    els.score.textContent = score != null ? `score ${fmtScore(score)}` : "";
-    els.sky.textContent = "…";
+    setText(els.title, `item ${id}`);
+    setText(els.score, score != null ? `score ${fmtScore(score)}` : "");
+    setText(els.sky, "…");
     els.meta.replaceChildren();
     els.header.replaceChildren();
     els.image.removeAttribute("src");
@@ -231,15 +241,15 @@
       if (state.detailId !== id) return;
       fillDetail(item);
     } catch (err) {
-      els.sky.textContent = err.message;
+      setText(els.sky, err.message);
     }
   }
 
   function fillDetail(item) {
-    els.title.textContent = item.label;
+    setText(els.title, item.label);
     if (item.thumbnail) {
       els.image.src = item.thumbnail;  // the cached thumbnail at once, the larger preview when ready
-      els.image.alt = item.label;
+      els.image.alt = shown(item.label);
       const preview = new Image();
       preview.addEventListener("load", () => { if (state.detailId === item.id) els.image.src = preview.src; });
       preview.src = `${item.thumbnail}?size=large`;
@@ -247,14 +257,16 @@
     } else {
       els.image.parentElement.hidden = true;
     }
-    if (item.ra != null) {
-      const sky = item.sky || {};
+    if (item.ra != null && !item.sky) {  // e.g. a catalogue's dec = 99: shown as recorded, not converted
+      setText(els.sky, `${fmtPosition(item.ra, item.dec)} (as recorded; not a valid sky position)`);
+    } else if (item.ra != null) {
+      const sky = item.sky;
       els.sky.replaceChildren(
         document.createTextNode(fmtPosition(item.ra, item.dec)), el("br"),
         document.createTextNode(`${sky.ra_hms || ""}  ${sky.dec_dms || ""}  (ICRS, image centre)`), el("br"),
         document.createTextNode(sky.l != null ? `Galactic l ${sky.l.toFixed(4)}°  b ${sky.b.toFixed(4)}°` : ""));
     } else {
-      els.sky.textContent = item.has_image ? "no celestial WCS in this image" : (item.image_error || "no image file");
+      setText(els.sky, item.has_image ? "no celestial WCS in this image" : (item.image_error || "no image file"));
     }
     const rows = Object.entries(item.metadata || {}).map(([key, value]) =>
       el("tr", {}, el("th", { text: key }), el("td", { text: value === null ? "—" : String(value) })));
