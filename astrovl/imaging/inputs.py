@@ -3,7 +3,8 @@
 * :data:`FITS_SUFFIXES` and :data:`PICTURE_SUFFIXES`: the file names
   :func:`~astrovl.load_image` reads as FITS or as pictures (Pillow);
   :func:`is_fits_name`, :func:`is_image_name` and :func:`has_fits_signature`
-  test a path against them.
+  test a path against them; :func:`check_image_file` checks that a file
+  exists and that its header reads, without reading pixels.
 * :func:`as_image_list` turns what the models accept (one image input, a list
   of them, or a dataset with ``image_paths``) into a list of single-image
   inputs; :func:`describe_input` names one input in a result table.
@@ -34,6 +35,7 @@ __all__ = [
     "is_fits_name",
     "is_image_name",
     "has_fits_signature",
+    "check_image_file",
     "as_image_list",
     "describe_input",
     "locate_image_file",
@@ -82,6 +84,40 @@ def has_fits_signature(path: str | os.PathLike) -> bool:
             return fh.read(6) == b"SIMPLE"
     except OSError:
         return False
+
+
+def check_image_file(path: str | os.PathLike) -> None:
+    """Check quickly that ``path`` is an image file :func:`~astrovl.load_image` can open.
+
+    The file must exist and its header must read: every header of a FITS file
+    with its declared sizes (:func:`~astrovl.imaging.fitsfile.scan_fits`, no data
+    read), or the header of a picture (Pillow's ``Image.open``, no pixels
+    decoded). Used to check a training set before the first step.
+
+    Raises
+    ------
+    astrovl.exceptions.ImageFileError
+        Naming the file and what is wrong with it.
+    """
+    from ..exceptions import ImageFileError
+
+    path = Path(path)
+    if not path.exists():
+        raise ImageFileError(f"image file {str(path)!r} does not exist")
+    if path.is_dir():
+        raise ImageFileError(f"{str(path)!r} is a directory, not an image file")
+    if is_fits_name(path) or has_fits_signature(path):
+        from .fitsfile import scan_fits
+
+        scan_fits(path)
+        return
+    try:
+        from PIL import Image, UnidentifiedImageError
+
+        with Image.open(path):
+            pass
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise ImageFileError(f"{str(path)!r} is neither a FITS file nor a readable picture ({exc})") from exc
 
 
 def _is_single_image(obj: Any) -> bool:
