@@ -185,7 +185,8 @@ def run_demo(output_dir: str | os.PathLike = "astrovl-demo", *, steps: int | Non
                                  weight_decay=0.1 if model is None else 1e-3,
                                  eval_every=max(1, steps // 4), best_metric="val_top10",
                                  output_dir=str(out / "runs" / run_mode), device=device, seed=seed,
-                                 progress=progress, tensorboard=False)
+                                 progress=progress, tensorboard=False,
+                                 overwrite=True)  # running the demo again replaces its runs
         runs[name] = train_clip(base, train, val, cfg)
 
     # accuracy table on the validation split

@@ -468,6 +468,23 @@ def test_train_clip_best_metric_picks_the_checkpoint(sky, tiny_dir, tmp_path):
     assert len(val) == 12 and acc == pytest.approx(max(history["val_top10"]), abs=1e-6)
 
 
+@covers("train-clip", "--overwrite")
+def test_train_clip_overwrite_and_resume_choose_how_a_run_starts(sky, tiny_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    cli = ["train-clip", str(sky.root), "--model", "tiny", "--mode", "scratch", "--steps", "2", "--eval-every", "1",
+           "--batch-size", "16", "--max-val", "12", "--output", str(out)]
+    assert main([*cli, "--steps", "4"]) == 0
+    capsys.readouterr()
+    assert main(cli) == 1  # the folder holds the finished run's checkpoint
+    assert "pass --resume to continue from step 4, or --overwrite to start again" in capsys.readouterr().err
+    assert main([*cli, "--resume"]) == 0
+    assert "had already finished at step 4; nothing was trained" in capsys.readouterr().out
+    assert main([*cli, "--overwrite"]) == 0
+    assert list(Table.read(out / "metrics.csv")["step"]) == [1, 2]
+    with pytest.raises(SystemExit):
+        main([*cli, "--resume", "--overwrite"])
+
+
 # ---------------------------------------------------------------------- evaluate retrieval
 @covers("evaluate", "--split", "--k-percent", "--limit", "--seed", "--plot", "--output", "--format")
 def test_evaluate_retrieval_options(sky, tiny_dir, tmp_path, capsys):

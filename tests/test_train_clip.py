@@ -1,3 +1,4 @@
+import json
 import os
 
 import numpy as np
@@ -194,3 +195,85 @@ def test_torchrun_cuda_means_the_gpu_of_local_rank(monkeypatch):
         assert _training_device(CLIPTrainingConfig(device=device), emb, world=2) == torch.device("cuda", last)
     assert _training_device(CLIPTrainingConfig(device="cuda:0"), emb, world=2) == torch.device("cuda", 0)
     assert _training_device(CLIPTrainingConfig(device="cpu"), emb, world=2) == torch.device("cpu")
+
+
+# ----------------------------------------------------------------------------- resume and overwrite
+@pytest.fixture(scope="module")
+def base_with_dropout():
+    """The tiny CLIP with patch dropout: every training forward pass draws from torch's generator."""
+    cfg = dict(TINY_CLIP_CONFIG, vision_cfg=dict(TINY_CLIP_CONFIG["vision_cfg"], patch_dropout=0.5))
+    return CLIPEmbedder.from_config(cfg, seed=0)
+
+
+def test_killed_and_resumed_run_equals_an_uninterrupted_one(sky, base_with_dropout, tmp_path, caplog,
+                                                            interrupt_after_first_checkpoint):
+    import astrovl.training.clip as clip_training
+
+    train, val = sky.split("train"), sky.split("val")
+    net = base_with_dropout.model.train()
+    images = torch.zeros(1, 3, base_with_dropout.image_size, base_with_dropout.image_size)
+    assert not torch.equal(net.encode_image(images), net.encode_image(images))  # dropout is on
+    kw = dict(steps=4, eval_every=2, max_val=20, schedule="cosine", warmup_steps=1)
+    full = train_clip(base_with_dropout, train, val, _cfg(tmp_path, "full", **kw))
+    interrupt_after_first_checkpoint(clip_training, train_clip, base_with_dropout, train, val,
+                                     _cfg(tmp_path, "part", **kw))
+    with caplog.at_level("WARNING", logger="astrovl.training.clip"):
+        resumed = train_clip(base_with_dropout, train, val, _cfg(tmp_path, "part", resume=True,
+                                                                 **dict(kw, eval_every=1)))
+    assert "resumed from step 2" in caplog.text and resumed.start_step == 2
+    a = CLIPEmbedder.from_pretrained(tmp_path / "full" / "final").model.state_dict()
+    b = CLIPEmbedder.from_pretrained(tmp_path / "part" / "final").model.state_dict()
+    for k in a:
+        assert (a[k].float() - b[k].float()).abs().max().item() == 0.0, k
+    # the last row of the uninterrupted run averages steps 3 and 4; the resumed run logged each of them
+    assert list(resumed.history["step"]) == [2, 3, 4]
+    assert full.history["train_loss"][-1] == pytest.approx(np.mean(resumed.history["train_loss"][1:]), rel=1e-6)
+    record = json.loads((tmp_path / "part" / "training.json").read_text())
+    assert record["resumes"] == [{"step": 2, "changed": {"eval_every": [2, 1]}}]
+
+
+def test_resume_compares_settings_and_never_replaces_a_checkpoint_silently(sky, base, tmp_path,
+                                                                          interrupt_after_first_checkpoint):
+    import astrovl.training.clip as clip_training
+    from astrovl.exceptions import OutputDirectoryError
+
+    train, val = sky.split("train"), sky.split("val")
+    kw = dict(steps=4, eval_every=2, max_val=20)
+    interrupt_after_first_checkpoint(clip_training, train_clip, base, train, val, _cfg(tmp_path, "r", **kw))
+    with pytest.raises(OutputDirectoryError, match="pass --resume to continue from step 2, or --overwrite"):
+        train_clip(base, train, val, _cfg(tmp_path, "r", **kw))
+    with pytest.raises(CheckpointError, match=r"batch_size is 8 .* lr is 0\.5 but the checkpoint was written "
+                                              r"with 0\.001"):
+        train_clip(base, train, val, _cfg(tmp_path, "r", resume=True, **dict(kw, batch_size=8, lr=0.5)))
+    with pytest.raises(CheckpointError, match="steps is 6"):
+        train_clip(base, train, val, _cfg(tmp_path, "r", resume=True, **dict(kw, steps=6, schedule="cosine")))
+    # with a constant rate the run may be made longer; then it is finished, and reported so
+    done = train_clip(base, train, val, _cfg(tmp_path, "r", resume=True, **dict(kw, steps=6)))
+    assert list(done.history["step"]) == [2, 4, 6] and not done.finished_before
+    assert CLIPTrainingConfig.RESUME_MAY_CHANGE.keys() >= {"steps", "eval_every", "num_workers"}
+    before = (tmp_path / "r" / "config.json").read_text()
+    again = train_clip(base, train, val, _cfg(tmp_path, "r", resume=True, **kw))
+    assert again.finished_before and again.start_step == 6 and len(again.history) == 3
+    assert (tmp_path / "r" / "config.json").read_text() == before
+    # --overwrite starts again and keeps what astrovl did not write
+    (tmp_path / "r" / "notes.txt").write_text("mine")
+    fresh = train_clip(base, train, val, _cfg(tmp_path, "r", overwrite=True, **kw))
+    assert fresh.start_step == 0 and list(fresh.history["step"]) == [2, 4]
+    assert (tmp_path / "r" / "notes.txt").read_text() == "mine"
+
+
+def test_unreadable_images_are_reported_before_training(sky, base, tmp_path):
+    import shutil
+
+    from astrovl.datasets import ManifestDataset
+
+    root = tmp_path / "copy"
+    shutil.copytree(sky.root, root)
+    ds = ManifestDataset(root)
+    train = ds.split("train")
+    train.image_path(0).unlink()
+    with pytest.raises(DatasetError) as info:
+        train_clip(base, train, ds.split("val"), _cfg(tmp_path, "x", steps=1, eval_every=1, max_val=4))
+    msg = str(info.value)
+    assert msg.startswith(f"1 of {len(train)} training images cannot be read")
+    assert repr(str(train.manifest["id"][0])) in msg and train.image_path(0).name in msg

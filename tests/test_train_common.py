@@ -154,3 +154,90 @@ def test_checkpoint_of_the_former_lambda_schedule_resumes(tmp_path):
     load_checkpoint(tmp_path / "c", model=net2, optimizer=opt2, scheduler=sched2)
     assert sched2.last_epoch == 5 and opt2.param_groups[0]["lr"] == pytest.approx(first[-1], rel=1e-12)
     assert _run(net2, opt2, sched2, 5) == pytest.approx(rest_old, rel=1e-9)
+
+
+def test_worker_error_message_gives_the_workers_own_message():
+    from astrovl.exceptions import DatasetError
+    from astrovl.training.common import worker_error_message
+
+    wrapped = DatasetError(
+        "Caught DatasetError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+        '  File "x.py", line 1, in f\n    raise DatasetError(msg)\n'
+        "astrovl.exceptions.DatasetError: record 'a7': image '/data/a7.fits' could not be read: truncated")
+    assert worker_error_message(wrapped) == "record 'a7': image '/data/a7.fits' could not be read: truncated"
+    assert worker_error_message(ValueError("plain")) == "plain"
+    builtin = ValueError("Caught ValueError in DataLoader worker process 1.\nOriginal Traceback (most recent "
+                         "call last):\n  ...\nValueError: bad value")
+    assert worker_error_message(builtin) == "bad value"
+
+
+def test_dataloader_worker_errors_keep_the_record_and_path(tmp_path):
+    from astrovl.exceptions import DatasetError
+    from astrovl.training.common import named_data_errors
+
+    class Broken(torch.utils.data.Dataset):
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            raise DatasetError(f"record 'r{i}': image '/data/r{i}.png' could not be read")
+
+    loader = torch.utils.data.DataLoader(Broken(), batch_size=1, num_workers=1)
+    with pytest.raises(DatasetError) as info:
+        list(named_data_errors(iter(loader)))
+    assert str(info.value) == "record 'r0': image '/data/r0.png' could not be read"
+
+
+def test_choose_start_never_replaces_a_checkpoint_silently(tmp_path):
+    from astrovl.exceptions import OutputDirectoryError
+    from astrovl.training.common import choose_start
+    from astrovl.utils.files import prepare_output_dir
+
+    run = prepare_output_dir(tmp_path / "run", "clip-training")
+    assert choose_start(run, resume=False, overwrite=False, outputs=["checkpoint"]) is None
+    assert choose_start(run, resume=True, overwrite=False, outputs=["checkpoint"]) is None  # nothing to resume
+    (run / "checkpoint").mkdir()
+    (run / "checkpoint" / "state.json").write_text(json.dumps({"step": 7}))
+    (run / "metrics.csv").write_text("step\n7\n")
+    (run / "mine.txt").write_text("mine")
+    with pytest.raises(OutputDirectoryError, match="pass --resume to continue from step 7, or --overwrite"):
+        choose_start(run, resume=False, overwrite=False, outputs=["checkpoint"])
+    assert choose_start(run, resume=True, overwrite=False, outputs=["checkpoint"]) == 7
+    with pytest.raises(ValueError, match="exclude each other"):
+        choose_start(run, resume=True, overwrite=True, outputs=["checkpoint"])
+    assert choose_start(run, resume=False, overwrite=True, outputs=["checkpoint", "metrics.csv", "best"]) is None
+    assert sorted(p.name for p in run.iterdir()) == [OUTPUT_MARKER, "mine.txt"]
+
+
+def test_settings_differences_split_what_may_change():
+    from astrovl.training.common import check_resume_settings, settings_differences
+
+    saved = {"lr": 0.01, "steps": 10, "batch_size": 2, "output_dir": "a", "old_only": 1}
+    current = {"lr": 0.5, "steps": 12, "batch_size": 2, "output_dir": "b", "new_only": 2}
+    fixed, changed = settings_differences(saved, current, {"steps"}, ignore={"output_dir"})
+    assert fixed == {"lr": (0.01, 0.5)} and changed == {"steps": (10, 12)}
+    with pytest.raises(CheckpointError, match="lr is 0.5 but the checkpoint was written with 0.01"):
+        check_resume_settings("ckpt", saved, current, {"steps"}, ignore={"output_dir"})
+    assert check_resume_settings("ckpt", saved, dict(current, lr=0.01), {"steps"}, {"output_dir"}) == {
+        "steps": (10, 12)}
+
+
+def test_check_record_images_lists_every_unreadable_record(tmp_path, m13_path):
+    from PIL import Image
+
+    from astrovl.exceptions import DatasetError
+    from astrovl.training.common import check_record_images
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "ok.png")
+    (tmp_path / "text.png").write_text("not a picture")
+    (tmp_path / "cut.fits").write_bytes(m13_path.read_bytes()[:5000])
+    records = [("a", tmp_path / "ok.png"), ("b", m13_path), ("c", tmp_path / "gone.fits"),
+               ("d", tmp_path / "text.png"), ("e", tmp_path / "cut.fits")]
+    with pytest.raises(DatasetError) as info:
+        check_record_images(records)
+    msg = str(info.value)
+    assert msg.startswith("3 of 5 training images cannot be read")
+    for rid, name in (("c", "gone.fits"), ("d", "text.png"), ("e", "cut.fits")):
+        assert f"record '{rid}'" in msg and name in msg
+    assert "record 'a'" not in msg and "record 'b'" not in msg
+    check_record_images(records[:2])

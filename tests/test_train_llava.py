@@ -372,3 +372,175 @@ def test_no_host_sync_per_training_step(tiny_dir, sky, tmp_path):
         return sum("synchroniz" in str(w.message) for w in caught)
 
     assert syncs(8, "long") == syncs(3, "short")
+
+
+# ----------------------------------------------------------------------------- resume, overwrite, data checks
+@pytest.fixture(scope="module")
+def dropout_dir(tmp_path_factory):
+    """A tiny model whose attention dropout draws from torch's generator at every training step."""
+    return make_tiny_llava(tmp_path_factory.mktemp("llava-dropout") / "tiny", dropout=0.3)
+
+
+RESUME_MODES = {
+    "stage1": dict(stage=1),
+    "full": dict(stage=2),
+    "lora": dict(stage=2, lora=True, lora_r=4, lora_alpha=8, lora_dropout=0.3),
+}
+
+
+def _trained(result):
+    return {n: p.detach().clone() for n, p in result.model.model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("mode", list(RESUME_MODES))
+def test_killed_and_resumed_run_equals_an_uninterrupted_one(dropout_dir, sky, tmp_path, mode, caplog,
+                                                            interrupt_after_first_checkpoint):
+    import astrovl.training.llava as llava_training
+
+    # dropout is on: two forward passes in training mode differ
+    net = _load(dropout_dir).model.train()
+    ids = torch.tensor([[1, 5, 7, 9, 11]])
+    assert not torch.equal(net.model.language_model(input_ids=ids).last_hidden_state,
+                           net.model.language_model(input_ids=ids).last_hidden_state)
+    kw = dict(RESUME_MODES[mode], max_steps=4, save_every=2, eval_every=1, lr=1e-2)
+    full = train_llava(_load(dropout_dir), sky, _cfg(tmp_path / "a", **kw))
+    interrupt_after_first_checkpoint(llava_training, train_llava, _load(dropout_dir), sky, _cfg(tmp_path / "b", **kw))
+    # a setting that may change (how often validation runs) changes nothing in the training
+    with caplog.at_level("WARNING", logger="astrovl.training.llava"):
+        resumed = train_llava(_load(dropout_dir), sky, _cfg(tmp_path / "b", resume=True, **dict(kw, eval_every=2)))
+    assert "resumed from step 2" in caplog.text
+    assert resumed.start_step == 2 and list(resumed.history["step"]) == [1, 2, 3, 4]
+    a, b = _trained(full), _trained(resumed)
+    assert a.keys() == b.keys() and len(a) > 0
+    for n in a:
+        assert (a[n] - b[n]).abs().max().item() == 0.0, n
+    np.testing.assert_array_equal(full.history["train_loss"], resumed.history["train_loss"])
+    record = json.loads((tmp_path / "b" / "run" / "training.json").read_text())
+    assert record["config"]["eval_every"] == 2 and record["steps"] == 4
+    assert record["resumes"] == [{"step": 2, "changed": {"eval_every": [1, 2]}}]
+
+
+def test_resume_refuses_settings_that_cannot_change(tiny_dir, sky, tmp_path, interrupt_after_first_checkpoint):
+    import astrovl.training.llava as llava_training
+
+    kw = dict(stage=1, max_steps=4, save_every=2, lr=1e-2)
+    interrupt_after_first_checkpoint(llava_training, train_llava, _load(tiny_dir), sky, _cfg(tmp_path, **kw))
+    with pytest.raises(CheckpointError) as info:
+        train_llava(_load(tiny_dir), sky, _cfg(tmp_path, resume=True, **dict(kw, batch_size=3, lr=0.5)))
+    msg = str(info.value)
+    assert "batch_size is 3 but the checkpoint was written with 2" in msg
+    assert "lr is 0.5 but the checkpoint was written with 0.01" in msg and "--overwrite" in msg
+    with pytest.raises(CheckpointError, match="train_data is '2 records"):
+        train_llava(_load(tiny_dir), sky.split("train").subset([0, 1]), _cfg(tmp_path, resume=True, **kw))
+    with pytest.raises(CheckpointError, match="model is "):
+        other = make_tiny_llava(tmp_path / "other", seed=1)
+        train_llava(AstroLLaVA.from_pretrained(other, device="cpu"), sky, _cfg(tmp_path, resume=True, **kw))
+    # more steps may be asked for; a finished run is reported and left as it is
+    done = train_llava(_load(tiny_dir), sky, _cfg(tmp_path, resume=True, **dict(kw, max_steps=5)))
+    assert list(done.history["step"]) == [1, 2, 3, 4, 5] and not done.finished_before
+    record = (tmp_path / "run" / "training.json").read_text()
+    again = train_llava(_load(tiny_dir), sky, _cfg(tmp_path, resume=True, **dict(kw, max_steps=3)))
+    assert again.finished_before and again.start_step == 5 and again.model_dir == tmp_path / "run" / "model"
+    assert (tmp_path / "run" / "training.json").read_text() == record
+    assert json.loads(record)["config"]["max_steps"] == 5
+
+
+def test_a_checkpoint_is_never_replaced_silently(tiny_dir, sky, tmp_path, interrupt_after_first_checkpoint,
+                                                 capsys):
+    import astrovl.training.llava as llava_training
+    from astrovl.cli import main
+    from astrovl.exceptions import OutputDirectoryError
+
+    kw = dict(stage=1, max_steps=4, save_every=2)
+    interrupt_after_first_checkpoint(llava_training, train_llava, _load(tiny_dir), sky, _cfg(tmp_path, **kw))
+    with pytest.raises(OutputDirectoryError, match="pass --resume to continue from step 2, or --overwrite to "
+                                                   "start again"):
+        train_llava(_load(tiny_dir), sky, _cfg(tmp_path, **kw))
+    cli = ["train-llava", "--model", str(tmp_path / "missing-model"), "--stage", "1", "--data", str(sky.root),
+           "--output", str(tmp_path / "run"), "--max-steps", "4", "--device", "cpu"]
+    assert main(cli) == 1  # refused before the (missing) model is looked at
+    assert "pass --resume to continue from step 2, or --overwrite to start again" in capsys.readouterr().err
+    (tmp_path / "run" / "notes.txt").write_text("mine")
+    again = train_llava(_load(tiny_dir), sky, _cfg(tmp_path, overwrite=True, **kw))
+    assert again.start_step == 0 and list(again.history["step"]) == [1, 2, 3, 4]
+    assert (tmp_path / "run" / "notes.txt").read_text() == "mine"
+    with pytest.raises(ValueError, match="exclude each other"):
+        _cfg(tmp_path, resume=True, overwrite=True, **kw)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
+def test_cuda_without_cuda_is_an_error(tiny_dir, sky, tmp_path, capsys):
+    from astrovl.cli import main
+
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        train_llava(_load(tiny_dir), sky, _cfg(tmp_path, stage=1, max_steps=1, device="cuda"))
+    assert not (tmp_path / "run" / "checkpoint").exists()
+    for cli in (["train-llava", "--model", str(tiny_dir), "--stage", "1", "--data", str(sky.root), "--output",
+                 str(tmp_path / "c"), "--device", "cuda"],
+                ["caption", str(sky.image_path(0)), "--model", str(tiny_dir), "--device", "cuda:0"]):
+        assert main(cli) == 1
+        assert "CUDA is not available" in capsys.readouterr().err
+
+
+def _records_with(tmp_path, sky, broken: dict):
+    """Conversation JSON over the sky images, with the images of ``broken`` ids replaced."""
+    from astrovl.generation import to_llava_record
+
+    records = []
+    train = sky.split("train")
+    for i in range(len(train)):
+        rid, image = str(train.manifest["id"][i]), str(train.manifest["image"][i])
+        if rid in broken:
+            image = broken[rid]
+        records.append(to_llava_record(rid, image, [{"question": "What is it?", "answer": f"Answer {i}."}]))
+    path = tmp_path / "conv.json"
+    path.write_text(json.dumps(records))
+    return path, [str(i) for i in train.manifest["id"]]
+
+
+def test_images_are_checked_before_the_first_step(tiny_dir, sky, tmp_path):
+    ids = [str(i) for i in sky.split("train").manifest["id"]]
+    (sky.root / "not-an-image.png").write_text("text")
+    path, _ = _records_with(tmp_path, sky, {ids[1]: "missing.png", ids[3]: "not-an-image.png"})
+    with pytest.raises(DatasetError) as info:
+        train_llava(_load(tiny_dir), path, _cfg(tmp_path, stage=2, max_steps=1), image_root=sky.root)
+    msg = str(info.value)
+    assert msg.startswith("2 of 6 training images cannot be read")
+    assert f"record {ids[1]!r}" in msg and "missing.png" in msg
+    assert f"record {ids[3]!r}" in msg and "not-an-image.png" in msg
+    assert not (tmp_path / "run" / "checkpoint").exists()
+
+
+def test_errors_in_dataloader_workers_name_the_record_and_its_image(tiny_dir, sky, tmp_path):
+    from PIL import Image
+
+    # a picture whose header reads but whose pixels are cut off: only decoding (in a worker) finds it
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(
+        sky.root / "cut.png")
+    data = (sky.root / "cut.png").read_bytes()
+    (sky.root / "cut.png").write_bytes(data[:len(data) // 2])
+    ids = [str(i) for i in sky.split("train").manifest["id"]]
+    path, _ = _records_with(tmp_path, sky, {r: "cut.png" for r in ids})
+    with pytest.raises(DatasetError) as info:
+        train_llava(_load(tiny_dir), path, _cfg(tmp_path, stage=2, max_steps=1, num_workers=1),
+                    image_root=sky.root)
+    first_line = str(info.value).splitlines()[0]
+    assert first_line.startswith("record ") and "cut.png" in first_line and "DataLoader worker" not in first_line
+
+
+def test_mix_data_needs_a_ratio(tmp_path):
+    with pytest.raises(ValueError, match="needs mix_ratio"):
+        LLaVATrainingConfig(stage=2, mix_data="general.json")
+
+
+def test_loss_plot_shows_the_validation_loss():
+    from astropy.table import Table
+
+    from astrovl.training.llava import plot_loss
+
+    history = Table({"step": [1, 2, 3], "train_loss": [3.0, 2.0, 1.5], "val_loss": [np.nan, 2.5, 2.0]})
+    lines = plot_loss(history, title="t").axes[0].get_lines()
+    assert [ln.get_label() for ln in lines] == ["training loss", "validation loss"]
+    assert list(lines[1].get_xdata()) == [2, 3] and list(lines[1].get_ydata()) == [2.5, 2.0]
+    only_train = plot_loss(history[["step", "train_loss"]]).axes[0].get_lines()
+    assert [ln.get_label() for ln in only_train] == ["training loss"]

@@ -51,6 +51,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
+        if getattr(args, "device", None) is not None:
+            from ..utils.devices import resolve_device
+
+            resolve_device(args.device)  # a device this machine lacks is an error, before any work
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("astrovl: interrupted", file=sys.stderr)

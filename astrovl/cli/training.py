@@ -42,7 +42,7 @@ def register(sub) -> None:
                    help="how decoded images are kept (default auto: memory without DataLoader workers, "
                    "a shared file with them)")
     p.add_argument("--seed", type=int, default=0, help="seed of batches, augmentation and validation order")
-    p.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint")
+    _add_start_args(p)
     p.add_argument("--model", default=None,
                    help="starting model: hub id, directory or open_clip name (default astrovl.conf.clip_model); "
                    "with --mode scratch only its architecture is used, and 'tiny' is a 4M-parameter CLIP")
@@ -75,15 +75,35 @@ def register(sub) -> None:
     p.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
     p.add_argument("--mix-data", default=None, help="general instruction data (LLaVA JSON) to mix in")
     p.add_argument("--mix-image-root", default=None, help="image directory of --mix-data")
-    p.add_argument("--mix-ratio", type=float, default=0.0, help="fraction of records from --mix-data")
+    p.add_argument("--mix-ratio", type=float, default=0.0,
+                   help="fraction of records from --mix-data (required with it, e.g. 0.1)")
     p.add_argument("--save-every", type=int, default=500, help="checkpoint every N optimizer steps")
     p.add_argument("--eval-every", type=int, default=None,
                    help="validation loss every N steps (default: --save-every and at the end)")
     p.add_argument("--num-workers", type=int, default=2,
                    help="DataLoader worker processes preparing batches (default 2; 0: in the training process)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint")
+    _add_start_args(p)
     add_llava_args(p)
+
+
+def _add_start_args(p) -> None:
+    start = p.add_mutually_exclusive_group()
+    start.add_argument("--resume", action="store_true",
+                       help="continue from OUTPUT/checkpoint exactly where the run stopped (settings that "
+                            "shape the training must be the checkpoint's; see docs/training)")
+    start.add_argument("--overwrite", action="store_true",
+                       help="start again in an OUTPUT that holds an earlier run, removing that run's outputs "
+                            "(and nothing else)")
+
+
+def _check_start(args, kind: str, recognize) -> None:
+    """Refuse, before any model loads, an output folder this run may not write or would replace silently."""
+    from ..training.common import choose_start
+    from ..utils.files import check_output_dir
+
+    if check_output_dir(args.output, kind, recognize=recognize) and not args.overwrite:
+        choose_start(args.output, resume=args.resume, overwrite=False, outputs=())
 
 
 def _cmd_train_clip(args):
@@ -95,16 +115,15 @@ def _cmd_train_clip(args):
         raise ValueError(f"--pretrained {args.pretrained!r} has no effect with --mode scratch, which "
                          "starts from random weights; drop --pretrained, or use --mode finetune")
     from ..training.clip import OUTPUT_KIND, is_earlier_run
-    from ..utils.files import check_output_dir
 
-    check_output_dir(args.output, OUTPUT_KIND, recognize=is_earlier_run)  # before any model loads
-    ds = ManifestDataset(args.dataset)
     names = ("steps", "batch_size", "grad_accum", "lr", "warmup_steps", "eval_every", "best_metric",
              "max_val", "caption_mode", "image_cache")
     options = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
     config = CLIPTrainingConfig(mode=args.mode, output_dir=args.output, device=args.device,
-                                seed=args.seed, resume=args.resume, **options)
+                                seed=args.seed, resume=args.resume, overwrite=args.overwrite, **options)
     config.validate()
+    _check_start(args, OUTPUT_KIND, is_earlier_run)  # before any model loads
+    ds = ManifestDataset(args.dataset)
     if args.mode == "scratch" and (args.model == "tiny" or _is_open_clip_name(args.model)):
         from ..clip import TINY_CLIP_CONFIG
 
@@ -112,6 +131,9 @@ def _cmd_train_clip(args):
     else:
         embedder = load_clip(args)
     result = train_clip(embedder, ds.split("train"), ds.split("val"), config)
+    if getattr(result, "finished_before", False):
+        print(f"the run in {result.output_dir} had already finished at step {result.start_step}; "
+              "nothing was trained (raise --steps to continue it, or pass --overwrite to start again)")
     emit(result.history, argparse.Namespace(output=None, format="table"))
     print(f"best model: {result.best_path}")
     return 0
@@ -128,9 +150,16 @@ def _is_open_clip_name(name) -> bool:
 def _cmd_train_llava(args):
     from ..training import LLaVATrainingConfig, train_llava
     from ..training.llava import OUTPUT_KIND, is_earlier_run
-    from ..utils.files import check_output_dir
 
-    check_output_dir(args.output, OUTPUT_KIND, recognize=is_earlier_run)  # before any model loads
+    options = {k: getattr(args, k) for k in ("epochs", "max_steps", "batch_size", "lr", "eval_every")
+               if getattr(args, k) is not None}
+    config = LLaVATrainingConfig(stage=args.stage, output_dir=args.output, lora=args.lora,
+                                 resume=args.resume, overwrite=args.overwrite, device=args.device,
+                                 gradient_accumulation_steps=args.grad_accum, mix_data=args.mix_data,
+                                 mix_image_root=args.mix_image_root, mix_ratio=args.mix_ratio,
+                                 save_every=args.save_every, num_workers=args.num_workers, seed=args.seed,
+                                 **options)
+    _check_start(args, OUTPUT_KIND, is_earlier_run)  # before any model loads
     # a name, not a loaded model: train_llava loads on the CPU and accelerate places it on
     # each process's device (also under `accelerate launch` with several GPUs)
     model = args.model or conf().llava_model
@@ -138,20 +167,15 @@ def _cmd_train_llava(args):
         from ..llava import AstroLLaVA
 
         model = AstroLLaVA.from_pretrained(model, revision=args.revision, device="cpu", dtype="float32")
-    options = {k: getattr(args, k) for k in ("epochs", "max_steps", "batch_size", "lr", "eval_every")
-               if getattr(args, k) is not None}
-    config = LLaVATrainingConfig(stage=args.stage, output_dir=args.output, lora=args.lora,
-                                 resume=args.resume, device=args.device,
-                                 gradient_accumulation_steps=args.grad_accum, mix_data=args.mix_data,
-                                 mix_image_root=args.mix_image_root, mix_ratio=args.mix_ratio,
-                                 save_every=args.save_every, num_workers=args.num_workers, seed=args.seed,
-                                 **options)
     data = args.data
     if Path(data).is_dir():
         from ..datasets import ManifestDataset
 
         data = ManifestDataset(data)
     result = train_llava(model, data, config, image_root=args.image_root)
+    if getattr(result, "finished_before", False):
+        print(f"the run in {result.output_dir} had already finished at step {result.start_step}; "
+              "nothing was trained (raise --max-steps to continue it, or pass --overwrite to start again)")
     emit(result.history, argparse.Namespace(output=None, format="table"))
     if result.adapter_dir is not None:
         print(f"LoRA adapter written to {result.adapter_dir} "

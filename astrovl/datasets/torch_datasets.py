@@ -123,6 +123,7 @@ class ImageTextTorchDataset(torch.utils.data.Dataset):
         if caption_mode == "abstract" and fits_context is None:
             raise ValueError("caption_mode='abstract' needs fits_context")
         self.paths = [str(p) for p in dataset.image_paths]
+        self.ids = [str(i) for i in dataset.manifest["id"]]
         if captions is None:
             col = "abstract" if caption_mode == "abstract" and "abstract" in dataset.manifest.colnames else "caption"
             captions = [str(c) for c in dataset.manifest[col]]
@@ -181,13 +182,23 @@ class ImageTextTorchDataset(torch.utils.data.Dataset):
     def _image(self, i: int) -> torch.Tensor:
         return uint8_to_tensor(self._pixels(i))
 
+    def _record_pixels(self, i: int) -> np.ndarray:
+        """:meth:`_pixels`, with errors that name the record and its image (also from DataLoader workers)."""
+        try:
+            return self._pixels(i)
+        except DatasetError as exc:
+            raise DatasetError(f"record {self.ids[i]!r}: {exc}") from exc
+        except Exception as exc:
+            raise DatasetError(f"record {self.ids[i]!r}: image {self.paths[i]!r} could not be read: {exc}") \
+                from exc
+
     def __getitem__(self, item):
         i, seed = item if isinstance(item, tuple) else (item, 0)
         gen = torch.Generator().manual_seed(int(seed))
         if self.augment:
             # rotations, flips and the crop move pixels only: done on the 8-bit image,
             # and only the crop is turned into floats (the same numbers, less work)
-            img = torch.from_numpy(self._pixels(int(i)))
+            img = torch.from_numpy(self._record_pixels(int(i)))
             img = img.unsqueeze(0) if img.ndim == 2 else img.permute(2, 0, 1)
             k = int(torch.randint(0, 4, (1,), generator=gen))
             img = torch.rot90(img, k, dims=(-2, -1))
@@ -199,7 +210,7 @@ class ImageTextTorchDataset(torch.utils.data.Dataset):
             left = int(torch.randint(0, w - s + 1, (1,), generator=gen))
             img = img[..., top:top + s, left:left + s].expand(3, -1, -1).float() / 255.0
         else:
-            img = self._image(int(i))
+            img = uint8_to_tensor(self._record_pixels(int(i)))
             img = v2.functional.resize(img, self.image_size, antialias=True)
             img = v2.functional.center_crop(img, [self.image_size, self.image_size])
         caption = self.captions[int(i)]

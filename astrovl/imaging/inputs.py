@@ -4,7 +4,8 @@
   :func:`~astrovl.load_image` reads as FITS or as pictures (Pillow);
   :func:`is_fits_name`, :func:`is_image_name` and :func:`has_fits_signature`
   test a path against them, and :func:`is_fits_file` (name or signature) is the
-  one test of whether a file is read as FITS.
+  one test of whether a file is read as FITS; :func:`check_image_file` checks
+  that a file exists and that its header reads, without reading pixels.
 * :func:`as_image_list` turns what the models accept (one image input, a list
   of them, or a dataset with ``image_paths``) into a list of single-image
   inputs; :func:`describe_input` names one input in a result table.
@@ -36,6 +37,7 @@ __all__ = [
     "is_image_name",
     "has_fits_signature",
     "is_fits_file",
+    "check_image_file",
     "as_image_list",
     "describe_input",
     "locate_image_file",
@@ -93,6 +95,40 @@ def is_fits_file(path: str | os.PathLike) -> bool:
     :func:`has_fits_signature` for FITS files under other names).
     """
     return is_fits_name(path) or has_fits_signature(path)
+
+
+def check_image_file(path: str | os.PathLike) -> None:
+    """Check quickly that ``path`` is an image file :func:`~astrovl.load_image` can open.
+
+    The file must exist and its header must read: every header of a FITS file
+    with its declared sizes (:func:`~astrovl.imaging.fitsfile.scan_fits`, no data
+    read), or the header of a picture (Pillow's ``Image.open``, no pixels
+    decoded). Used to check a training set before the first step.
+
+    Raises
+    ------
+    astrovl.exceptions.ImageFileError
+        Naming the file and what is wrong with it.
+    """
+    from ..exceptions import ImageFileError
+
+    path = Path(path)
+    if not path.exists():
+        raise ImageFileError(f"image file {str(path)!r} does not exist")
+    if path.is_dir():
+        raise ImageFileError(f"{str(path)!r} is a directory, not an image file")
+    if is_fits_file(path):
+        from .fitsfile import scan_fits
+
+        scan_fits(path)
+        return
+    try:
+        from PIL import Image, UnidentifiedImageError
+
+        with Image.open(path):
+            pass
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise ImageFileError(f"{str(path)!r} is neither a FITS file nor a readable picture ({exc})") from exc
 
 
 def _is_single_image(obj: Any) -> bool:

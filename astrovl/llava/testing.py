@@ -116,7 +116,7 @@ def _sentencepiece_llava_tokenizer(vocab_size: int):
 
 def make_tiny_llava(directory: str | os.PathLike, *, seed: int = 0, image_size: int = 32, patch_size: int = 8,
                     vocab_size: int = 400, chat_template: str = LLAVA_CHAT_TEMPLATE,
-                    tokenizer: str = "bpe") -> Path:
+                    tokenizer: str = "bpe", dropout: float = 0.0) -> Path:
     """Write a tiny LLaVA checkpoint in the transformers layout (model, tokenizer, processor).
 
     Parameters
@@ -134,6 +134,9 @@ def make_tiny_llava(directory: str | os.PathLike, *, seed: int = 0, image_size: 
     tokenizer : {"bpe", "sentencepiece"}
         A byte-level BPE tokenizer, or a Llama-style SentencePiece one with
         ``<image>`` and ``<pad>`` added (as llava-hf's).
+    dropout : float
+        Attention dropout of the vision tower and the language model (active in
+        training), for tests whose results depend on the random state.
 
     Returns
     -------
@@ -159,9 +162,9 @@ def make_tiny_llava(directory: str | os.PathLike, *, seed: int = 0, image_size: 
     tok.padding_side = "left"
     tok.chat_template = chat_template
     image_token_id = tok.convert_tokens_to_ids("<image>")
-    vision = CLIPVisionConfig(**_VISION, image_size=image_size, patch_size=patch_size)
+    vision = CLIPVisionConfig(**_VISION, image_size=image_size, patch_size=patch_size, attention_dropout=dropout)
     text = LlamaConfig(vocab_size=len(tok), **_TEXT, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                       pad_token_id=tok.pad_token_id)
+                       pad_token_id=tok.pad_token_id, attention_dropout=dropout)
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_token_id,
                          image_seq_length=(image_size // patch_size) ** 2, vision_feature_layer=-2,
                          vision_feature_select_strategy="default")

@@ -32,17 +32,25 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 from astropy.table import Table
 
-from ..exceptions import DatasetError
+from ..exceptions import CheckpointError, DatasetError
 from ..utils.files import atomic_write_text, prepare_output_dir
 from .common import (
     CHECKPOINT_DIR,
-    checkpoint_to_resume,
+    check_record_images,
+    check_resume_settings,
+    checkpoint_errors,
+    choose_start,
     load_checkpoint,
+    named_data_errors,
     plot_history,
+    read_rng_state,
+    records_digest,
+    restore_rng_state,
     save_checkpoint,
     seed_everything,
     warmup_schedule,
@@ -113,7 +121,13 @@ class CLIPTrainingConfig:
         a new or empty folder, or the folder of an earlier run (to resume or
         replace it); a folder holding other files is refused.
     resume : bool
-        Continue from ``output_dir/checkpoint`` if it exists.
+        Continue from ``output_dir/checkpoint`` if it exists, exactly where the
+        interrupted run was. The settings must be the checkpoint's, except those
+        of :attr:`RESUME_MAY_CHANGE`; a finished run is reported and left as it is.
+    overwrite : bool
+        Start again in a folder that holds the checkpoint of an earlier run,
+        removing that run's outputs (and nothing else). Without ``resume`` or
+        ``overwrite``, such a folder is refused.
     max_val : int, optional
         Use at most this many validation pairs: a random subset drawn with ``seed``.
     """
@@ -141,9 +155,35 @@ class CLIPTrainingConfig:
     device: str | None = None
     seed: int = 0
     resume: bool = False
+    overwrite: bool = False
     max_val: int | None = None
     progress: bool = True
     tensorboard: bool = True
+
+    #: settings a resumed run may change, with what the change does; every other
+    #: setting must equal the checkpoint's (:meth:`may_change_on_resume`)
+    RESUME_MAY_CHANGE: ClassVar[dict[str, str]] = {
+        "steps": "where the run ends (schedule='constant' only: a cosine schedule reaches 0 at the last step, "
+                 "so with it the number of steps is part of the schedule)",
+        "eval_every": "how often the run validates and writes its checkpoint",
+        "num_workers": "DataLoader worker processes",
+        "image_cache": "how decoded images are kept",
+        "cache_max_bytes": "the bound of the in-process image cache",
+        "device": "where the run computes (another machine)",
+        "precision": "the arithmetic of the forward pass",
+        "compile": "whether the model is compiled",
+        "progress": "the progress bar",
+        "tensorboard": "the TensorBoard log",
+    }
+    #: settings that say where and how a run starts, not how it trains (never compared)
+    RESUME_NOT_COMPARED: ClassVar[tuple[str, ...]] = ("output_dir", "resume", "overwrite")
+
+    def may_change_on_resume(self) -> frozenset[str]:
+        """The names of :attr:`RESUME_MAY_CHANGE` that may change with these settings."""
+        names = set(self.RESUME_MAY_CHANGE)
+        if self.schedule != "constant":
+            names.discard("steps")
+        return frozenset(names)
 
     def validate(self) -> None:
         """Raise ValueError with the fix for inconsistent settings."""
@@ -177,11 +217,18 @@ class CLIPTrainingConfig:
             raise ValueError(f"precision={self.precision!r} must be 'auto', 'fp32' or 'bf16'")
         if self.schedule not in ("constant", "cosine"):
             raise ValueError(f"schedule={self.schedule!r} must be 'constant' or 'cosine'")
+        if self.resume and self.overwrite:
+            raise ValueError("resume=True and overwrite=True exclude each other; choose one")
 
 
 @dataclass
 class CLIPTrainingResult:
-    """What :func:`train_clip` returns."""
+    """What :func:`train_clip` returns.
+
+    ``start_step`` is the step the call started from (the checkpoint's when it
+    resumed); ``finished_before`` is True when the run had already finished and
+    nothing was trained or written.
+    """
 
     history: Table
     best_path: Path
@@ -189,6 +236,8 @@ class CLIPTrainingResult:
     output_dir: Path
     final_path: Path | None = None
     extras: dict = field(default_factory=dict)
+    start_step: int = 0
+    finished_before: bool = False
 
 
 def _dist_info():
@@ -420,6 +469,45 @@ def is_earlier_run(directory: Path) -> bool:
         (directory / "config.json").is_file() and (directory / "metrics.csv").is_file())
 
 
+#: what a CLIP run writes in its folder (what ``overwrite=True`` removes)
+RUN_OUTPUTS = (CHECKPOINT_DIR, "best", "final", "metrics.csv", "training_curves.png", "config.json",
+               "training.json", "tensorboard", "image-cache")
+
+
+def _data_identity(ds) -> str:
+    """``"N records <digest>"`` of the ids, image file names and captions of ``ds``."""
+    ids, captions = ds.manifest["id"], ds.manifest["caption"]
+    items = ([str(i), Path(p).name, str(c)] for i, p, c in zip(ids, ds.image_paths, captions))
+    return f"{len(ds)} records {records_digest(items)}"
+
+
+def _run_identity(embedder, config: CLIPTrainingConfig, train, val) -> dict:
+    """What a checkpoint must have been trained from: the starting model and the data."""
+    if config.mode == "scratch":
+        model = f"{embedder.model_name} (architecture {records_digest([embedder.model_cfg])})"
+    else:
+        model = embedder.model_id
+    return {"model": model, "train_data": _data_identity(train), "val_data": _data_identity(val)}
+
+
+def _resumed_state(ckpt_dir: Path, config: CLIPTrainingConfig, identity: dict) -> dict:
+    """The checkpoint's state, after checking that this run may continue it.
+
+    Adds ``"changed"``: the settings that differ from the checkpoint's and may.
+    """
+    with checkpoint_errors(ckpt_dir):
+        state = json.loads((ckpt_dir / "state.json").read_text("utf-8"))
+    saved = {**state.get("config", {}), **state.get("run", {})}
+    current = {**_jsonable(dataclasses.asdict(config)), **identity}
+    state["changed"] = check_resume_settings(ckpt_dir, saved, current, config.may_change_on_resume(),
+                                             config.RESUME_NOT_COMPARED)
+    step = int(state["step"])
+    if step > config.steps and not state.get("finished"):
+        raise CheckpointError(f"the checkpoint {str(ckpt_dir)!r} is at step {step}, past steps={config.steps}; "
+                              f"resume with steps >= {step}")
+    return state
+
+
 def _image_caches(config: CLIPTrainingConfig, num_workers: int, out: Path, rank: int):
     """(train cache kind, train cache dir, validation cache kind)."""
     kind = config.image_cache
@@ -545,6 +633,13 @@ def train_clip(embedder, train, val, config: CLIPTrainingConfig | None = None, *
         raise ValueError(f"batch_size={config.batch_size} must be divisible by the number of processes "
                          f"({world}) times grad_accum ({config.grad_accum})")
     out = prepare_output_dir(config.output_dir, OUTPUT_KIND, recognize=is_earlier_run)
+    resume_step = _choose_start(out, config, rank, world)
+    val_sub = _validation_subset(val, config)
+    identity = _run_identity(embedder, config, train, val_sub)
+    ckpt_dir = out / CHECKPOINT_DIR
+    state = _resumed_state(ckpt_dir, config, identity) if resume_step is not None else None
+    check_record_images(_record_images(train), what="training")
+    check_record_images(_record_images(val_sub), what="validation")
     seed_everything(config.seed)
 
     device = _training_device(config, embedder, world)
@@ -562,7 +657,6 @@ def train_clip(embedder, train, val, config: CLIPTrainingConfig | None = None, *
     if config.mode == "shuffled":
         perm = np.random.default_rng([config.seed & 0xFFFFFFFF, _SHUFFLED]).permutation(len(train_texts))
         train_texts = [train_texts[i] for i in perm]
-    val_sub = _validation_subset(val, config)
     count_tokens = _token_counter(emb.tokenizer) if config.caption_mode == "abstract" else None
     ctx = emb.context_length
 
@@ -588,15 +682,23 @@ def train_clip(embedder, train, val, config: CLIPTrainingConfig | None = None, *
     scheduler = warmup_schedule(optimizer, config.warmup_steps, config.steps, config.schedule)
     loss_fn = _make_loss(config, rank, world)
 
-    start_step, rows = 0, []
+    start_step, rows, resumes = 0, [], []
     best_value = None
-    ckpt_dir = checkpoint_to_resume(out, config.resume)
-    if ckpt_dir is not None:
-        state = load_checkpoint(ckpt_dir, model=model, optimizer=optimizer, scheduler=scheduler)
+    if state is not None:
+        # the random states come back after the DataLoader's iterator is made (it draws a seed)
+        load_checkpoint(ckpt_dir, model=model, optimizer=optimizer, scheduler=scheduler, restore_rng=False)
         start_step = int(state["step"])
         rows = [dict(r) for r in state.get("history", [])]
         best_value = state.get("best_value")
-        log.info("resuming from step %d", start_step)
+        resumes = list(state.get("resumes", [])) + [
+            {"step": start_step, "changed": {k: list(v) for k, v in state["changed"].items()}}]
+        if state.get("finished") and config.steps <= start_step:
+            log.warning("the run in %s finished at step %d; nothing to train, its outputs are left as they are",
+                        out, start_step)
+            if hasattr(train_ds.cache, "remove"):
+                train_ds.cache.remove()
+            return _finished_result(out, rows, config, emb, device, start_step)
+        _log_resume(start_step, config.steps, state["changed"])
 
     train_model = model
     if world > 1:
@@ -621,7 +723,10 @@ def train_clip(embedder, train, val, config: CLIPTrainingConfig | None = None, *
                        desc=f"train-clip ({config.mode})", unit="step")
     step = start_step
     tok = emb.tokenizer
-    for images, caps in loader:
+    batches = named_data_errors(iter(loader))
+    if state is not None:
+        restore_rng_state(read_rng_state(ckpt_dir))
+    for images, caps in batches:
         model.train()
         images = images.to(device, non_blocking=True)
         if device.type == "cuda":
@@ -663,7 +768,8 @@ def train_clip(embedder, train, val, config: CLIPTrainingConfig | None = None, *
                 write_history(_history_table(rows), out / "metrics.csv")
                 save_checkpoint(out / CHECKPOINT_DIR, model=model, optimizer=optimizer, scheduler=scheduler,
                                 state={"step": step, "history": rows, "best_value": best_value,
-                                       "config": _jsonable(dataclasses.asdict(config)),
+                                       "config": _jsonable(dataclasses.asdict(config)), "run": identity,
+                                       "finished": step == config.steps, "resumes": resumes,
                                        "data_position": step * config.batch_size})
             if world > 1:
                 import torch.distributed as dist
@@ -687,6 +793,9 @@ def train_clip(embedder, train, val, config: CLIPTrainingConfig | None = None, *
         if len(history):
             plot_history(history, out / "training_curves.png", title=f"CLIP {config.mode}")
         atomic_write_text(out / "config.json", json.dumps(_jsonable(dataclasses.asdict(config)), indent=2))
+        atomic_write_text(out / "training.json", json.dumps(
+            {"config": _jsonable(dataclasses.asdict(config)), "steps": step, "device": str(device),
+             **identity, "resumes": resumes}, indent=2))
     if world > 1:
         import torch.distributed as dist
 
@@ -694,7 +803,47 @@ def train_clip(embedder, train, val, config: CLIPTrainingConfig | None = None, *
     best_path = out / "best"
     best = CLIPEmbedder.from_pretrained(best_path, device=device) if (best_path / "astrovl_clip.json").is_file() else emb
     return CLIPTrainingResult(history=history, best_path=best_path, embedder=best, output_dir=out,
-                              final_path=final_path)
+                              final_path=final_path, start_step=start_step)
+
+
+def _choose_start(out: Path, config: CLIPTrainingConfig, rank: int, world: int) -> int | None:
+    """:func:`~astrovl.training.common.choose_start` on process 0 first (it may remove the earlier run)."""
+    step = None
+    if rank == 0:
+        step = choose_start(out, resume=config.resume, overwrite=config.overwrite, outputs=RUN_OUTPUTS)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+        if rank > 0:
+            step = choose_start(out, resume=config.resume, overwrite=False, outputs=RUN_OUTPUTS)
+    return step
+
+
+def _record_images(ds):
+    return zip((str(i) for i in ds.manifest["id"]), ds.image_paths)
+
+
+def _log_resume(step: int, total: int, changed: dict) -> None:
+    log.warning("resumed from step %d (of %d)%s", step, total,
+                "; changed since the checkpoint: " + ", ".join(f"{k} {old!r} -> {new!r}"
+                                                             for k, (old, new) in changed.items())
+                if changed else "")
+
+
+def _finished_result(out: Path, rows: list[dict], config: CLIPTrainingConfig, emb, device, step: int):
+    """The result of a run that had already finished (nothing trained, nothing written)."""
+    from ..clip import CLIPEmbedder
+
+    history = _history_table(rows)
+    history.meta["mode"] = config.mode
+    history.meta["random_top10"] = 0.10
+    best_path = out / "best"
+    best = CLIPEmbedder.from_pretrained(best_path, device=device) if (best_path / "astrovl_clip.json").is_file() \
+        else emb
+    final = out / "final"
+    return CLIPTrainingResult(history=history, best_path=best_path, embedder=best, output_dir=out,
+                              final_path=final if final.is_dir() else None, start_step=step, finished_before=True)
 
 def _jsonable(d: dict) -> dict:
     return {k: (str(v) if not isinstance(v, (int, float, str, bool, type(None))) else v) for k, v in d.items()}

@@ -1,4 +1,4 @@
-"""Shared training utilities: schedules, seeds, checkpoints, metric logs and plots."""
+"""Shared training utilities: schedules, seeds, checkpoints, resuming, metric logs and plots."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..exceptions import CheckpointError
-from ..utils.files import atomic_directory, atomic_write
+from ..exceptions import CheckpointError, DatasetError, OutputDirectoryError
+from ..utils.files import atomic_directory, atomic_write, remove_outputs
 
 __all__ = [
     "seed_everything",
@@ -27,6 +27,15 @@ __all__ = [
     "trainable_state",
     "rng_state",
     "restore_rng_state",
+    "read_rng_state",
+    "checkpoint_step",
+    "choose_start",
+    "settings_differences",
+    "check_resume_settings",
+    "records_digest",
+    "check_record_images",
+    "worker_error_message",
+    "named_data_errors",
 ]
 
 CHECKPOINT_DIR = "checkpoint"
@@ -137,7 +146,8 @@ def save_checkpoint(directory, *, model, optimizer, scheduler, state: dict, trai
     return directory
 
 
-def load_checkpoint(directory, *, model, optimizer, scheduler, trainable_only: bool = False) -> dict:
+def load_checkpoint(directory, *, model, optimizer, scheduler, trainable_only: bool = False,
+                    restore_rng: bool = True) -> dict:
     """Restore a checkpoint written by :func:`save_checkpoint`; returns its ``state`` dict.
 
     Weights are read with safetensors, optimizer, scheduler and random states with
@@ -151,6 +161,12 @@ def load_checkpoint(directory, *, model, optimizer, scheduler, trainable_only: b
     trainable_only : bool
         The checkpoint holds only the parameters that require gradients; they must
         be exactly the ones of ``model`` that require gradients now.
+    restore_rng : bool
+        Restore the random states now. A training loop passes False and restores
+        them with ``restore_rng_state(read_rng_state(directory))`` after
+        everything that draws random numbers at start-up (creating a DataLoader
+        iterator draws its base seed from torch's generator), so that the run
+        continues with the very numbers an uninterrupted run would draw.
 
     Raises
     ------
@@ -177,8 +193,17 @@ def load_checkpoint(directory, *, model, optimizer, scheduler, trainable_only: b
             load_model(model, str(directory / "model.safetensors"), strict=True)
         optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True))
         _load_scheduler(scheduler, optimizer, torch.load(directory / "scheduler.pt", weights_only=True))
-        restore_rng_state(torch.load(directory / "rng.pt", weights_only=True))
+        if restore_rng:
+            restore_rng_state(torch.load(directory / "rng.pt", weights_only=True))
     return state
+
+
+def read_rng_state(directory) -> dict:
+    """The random states saved in the checkpoint ``directory`` (restore with :func:`restore_rng_state`)."""
+    import torch
+
+    with checkpoint_errors(directory):
+        return torch.load(Path(directory) / "rng.pt", weights_only=True)
 
 
 def _load_scheduler(scheduler, optimizer, saved: dict) -> None:
@@ -255,6 +280,209 @@ def checkpoint_errors(directory) -> Iterator[None]:
     except Exception as exc:
         raise CheckpointError(f"checkpoint {str(directory)!r} is corrupt or does not match the model "
                               f"({type(exc).__name__}: {exc}); delete it or start without resume") from exc
+
+
+def checkpoint_step(output_dir) -> int | None:
+    """The step of the resumable checkpoint in ``output_dir``, or None when it holds none.
+
+    Raises
+    ------
+    CheckpointError
+        The checkpoint's ``state.json`` cannot be read.
+    """
+    path = Path(output_dir) / CHECKPOINT_DIR / "state.json"
+    if not path.is_file():
+        return None
+    with checkpoint_errors(path.parent):
+        return int(json.loads(path.read_text("utf-8"))["step"])
+
+
+def choose_start(output_dir, *, resume: bool, overwrite: bool, outputs) -> int | None:
+    """Decide how a training run starts in ``output_dir``, which holds a resumable checkpoint or not.
+
+    A folder holding a checkpoint is never replaced silently: the caller must
+    ask to resume from it or to start again.
+
+    Parameters
+    ----------
+    output_dir : path
+        The run's folder (already checked to be an astrovl output of the run's
+        kind, see :func:`astrovl.utils.files.prepare_output_dir`).
+    resume, overwrite : bool
+        Continue from the checkpoint, or start again: ``overwrite`` removes the
+        entries ``outputs`` of the earlier run (and nothing else).
+    outputs : sequence of str
+        Names of what the trainer writes in its folder.
+
+    Returns
+    -------
+    int or None
+        The checkpoint's step when the run resumes, None when it starts at step 0.
+
+    Raises
+    ------
+    ValueError
+        Both ``resume`` and ``overwrite``.
+    OutputDirectoryError
+        The folder holds a checkpoint and neither was asked for.
+    """
+    if resume and overwrite:
+        raise ValueError("resume=True (--resume) and overwrite=True (--overwrite) exclude each other; "
+                         "choose one")
+    step = checkpoint_step(output_dir)
+    if overwrite:
+        removed = remove_outputs(output_dir, outputs)
+        if removed:
+            import logging
+
+            logging.getLogger(__name__).warning("overwrite: removed the earlier run's %s from %s",
+                                                ", ".join(p.name for p in removed), output_dir)
+        return None
+    if step is not None and not resume:
+        raise OutputDirectoryError(
+            f"the folder {str(output_dir)!r} holds the resumable checkpoint of an earlier run at step {step}: "
+            f"pass --resume to continue from step {step}, or --overwrite to start again (resume=True or "
+            "overwrite=True in Python)"
+        )
+    return step if resume else None
+
+
+def _json_value(value):
+    return json.loads(json.dumps(value, default=str))
+
+
+def settings_differences(saved: dict, current: dict, may_change, ignore=()) -> tuple[dict, dict]:
+    """Compare the settings of a checkpoint with those of a resumed run.
+
+    Parameters
+    ----------
+    saved : dict
+        The settings the checkpoint was written with (read from JSON).
+    current : dict
+        The settings of the resumed run.
+    may_change : collection of str
+        Names whose value may differ.
+    ignore : collection of str
+        Names not compared at all (where the run is written, whether it resumes).
+
+    Returns
+    -------
+    fixed, changed : dict
+        ``name -> (checkpoint value, current value)`` for the settings that differ
+        and may not, and for those that differ and may. Names missing on either
+        side (checkpoints of older versions) are not compared.
+    """
+    fixed, changed = {}, {}
+    for name in sorted(set(saved) & set(current)):
+        if name in ignore:
+            continue
+        old, new = saved[name], _json_value(current[name])
+        if old != new:
+            (changed if name in may_change else fixed)[name] = (old, new)
+    return fixed, changed
+
+
+def check_resume_settings(checkpoint, saved: dict, current: dict, may_change, ignore=()) -> dict:
+    """Refuse to resume with settings that cannot change; return those that changed and may.
+
+    See :func:`settings_differences` for the parameters.
+
+    Raises
+    ------
+    CheckpointError
+        Naming each setting that differs from the checkpoint's and cannot change.
+    """
+    fixed, changed = settings_differences(saved, current, may_change, ignore)
+    if fixed:
+        diffs = "; ".join(f"{name} is {new!r} but the checkpoint was written with {old!r}"
+                          for name, (old, new) in fixed.items())
+        raise CheckpointError(
+            f"cannot resume from {str(checkpoint)!r}: {diffs}. These settings cannot change when a run resumes; "
+            "resume with the checkpoint's values, or pass --overwrite (overwrite=True) to start again"
+        )
+    return changed
+
+
+def records_digest(items) -> str:
+    """A short digest of JSON-serialisable training records (what a checkpoint was trained on)."""
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=8)
+    for item in items:
+        h.update(json.dumps(item, sort_keys=True, default=str).encode("utf-8"))
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def check_record_images(records, *, what: str = "training") -> None:
+    """Check that the image of every record exists and has a readable header, before any step.
+
+    Only the headers are read (:func:`astrovl.imaging.inputs.check_image_file`),
+    so a large dataset is checked in seconds; a record whose file is missing or
+    broken is found before the first step instead of hours into the run.
+
+    Parameters
+    ----------
+    records : iterable of (str, path)
+        ``(record id, image path)``.
+    what : str
+        Which records, for the message.
+
+    Raises
+    ------
+    DatasetError
+        Listing the id and path of each record whose image cannot be read (the
+        first ten, and how many there are).
+    """
+    from ..imaging.inputs import check_image_file
+
+    bad, total = [], 0
+    for rid, path in records:
+        total += 1
+        try:
+            check_image_file(path)
+        except Exception as exc:
+            bad.append(f"record {str(rid)!r}: {exc}")
+    if bad:
+        shown = "; ".join(bad[:10]) + (f"; and {len(bad) - 10} more" if len(bad) > 10 else "")
+        raise DatasetError(f"{len(bad)} of {total} {what} images cannot be read, so training did not start: "
+                           f"{shown}. Fix the files or remove these records")
+
+
+def worker_error_message(exc: BaseException) -> str:
+    """The message of an exception, with the original message of one raised in a DataLoader worker.
+
+    torch re-raises a worker's exception with a message that starts
+    ``"Caught DatasetError in DataLoader worker process 0."`` and holds the
+    original traceback; the original message (which names the record and its
+    image) is taken from its last lines.
+    """
+    text = str(exc)
+    if not text.startswith("Caught ") or "\nOriginal Traceback" not in text:
+        return text
+    cls = type(exc)
+    qualified = cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+    at = text.rfind(f"\n{qualified}: ")
+    if at >= 0:
+        return text[at + len(qualified) + 3:].strip()
+    return text.strip().splitlines()[-1]
+
+
+def named_data_errors(batches):
+    """Yield from ``batches`` (a DataLoader iterator); its :class:`DatasetError` s keep their own message.
+
+    A data error raised in a DataLoader worker reaches the training process with
+    torch's ``"Caught ... in DataLoader worker process N"`` message; it is raised
+    again with the worker's message, which names the record and its image.
+    """
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except DatasetError as exc:
+            raise DatasetError(worker_error_message(exc)) from exc
+        yield batch
 
 
 def write_history(history, path) -> None:

@@ -19,7 +19,7 @@ import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 from astropy.table import Table
@@ -30,17 +30,24 @@ from ..utils.imports import optional_import
 from ..utils.progress import progress_bar
 from .common import (
     CHECKPOINT_DIR,
+    check_record_images,
+    check_resume_settings,
     checkpoint_errors,
-    checkpoint_to_resume,
+    choose_start,
     load_checkpoint,
+    named_data_errors,
+    read_rng_state,
+    records_digest,
+    restore_rng_state,
+    rng_state,
     save_checkpoint,
     seed_everything,
     write_history,
 )
 from .llava_data import LLaVATorchDataset, collate_fn, load_conversation_records
 
-__all__ = ["LLaVATrainingConfig", "LLaVATrainingResult", "train_llava", "DEEPSPEED_ZERO3_CONFIG",
-           "LORA_TARGET_MODULES"]
+__all__ = ["LLaVATrainingConfig", "LLaVATrainingResult", "train_llava", "plot_loss", "DEEPSPEED_ZERO3_CONFIG",
+           "LORA_TARGET_MODULES", "RUN_OUTPUTS"]
 
 log = logging.getLogger(__name__)
 
@@ -88,9 +95,12 @@ class LLaVATrainingConfig:
     system_prompt : str, optional
         System text put before each conversation.
     mix_data : str, optional
-        General instruction data (LLaVA JSON) mixed in to limit forgetting.
+        General instruction data (LLaVA JSON) mixed in to limit forgetting;
+        needs ``mix_ratio``.
     mix_ratio : float
-        Fraction of each epoch's records drawn from ``mix_data`` (0 to < 1).
+        Fraction of each epoch's records drawn from ``mix_data`` (0 to < 1);
+        0 (the default) mixes nothing, so ``mix_data`` with ``mix_ratio=0`` is
+        refused rather than ignored.
     mix_image_root : str, optional
         Image root of ``mix_data``.
     bf16 : bool, optional
@@ -113,7 +123,13 @@ class LLaVATrainingConfig:
         The mean training loss reaches the host (one synchronisation) every N steps.
     seed : int
     resume : bool
-        Continue from ``output_dir/checkpoint`` at the same step and data position.
+        Continue from ``output_dir/checkpoint`` at the same step, data position
+        and random state. The settings must be the checkpoint's, except those of
+        :attr:`RESUME_MAY_CHANGE`; a finished run is reported and left as it is.
+    overwrite : bool
+        Start again in a folder that holds the checkpoint of an earlier run,
+        removing that run's outputs (and nothing else). Without ``resume`` or
+        ``overwrite``, such a folder is refused.
     progress : bool
     """
 
@@ -147,8 +163,28 @@ class LLaVATrainingConfig:
     log_every: int = 10
     seed: int = 0
     resume: bool = False
+    overwrite: bool = False
     progress: bool = True
     extra: dict = field(default_factory=dict)
+
+    #: settings a resumed run may change, with what the change does; every other
+    #: setting must equal the checkpoint's
+    RESUME_MAY_CHANGE: ClassVar[dict[str, str]] = {
+        "max_steps": "where the run ends; the rate of the remaining steps follows the schedule of the new "
+                     "length (warm-up and cosine are fractions of the whole run)",
+        "epochs": "where the run ends, as max_steps",
+        "save_every": "how often a checkpoint is written",
+        "eval_every": "how often the validation loss is computed",
+        "max_eval_records": "how many validation records are used",
+        "log_every": "how often the training loss is logged",
+        "num_workers": "DataLoader worker processes",
+        "device": "where the run computes (another machine)",
+        "bf16": "the arithmetic of the forward pass",
+        "gradient_checkpointing": "whether activations are recomputed in the backward pass",
+        "progress": "the progress bar",
+    }
+    #: settings that say where and how a run starts, not how it trains (never compared)
+    RESUME_NOT_COMPARED: ClassVar[tuple[str, ...]] = ("output_dir", "resume", "overwrite", "extra")
 
     def __post_init__(self):
         if self.stage not in (1, 2):
@@ -159,6 +195,11 @@ class LLaVATrainingConfig:
             raise ValueError(f"mix_ratio={self.mix_ratio} must be in [0, 1)")
         if self.mix_ratio > 0 and not self.mix_data:
             raise ValueError("mix_ratio > 0 needs mix_data (a LLaVA conversation JSON file)")
+        if self.mix_data and self.mix_ratio == 0:
+            raise ValueError(f"mix_data={self.mix_data!r} needs mix_ratio (--mix-ratio), the fraction of the "
+                             "records drawn from it, e.g. 0.1; with the default 0 nothing would be mixed in")
+        if self.resume and self.overwrite:
+            raise ValueError("resume=True and overwrite=True exclude each other; choose one")
         for name in ("batch_size", "gradient_accumulation_steps", "save_every", "log_every"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
@@ -186,7 +227,11 @@ class LLaVATrainingResult:
         The LoRA adapter (load with ``AstroLLaVA.from_pretrained(base, adapter=adapter_dir)``).
     output_dir : pathlib.Path
     history : astropy.table.Table
-        ``step``, ``epoch``, ``train_loss``, ``lr``.
+        ``step``, ``epoch``, ``train_loss``, ``lr`` (and ``val_loss``).
+    start_step : int
+        The step this call started from (the checkpoint's when it resumed).
+    finished_before : bool
+        The run had already finished: nothing was trained or written.
     """
 
     model: Any
@@ -194,6 +239,8 @@ class LLaVATrainingResult:
     adapter_dir: Path | None
     output_dir: Path
     history: Table
+    start_step: int = 0
+    finished_before: bool = False
 
 
 def _freeze_for_stage(model, config: LLaVATrainingConfig):
@@ -235,6 +282,78 @@ def _enable_checkpointing(net) -> None:
 
 #: kind of a LLaVA training output folder (see :func:`astrovl.utils.files.check_output_dir`)
 OUTPUT_KIND = "llava-training"
+
+#: what a LLaVA run writes in its folder (what ``overwrite=True`` removes)
+RUN_OUTPUTS = (CHECKPOINT_DIR, "model", "adapter", "metrics.csv", "loss.png", "training.json")
+
+
+def _choose_start(out: Path, config: LLaVATrainingConfig, accelerator) -> int | None:
+    """:func:`~astrovl.training.common.choose_start` on the main process first (it may remove the earlier run)."""
+    step = None
+    if accelerator.is_main_process:
+        step = choose_start(out, resume=config.resume, overwrite=config.overwrite, outputs=RUN_OUTPUTS)
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        step = choose_start(out, resume=config.resume, overwrite=False, outputs=RUN_OUTPUTS)
+    return step
+
+
+def _training_records(data, config: LLaVATrainingConfig, image_root) -> tuple[list[dict], list[dict]]:
+    """The training records (with the mixed-in general ones) and all validation records."""
+    records = load_conversation_records(data, stage=config.stage, image_root=image_root, split="train")
+    if not records:
+        raise ValueError("no training records: the data has no records of the 'train' split")
+    val_records = load_conversation_records(data, stage=config.stage, image_root=image_root, split="val")
+    if config.mix_ratio > 0:
+        general = load_conversation_records(config.mix_data, stage=2, image_root=config.mix_image_root,
+                                            split="train")
+        n_mix = int(round(config.mix_ratio / (1 - config.mix_ratio) * len(records)))
+        pick = np.random.default_rng(config.seed).choice(len(general), size=n_mix,
+                                                         replace=n_mix > len(general))
+        records = records + [general[i] for i in pick]
+    return records, val_records
+
+
+def _records_identity(records: list[dict]) -> str:
+    items = ([r["id"], Path(r["image"]).name, r["turns"]] for r in records)
+    return f"{len(records)} records {records_digest(items)}"
+
+
+def _run_identity(llava, records: list[dict], val_records: list[dict]) -> dict:
+    """What a checkpoint must have been trained from: the starting model and the data."""
+    shapes = ([name, list(t.shape)] for name, t in llava.model.state_dict().items())
+    return {"model": llava.source, "architecture": records_digest(shapes),
+            "train_data": _records_identity(records), "val_data": _records_identity(val_records)}
+
+
+def _resumed_state(ckpt: Path, config: LLaVATrainingConfig, identity: dict, total: int) -> dict:
+    """The checkpoint's state, after checking that this run may continue it (adds ``"changed"``)."""
+    with checkpoint_errors(ckpt):
+        state = json.loads((ckpt / "state.json").read_text("utf-8"))
+    saved = {**state.get("config", {}), **state.get("run", {})}
+    current = {**{k: v for k, v in asdict(config).items() if k != "extra"}, **identity}
+    state["changed"] = check_resume_settings(ckpt, saved, current, set(config.RESUME_MAY_CHANGE),
+                                             config.RESUME_NOT_COMPARED)
+    n_records = int(identity["train_data"].split()[0])
+    if state.get("n_records") != n_records:  # checkpoints of earlier versions record only this
+        raise CheckpointError(f"checkpoint {str(ckpt)!r} was written for {state.get('n_records')} records, "
+                              f"the data now has {n_records}; resume with the same data")
+    step = int(state["step"])
+    if step > total and not state.get("finished"):
+        raise CheckpointError(f"the checkpoint {str(ckpt)!r} is at step {step}, past the {total} steps of this "
+                              f"run; resume with max_steps >= {step}")
+    return state
+
+
+def _log_resume(out: Path, step: int, total: int, changed: dict, finished: bool) -> None:
+    if finished:
+        log.warning("the run in %s finished at step %d; nothing to train, its outputs are left as they are",
+                    out, step)
+        return
+    log.warning("resumed from step %d (of %d)%s", step, total,
+                "; changed since the checkpoint: " + ", ".join(f"{k} {old!r} -> {new!r}"
+                                                             for k, (old, new) in changed.items())
+                if changed else "")
 
 
 def is_earlier_run(directory: Path) -> bool:
@@ -329,9 +448,12 @@ def train_llava(model, data, config: LLaVATrainingConfig | None = None, *,
     from accelerate import Accelerator
     from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
+    from ..utils.devices import resolve_device
+
     config = config or LLaVATrainingConfig()
     out = prepare_output_dir(config.output_dir, OUTPUT_KIND, recognize=is_earlier_run)
-    use_cpu = (config.device or "").startswith("cpu") or not torch.cuda.is_available()
+    device = resolve_device(config.device) if config.device is not None else None  # no CUDA: an error
+    use_cpu = (device is not None and device.type == "cpu") or not torch.cuda.is_available()
     bf16 = config.bf16 if config.bf16 is not None else not use_cpu
     accelerator = Accelerator(cpu=use_cpu, mixed_precision="bf16" if bf16 else "no",
                               gradient_accumulation_steps=config.gradient_accumulation_steps)
@@ -343,22 +465,21 @@ def train_llava(model, data, config: LLaVATrainingConfig | None = None, *,
         ds["gradient_accumulation_steps"] = config.gradient_accumulation_steps
         ds["train_batch_size"] = (config.batch_size * config.gradient_accumulation_steps
                                   * accelerator.num_processes)
+    resume_step = _choose_start(out, config, accelerator)
+    records, all_val = _training_records(data, config, image_root)
+    val_records = all_val[:config.max_eval_records]
+    world = accelerator.num_processes
+    per_step = config.batch_size * config.gradient_accumulation_steps * world
+    micro_per_epoch = math.ceil(len(records) / (config.batch_size * world))
+    total = config.max_steps or max(1, math.ceil(len(records) * config.epochs / per_step))
     seed_everything(config.seed)
     llava = _as_llava(model)
     processor = llava.processor
-
-    records = load_conversation_records(data, stage=config.stage, image_root=image_root, split="train")
-    if not records:
-        raise ValueError("no training records: the data has no records of the 'train' split")
-    val_records = load_conversation_records(data, stage=config.stage, image_root=image_root, split="val")
-    val_records = val_records[:config.max_eval_records]
-    if config.mix_ratio > 0:
-        general = load_conversation_records(config.mix_data, stage=2, image_root=config.mix_image_root,
-                                            split="train")
-        n_mix = int(round(config.mix_ratio / (1 - config.mix_ratio) * len(records)))
-        pick = np.random.default_rng(config.seed).choice(len(general), size=n_mix,
-                                                         replace=n_mix > len(general))
-        records = records + [general[i] for i in pick]
+    identity = _run_identity(llava, records, all_val)
+    ckpt = out / CHECKPOINT_DIR
+    state = _resumed_state(ckpt, config, identity, total) if resume_step is not None else None
+    check_record_images(((r["id"], r["image"]) for r in records), what="training")
+    check_record_images(((r["id"], r["image"]) for r in val_records), what="validation")
     dataset_options = dict(max_length=config.max_length, pad_to_square=llava.pad_to_square,
                            system=config.system_prompt, stage=config.stage)
     dataset = LLaVATorchDataset(records, processor, **dataset_options)
@@ -372,10 +493,6 @@ def train_llava(model, data, config: LLaVATrainingConfig | None = None, *,
         _enable_checkpointing(net)
     params = [p for p in net.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in params)
-    world = accelerator.num_processes
-    per_step = config.batch_size * config.gradient_accumulation_steps * world
-    micro_per_epoch = math.ceil(len(records) / (config.batch_size * world))
-    total = config.max_steps or max(1, math.ceil(len(records) * config.epochs / per_step))
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay,
                                   fused=not use_cpu and torch.cuda.is_available())
     warmup = int(round(config.warmup_ratio * total))
@@ -386,24 +503,27 @@ def train_llava(model, data, config: LLaVATrainingConfig | None = None, *,
 
     step, epoch, micro = 0, 0, 0
     rows: list[dict] = []
-    ckpt = out / CHECKPOINT_DIR
-    resume = checkpoint_to_resume(out, config.resume) is not None
+    resumes: list[dict] = []
+    resume = state is not None
     if resume and deepspeed is None:
-        state = load_checkpoint(ckpt, model=net, optimizer=optimizer, scheduler=scheduler, trainable_only=True)
+        # the random states come back after the DataLoader's iterator is made (it draws a seed)
+        load_checkpoint(ckpt, model=net, optimizer=optimizer, scheduler=scheduler, trainable_only=True,
+                        restore_rng=False)
     net, optimizer = accelerator.prepare(net, optimizer)
     if resume and deepspeed is not None:
         # partitioned weights and optimizer state: DeepSpeed's own checkpoint format
         with checkpoint_errors(ckpt):
-            state = json.loads((ckpt / "state.json").read_text("utf-8"))
             accelerator.load_state(str(ckpt / "deepspeed"))
             scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
+    finished = False
     if resume:
-        if state.get("n_records") != len(records):
-            raise CheckpointError(f"checkpoint {str(ckpt)!r} was written for {state.get('n_records')} records, "
-                                  f"the data now has {len(records)}; resume with the same data")
         step, epoch, micro = int(state["step"]), int(state["epoch"]), int(state["micro"])
         rows = list(state.get("history", []))
-        log.info("resuming at step %d (epoch %d, micro-batch %d)", step, epoch, micro)
+        resumes = list(state.get("resumes", [])) + [
+            {"step": step, "changed": {k: list(v) for k, v in state["changed"].items()}}]
+        finished = bool(state.get("finished")) and total <= step
+        _log_resume(out, step, total, state["changed"], finished)
+    start_step = step
 
     # chat template, tokenization and image decoding run in the DataLoader's worker processes
     loader_options = dict(num_workers=config.num_workers, pin_memory=not use_cpu,
@@ -418,19 +538,23 @@ def train_llava(model, data, config: LLaVATrainingConfig | None = None, *,
         val_set = LLaVATorchDataset(val_records, processor, **dataset_options)
         val_loader = torch.utils.data.DataLoader(
             torch.utils.data.Subset(val_set, list(range(accelerator.process_index, len(val_set), world))),
-            batch_size=config.batch_size, num_workers=0, collate_fn=loader_options["collate_fn"])
+            batch_size=config.batch_size, num_workers=0, collate_fn=loader_options["collate_fn"],
+            generator=torch.Generator())  # validation draws nothing from the training's random stream
     eval_every = config.eval_every or config.save_every
 
     def save():
         accelerator.wait_for_everyone()
         state = {"step": step, "epoch": epoch, "micro": micro, "n_records": len(records),
                  "config": {k: v for k, v in asdict(config).items() if k != "extra"}, "history": rows,
-                 "trainable_parameters": n_trainable}
+                 "trainable_parameters": n_trainable, "run": identity, "total_steps": total,
+                 "finished": step == total, "resumes": resumes}
         if deepspeed is not None:
             accelerator.save_state(str(ckpt / "deepspeed"))  # collective
             if accelerator.is_main_process:
                 with atomic_write(ckpt / "scheduler.pt", "wb") as fh:
                     torch.save(scheduler.state_dict(), fh)
+                with atomic_write(ckpt / "rng.pt", "wb") as fh:
+                    torch.save(rng_state(), fh)
                 atomic_write_text(ckpt / "state.json", json.dumps(state, indent=2))
         elif accelerator.is_main_process:
             save_checkpoint(ckpt, model=accelerator.unwrap_model(net), optimizer=optimizer, scheduler=scheduler,
@@ -443,9 +567,12 @@ def train_llava(model, data, config: LLaVATrainingConfig | None = None, *,
     running = torch.zeros((), device=accelerator.device)
     count = 0
     it = iter(loader)
+    batches = named_data_errors(it)  # errors of the workers name the record and its image
+    if resume and (ckpt / "rng.pt").is_file():
+        restore_rng_state(read_rng_state(ckpt))  # after every start-up draw: the run goes on as if never stopped
     try:
         while step < total:
-            batch = next(it)
+            batch = next(batches)
             epoch, micro = batch.pop("position")
             batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
             with accelerator.accumulate(net):
@@ -479,7 +606,7 @@ def train_llava(model, data, config: LLaVATrainingConfig | None = None, *,
                 if step % config.save_every == 0 or step == total:
                     save()
     finally:
-        del it  # shuts the worker processes down
+        del batches, it  # shuts the worker processes down
     bar.close()
 
     names = ("step", "epoch", "train_loss", "lr") + (("val_loss",) if val_loader is not None else ())
@@ -490,11 +617,15 @@ def train_llava(model, data, config: LLaVATrainingConfig | None = None, *,
     unwrapped.eval()
     full_state = accelerator.get_state_dict(net)  # gathers partitioned weights (collective under ZeRO-3)
     model_dir = adapter_dir = None
-    if accelerator.is_main_process:
+    if finished:  # nothing trained: the earlier run's outputs stay as they are
+        model_dir = out / "model" if (out / "model").is_dir() else None
+        adapter_dir = out / "adapter" if (out / "adapter").is_dir() else None
+    elif accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         write_history(history, out / "metrics.csv")
         if len(history):
-            _plot_loss(history, out / "loss.png", config)
+            kind = "LoRA" if config.lora else ("projector" if config.stage == 1 else "end to end")
+            plot_loss(history, out / "loss.png", title=f"LLaVA stage {config.stage} ({kind})")
         if config.lora:
             adapter_dir = out / "adapter"
             with atomic_directory(adapter_dir, kind="llava-adapter") as tmp:
@@ -507,6 +638,8 @@ def train_llava(model, data, config: LLaVATrainingConfig | None = None, *,
                 processor.save_pretrained(tmp)
         atomic_write_text(out / "training.json", json.dumps(
             {"config": {k: v for k, v in asdict(config).items() if k != "extra"}, "steps": step,
+             "total_steps": total, "warmup_steps": warmup, "device": str(accelerator.device),
+             "processes": world, **identity, "resumes": resumes,
              "model_dir": str(model_dir) if model_dir else None,
              "adapter_dir": str(adapter_dir) if adapter_dir else None}, indent=2))
     accelerator.wait_for_everyone()
@@ -515,21 +648,38 @@ def train_llava(model, data, config: LLaVATrainingConfig | None = None, *,
     trained = AstroLLaVA(unwrapped, processor, device=accelerator.device, pad_to_square=llava.pad_to_square,
                          source=str(model_dir or adapter_dir or out))
     return LLaVATrainingResult(model=trained, model_dir=model_dir, adapter_dir=adapter_dir, output_dir=out,
-                               history=history)
+                               history=history, start_step=start_step, finished_before=finished)
 
 
-def _plot_loss(history: Table, path: Path, config: LLaVATrainingConfig) -> None:
+def plot_loss(history: Table, path: str | os.PathLike | None = None, *, title: str = "LLaVA training"):
+    """Plot the training loss, and the validation loss where it was computed; returns the Figure.
+
+    Parameters
+    ----------
+    history : astropy.table.Table
+        ``step``, ``train_loss`` and optionally ``val_loss`` (NaN at steps
+        without validation), as :func:`train_llava` returns it.
+    path : path, optional
+        Where to write the PNG.
+    title : str
+    """
     from matplotlib.figure import Figure
-
-    from ..utils.files import atomic_write
 
     fig = Figure(figsize=(6, 3.5))
     ax = fig.subplots()
-    ax.plot(history["step"], history["train_loss"], "-o", ms=3)
+    steps = np.asarray(history["step"])
+    ax.plot(steps, history["train_loss"], "-o", ms=3, label="training loss")
+    if "val_loss" in history.colnames:
+        val = np.asarray(history["val_loss"], dtype=float)
+        ok = np.isfinite(val)
+        if ok.any():
+            ax.plot(steps[ok], val[ok], "--s", ms=4, label="validation loss")
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("training loss (answers only)")
-    kind = "LoRA" if config.lora else ("projector" if config.stage == 1 else "end to end")
-    ax.set_title(f"LLaVA stage {config.stage} ({kind})")
+    ax.set_ylabel("loss (answers only)")
+    ax.legend()
+    ax.set_title(title)
     fig.tight_layout()
-    with atomic_write(path, "wb") as fh:
-        fig.savefig(fh, format="png", dpi=100)
+    if path is not None:
+        with atomic_write(path, "wb") as fh:
+            fig.savefig(fh, format="png", dpi=100)
+    return fig

@@ -326,12 +326,16 @@ class LLaVATorchDataset:
                 from exc
         if self.pad_to_square:
             pil = expand2square(pil, self.pad_colour)
-        if self.stage == 1:
-            caption = next(text for role, text in rec["turns"] if role == "assistant")
-            item = encode_plain(self.processor, pil, caption, max_length=self.max_length)
-        else:
-            item = encode_conversation(self.processor, pil, rec["turns"], max_length=self.max_length,
-                                       system=self.system)
+        try:
+            if self.stage == 1:
+                caption = next(text for role, text in rec["turns"] if role == "assistant")
+                item = encode_plain(self.processor, pil, caption, max_length=self.max_length)
+            else:
+                item = encode_conversation(self.processor, pil, rec["turns"], max_length=self.max_length,
+                                           system=self.system)
+        except Exception as exc:  # named here: in a DataLoader worker the traceback is all the user would get
+            raise DatasetError(f"record {rec['id']!r} (image {str(rec['image'])!r}) could not be encoded: {exc}") \
+                from exc
         if position is not None:
             item["position"] = position
         return item

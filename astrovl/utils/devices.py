@@ -1,4 +1,9 @@
-"""Torch device selection."""
+"""Torch device selection: one rule for every command, model and trainer.
+
+:func:`resolve_device` turns what a user asked for into a :class:`torch.device`
+and refuses a device this machine does not have (``--device cuda`` without
+CUDA is an error everywhere, never a silent fall-back to the CPU).
+"""
 
 from __future__ import annotations
 
@@ -17,7 +22,7 @@ def resolve_device(device=None):
     Raises
     ------
     ValueError
-        If CUDA is requested but not available.
+        If the name is unknown, or CUDA (or MPS) is requested but not available.
     """
     import torch
 
@@ -40,6 +45,16 @@ def resolve_device(device=None):
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(
             f"device {str(device)!r} was requested but CUDA is not available on this "
-            "machine; pass device='cpu' (or 'auto')"
+            "machine; use the CPU (--device cpu, device='cpu') or 'auto'"
+        )
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(
+            f"device {str(device)!r} was requested but this machine has {torch.cuda.device_count()} "
+            "CUDA device(s), numbered from 0"
+        )
+    if dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ValueError(
+            f"device {str(device)!r} was requested but MPS is not available on this machine; use the "
+            "CPU (--device cpu, device='cpu') or 'auto'"
         )
     return dev

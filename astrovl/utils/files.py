@@ -34,7 +34,7 @@ def _umask() -> int:
 
 __all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_directory", "safe_join",
            "OUTPUT_MARKER", "read_output_marker", "write_output_marker", "check_output_dir",
-           "prepare_output_dir", "resolve_source", "is_within"]
+           "prepare_output_dir", "remove_outputs", "resolve_source", "is_within"]
 
 #: name of the file that marks a folder as an astrovl output (see the module documentation)
 OUTPUT_MARKER = ".astrovl-output.json"
@@ -211,6 +211,51 @@ def prepare_output_dir(path: str | os.PathLike, kind: str, *,
     if marker is None or marker["kind"] != kind:
         write_output_marker(path, kind)
     return path
+
+
+def remove_outputs(directory: str | os.PathLike, names) -> list[Path]:
+    """Remove the entries ``names`` that astrovl wrote in its output folder ``directory``.
+
+    Used to start a job again in the folder of an earlier one (``--overwrite``):
+    only the named entries go (files, or folders with their content); anything
+    else in the folder, and the folder's marker, stays.
+
+    Parameters
+    ----------
+    directory : path-like
+        An astrovl output folder (it must carry :data:`OUTPUT_MARKER`).
+    names : iterable of str
+        Plain names of entries directly in ``directory`` (no separators).
+
+    Returns
+    -------
+    list of pathlib.Path
+        What was removed.
+
+    Raises
+    ------
+    OutputDirectoryError
+        ``directory`` is not marked as an astrovl output.
+    ValueError
+        A name is not a plain entry name.
+    """
+    directory = Path(directory)
+    if read_output_marker(directory) is None:
+        raise OutputDirectoryError(f"the folder {str(directory)!r} is not an astrovl output folder; "
+                                   "astrovl removes nothing from it")
+    removed = []
+    for name in names:
+        if not name or name in (".", "..", OUTPUT_MARKER) or "/" in name or os.sep in name:
+            raise ValueError(f"{name!r} is not the name of an entry of an output folder")
+        path = directory / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+        else:
+            continue
+        removed.append(path)
+    return removed
 
 
 @contextlib.contextmanager
