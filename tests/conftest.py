@@ -132,3 +132,31 @@ def interrupt_after_first_checkpoint(monkeypatch):
                 train(*args, **kwargs)
 
     return run
+
+
+@pytest.fixture(scope="session")
+def release_files(tmp_path_factory) -> dict:
+    """Tiny models in the released checkpoints' exact layouts in a hub cache (built once per session).
+
+    ``{"cache": hub cache, "root": work directory, "sources": {hub id: source directory}}``; use
+    :func:`release_hub` to load them by hub id.
+    """
+    from astrovl.testing import make_release_hub
+
+    root = tmp_path_factory.mktemp("releases")
+    sources = make_release_hub(root / "hub-cache", root / "src")
+    return {"cache": root / "hub-cache", "root": root, "sources": sources}
+
+
+@pytest.fixture(scope="module")
+def release_hub(release_files):
+    """:func:`release_files` as the offline hub cache, with an astrovl cache shared by the modules using it."""
+    import huggingface_hub.constants as hf_constants
+
+    from astrovl import conf
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(hf_constants, "HF_HUB_CACHE", str(release_files["cache"]))
+        mp.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+        with conf.set_temp("cache_dir", str(release_files["root"] / "astrovl-cache")):
+            yield release_files
