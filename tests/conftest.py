@@ -160,3 +160,27 @@ def release_hub(release_files):
         mp.setattr(hf_constants, "HF_HUB_OFFLINE", True)
         with conf.set_temp("cache_dir", str(release_files["root"] / "astrovl-cache")):
             yield release_files
+
+
+@pytest.fixture
+def expect_warning():
+    """``with expect_warning(Category, "regex"):`` — the block must warn so; other warnings follow the filters.
+
+    Unlike ``pytest.warns``, warnings of other kinds are not re-emitted (which would lose the
+    module-based ignore filters of pyproject.toml, e.g. for transformers' FutureWarnings).
+    """
+    import contextlib
+    import re
+    import warnings
+
+    @contextlib.contextmanager
+    def expect(category, match: str):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", category)
+            yield caught
+        messages = [str(w.message) for w in caught if issubclass(w.category, category)]
+        assert any(re.search(match, m) for m in messages), f"no {category.__name__} matching {match!r}: {messages}"
+        for w in caught:  # any other warning recorded is a failure, as under filterwarnings = error
+            assert issubclass(w.category, category), f"unexpected {w.category.__name__}: {w.message}"
+
+    return expect

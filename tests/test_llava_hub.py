@@ -198,11 +198,11 @@ def _lora_reference(base_name, release_dir, image):
 
 @pytest.mark.parametrize("repo_id, base", [("UniverseTBD/AstroLLaVA_v2", "liuhaotian/llava-v1.5-7b"),
                                            ("UniverseTBD/AstroLLaVA_v1", "llava-hf/llava-1.5-7b-hf")])
-def test_lora_release_equals_base_plus_merged_adapter(hub, repo_id, base, m13_path):
+def test_lora_release_equals_base_plus_merged_adapter(hub, repo_id, base, m13_path, expect_warning):
     from astrovl.llava.hub import TrainingPathWarning
 
     # v2's base is a path on the training machine: the known release is used, with a warning
-    warns = pytest.warns(TrainingPathWarning, match="using the hub checkpoint 'liuhaotian/llava-v1.5-7b'") \
+    warns = expect_warning(TrainingPathWarning, "using the hub checkpoint 'liuhaotian/llava-v1.5-7b'") \
         if "v2" in repo_id else contextlib.nullcontext()
     with warns:
         release = AstroLLaVA.from_pretrained(repo_id, device="cpu")
@@ -212,7 +212,7 @@ def test_lora_release_equals_base_plus_merged_adapter(hub, repo_id, base, m13_pa
     with torch.inference_mode():
         got = release.model(**inputs).logits
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
-    with pytest.warns(TrainingPathWarning) if "v2" in repo_id else contextlib.nullcontext():
+    with expect_warning(TrainingPathWarning, "llava-v1.5-7b") if "v2" in repo_id else contextlib.nullcontext():
         merged = AstroLLaVA.from_pretrained(repo_id, device="cpu", merge=True)
     assert not hasattr(merged.model, "merge_and_unload")
     with torch.inference_mode():

@@ -148,22 +148,25 @@ def resolve_vision_tower(config: dict, vision_tower: str | os.PathLike | None = 
 
 def converted_cache_path(source: ResolvedCheckpoint | str | os.PathLike, *,
                          vision_tower: ResolvedCheckpoint | str | os.PathLike | None = None,
-                         base: ResolvedCheckpoint | None = None) -> Path:
+                         base: ResolvedCheckpoint | None = None, replace_tower: bool | None = None) -> Path:
     """Directory of the cached conversion of ``source`` with its vision tower (and base).
 
     The key holds everything that changes the result: the checkpoint (hub id and
     revision, or local path and digest), the resolved vision tower (the same)
     and, for a LoRA release of a plain language model, that base model.
     ``vision_tower`` defaults to the tower the checkpoint names
-    (``mm_vision_tower``).
+    (``mm_vision_tower``); ``replace_tower`` (default: whether ``vision_tower``
+    is given) says that the tower replaces tower weights the checkpoint holds.
     """
     if not isinstance(source, ResolvedCheckpoint):
         source = ResolvedCheckpoint(Path(source).resolve())
+    if replace_tower is None:
+        replace_tower = vision_tower is not None
     tower = vision_tower
     if not isinstance(tower, ResolvedCheckpoint):
         cfg = read_json(source.path / "config.json") if (source.path / "config.json").is_file() else {}
         tower = resolve_vision_tower(cfg, tower)
-    parts = [f"tower={source_identity(tower)}"]
+    parts = [f"tower={source_identity(tower)}", f"replace_tower={bool(replace_tower)}"]
     if base is not None:
         parts.append(f"base={source_identity(base)}")
     key = hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
@@ -205,7 +208,7 @@ def converted_checkpoint(source: ResolvedCheckpoint, *, vision_tower: str | os.P
     """
     config = read_json(source.path / "config.json")
     tower = resolve_vision_tower(config, vision_tower)
-    target = converted_cache_path(source, vision_tower=tower, base=base)
+    target = converted_cache_path(source, vision_tower=tower, base=base, replace_tower=vision_tower is not None)
     if _is_complete(target):
         log.info("reusing the conversion of %s in %s", source.name, target)
         return target
@@ -361,7 +364,12 @@ def _convert(source: ResolvedCheckpoint, dst: Path, *, tower: ResolvedCheckpoint
     """Convert ``source`` (its config; weights and tokenizer from ``base`` when given) into ``dst``."""
     import torch
     optional_import("transformers", purpose="converting LLaVA checkpoints")
-    from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+    from transformers import (
+        CLIPImageProcessor,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
 
     where = repr(source.name)
     orig = _read_original_config(source, where)
