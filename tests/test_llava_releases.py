@@ -315,3 +315,21 @@ def test_existing_relative_directory_is_local(release_hub, tmp_path, monkeypatch
     assert resolve_checkpoint("UniverseTBD/AstroLLaVA_v3").repo_id is None
     monkeypatch.chdir(tmp_path.parent)
     assert looks_like_repo_id("UniverseTBD/AstroLLaVA_v3")
+
+
+def test_cache_key_follows_a_local_tower_content(release_hub, tmp_path):
+    import shutil
+
+    from astrovl.llava.convert import converted_cache_path
+    from astrovl.llava.hub import resolve_checkpoint
+
+    tower = tmp_path / "tower"
+    shutil.copytree(release_hub["sources"][TOWER], tower)
+    source = resolve_checkpoint("liuhaotian/llava-v1.5-7b")
+    first = converted_cache_path(source, vision_tower=tower)
+    assert first == converted_cache_path(source, vision_tower=str(tower))
+    cfg = json.loads((tower / "preprocessor_config.json").read_text())
+    cfg["image_mean"] = [0.5, 0.5, 0.5]
+    (tower / "preprocessor_config.json").write_text(json.dumps(cfg))
+    assert converted_cache_path(source, vision_tower=tower) != first
+    assert converted_cache_path(source, vision_tower=tower) != converted_cache_path(source)

@@ -136,6 +136,10 @@ class AstroLLaVA:
     device : torch.device
     source : str
         Where the model came from (hub id and revision, or directory).
+    prompt_tokenization : str or None
+        ``"llava_chunks"`` for converted original LLaVA checkpoints: prompts are
+        tokenized as the original LLaVA code does (:func:`llava_chunk_ids`);
+        None: by the processor.
     """
 
     def __init__(self, model, processor, *, device=None, pad_to_square: bool = True,
@@ -182,15 +186,27 @@ class AstroLLaVA:
             - transformers layout (``llava-hf/llava-1.5-7b-hf``, directories
               written by :meth:`save_pretrained`): loaded as it is, with its own
               chat template;
-            - original LLaVA layout (``model_type`` ``llava_llama``:
-              ``liuhaotian/llava-v1.5-7b``, ``UniverseTBD/AstroLLaVA_v3``):
-              converted once into the astrovl cache (keyed by hub id and
-              revision) with the vision tower named by ``mm_vision_tower`` and the
-              Vicuna-v1 chat template, then reused;
-            - LoRA release (``adapter_config.json``, e.g. AstroLLaVA v1/v2): its
-              base (``base_model_name_or_path``, resolved the same way) is
-              loaded, the projector from ``non_lora_trainables.bin`` put in and
-              the adapter applied with peft.
+            - original LLaVA layout (``model_type`` ``llava_llama``, or
+              ``llava`` with ``LlavaLlamaForCausalLM``: ``liuhaotian/llava-v1.5-7b``,
+              ``UniverseTBD/AstroLLaVA_v3``): converted once into the astrovl
+              cache (keyed by hub id and revision, or path and digest, and by the
+              resolved vision tower) with the vision tower named by
+              ``mm_vision_tower`` (or held in the checkpoint) and the Vicuna-v1
+              chat template, then reused; prompts are tokenized as the original
+              LLaVA code does (:func:`llava_chunk_ids`);
+            - LoRA release (``adapter_config.json``, e.g. AstroLLaVA v1/v2,
+              ``liuhaotian/llava-v1.5-7b-lora``): its base
+              (``base_model_name_or_path``, resolved the same way; a path of the
+              training machine naming a known release is replaced by its hub id
+              with a :class:`~astrovl.llava.hub.TrainingPathWarning`) is loaded,
+              the projector from ``non_lora_trainables.bin`` put in and the
+              adapter applied with peft. A base that is a plain language model
+              (``model_type`` ``llama``, e.g. Vicuna) is made a LLaVA model from
+              the release's own ``config.json`` first.
+
+            A name that is an existing directory, starts with ``./``, ``../``,
+            ``/`` or ``~``, or has more than one ``/`` is a local path and never
+            looked up on the hub (:func:`astrovl.utils.hub.is_local_name`).
         revision : str, optional
             Branch, tag or commit of a hub id.
         device : str, optional
@@ -209,8 +225,11 @@ class AstroLLaVA:
         merge : bool
             Merge LoRA weights (of a release or of ``adapter``) into the model.
         vision_tower : str or path-like, optional
-            For an original-layout checkpoint: the CLIP vision tower to use instead
-            of its ``mm_vision_tower``.
+            For an original-layout checkpoint (or a LoRA release built on one): the
+            CLIP vision tower to use instead of its ``mm_vision_tower`` or of the
+            tower weights it holds. A full ``CLIPModel`` or a ``CLIPVisionModel``
+            of any transformers version. An error for transformers-layout
+            checkpoints, which hold their own tower.
         trust_remote_code : bool
             Passed to transformers; off by default.
         pad_to_square : bool

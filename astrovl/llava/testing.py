@@ -3,7 +3,9 @@
 The models have the real architecture (a CLIP vision tower, a two-layer GELU
 projector and a Llama or Mistral language model) at toy size. They exist to run
 the real loading, conversion, generation and training code without a download;
-their words are meaningless.
+their words are meaningless. They are written by today's libraries; the
+releases' exact files (old weight names, buffers, dtypes, tokenizer files) are
+written by :mod:`astrovl.testing.releases`.
 
 - :func:`make_tiny_llava`: transformers layout (``LlavaForConditionalGeneration``
   with a processor), as ``llava-hf`` publishes or astrovl writes.
