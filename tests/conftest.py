@@ -132,3 +132,55 @@ def interrupt_after_first_checkpoint(monkeypatch):
                 train(*args, **kwargs)
 
     return run
+
+
+@pytest.fixture(scope="session")
+def release_files(tmp_path_factory) -> dict:
+    """Tiny models in the released checkpoints' exact layouts in a hub cache (built once per session).
+
+    ``{"cache": hub cache, "root": work directory, "sources": {hub id: source directory}}``; use
+    :func:`release_hub` to load them by hub id.
+    """
+    from astrovl.testing import make_release_hub
+
+    root = tmp_path_factory.mktemp("releases")
+    sources = make_release_hub(root / "hub-cache", root / "src")
+    return {"cache": root / "hub-cache", "root": root, "sources": sources}
+
+
+@pytest.fixture(scope="module")
+def release_hub(release_files):
+    """:func:`release_files` as the offline hub cache, with an astrovl cache shared by the modules using it."""
+    import huggingface_hub.constants as hf_constants
+
+    from astrovl import conf
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(hf_constants, "HF_HUB_CACHE", str(release_files["cache"]))
+        mp.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+        with conf.set_temp("cache_dir", str(release_files["root"] / "astrovl-cache")):
+            yield release_files
+
+
+@pytest.fixture
+def expect_warning():
+    """``with expect_warning(Category, "regex"):`` — the block must warn so; other warnings follow the filters.
+
+    Unlike ``pytest.warns``, warnings of other kinds are not re-emitted (which would lose the
+    module-based ignore filters of pyproject.toml, e.g. for transformers' FutureWarnings).
+    """
+    import contextlib
+    import re
+    import warnings
+
+    @contextlib.contextmanager
+    def expect(category, match: str):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", category)
+            yield caught
+        messages = [str(w.message) for w in caught if issubclass(w.category, category)]
+        assert any(re.search(match, m) for m in messages), f"no {category.__name__} matching {match!r}: {messages}"
+        for w in caught:  # any other warning recorded is a failure, as under filterwarnings = error
+            assert issubclass(w.category, category), f"unexpected {w.category.__name__}: {w.message}"
+
+    return expect

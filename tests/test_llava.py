@@ -122,7 +122,7 @@ def test_bad_inputs(llava, tmp_path):
         llava.caption([])
     with pytest.raises(ValueError, match="user turn"):
         llava.chat(np.ones((8, 8)), [("assistant", "hi")])
-    with pytest.raises(ModelNotFoundError, match="neither an existing directory nor a Hugging Face hub id"):
+    with pytest.raises(ModelNotFoundError, match="directory not found"):
         AstroLLaVA.from_pretrained(tmp_path / "does-not-exist")
     with pytest.raises(CheckpointError, match="neither config.json nor adapter_config.json"):
         AstroLLaVA.from_pretrained(tmp_path)

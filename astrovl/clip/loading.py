@@ -322,8 +322,9 @@ def convert_transformers_clip(state: dict) -> dict:
 
 # ---------------------------------------------------------------------- the hub
 def _looks_like_hub_id(name: str) -> bool:
-    parts = name.split("/")
-    return len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~")) and "\\" not in name
+    from ..utils.hub import looks_like_repo_id
+
+    return looks_like_repo_id(name)
 
 
 def _hub_download(repo_id: str, filename: str, revision: str | None, cache_dir) -> Path:
@@ -419,15 +420,19 @@ def resolve_pretrained(name: str | os.PathLike, pretrained: str | None = None, *
     """
     import open_clip
 
-    path = Path(name)
+    from ..utils.hub import directory_not_found, is_local_name
+
+    path = Path(os.path.expanduser(str(name)))
     if path.is_dir():
         return _from_directory(path)
-    name = str(name)
-    if name.startswith(HUB_PREFIX):
-        repo_id = name[len(HUB_PREFIX):]
+    if str(name).startswith(HUB_PREFIX):
+        repo_id = str(name)[len(HUB_PREFIX):]
         if not _looks_like_hub_id(repo_id):
             raise ModelNotFoundError(f"{name!r}: write hub repositories as 'hf-hub:ORG/NAME'")
         return _from_hub(repo_id, revision, cache_dir)
+    if is_local_name(name):
+        raise directory_not_found(name, "CLIP model")
+    name = str(name)
     if open_clip.get_model_config(name) is not None:
         if pretrained is not None and Path(pretrained).is_file():
             return _from_checkpoint_file(name, Path(pretrained))

@@ -21,6 +21,7 @@ Weights are read from safetensors, or from ``.bin`` files with
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -28,7 +29,10 @@ from ..exceptions import CheckpointError, ModelNotFoundError
 from .hub import ResolvedCheckpoint, download_command, fetch_files
 
 __all__ = ["detect_layout", "read_json", "load_weights", "weight_files", "fetch_weights", "is_original_config",
-           "ORIGINAL_MODEL_TYPES", "normalize_llava_key"]
+           "ORIGINAL_MODEL_TYPES", "normalize_llava_key", "tower_key", "drop_stale_buffers", "non_persistent_buffers",
+           "KEY_RENAMES", "TOWER_RENAMES", "STALE_BUFFERS"]
+
+log = logging.getLogger(__name__)
 
 #: ``model_type`` values of the original LLaVA repository's checkpoints.
 ORIGINAL_MODEL_TYPES = ("llava_llama", "llava_mistral", "llava_mpt")
@@ -175,39 +179,105 @@ def load_weights(files) -> dict:
     return state
 
 
+#: Weight names of every known LLaVA layout and their ``LlavaForConditionalGeneration`` names, as
+#: (old prefix, new prefix), first match wins: the original repository's (``model.layers.*``,
+#: ``model.mm_projector.{0,2}.*``, ``model.vision_tower.vision_tower.*``, ``lm_head.*``), those of
+#: transformers before 4.52 (``language_model.model.*``, ``multi_modal_projector.*``, ``vision_tower.*``,
+#: the layout of ``llava-hf/llava-1.5-7b-hf``) and the current ones.
+KEY_RENAMES: tuple[tuple[str, str], ...] = (
+    ("model.mm_projector.0.", "model.multi_modal_projector.linear_1."),
+    ("model.mm_projector.2.", "model.multi_modal_projector.linear_2."),
+    ("model.vision_tower.vision_tower.", "model.vision_tower."),
+    ("model.language_model.", "model.language_model."),
+    ("model.multi_modal_projector.", "model.multi_modal_projector."),
+    ("model.vision_tower.", "model.vision_tower."),
+    ("language_model.model.", "model.language_model."),
+    ("language_model.lm_head.", "lm_head."),
+    ("multi_modal_projector.", "model.multi_modal_projector."),
+    ("vision_tower.", "model.vision_tower."),
+    ("lm_head.", "lm_head."),
+    ("model.", "model.language_model."),
+)
+
+#: Weight names of a CLIP checkpoint that belong to the vision tower, and their names in
+#: ``LlavaForConditionalGeneration`` (before the ``vision_model.`` level is matched to the
+#: transformers version): a full ``CLIPModel`` or a ``CLIPVisionModel`` of older transformers
+#: (``vision_model.*``), or a ``CLIPVisionModel`` saved by current transformers (no
+#: ``vision_model.`` level). Other names (the text tower, projections, ``logit_scale``) are not
+#: part of the vision tower.
+TOWER_RENAMES: tuple[tuple[str, str], ...] = (
+    ("vision_model.", "model.vision_tower.vision_model."),
+    ("embeddings.", "model.vision_tower.vision_model.embeddings."),
+    ("encoder.", "model.vision_tower.vision_model.encoder."),
+    ("pre_layrnorm.", "model.vision_tower.vision_model.pre_layrnorm."),
+    ("post_layernorm.", "model.vision_tower.vision_model.post_layernorm."),
+)
+
+#: Names of buffers that older transformers saved with the weights and current ones compute
+#: (``LlamaRotaryEmbedding.inv_freq`` before 4.32, ``CLIPVisionEmbeddings.position_ids`` before
+#: 4.31): released checkpoints hold them; they are dropped on loading.
+STALE_BUFFERS: tuple[str, ...] = (r"(^|\.)rotary_emb\.inv_freq$", r"(^|\.)position_ids$")
+
+
+def _renamed(key: str, table) -> str | None:
+    for old, new in table:
+        if key.startswith(old):
+            return new + key[len(old):]
+    return None
+
+
 def normalize_llava_key(key: str) -> str | None:
     """Map a LLaVA weight name of any known layout to the transformers ``LlavaForConditionalGeneration`` name.
 
-    Accepted: the original repository's names (``model.layers.*``,
-    ``model.mm_projector.*``, ``model.vision_tower.vision_tower.*``,
-    ``lm_head.*``), the names of transformers before 4.52
-    (``language_model.model.*``, ``multi_modal_projector.*``, ``vision_tower.*``)
-    and the current ones. Returns None for entries that are not weights of the
-    model (e.g. ``optimizer_step``).
+    The names are looked up in :data:`KEY_RENAMES`. Returns None for entries
+    that are not weights of the model (e.g. ``optimizer_step``).
 
     Raises
     ------
     CheckpointError
         For projector weights of a type other than LLaVA-1.5's two-layer MLP.
     """
-    if key.startswith("model.mm_projector."):
-        rest = key[len("model.mm_projector."):]
-        idx, _, param = rest.partition(".")
-        layer = {"0": "linear_1", "2": "linear_2"}.get(idx)
-        if layer is None or not param:
-            raise CheckpointError(
-                f"projector weight {key!r} does not belong to the 'mlp2x_gelu' projector of LLaVA-1.5 "
-                "(expected model.mm_projector.0.* and model.mm_projector.2.*); other projector types are not "
-                "supported")
-        return f"model.multi_modal_projector.{layer}.{param}"
-    if key.startswith("model.vision_tower.vision_tower."):
-        return "model.vision_tower." + key[len("model.vision_tower.vision_tower."):]
-    for old, new in (("model.language_model.", "model.language_model."), ("model.multi_modal_projector.",
-                     "model.multi_modal_projector."), ("model.vision_tower.", "model.vision_tower."),
-                     ("language_model.model.", "model.language_model."), ("language_model.lm_head.", "lm_head."),
-                     ("multi_modal_projector.", "model.multi_modal_projector."),
-                     ("vision_tower.", "model.vision_tower."), ("lm_head.", "lm_head."),
-                     ("model.", "model.language_model.")):
-        if key.startswith(old):
-            return new + key[len(old):]
-    return None
+    if key.startswith("model.mm_projector.") and not key.startswith(("model.mm_projector.0.",
+                                                                        "model.mm_projector.2.")):
+        raise CheckpointError(
+            f"projector weight {key!r} does not belong to the 'mlp2x_gelu' projector of LLaVA-1.5 "
+            "(expected model.mm_projector.0.* and model.mm_projector.2.*); other projector types are not "
+            "supported")
+    return _renamed(key, KEY_RENAMES)
+
+
+def tower_key(key: str) -> str | None:
+    """The ``LlavaForConditionalGeneration`` name of a CLIP vision weight (None: not the vision tower).
+
+    See :data:`TOWER_RENAMES`.
+    """
+    return _renamed(key, TOWER_RENAMES)
+
+
+def non_persistent_buffers(model) -> set[str]:
+    """Full names of the buffers of ``model`` that are not saved with its weights."""
+    names = set()
+    for prefix, module in model.named_modules():
+        for b in getattr(module, "_non_persistent_buffers_set", ()):
+            names.add(f"{prefix}.{b}" if prefix else b)
+    return names
+
+
+def drop_stale_buffers(state: dict, model, where: str) -> dict:
+    """``state`` without the buffers a release holds that ``model`` does not load.
+
+    A key is dropped (with a debug log) when it names a non-persistent buffer of
+    ``model`` or matches :data:`STALE_BUFFERS` and is not a weight of ``model``;
+    every other key is kept, so that unexpected weights are still reported.
+    """
+    import re
+
+    expected = set(model.state_dict())
+    buffers = non_persistent_buffers(model)
+    out = {}
+    for key, value in state.items():
+        if key not in expected and (key in buffers or any(re.search(p, key) for p in STALE_BUFFERS)):
+            log.debug("%s: dropping %r, a buffer the model computes itself", where, key)
+            continue
+        out[key] = value
+    return out

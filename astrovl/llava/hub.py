@@ -11,14 +11,22 @@ from __future__ import annotations
 
 import logging
 import os
-import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..exceptions import ModelNotFoundError
+from ..exceptions import AstroVLWarning, ModelNotFoundError
+from ..utils.hub import (
+    directory_not_found,
+    download_command,
+    hub_cache_dir,
+    hub_offline,
+    is_local_name,
+    looks_like_repo_id,
+)
 
 __all__ = ["ResolvedCheckpoint", "resolve_checkpoint", "resolve_reference", "fetch_files", "download_command",
-           "hub_cache_dir", "looks_like_repo_id", "KNOWN_CHECKPOINTS"]
+           "hub_cache_dir", "looks_like_repo_id", "is_local_name", "KNOWN_CHECKPOINTS", "TrainingPathWarning"]
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +42,15 @@ KNOWN_CHECKPOINTS = {
     "llava-1.5-13b-hf": "llava-hf/llava-1.5-13b-hf",
     "clip-vit-large-patch14-336": "openai/clip-vit-large-patch14-336",
     "clip-vit-large-patch14": "openai/clip-vit-large-patch14",
+    "vicuna-7b-v1-5": "lmsys/vicuna-7b-v1.5",
+    "vicuna-7b-v1.5": "lmsys/vicuna-7b-v1.5",
+    "vicuna-13b-v1-5": "lmsys/vicuna-13b-v1.5",
+    "vicuna-13b-v1.5": "lmsys/vicuna-13b-v1.5",
 }
 
-_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
+
+class TrainingPathWarning(AstroVLWarning):
+    """A checkpoint names a path of the machine that trained it; a hub release stands in for it."""
 
 
 @dataclass(frozen=True)
@@ -65,44 +79,12 @@ class ResolvedCheckpoint:
         return f"{self.repo_id}@{self.revision[:12]}" if self.revision else self.repo_id
 
 
-def hub_cache_dir() -> str:
-    """The Hugging Face hub cache directory in use (``HF_HUB_CACHE``, under ``HF_HOME``)."""
-    from huggingface_hub import constants
-
-    return str(constants.HF_HUB_CACHE)
-
-
-def _offline() -> bool:
-    from huggingface_hub import constants
-
-    return bool(constants.HF_HUB_OFFLINE)
-
-
-def download_command(repo_id: str, revision: str | None = None, repo_type: str = "model") -> str:
-    """The shell command that downloads ``repo_id`` into the cache, for this huggingface_hub."""
-    import huggingface_hub
-
-    version = tuple(int(p) for p in re.findall(r"\d+", huggingface_hub.__version__)[:2])
-    cmd = "hf download" if version >= (0, 34) else "huggingface-cli download"
-    cmd += f" {repo_id}"
-    if revision:
-        cmd += f" --revision {revision}"
-    if repo_type != "model":
-        cmd += f" --repo-type {repo_type}"
-    return cmd
-
-
-def looks_like_repo_id(name: str) -> bool:
-    """True if ``name`` has the form ``ORG/NAME`` of a hub id (and is no existing path)."""
-    return bool(_REPO_ID.match(name)) and ".." not in name and not Path(name).exists()
-
-
 def _not_found(repo_id: str, revision: str | None, repo_type: str, exc: Exception | None,
                what: str = "") -> ModelNotFoundError:
     cache = hub_cache_dir()
     rev = f" at revision {revision!r}" if revision else ""
     kind = "dataset" if repo_type == "dataset" else "model"
-    if _offline():
+    if hub_offline():
         why = f"it is not in the Hugging Face cache {cache!r} and HF_HUB_OFFLINE=1 forbids downloading it"
     else:
         why = (f"it could not be downloaded into the Hugging Face cache {cache!r} "
@@ -152,15 +134,15 @@ def resolve_checkpoint(name_or_path: str | os.PathLike, *, revision: str | None 
         that downloads it).
     """
     path = Path(os.path.expanduser(str(name_or_path)))
-    if path.is_dir():
+    if is_local_name(name_or_path):
+        if not path.is_dir():
+            raise directory_not_found(name_or_path)
         if revision is not None:
             log.warning("revision=%r is ignored for the local directory %s", revision, path)
         return ResolvedCheckpoint(path.resolve())
     name = str(name_or_path)
     if path.exists():
-        raise ModelNotFoundError(f"{name!r} is a file, not a checkpoint directory; pass the directory that "
-                                 "holds config.json (or adapter_config.json) or a hub id such as "
-                                 "'UniverseTBD/AstroLLaVA_v3'")
+        raise directory_not_found(name_or_path)
     if not looks_like_repo_id(name):
         raise ModelNotFoundError(
             f"{name!r} is neither an existing directory nor a Hugging Face hub id (ORG/NAME); pass a local "
@@ -184,8 +166,10 @@ def resolve_reference(name: str, *, what: str, revision: str | None = None,
         known = KNOWN_CHECKPOINTS.get(path.name)
         if known is None:
             raise ModelNotFoundError(
-                f"the {what} {name!r} is not a directory on this machine nor a hub id; pass it explicitly "
-                f"(a local directory or a hub id)")
-        log.info("the %s %r is not on this machine; using the hub checkpoint %s", what, name, known)
+                f"the {what} {name!r} is not a directory on this machine nor a hub id (directory not found); "
+                "pass it explicitly (a local directory or a hub id)")
+        warnings.warn(f"the {what} {name!r} is a path on the machine that trained the checkpoint and does not "
+                      f"exist here; using the hub checkpoint {known!r} instead (pass it explicitly to choose "
+                      "another)", TrainingPathWarning, stacklevel=3)
         name = known
     return resolve_checkpoint(name, revision=revision, patterns=patterns)

@@ -52,12 +52,18 @@ class LoRARelease:
         True when the release comes from the original LLaVA training code (a
         ``llava_llama`` config or a ``non_lora_trainables`` file), so it was
         trained with the Vicuna-v1 conversation format.
+    llava_config : dict or None
+        The release's own ``config.json`` when it describes a LLaVA model of the
+        original code (``mm_vision_tower``...): what the official releases on a
+        plain language model (``liuhaotian/llava-v1.5-7b-lora`` on Vicuna) are
+        built from.
     """
 
     source: ResolvedCheckpoint
     config: dict
     base: str
     trained_with_llava_code: bool
+    llava_config: dict | None = None
 
     @classmethod
     def read(cls, source: ResolvedCheckpoint) -> LoRARelease:
@@ -68,9 +74,12 @@ class LoRARelease:
                                   "adapters are supported")
         base = config.get("base_model_name_or_path")
         llava_code = any((source.path / f).is_file() for f in PROJECTOR_FILES)
+        llava_config = None
         if (source.path / "config.json").is_file():
-            llava_code = llava_code or is_original_config(read_json(source.path / "config.json"))
-        return cls(source, config, str(base) if base else "", llava_code)
+            cfg = read_json(source.path / "config.json")
+            if is_original_config(cfg):
+                llava_config = cfg
+        return cls(source, config, str(base) if base else "", llava_code or llava_config is not None, llava_config)
 
     def projector_state(self) -> dict:
         """The non-LoRA weights of the release, renamed for ``LlavaForConditionalGeneration`` ({} if none)."""

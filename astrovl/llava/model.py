@@ -18,6 +18,7 @@ from ..utils.imports import optional_import
 from ..utils.progress import progress_bar
 from .chat import close_assistant_turns
 from .checkpoints import detect_layout, fetch_weights, is_original_config, read_json
+from .convert import CONVERSION_RECORD, LLAVA_CHUNKS, prompt_tokenization
 from .hub import ResolvedCheckpoint, resolve_checkpoint, resolve_reference
 from .template import (
     DEFAULT_CAPTION_PROMPT,
@@ -26,7 +27,7 @@ from .template import (
     VICUNA_V1_CHAT_TEMPLATE,
 )
 
-__all__ = ["AstroLLaVA", "is_original_llava_layout", "expand2square"]
+__all__ = ["AstroLLaVA", "is_original_llava_layout", "expand2square", "llava_chunk_ids", "is_plain_language_model"]
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,48 @@ def pad_colour(processor) -> tuple[int, int, int]:
     return tuple(int(float(m) * 255) for m in mean)
 
 
+def llava_chunk_ids(tokenizer, prompt: str, image_token: str, image_ids: Sequence[int]) -> list[int]:
+    """Token ids of ``prompt`` as the original LLaVA code makes them (its ``tokenizer_image_token``).
+
+    The text is split at every ``image_token``; each piece is tokenized on its
+    own, with the tokenizer's own handling of a piece's start (for Llama's
+    SentencePiece tokenizer a ``▁`` token before a piece that starts with a line
+    break, as after ``<image>``); the beginning-of-sequence token is kept once,
+    at the start, and ``image_ids`` go where the placeholders were.
+
+    Parameters
+    ----------
+    tokenizer : transformers tokenizer
+    prompt : str
+    image_token : str
+        The placeholder, e.g. ``"<image>"``.
+    image_ids : sequence of int
+        What replaces each placeholder (the original code puts one id, -200, and
+        swaps in the image features; transformers' LLaVA wants one image token
+        per image feature).
+    """
+    chunks = [tokenizer(c).input_ids for c in prompt.split(image_token)]
+    ids: list[int] = []
+    offset = 0
+    if chunks and chunks[0] and chunks[0][0] == tokenizer.bos_token_id:
+        offset = 1
+        ids.append(chunks[0][0])
+    for i, chunk in enumerate(chunks):
+        if i:
+            ids.extend(image_ids)
+        ids.extend(chunk[offset:])
+    return ids
+
+
+def is_plain_language_model(path: str | os.PathLike) -> bool:
+    """True if ``path`` holds a language model without vision (``model_type`` ``llama`` or ``mistral``)."""
+    cfg_path = Path(path) / "config.json"
+    if not cfg_path.is_file() or (Path(path) / "adapter_config.json").is_file():
+        return False
+    cfg = read_json(cfg_path)
+    return cfg.get("model_type") in ("llama", "mistral") and not is_original_config(cfg)
+
+
 class AstroLLaVA:
     """A LLaVA vision-language model for astronomical images.
 
@@ -93,15 +136,23 @@ class AstroLLaVA:
     device : torch.device
     source : str
         Where the model came from (hub id and revision, or directory).
+    prompt_tokenization : str or None
+        ``"llava_chunks"`` for converted original LLaVA checkpoints: prompts are
+        tokenized as the original LLaVA code does (:func:`llava_chunk_ids`);
+        None: by the processor.
     """
 
     def __init__(self, model, processor, *, device=None, pad_to_square: bool = True,
-                 source: str = "<in memory>"):
+                 source: str = "<in memory>", prompt_tokenization: str | None = None):
+        if prompt_tokenization not in (None, LLAVA_CHUNKS):
+            raise ValueError(f"prompt_tokenization={prompt_tokenization!r}; use None (the processor's) or "
+                             f"{LLAVA_CHUNKS!r} (the original LLaVA code's)")
         self.device = resolve_device(device)
         self.model = model
         self.processor = processor
         self.pad_to_square = pad_to_square
         self.source = source
+        self.prompt_tokenization = prompt_tokenization
         tok = processor.tokenizer
         tok.padding_side = "left"
         if tok.pad_token is None:
@@ -135,15 +186,27 @@ class AstroLLaVA:
             - transformers layout (``llava-hf/llava-1.5-7b-hf``, directories
               written by :meth:`save_pretrained`): loaded as it is, with its own
               chat template;
-            - original LLaVA layout (``model_type`` ``llava_llama``:
-              ``liuhaotian/llava-v1.5-7b``, ``UniverseTBD/AstroLLaVA_v3``):
-              converted once into the astrovl cache (keyed by hub id and
-              revision) with the vision tower named by ``mm_vision_tower`` and the
-              Vicuna-v1 chat template, then reused;
-            - LoRA release (``adapter_config.json``, e.g. AstroLLaVA v1/v2): its
-              base (``base_model_name_or_path``, resolved the same way) is
-              loaded, the projector from ``non_lora_trainables.bin`` put in and
-              the adapter applied with peft.
+            - original LLaVA layout (``model_type`` ``llava_llama``, or
+              ``llava`` with ``LlavaLlamaForCausalLM``: ``liuhaotian/llava-v1.5-7b``,
+              ``UniverseTBD/AstroLLaVA_v3``): converted once into the astrovl
+              cache (keyed by hub id and revision, or path and digest, and by the
+              resolved vision tower) with the vision tower named by
+              ``mm_vision_tower`` (or held in the checkpoint) and the Vicuna-v1
+              chat template, then reused; prompts are tokenized as the original
+              LLaVA code does (:func:`llava_chunk_ids`);
+            - LoRA release (``adapter_config.json``, e.g. AstroLLaVA v1/v2,
+              ``liuhaotian/llava-v1.5-7b-lora``): its base
+              (``base_model_name_or_path``, resolved the same way; a path of the
+              training machine naming a known release is replaced by its hub id
+              with a :class:`~astrovl.llava.hub.TrainingPathWarning`) is loaded,
+              the projector from ``non_lora_trainables.bin`` put in and the
+              adapter applied with peft. A base that is a plain language model
+              (``model_type`` ``llama``, e.g. Vicuna) is made a LLaVA model from
+              the release's own ``config.json`` first.
+
+            A name that is an existing directory, starts with ``./``, ``../``,
+            ``/`` or ``~``, or has more than one ``/`` is a local path and never
+            looked up on the hub (:func:`astrovl.utils.hub.is_local_name`).
         revision : str, optional
             Branch, tag or commit of a hub id.
         device : str, optional
@@ -162,8 +225,11 @@ class AstroLLaVA:
         merge : bool
             Merge LoRA weights (of a release or of ``adapter``) into the model.
         vision_tower : str or path-like, optional
-            For an original-layout checkpoint: the CLIP vision tower to use instead
-            of its ``mm_vision_tower``.
+            For an original-layout checkpoint (or a LoRA release built on one): the
+            CLIP vision tower to use instead of its ``mm_vision_tower`` or of the
+            tower weights it holds. A full ``CLIPModel`` or a ``CLIPVisionModel``
+            of any transformers version. An error for transformers-layout
+            checkpoints, which hold their own tower.
         trust_remote_code : bool
             Passed to transformers; off by default.
         pad_to_square : bool
@@ -184,26 +250,14 @@ class AstroLLaVA:
         name = name_or_path if name_or_path is not None else conf.llava_model
         dev = resolve_device(device)
         source = resolve_checkpoint(name, revision=revision)
-        layout = detect_layout(source.path)
-        options = dict(dtype=dtype, load_in_4bit=load_in_4bit, trust_remote_code=trust_remote_code,
-                       vision_tower=vision_tower)
-        if layout == "lora":
-            from .lora import LoRARelease, apply_lora_release, release_base
-
-            release = LoRARelease.read(source)
-            base_source = resolve_reference(release_base(release, base), what="base model") if base is None \
-                else resolve_checkpoint(base)
-            if detect_layout(base_source.path) == "lora":
-                raise CheckpointError(f"the base of {source.name!r}, {base_source.name!r}, is itself an adapter; "
-                                      "pass base= a full model")
-            model, processor = _load_full(base_source, dev, **options)
-            model = apply_lora_release(model, release, merge=merge)
-            if release.trained_with_llava_code:
-                processor.chat_template = VICUNA_V1_CHAT_TEMPLATE
-            label = f"{source.name} (LoRA on {base_source.name})"
+        options = dict(dtype=dtype, load_in_4bit=load_in_4bit, trust_remote_code=trust_remote_code)
+        if (source.path / "adapter_config.json").is_file():
+            model, processor, tokenization, label = _load_lora_release(source, dev, base=base, merge=merge,
+                                                                       vision_tower=vision_tower, **options)
         else:
-            model, processor = _load_full(source, dev, **options)
-            label = source.name
+            directory = _checkpoint_directory(source, vision_tower)
+            model, processor = _load_directory(directory, source, dev, **options)
+            tokenization, label = prompt_tokenization(directory), source.name
         if adapter is not None:
             optional_import("peft", purpose="LoRA adapters")
             from peft import PeftModel
@@ -212,7 +266,8 @@ class AstroLLaVA:
             if merge:
                 model = model.merge_and_unload()
             label += f" + adapter {adapter}"
-        return cls(model, processor, device=dev, pad_to_square=pad_to_square, source=label)
+        return cls(model, processor, device=dev, pad_to_square=pad_to_square, source=label,
+                   prompt_tokenization=tokenization)
 
     def save_pretrained(self, directory: str | os.PathLike, *, merge_adapter: bool = False) -> Path:
         """Save model (safetensors) and processor to ``directory`` atomically.
@@ -233,6 +288,12 @@ class AstroLLaVA:
         with atomic_directory(directory, kind="llava-model") as tmp:
             model.save_pretrained(tmp, safe_serialization=True)
             self.processor.save_pretrained(tmp)
+            if self.prompt_tokenization is not None:
+                import json
+
+                (tmp / CONVERSION_RECORD).write_text(json.dumps(
+                    {"saved_from": self.source, "prompt_tokenization": self.prompt_tokenization}, indent=2),
+                    encoding="utf-8")
         return directory
 
     # ------------------------------------------------------------------ inputs
@@ -245,6 +306,48 @@ class AstroLLaVA:
             warnings.warn(f"image {img.source!r} is {pil.size[0]}x{pil.size[1]} pixels; it is resized "
                           "by the processor to the model's input size", stacklevel=3)
         return expand2square(pil, self.pad_colour) if self.pad_to_square else pil
+
+    def _image_seq_length(self) -> int:
+        cfg = self.model.config
+        vision = cfg.vision_config
+        n = (vision.image_size // vision.patch_size) ** 2
+        return n + (1 if getattr(cfg, "vision_feature_select_strategy", "default") == "full" else 0)
+
+    def _encode(self, pils: list, prompts: list[str]) -> dict:
+        """Token ids (left padded), attention mask and pixel values of images with their prompts.
+
+        Converted original LLaVA checkpoints (``prompt_tokenization="llava_chunks"``)
+        get the token ids the original LLaVA code builds (:func:`llava_chunk_ids`),
+        others those of their processor.
+        """
+        import torch
+
+        if self.prompt_tokenization != LLAVA_CHUNKS:
+            return self.processor(images=pils, text=prompts, padding=True, return_tensors="pt")
+        tok = self.processor.tokenizer
+        image_token = getattr(self.processor, "image_token", "<image>")
+        image_ids = [self.model.config.image_token_index] * self._image_seq_length()
+        rows = [llava_chunk_ids(tok, p, image_token, image_ids) for p in prompts]
+        width = max(len(r) for r in rows)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):  # left padding
+            ids[i, width - len(r):] = torch.as_tensor(r, dtype=torch.long)
+            mask[i, width - len(r):] = 1
+        pixels = self.processor.image_processor(pils, return_tensors="pt")["pixel_values"]
+        return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}
+
+    def model_inputs(self, image, question: str | None = None) -> dict:
+        """The inputs :meth:`ask` (and :meth:`caption`) give the model for ``image`` and ``question``.
+
+        ``input_ids`` (the image placeholder expanded to the image's tokens),
+        ``attention_mask`` and ``pixel_values``, on the model's device: the
+        prompt exactly as the model sees it, e.g. to compare with another
+        implementation or to compute the logits of the first answer token.
+        """
+        question = self._check_text(question if question is not None else DEFAULT_CAPTION_PROMPT, "question")
+        return self._to_device(self._encode([self._pil(image)], [self._prompt([self._user(question)])]))
 
     def _prompt(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         return self.processor.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
@@ -285,11 +388,7 @@ class AstroLLaVA:
     def _generate(self, pils: list, prompts: list[str], max_new_tokens: int, **gen_kwargs) -> list[str]:
         import torch
 
-        inputs = self.processor(images=pils, text=prompts, padding=True, return_tensors="pt")
-        # LLaVA takes no token type ids (generate of transformers 4.x rejects them)
-        inputs = {k: v.to(self.device) for k, v in inputs.items() if k != "token_type_ids"}
-        if "pixel_values" in inputs:
-            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        inputs = self._to_device(self._encode(pils, prompts))
         tok = self.processor.tokenizer
         gen = dict(max_new_tokens=int(max_new_tokens), do_sample=False, eos_token_id=self._stop_ids(),
                    pad_token_id=tok.pad_token_id)
@@ -395,7 +494,7 @@ class AstroLLaVA:
             raise ValueError(f"batch_size={batch_size} must be >= 1")
         pil = self._pil(image)
         prefix = self._prompt([self._user(prompt)])
-        inputs = self._to_device(self.processor(images=[pil], text=[prefix], return_tensors="pt"))
+        inputs = self._to_device(self._encode([pil], [prefix]))
         prefix_ids = inputs["input_ids"][0]
         full_ids = self._candidate_ids(prefix, prefix_ids, texts)
         scores = np.full(len(texts), np.nan)
@@ -468,8 +567,12 @@ class AstroLLaVA:
         image_id = self.model.config.image_token_index
         n_image = int((prefix_ids == image_id).sum())
         n_slots = max(1, prefix.count(image_token))
-        expanded = prefix.replace(image_token, image_token * (n_image // n_slots))
         eos = tok.eos_token or ""
+        if self.prompt_tokenization == LLAVA_CHUNKS:
+            return [torch.as_tensor(llava_chunk_ids(tok, prefix + " " + t + eos, image_token,
+                                                    [image_id] * (n_image // n_slots)), dtype=torch.long)
+                    for t in texts]
+        expanded = prefix.replace(image_token, image_token * (n_image // n_slots))
         enc = tok([expanded + " " + t + eos for t in texts], add_special_tokens=True)["input_ids"]
         return [torch.as_tensor(ids, dtype=torch.long) for ids in enc]
 
@@ -491,9 +594,9 @@ class AstroLLaVA:
         tok = self.processor.tokenizer
         scores = []
         for t in texts:
-            n_prefix = self.processor(images=[pil], text=[prefix], return_tensors="pt")["input_ids"].shape[1]
+            n_prefix = self._encode([pil], [prefix])["input_ids"].shape[1]
             full = prefix + " " + t + (tok.eos_token or "")
-            inputs = self._to_device(self.processor(images=[pil], text=[full], return_tensors="pt"))
+            inputs = self._to_device(self._encode([pil], [full]))
             with torch.inference_mode():
                 logits = self.model(**inputs).logits.float()
             ids = inputs["input_ids"][0]
@@ -512,22 +615,60 @@ def _cache_argument(model) -> str:
     return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
-def _load_full(source: ResolvedCheckpoint, dev, *, dtype=None, load_in_4bit: bool = False,
-               trust_remote_code: bool = False, vision_tower=None):
-    """Model and processor of a full (non-adapter) checkpoint, converting an original layout once."""
-    import torch
-    optional_import("transformers", purpose="LLaVA models")
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
-
+def _checkpoint_directory(source: ResolvedCheckpoint, vision_tower=None) -> Path:
+    """The transformers-layout directory of a full checkpoint (an original layout converted once)."""
     layout = detect_layout(source.path)
     if layout == "original":
         from .convert import converted_checkpoint
 
-        directory = converted_checkpoint(source, vision_tower=vision_tower)
+        return converted_checkpoint(source, vision_tower=vision_tower)
+    if vision_tower is not None:
+        raise CheckpointError(f"vision_tower= applies to original-layout LLaVA checkpoints; {source.name!r} is in "
+                              "the transformers layout and holds its own vision tower")
+    if source.repo_id is not None:
+        fetch_weights(source)
+    return source.path
+
+
+def _load_lora_release(source: ResolvedCheckpoint, dev, *, base=None, merge: bool = False, vision_tower=None,
+                       **options):
+    """Model, processor, prompt tokenization and label of a LoRA release (adapter applied)."""
+    from .lora import LoRARelease, apply_lora_release, release_base
+
+    release = LoRARelease.read(source)
+    base_source = resolve_reference(release_base(release, base), what="base model") if base is None \
+        else resolve_checkpoint(base)
+    if (base_source.path / "adapter_config.json").is_file():
+        raise CheckpointError(f"the base of {source.name!r}, {base_source.name!r}, is itself an adapter; "
+                              "pass base= a full model")
+    if is_plain_language_model(base_source.path):
+        # the official LLaVA LoRA releases: a plain LLM base, the LLaVA config in the release
+        if release.llava_config is None:
+            raise CheckpointError(
+                f"the base of {source.name!r}, {base_source.name!r}, is a language model without vision, and "
+                f"{source.name!r} has no LLaVA config.json (mm_vision_tower) to build the LLaVA model from; "
+                "pass base= a LLaVA checkpoint")
+        from .convert import converted_checkpoint
+
+        directory = converted_checkpoint(source, vision_tower=vision_tower, base=base_source,
+                                         extra_state=release.projector_state())
     else:
-        if source.repo_id is not None:
-            fetch_weights(source)
-        directory = source.path
+        directory = _checkpoint_directory(base_source, vision_tower)
+    model, processor = _load_directory(directory, base_source, dev, **options)
+    tokenization = prompt_tokenization(directory)
+    model = apply_lora_release(model, release, merge=merge)
+    if release.trained_with_llava_code:
+        processor.chat_template = VICUNA_V1_CHAT_TEMPLATE
+    return model, processor, tokenization, f"{source.name} (LoRA on {base_source.name})"
+
+
+def _load_directory(directory: Path, source: ResolvedCheckpoint, dev, *, dtype=None, load_in_4bit: bool = False,
+                    trust_remote_code: bool = False):
+    """Model and processor of a transformers-layout directory."""
+    import torch
+    optional_import("transformers", purpose="LLaVA models")
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
     if dtype is None:
         dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     elif isinstance(dtype, str):

@@ -3,7 +3,9 @@
 The models have the real architecture (a CLIP vision tower, a two-layer GELU
 projector and a Llama or Mistral language model) at toy size. They exist to run
 the real loading, conversion, generation and training code without a download;
-their words are meaningless.
+their words are meaningless. They are written by today's libraries; the
+releases' exact files (old weight names, buffers, dtypes, tokenizer files) are
+written by :mod:`astrovl.testing.releases`.
 
 - :func:`make_tiny_llava`: transformers layout (``LlavaForConditionalGeneration``
   with a processor), as ``llava-hf`` publishes or astrovl writes.
@@ -30,7 +32,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from ..utils.files import atomic_directory
+from ..utils.files import OUTPUT_MARKER, atomic_directory
 from .template import LLAVA_CHAT_TEMPLATE
 
 __all__ = ["make_tiny_llava", "make_tiny_clip_tower", "make_tiny_original_llava", "make_tiny_lora_release",
@@ -397,7 +399,8 @@ def write_hub_snapshot(cache_dir: str | os.PathLike, repo_id: str, source: str |
     repo_id : str
         ``ORG/NAME``.
     source : path
-        Directory whose files (recursively) become the snapshot.
+        Directory whose files (recursively) become the snapshot (but for
+        astrovl's output marker).
     revision : str, optional
         40-character commit hash; default a hash of the content.
     ref : str or None
@@ -410,7 +413,8 @@ def write_hub_snapshot(cache_dir: str | os.PathLike, repo_id: str, source: str |
         The snapshot directory.
     """
     source = Path(source)
-    files = sorted(p for p in source.rglob("*") if p.is_file())
+    # astrovl's output marker says who wrote the source folder; it is no file of the repository
+    files = sorted(p for p in source.rglob("*") if p.is_file() and p.name != OUTPUT_MARKER)
     shas = {p: _sha(p) for p in files}
     if revision is None:
         revision = hashlib.sha1("".join(f"{p.relative_to(source)}:{s}" for p, s in shas.items()).encode()

@@ -28,6 +28,8 @@ LAYERS = {
     "imaging": 1,
     # models and data
     "clip": 2, "llava": 2, "datasets": 2, "generation": 2,
+    # public test helpers (tiny models in the releases' layouts); only tests import them
+    "testing": 3,
     # what uses models and data
     "training": 3, "evaluation": 3,
     # the offline demonstration: a workflow over all of the above
