@@ -19,6 +19,7 @@ def register(sub) -> None:
                     astrovl serve my_index
                     astrovl serve my_index --port 8080 --device cuda
                     astrovl serve my_index --model ./my-clip --title "HST previews"
+                    astrovl serve my_index --llava UniverseTBD/AstroLLaVA_v3 --device cuda
                     {TOKEN_ENV}=$(openssl rand -hex 16) astrovl serve my_index --host 0.0.0.0
                     """, _cmd_serve)
     p.add_argument("index", metavar="INDEX_DIR", help="directory written by 'astrovl index build'")
@@ -44,6 +45,16 @@ def register(sub) -> None:
                    help="name of the index shown on the page (default: its directory's name)")
     p.add_argument("--cors-origin", action="append", default=None, metavar="ORIGIN",
                    help="let web pages from ORIGIN call the API (repeatable; CORS is off by default)")
+    p.add_argument("--llava", default=None, metavar="MODEL",
+                   help="also serve an AstroLLaVA assistant: 'Describe' and 'Ask' on the page, /api/caption, "
+                   "/api/ask and an OpenAI-compatible /v1/chat/completions (MODEL: a hub id or directory "
+                   "of a LLaVA checkpoint in any released layout, e.g. UniverseTBD/AstroLLaVA_v3)")
+    p.add_argument("--llava-batch", type=int, default=8,
+                   help="most assistant requests generated together in one batch (default 8)")
+    p.add_argument("--llava-queue", type=int, default=32,
+                   help="most assistant requests waiting; more are answered 503 (default 32)")
+    p.add_argument("--llava-max-tokens", type=int, default=1024,
+                   help="most new tokens one assistant request may ask for (default 1024)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
                    help="server log level (default info; 'warning' hides the access log)")
 
@@ -70,14 +81,26 @@ def _cmd_serve(args):
         raise ValueError(f"--port {args.port} is not a TCP port (1-65535)")
     if args.max_upload_mb <= 0:
         raise ValueError(f"--max-upload-mb {args.max_upload_mb} must be positive")
+    for flag in ("llava_batch", "llava_queue", "llava_max_tokens"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be at least 1")
     embedder = load_clip_if_named(args)
     index = EmbeddingIndex.load(args.index, embedder=embedder, device=args.device)
+    llava = None
+    if args.llava:
+        from ..llava import AstroLLaVA
+
+        llava = AstroLLaVA.from_pretrained(args.llava, device=args.device)
     app = create_app(index, embedder, index_dir=args.index, token=token,
                      max_upload_bytes=int(args.max_upload_mb * 2**20), max_k=args.max_k,
                      image_root=args.image_root, thumbnail_cache=args.thumbnail_cache,
                      allowed_hosts=LOOPBACK_HOSTS if loopback else None, cors_origins=args.cors_origin,
-                     title=args.title)
+                     title=args.title, llava=llava, llava_batch=args.llava_batch,
+                     llava_queue=args.llava_queue, llava_max_tokens=args.llava_max_tokens)
     print(f"astrovl serve: {len(index)} images from {args.index}; open {serve_url(args.host, args.port, token)}",
           flush=True)
+    if llava is not None:
+        print(f"astrovl serve: assistant {llava.source}; OpenAI-compatible API at "
+              f"{serve_url(args.host, args.port)}v1", flush=True)
     run_app(app, args.host, args.port, log_level=args.log_level)
     return 0

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ..exceptions import QueryError
 from ..utils.imports import optional_import
+from .assistant_routes import assistant_routes
 from .defaults import DEFAULT_HOST, DEFAULT_MAX_UPLOAD_BYTES, DEFAULT_PORT, MAX_K
 from .security import Guard
 from .service import SearchService
@@ -32,7 +33,8 @@ def create_app(index, embedder=None, *, index_dir: str | os.PathLike | None = No
                max_k: int = MAX_K, image_root: str | os.PathLike | None = None,
                thumbnail_cache: str | os.PathLike | None = None, thumbnail_size: int = 256,
                allowed_hosts=None, cors_origins=None, search_threads: int | None = 1,
-               device=None, title: str | None = None):
+               device=None, title: str | None = None, llava=None, llava_batch: int = 8,
+               llava_queue: int = 32, llava_max_tokens: int = 1024):
     """Build the ASGI application that serves an embedding index on the web.
 
     The index and its model are loaded once, here. The application answers:
@@ -45,7 +47,11 @@ def create_app(index, embedder=None, *, index_dir: str | os.PathLike | None = No
     * ``GET /api/item/{id}``: metadata, FITS headers and sky position of an item;
     * ``GET /thumb/{id}.png``: its thumbnail (astrovl's display scaling), cached on
       disk; ``?size=large`` for the larger preview of the detail view;
-    * ``GET /api/health`` and ``GET /api/info`` (size, model, dimension, filters).
+    * ``GET /api/health`` and ``GET /api/info`` (size, model, dimension, filters);
+    * with ``llava``: ``POST /api/caption`` and ``POST /api/ask`` (describe an item
+      or an uploaded image, answer a question about it; streamed on request) and
+      the OpenAI-compatible ``GET /v1/models`` and ``POST /v1/chat/completions``
+      (see :mod:`astrovl.serve.openai_api`); without it they answer 404.
 
     Errors are JSON objects ``{"error": message, "status": code}`` with a 4xx
     status for every malformed request.
@@ -87,6 +93,16 @@ def create_app(index, embedder=None, *, index_dir: str | os.PathLike | None = No
         Move the model to this torch device.
     title : str, optional
         The name of the index shown on the page (default: its directory's name).
+    llava : AstroLLaVA or str or path, optional
+        The assistant model, or any name or directory
+        :meth:`AstroLLaVA.from_pretrained <astrovl.AstroLLaVA.from_pretrained>` takes
+        (loaded on ``device``).
+    llava_batch : int
+        Most assistant requests generated together in one batch.
+    llava_queue : int
+        Most assistant requests waiting; more are answered 503 with ``Retry-After``.
+    llava_max_tokens : int
+        Most new tokens one assistant request may ask for.
 
     Returns
     -------
@@ -115,6 +131,7 @@ def create_app(index, embedder=None, *, index_dir: str | os.PathLike | None = No
     if device is not None:
         service.embedder.to(device)
     handlers = _Handlers(service, int(max_upload_bytes))
+    assistant = _assistant(llava, device, llava_batch, llava_queue, llava_max_tokens)
     routes = [
         Route("/", handlers.page, methods=["GET"]),
         Route("/static/{name}", handlers.static, methods=["GET"]),
@@ -123,6 +140,8 @@ def create_app(index, embedder=None, *, index_dir: str | os.PathLike | None = No
         Route("/api/search", handlers.search, methods=["GET", "POST"]),
         Route("/api/item/{id}", handlers.item, methods=["GET"]),
         Route("/thumb/{name}", handlers.thumbnail, methods=["GET"]),
+        *assistant_routes(assistant, service, max_upload_bytes=int(max_upload_bytes),
+                          image_limiter=handlers.image_limiter),
     ]
     middleware = [Middleware(Guard, token=token, allowed_hosts=allowed_hosts,
                              max_body=int(max_upload_bytes) + FORM_OVERHEAD)]
@@ -136,7 +155,22 @@ def create_app(index, embedder=None, *, index_dir: str | os.PathLike | None = No
         QueryError: _query_error, HTTPException: _http_error, BodyTooLarge: handlers.too_large,
         Exception: _internal_error})
     app.state.service = service
+    app.state.assistant = assistant
     return app
+
+
+def _assistant(llava, device, max_batch: int, max_queue: int, max_tokens: int):
+    """The :class:`AssistantService` of ``llava`` (a model, or a name to load), or None."""
+    if llava is None:
+        return None
+    from ..llava import AstroLLaVA
+    from .assistant import AssistantService
+
+    name = None
+    if not isinstance(llava, AstroLLaVA):
+        name = str(llava)
+        llava = AstroLLaVA.from_pretrained(llava, device=device)
+    return AssistantService(llava, model_id=name, max_batch=max_batch, max_queue=max_queue, max_tokens=max_tokens)
 
 
 def run_app(app, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, *, log_level: str = "info") -> None:
@@ -169,7 +203,8 @@ def _error(status: int, message: str, headers: dict | None = None):
 
 
 async def _query_error(request, exc: QueryError):
-    return _error(exc.status, str(exc))
+    retry = getattr(exc, "retry_after", None)  # ServiceBusy: a queue is full
+    return _error(exc.status, str(exc), headers={"retry-after": str(retry)} if retry else None)
 
 
 async def _http_error(request, exc):
@@ -228,7 +263,9 @@ class _Handlers:
     async def info(self, request):
         from .. import __version__
 
+        assistant = request.app.state.assistant
         return _json({**self.service.info(), "max_upload_bytes": self.max_upload_bytes,
+                      "assistant": assistant.info() if assistant is not None else None,
                       "astrovl_version": __version__})
 
     async def search(self, request):
