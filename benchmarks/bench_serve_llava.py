@@ -22,11 +22,12 @@ Models: the tiny LLaVA of ``astrovl.llava.testing`` (default; real
 architecture at toy size, so it measures the serving path, not a real model's
 speed), or ``--model NAME`` (any hub id or directory
 ``AstroLLaVA.from_pretrained`` takes) with ``--device cuda`` for a GPU run.
+``--threads`` sets the torch threads of this process and of the server.
 
 Usage::
 
     python benchmarks/bench_serve_llava.py --quick
-    python benchmarks/bench_serve_llava.py --requests 32 --new-tokens 32
+    python benchmarks/bench_serve_llava.py --requests 24 --new-tokens 32 --threads 1
     python benchmarks/bench_serve_llava.py --model llava-hf/llava-1.5-7b-hf --device cuda --requests 64
 """
 
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -155,6 +157,8 @@ def main(argv=None) -> None:
                        "--llava-max-tokens", str(new_tokens), "--log-level", "warning"]
         if args.device != "auto":
             server_args += ["--device", args.device]
+        if args.threads:  # the server's torch threads too
+            os.environ["OMP_NUM_THREADS"] = str(args.threads)
         with ServerProcess(server_args, tmp / "server.log", timeout=600) as server:
             with openai.OpenAI(base_url=server.url + "v1", api_key="none", max_retries=0, timeout=600) as client:
                 served = client.models.list().data[0].id

@@ -41,8 +41,13 @@ AUTH = {"authorization": f"Bearer {TOKEN}"}
 
 
 @pytest.fixture(scope="module")
-def llava(tmp_path_factory):
-    return AstroLLaVA.from_pretrained(make_tiny_llava(tmp_path_factory.mktemp("llava") / "tiny"), device="cpu")
+def tiny_dir(tmp_path_factory):
+    return make_tiny_llava(tmp_path_factory.mktemp("llava") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def llava(tiny_dir):
+    return AstroLLaVA.from_pretrained(tiny_dir, device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -439,3 +444,28 @@ def test_info_describes_the_assistant(client, llava):
     info = client.get("/api/info").json()["assistant"]
     assert info["model"] == llava.source and info["max_tokens"] == 64 and info["max_batch"] == 8
     assert np.isscalar(info["max_queue"])
+
+
+def test_cli_serve_with_llava(monkeypatch, archive, tiny_dir, tmp_path, capsys):
+    from astrovl.cli import main
+    from astrovl.serve import app as app_module
+
+    clip_dir = tmp_path / "clip"
+    archive["embedder"].save_pretrained(clip_dir)
+    runs = []
+    monkeypatch.setattr(app_module, "run_app", lambda app, host, port, **kw: runs.append(app))
+    monkeypatch.delenv("ASTROVL_SERVE_TOKEN", raising=False)
+    args = ["serve", str(archive["base"] / "index"), "--model", str(clip_dir), "--thumbnail-cache", str(tmp_path / "t")]
+    assert main([*args, "--llava", str(tiny_dir), "--llava-batch", "4", "--llava-queue", "5",
+                 "--llava-max-tokens", "16", "--text-batch", "3"]) == 0
+    app = runs[-1]
+    assistant = app.state.assistant
+    assert (assistant.batcher.max_batch, assistant.batcher.max_queue, assistant.max_tokens) == (4, 5, 16)
+    assert assistant.model_id == str(tiny_dir) and app.state.service.text_batcher.max_batch == 3
+    assert "OpenAI-compatible API at http://127.0.0.1:8000/v1" in capsys.readouterr().out
+    r = TestClient(app, base_url="http://127.0.0.1:8000").post("/api/caption", json={"id": 0, "max_tokens": 3})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 3
+    for flag in ("--llava-batch", "--llava-queue", "--llava-max-tokens", "--text-batch"):
+        assert main([*args, flag, "0"]) == 1
+        assert f"{flag} 0 must be at least 1" in capsys.readouterr().err
+    assert main(args) == 0 and runs[-1].state.assistant is None  # no --llava: no assistant

@@ -45,6 +45,9 @@ def register(sub) -> None:
                    help="name of the index shown on the page (default: its directory's name)")
     p.add_argument("--cors-origin", action="append", default=None, metavar="ORIGIN",
                    help="let web pages from ORIGIN call the API (repeatable; CORS is off by default)")
+    p.add_argument("--text-batch", type=int, default=32,
+                   help="most new query texts embedded together in one pass of the text tower "
+                   "(default 32; 1 embeds them one at a time)")
     p.add_argument("--llava", default=None, metavar="MODEL",
                    help="also serve an AstroLLaVA assistant: 'Describe' and 'Ask' on the page, /api/caption, "
                    "/api/ask and an OpenAI-compatible /v1/chat/completions (MODEL: a hub id or directory "
@@ -81,7 +84,7 @@ def _cmd_serve(args):
         raise ValueError(f"--port {args.port} is not a TCP port (1-65535)")
     if args.max_upload_mb <= 0:
         raise ValueError(f"--max-upload-mb {args.max_upload_mb} must be positive")
-    for flag in ("llava_batch", "llava_queue", "llava_max_tokens"):
+    for flag in ("llava_batch", "llava_queue", "llava_max_tokens", "text_batch"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be at least 1")
     embedder = load_clip_if_named(args)
@@ -96,7 +99,8 @@ def _cmd_serve(args):
                      image_root=args.image_root, thumbnail_cache=args.thumbnail_cache,
                      allowed_hosts=LOOPBACK_HOSTS if loopback else None, cors_origins=args.cors_origin,
                      title=args.title, llava=llava, llava_batch=args.llava_batch,
-                     llava_queue=args.llava_queue, llava_max_tokens=args.llava_max_tokens)
+                     llava_queue=args.llava_queue, llava_max_tokens=args.llava_max_tokens,
+                     text_batch=args.text_batch)
     print(f"astrovl serve: {len(index)} images from {args.index}; open {serve_url(args.host, args.port, token)}",
           flush=True)
     if llava is not None:

@@ -34,7 +34,7 @@ def create_app(index, embedder=None, *, index_dir: str | os.PathLike | None = No
                thumbnail_cache: str | os.PathLike | None = None, thumbnail_size: int = 256,
                allowed_hosts=None, cors_origins=None, search_threads: int | None = 1,
                device=None, title: str | None = None, llava=None, llava_batch: int = 8,
-               llava_queue: int = 32, llava_max_tokens: int = 1024):
+               llava_queue: int = 32, llava_max_tokens: int = 1024, text_batch: int = 32):
     """Build the ASGI application that serves an embedding index on the web.
 
     The index and its model are loaded once, here. The application answers:
@@ -103,6 +103,9 @@ def create_app(index, embedder=None, *, index_dir: str | os.PathLike | None = No
         Most assistant requests waiting; more are answered 503 with ``Retry-After``.
     llava_max_tokens : int
         Most new tokens one assistant request may ask for.
+    text_batch : int
+        Most new query texts embedded together in one pass of the text tower
+        (1: one text per pass).
 
     Returns
     -------
@@ -127,7 +130,7 @@ def create_app(index, embedder=None, *, index_dir: str | os.PathLike | None = No
         faiss.omp_set_num_threads(int(search_threads))
     service = SearchService(index, embedder, index_dir=index_dir, image_root=image_root,
                             thumbnail_cache=thumbnail_cache, thumbnail_size=thumbnail_size, max_k=max_k,
-                            title=title)
+                            title=title, text_batch=text_batch)
     if device is not None:
         service.embedder.to(device)
     handlers = _Handlers(service, int(max_upload_bytes))

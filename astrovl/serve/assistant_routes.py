@@ -14,6 +14,7 @@ import asyncio
 import io
 import json
 import threading
+import time
 import uuid
 
 from ..exceptions import QueryError
@@ -169,17 +170,16 @@ class _AssistantHandlers:
         bridge = _Bridge()
         future = a.submit(a.chat_request(parsed, image, on_text=bridge.on_text if parsed.stream else None,
                                          cancel=bridge.cancel))
-        cid, created = f"chatcmpl-{uuid.uuid4().hex}", a.created
+        cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if not parsed.stream:
             try:
                 result = await asyncio.wrap_future(future)
             finally:
                 bridge.cancel.set()
-            return _json(completion_body(cid, int(created), a.model_id, result))
-        return _event_stream(self._chat_events(bridge, future, cid, a.model_id, parsed.include_usage))
+            return _json(completion_body(cid, created, a.model_id, result))
+        return _event_stream(self._chat_events(bridge, future, cid, created, a.model_id, parsed.include_usage))
 
-    async def _chat_events(self, bridge, future, cid, model, include_usage):
-        created = self.assistant.created
+    async def _chat_events(self, bridge, future, cid, created, model, include_usage):
         try:
             yield sse(chunk_body(cid, created, model, delta={"role": "assistant", "content": ""}))
             async for piece in bridge.pieces(future):
