@@ -48,10 +48,7 @@ def create_app(index, embedder=None, *, index_dir: str | os.PathLike | None = No
     * ``GET /thumb/{id}.png``: its thumbnail (astrovl's display scaling), cached on
       disk; ``?size=large`` for the larger preview of the detail view;
     * ``GET /api/health`` and ``GET /api/info`` (size, model, dimension, filters);
-    * with ``llava``: ``POST /api/caption`` and ``POST /api/ask`` (describe an item
-      or an uploaded image, answer a question about it; streamed on request) and
-      the OpenAI-compatible ``GET /v1/models`` and ``POST /v1/chat/completions``
-      (see :mod:`astrovl.serve.openai_api`); without it they answer 404.
+    * with ``llava``: ``POST /api/caption``, ``/api/ask`` and the OpenAI API under ``/v1``.
 
     Errors are JSON objects ``{"error": message, "status": code}`` with a 4xx
     status for every malformed request.
@@ -94,18 +91,10 @@ def create_app(index, embedder=None, *, index_dir: str | os.PathLike | None = No
     title : str, optional
         The name of the index shown on the page (default: its directory's name).
     llava : AstroLLaVA or str or path, optional
-        The assistant model, or any name or directory
-        :meth:`AstroLLaVA.from_pretrained <astrovl.AstroLLaVA.from_pretrained>` takes
-        (loaded on ``device``).
-    llava_batch : int
-        Most assistant requests generated together in one batch.
-    llava_queue : int
-        Most assistant requests waiting; more are answered 503 with ``Retry-After``.
-    llava_max_tokens : int
-        Most new tokens one assistant request may ask for.
-    text_batch : int
-        Most new query texts embedded together in one pass of the text tower
-        (1: one text per pass).
+        The assistant: a model, or a name ``AstroLLaVA.from_pretrained`` takes (on ``device``).
+    llava_batch, llava_queue, llava_max_tokens, text_batch : int
+        Most assistant requests per batch, and waiting (more get 503); most new tokens per
+        assistant request; most new query texts per pass of the text tower.
 
     Returns
     -------
@@ -143,8 +132,7 @@ def create_app(index, embedder=None, *, index_dir: str | os.PathLike | None = No
         Route("/api/search", handlers.search, methods=["GET", "POST"]),
         Route("/api/item/{id}", handlers.item, methods=["GET"]),
         Route("/thumb/{name}", handlers.thumbnail, methods=["GET"]),
-        *assistant_routes(assistant, service, max_upload_bytes=int(max_upload_bytes),
-                          image_limiter=handlers.image_limiter),
+        *assistant_routes(assistant, service, int(max_upload_bytes), handlers.image_limiter),
     ]
     middleware = [Middleware(Guard, token=token, allowed_hosts=allowed_hosts,
                              max_body=int(max_upload_bytes) + FORM_OVERHEAD)]

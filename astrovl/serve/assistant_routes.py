@@ -41,7 +41,7 @@ SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 _END = object()
 
 
-def assistant_routes(assistant, search, *, max_upload_bytes: int, image_limiter=None) -> list:
+def assistant_routes(assistant, search, max_upload_bytes: int, image_limiter=None) -> list:
     """The routes of the assistant for :func:`~astrovl.serve.create_app`.
 
     Parameters
