@@ -20,6 +20,9 @@ subprocess on a free loopback port and measures, side by side in one run:
     (16): a mix of new texts, repeated texts, texts with a metadata filter and
     "more like this" requests; errors, p50/p99 latency and requests/s. The run
     stops by itself after the last request or after ``--timeout`` seconds.
+    New texts that reach the server together share one pass of the text tower
+    (up to ``--text-batch`` texts, 32 by default); ``--text-batch 1,32`` runs the
+    load test once with one text per pass and once batched, on the same index.
 
 Models (``--model``):
 
@@ -36,6 +39,7 @@ Usage::
 
     python benchmarks/bench_serve.py --quick
     python benchmarks/bench_serve.py -n 100000 --requests 2000 --clients 16 --output serve.json
+    python benchmarks/bench_serve.py -n 100000 --requests 2000 --clients 16 --text-batch 1,32
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _common import base_parser, environment, finish, print_environment, print_table
+from _common import base_parser, environment, finish, int_list, print_environment, print_table
 
 ADJECTIVES = ("bright", "faint", "red", "blue", "dusty", "compact", "extended", "barred", "edge-on",
               "interacting", "irregular", "lensed", "distant", "nearby", "young", "old", "massive",
@@ -230,6 +234,9 @@ def main(argv=None) -> int:
                         help="requests of each sequential phase (default 200; 60 with --quick)")
     parser.add_argument("--timeout", type=float, default=600.0, help="longest load test in seconds")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--text-batch", type=int_list, default=[32],
+                        help="--text-batch of the server (texts per pass of the text tower); several "
+                        "values, e.g. 1,32, run the load test once per value")
     args = parser.parse_args(argv)
     n = args.n_vectors or (20_000 if args.quick else 100_000)
     n_requests = args.requests or (500 if args.quick else 2000)
@@ -252,22 +259,27 @@ def main(argv=None) -> int:
         del index, embedder
         from astrovl.serve.testing import ServerProcess
 
-        server = ServerProcess([tmp / "index", "--device", args.device,
-                                "--thumbnail-cache", tmp / "thumbs", "--log-level", "warning"],
-                               tmp / "server.log", timeout=300)
-        with server:
-            base = server.url.rstrip("/")
-            rows.append(asyncio.run(sequential(base, texts[n_seq:2 * n_seq], "new texts")))
-            rows.append(asyncio.run(sequential(base, texts[n_seq:2 * n_seq], "repeated texts")))
-            plan = load_plan(n_requests, texts[2 * n_seq:], n, args.seed)
-            result = asyncio.run(load(base, plan, args.clients, args.timeout))
-            statuses = result.pop("statuses")
-            rows.append(result)
+        statuses = {}
+        for i, text_batch in enumerate(args.text_batch):
+            server = ServerProcess([tmp / "index", "--device", args.device, "--text-batch", str(text_batch),
+                                    "--thumbnail-cache", tmp / "thumbs", "--log-level", "warning"],
+                                   tmp / "server.log", timeout=300)
+            with server:
+                base = server.url.rstrip("/")
+                if i == 0:
+                    rows.append(asyncio.run(sequential(base, texts[n_seq:2 * n_seq], "new texts")))
+                    rows.append(asyncio.run(sequential(base, texts[n_seq:2 * n_seq], "repeated texts")))
+                plan = load_plan(n_requests, texts[2 * n_seq:], n, args.seed)
+                result = asyncio.run(load(base, plan, args.clients, args.timeout))
+                statuses[text_batch] = result.pop("statuses")
+                if len(args.text_batch) > 1:
+                    result["queries"] = f"mixed, text batch {text_batch}"
+                rows.append(result)
     columns = ["mode", "queries", "n", "errors", "server_p50_ms", "server_p99_ms", "p50_ms", "p99_ms",
                "mean_ms", "requests_per_s"]
     print_table(f"astrovl serve: text queries on an exact index of {n:,} vectors ({args.model})", rows,
                 columns)
-    print(f"load-test answers by status: {statuses}")
+    print(f"load-test answers by status (per --text-batch): {statuses}")
     errors = sum(int(r.get("errors") or 0) for r in rows)
     notes = ["server_*: time inside the server (embedding, search, result rows); p50/p99/mean: as the "
              "client saw it, HTTP on loopback included; the client runs on the same machine",

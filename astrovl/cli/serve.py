@@ -27,6 +27,7 @@ def register(sub) -> None:
                     astrovl serve my_index
                     astrovl serve my_index --port 8080 --device cuda
                     astrovl serve my_index --model ./my-clip --title "HST previews"
+                    astrovl serve my_index --llava UniverseTBD/AstroLLaVA_v3 --device cuda
                     {TOKEN_ENV}=$(openssl rand -hex 16) astrovl serve my_index --host 0.0.0.0
                     """, _cmd_serve)
     p.add_argument("index", metavar="INDEX_DIR", help="directory written by 'astrovl index build'")
@@ -55,6 +56,19 @@ def register(sub) -> None:
                    help="name of the index shown on the page (default: its directory's name)")
     p.add_argument("--cors-origin", action="append", default=None, metavar="ORIGIN",
                    help="let web pages from ORIGIN call the API (repeatable; CORS is off by default)")
+    p.add_argument("--text-batch", type=_positive_int, default=32,
+                   help="most new query texts embedded together in one pass of the text tower "
+                   "(default 32; 1 embeds them one at a time)")
+    p.add_argument("--llava", default=None, metavar="MODEL",
+                   help="also serve an AstroLLaVA assistant: 'Describe' and 'Ask' on the page, /api/caption, "
+                   "/api/ask and an OpenAI-compatible /v1/chat/completions (MODEL: a hub id or directory "
+                   "of a LLaVA checkpoint in any released layout, e.g. UniverseTBD/AstroLLaVA_v3)")
+    p.add_argument("--llava-batch", type=_positive_int, default=8,
+                   help="most assistant requests generated together in one batch (default 8)")
+    p.add_argument("--llava-queue", type=_positive_int, default=32,
+                   help="most assistant requests waiting; more are answered 503 (default 32)")
+    p.add_argument("--llava-max-tokens", type=_positive_int, default=1024,
+                   help="most new tokens one assistant request may ask for (default 1024)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
                    help="server log level (default info; 'warning' hides the access log)")
 
@@ -113,6 +127,11 @@ def _cmd_serve(args):
               + ("" if token else f"; set a token with {TOKEN_ENV} or --token"), file=sys.stderr)
     embedder = load_clip_if_named(args)
     index = EmbeddingIndex.load(args.index, embedder=embedder, device=args.device)
+    llava = None
+    if args.llava:
+        from ..llava import AstroLLaVA
+
+        llava = AstroLLaVA.from_pretrained(args.llava, device=args.device)
     app = create_app(index, embedder, index_dir=args.index, token=token,
                      max_upload_bytes=int(args.max_upload_mb * 2**20), max_k=args.max_k,
                      max_image_pixels=int(args.max_image_mpix * 1e6),
@@ -120,8 +139,13 @@ def _cmd_serve(args):
                      # the address it listens on is accepted too (127.0.0.2, a host name)
                      allowed_hosts=(*LOOPBACK_HOSTS, args.host) if loopback else None,
                      cors_origins=args.cors_origin,
-                     title=args.title)
+                     title=args.title, llava=llava, llava_batch=args.llava_batch,
+                     llava_queue=args.llava_queue, llava_max_tokens=args.llava_max_tokens,
+                     text_batch=args.text_batch)
     print(f"astrovl serve: {len(index)} images from {args.index}; open {serve_url(args.host, args.port, token)}",
           flush=True)
+    if llava is not None:
+        print(f"astrovl serve: assistant {llava.source}; OpenAI-compatible API at "
+              f"{serve_url(args.host, args.port)}v1", flush=True)
     run_app(app, args.host, args.port, log_level=args.log_level)
     return 0

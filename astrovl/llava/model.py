@@ -5,8 +5,9 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -463,6 +464,108 @@ class AstroLLaVA:
         # answers in the history end with the end-of-sequence token, as in training
         prompt = self._prompt(close_assistant_turns(self.processor, messages))
         return self._generate([self._pil(image)], [prompt], max_new_tokens, **gen_kwargs)[0]
+
+    def generate_chats(self, requests: Sequence) -> list:
+        """Answer several conversations in one batched ``generate`` call, streaming each answer.
+
+        The prompts are left-padded into one batch; each request keeps its own
+        token limit, stop strings, temperature and top-p, and its answer goes
+        to its ``on_text`` callback piece by piece as it is generated (from this
+        thread), cut at the model's turn markers and its own stop strings, as
+        :meth:`chat` cuts it. With greedy decoding (temperature 0, the default)
+        each answer is the one :meth:`chat` or :meth:`ask` gives alone.
+
+        Parameters
+        ----------
+        requests : sequence of ChatRequest
+            See :class:`~astrovl.llava.streaming.ChatRequest`.
+
+        Returns
+        -------
+        list of ChatResult
+            The answers in the order of ``requests``, with their finish reasons
+            and token counts.
+        """
+        import torch
+        from transformers import LogitsProcessorList, StoppingCriteriaList
+
+        from .streaming import BatchStreamer, ChatResult, RowSampling, RowStopping, TextStream
+
+        if not requests:
+            return []
+        prompts = [self._prompt(close_assistant_turns(self.processor, r.messages)) for r in requests]
+        pils = [self._pil(r.image) for r in requests if r.image is not None]
+        inputs = self._to_device(self.processor(images=pils or None, text=prompts, padding=True,
+                                                return_tensors="pt"))
+        tok = self.processor.tokenizer
+        stop_ids = self._stop_ids()
+        streams = [TextStream(tok, stop_ids, (*STOP_STRINGS, *r.stop), r.max_new_tokens, r.on_text, r.cancel)
+                   for r in requests]
+        gen: dict[str, Any] = dict(max_new_tokens=max(r.max_new_tokens for r in requests), eos_token_id=stop_ids,
+                                   pad_token_id=tok.pad_token_id, streamer=BatchStreamer(streams),
+                                   stopping_criteria=StoppingCriteriaList([RowStopping.create(streams)]))
+        if any(r.temperature > 0 for r in requests):
+            processor = RowSampling.create([r.temperature for r in requests], [r.top_p for r in requests])
+            gen.update(do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
+                       logits_processor=LogitsProcessorList([processor]))
+        else:
+            gen.update(do_sample=False)
+        with torch.inference_mode():
+            self.model.generate(**inputs, **gen)
+        prompt_tokens = inputs["attention_mask"].sum(dim=1).tolist()
+        return [ChatResult(text=s.text, finish_reason=s.finish_reason or "length", prompt_tokens=int(n),
+                           completion_tokens=s.n_tokens) for s, n in zip(streams, prompt_tokens)]
+
+    def stream(self, image, prompt: str | None = None, *, max_new_tokens: int = 200, temperature: float = 0.0,
+               top_p: float = 1.0) -> Iterator[str]:
+        """Describe an image, or answer a question about it, yielding the answer as it is generated.
+
+        The pieces put together are the answer :meth:`caption` (or :meth:`ask`
+        with ``prompt`` as the question) gives with greedy decoding. Generation
+        runs in a background thread; closing the iterator early stops it.
+
+        Parameters
+        ----------
+        image : image input
+        prompt : str, optional
+            The instruction or question; default ``"Describe this astronomical image in detail."``
+        max_new_tokens : int
+        temperature, top_p : float
+            Sampling (temperature 0 is greedy decoding).
+
+        Yields
+        ------
+        str
+            The next piece of the answer.
+        """
+        import queue
+
+        from .streaming import ChatRequest
+
+        prompt = self._check_text(prompt if prompt is not None else DEFAULT_CAPTION_PROMPT, "prompt")
+        pieces: queue.Queue = queue.Queue()
+        cancel = threading.Event()
+        request = ChatRequest([self._user(prompt)], image=image, max_new_tokens=max_new_tokens,
+                              temperature=temperature, top_p=top_p, on_text=pieces.put, cancel=cancel)
+        done = object()
+
+        def run():
+            try:
+                self.generate_chats([request])
+            except BaseException as exc:  # handed to the reading thread
+                pieces.put(exc)
+            pieces.put(done)
+
+        thread = threading.Thread(target=run, name="astrovl-llava-stream", daemon=True)
+        thread.start()
+        try:
+            while (piece := pieces.get()) is not done:
+                if isinstance(piece, BaseException):
+                    raise piece
+                yield piece
+        finally:
+            cancel.set()
+            thread.join()
 
     def score(self, image, texts: Sequence[str], prompt: str | None = None, *, batch_size: int = 8) -> np.ndarray:
         """Mean log-likelihood per token of each text as the answer about ``image``.

@@ -4,7 +4,9 @@
 application) loads an :class:`~astrovl.EmbeddingIndex` and its model once and
 answers text searches, searches by an uploaded FITS file or picture, "more like
 this", item details with FITS headers and sky positions, and thumbnails, with
-a single web page that needs no build step and no internet access.
+a single web page that needs no build step and no internet access. With an
+AstroLLaVA model (``--llava``) it also describes images and answers questions
+about them, on the page, in a JSON API and in the OpenAI chat-completions API.
 Needs the ``serve`` extra: ``pip install 'astrovl[serve]'``.
 """
 
@@ -25,6 +27,9 @@ _LAZY = {
     "create_app": "astrovl.serve.app",
     "run_app": "astrovl.serve.app",
     "SearchService": "astrovl.serve.service",
+    "AssistantService": "astrovl.serve.assistant",
+    "MicroBatcher": "astrovl.serve.batching",
+    "ServiceBusy": "astrovl.serve.batching",
     "read_upload": "astrovl.serve.uploads",
     "is_loopback": "astrovl.serve.security",
 }

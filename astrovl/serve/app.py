@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ..exceptions import QueryError
 from ..utils.imports import optional_import
+from .assistant_routes import assistant_routes
 from .defaults import (
     DEFAULT_HOST,
     DEFAULT_MAX_IMAGE_PIXELS,
@@ -40,7 +41,8 @@ def create_app(index, embedder=None, *, index_dir: str | os.PathLike | None = No
                thumbnail_cache: str | os.PathLike | None = None, thumbnail_size: int = 256,
                allowed_hosts=None, cors_origins=None, search_threads: int | None = 1,
                device=None, title: str | None = None,
-               max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
+               max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, llava=None, llava_batch: int = 8,
+               llava_queue: int = 32, llava_max_tokens: int = 1024, text_batch: int = 32):
     """Build the ASGI application that serves an embedding index on the web.
 
     The index and its model are loaded once, here. The application answers:
@@ -53,7 +55,8 @@ def create_app(index, embedder=None, *, index_dir: str | os.PathLike | None = No
     * ``GET /api/item/{id}``: metadata, FITS headers and sky position of an item;
     * ``GET /thumb/{id}.png``: its thumbnail (astrovl's display scaling), cached on
       disk; ``?size=large`` for the larger preview of the detail view;
-    * ``GET /api/health`` and ``GET /api/info`` (size, model, dimension, filters).
+    * ``GET /api/health`` and ``GET /api/info`` (size, model, dimension, filters);
+    * with ``llava``: ``POST /api/caption``, ``/api/ask`` and the OpenAI API under ``/v1``.
 
     Errors are JSON objects ``{"error": message, "status": code}`` with a 4xx
     status for every malformed request.
@@ -99,6 +102,11 @@ def create_app(index, embedder=None, *, index_dir: str | os.PathLike | None = No
     max_image_pixels : int
         Largest image (width x height, read from its header) decoded for an
         upload or a thumbnail; larger ones are answered 413 before decoding.
+    llava : AstroLLaVA or str or path, optional
+        The assistant: a model, or a name ``AstroLLaVA.from_pretrained`` takes (on ``device``).
+    llava_batch, llava_queue, llava_max_tokens, text_batch : int
+        Most assistant requests per batch, and waiting (more get 503); most new tokens per
+        assistant request; most new query texts per pass of the text tower.
 
     Returns
     -------
@@ -126,10 +134,11 @@ def create_app(index, embedder=None, *, index_dir: str | os.PathLike | None = No
         faiss.omp_set_num_threads(int(search_threads))
     service = SearchService(index, embedder, index_dir=index_dir, image_root=image_root,
                             thumbnail_cache=thumbnail_cache, thumbnail_size=thumbnail_size, max_k=max_k,
-                            title=title, max_image_pixels=int(max_image_pixels))
+                            title=title, max_image_pixels=int(max_image_pixels), text_batch=text_batch)
     if device is not None:
         service.embedder.to(device)
     handlers = _Handlers(service, int(max_upload_bytes), int(max_image_pixels))
+    assistant = _assistant(llava, device, llava_batch, llava_queue, llava_max_tokens)
     routes = [
         Route("/", handlers.page, methods=["GET"]),
         Route("/static/{name}", handlers.static, methods=["GET"]),
@@ -138,6 +147,8 @@ def create_app(index, embedder=None, *, index_dir: str | os.PathLike | None = No
         Route("/api/search", handlers.search, methods=["GET", "POST"]),
         Route("/api/item/{id}", handlers.item, methods=["GET"]),
         Route("/thumb/{name}", handlers.thumbnail, methods=["GET"]),
+        *assistant_routes(assistant, service, int(max_upload_bytes), handlers.image_limiter,
+                          max_image_pixels=int(max_image_pixels)),
     ]
     middleware = [Middleware(Guard, token=token, allowed_hosts=allowed_hosts,
                              max_body=int(max_upload_bytes) + FORM_OVERHEAD)]
@@ -151,7 +162,22 @@ def create_app(index, embedder=None, *, index_dir: str | os.PathLike | None = No
         QueryError: _query_error, HTTPException: _http_error, BodyTooLarge: handlers.too_large,
         Exception: _internal_error})
     app.state.service = service
+    app.state.assistant = assistant
     return app
+
+
+def _assistant(llava, device, max_batch: int, max_queue: int, max_tokens: int):
+    """The :class:`AssistantService` of ``llava`` (a model, or a name to load), or None."""
+    if llava is None:
+        return None
+    from ..llava import AstroLLaVA
+    from .assistant import AssistantService
+
+    name = None
+    if not isinstance(llava, AstroLLaVA):
+        name = str(llava)
+        llava = AstroLLaVA.from_pretrained(llava, device=device)
+    return AssistantService(llava, model_id=name, max_batch=max_batch, max_queue=max_queue, max_tokens=max_tokens)
 
 
 def run_app(app, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, *, log_level: str = "info") -> None:
@@ -184,7 +210,8 @@ def _error(status: int, message: str, headers: dict | None = None):
 
 
 async def _query_error(request, exc: QueryError):
-    return _error(exc.status, str(exc))
+    retry = getattr(exc, "retry_after", None)  # ServiceBusy: a queue is full
+    return _error(exc.status, str(exc), headers={"retry-after": str(retry)} if retry else None)
 
 
 async def _http_error(request, exc):
@@ -249,8 +276,10 @@ class _Handlers:
     async def info(self, request):
         from .. import __version__
 
+        assistant = request.app.state.assistant
         return _json({**self.service.info(), "max_upload_bytes": self.max_upload_bytes,
                       "max_image_pixels": self.max_image_pixels,
+                      "assistant": assistant.info() if assistant is not None else None,
                       "astrovl_version": __version__})
 
     async def search(self, request):

@@ -261,6 +261,22 @@ class IndexImages:
         pil.save(buf, format="PNG")
         return buf.getvalue()
 
+    def image(self, row: int):
+        """The :class:`~astrovl.AstroImage` of ``row``'s file (checked as :meth:`path` checks it).
+
+        Raises
+        ------
+        QueryError
+            404 or 403 as :meth:`path`; 422 when the file cannot be read as an image.
+        """
+        from ..imaging import load_image
+
+        path = self.path(row)
+        try:
+            return load_image(path)
+        except Exception as exc:  # any unreadable file is answered, not raised
+            raise QueryError(f"the image of item {row} could not be read: {exc}", status=422) from exc
+
     # ------------------------------------------------------------------ headers and positions
     def describe(self, row: int) -> dict:
         """Format, pixel shape, FITS headers and sky position of ``row``'s file (cached).

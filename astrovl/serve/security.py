@@ -18,6 +18,8 @@ __all__ = ["Guard", "is_loopback", "LOOPBACK_HOSTS", "TOKEN_COOKIE", "TOKEN_ENV"
 
 #: cookie that carries the token after the page was opened with ``?token=...``
 TOKEN_COOKIE = "astrovl_token"
+#: paths answered for programs (JSON errors, no cookie redirect), not pages
+API_PREFIXES = ("/api/", "/thumb/", "/v1/")
 
 CONTENT_SECURITY_POLICY = ("default-src 'none'; script-src 'self'; style-src 'self'; "
                            "img-src 'self' data: blob:; connect-src 'self'; form-action 'self'; "
@@ -152,7 +154,7 @@ class Guard:
                 await self._refuse(scope, send)
                 return
             if from_query is not None and scope["method"] == "GET" and not scope["path"].startswith(
-                    ("/api/", "/thumb/")):
+                    API_PREFIXES):
                 await self._set_cookie_and_redirect(scope, send, query)
                 return
         if self.max_body is not None:
@@ -217,7 +219,7 @@ class Guard:
 
     async def _refuse(self, scope, send) -> None:
         path = scope["path"]
-        if path.startswith(("/api/", "/thumb/")) or scope["method"] != "GET":
+        if path.startswith(API_PREFIXES) or scope["method"] != "GET":
             await _send_json(send, 401, "this server needs a token: send 'Authorization: Bearer TOKEN' "
                              "or open the page address printed by 'astrovl serve' (it ends in ?token=...)",
                              headers=[(b"www-authenticate", b"Bearer")])

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ..exceptions import IndexMismatchError, QueryError
+from .batching import MicroBatcher
 from .defaults import DEFAULT_K, DEFAULT_MAX_IMAGE_PIXELS, MAX_K
 from .images import RADEC_COLUMNS, IndexImages, LRUCache, json_value, recorded_image_root
 from .parsing import is_sky_position, parse_count, parse_id
@@ -42,7 +43,8 @@ MASK_CACHE_BYTES = 64 * 2**20
 class SearchService:
     """Search an :class:`~astrovl.EmbeddingIndex` by text, image or example row.
 
-    The model is used by one thread at a time (a lock); text embeddings of
+    The model is used by one thread at a time (a lock); new query texts that
+    arrive together are embedded in one batched pass; text embeddings of
     repeated queries come from a cache; everything else is safe to call from
     many threads at once.
 
@@ -71,6 +73,12 @@ class SearchService:
         parent's when the directory is just called ``index``).
     max_image_pixels : int
         Pictures with more pixels are not decoded for thumbnails (413).
+    text_batch : int
+        Most new query texts embedded together in one pass of the text tower.
+    text_batch_wait : float
+        Seconds a new text waits for others to share its pass.
+    text_queue : int
+        Most texts waiting for the model; more are answered 503 (busy).
 
     Raises
     ------
@@ -84,7 +92,8 @@ class SearchService:
                  image_root: str | os.PathLike | None = None,
                  thumbnail_cache: str | os.PathLike | None = None, thumbnail_size: int = 256,
                  max_k: int = MAX_K, text_cache_size: int = 4096, title: str | None = None,
-                 max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
+                 max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+                 text_batch: int = 32, text_batch_wait: float = 0.002, text_queue: int = 256):
         if len(index) == 0:
             raise ValueError("the index is empty; there is nothing to serve")
         if embedder is None:
@@ -119,6 +128,8 @@ class SearchService:
                                    if a in lower and b in lower), None)
         self._model_lock = threading.Lock()
         self._text_vectors = LRUCache(text_cache_size)
+        self.text_batcher = MicroBatcher(self._embed_texts, max_batch=text_batch, max_wait=text_batch_wait,
+                                         max_queue=text_queue, name="the text model")
         self._masks = LRUCache(128, max_bytes=MASK_CACHE_BYTES)
         self._warm_up()
 
@@ -217,13 +228,27 @@ class SearchService:
 
     # ------------------------------------------------------------------ embeddings
     def text_vector(self, text: str) -> np.ndarray:
-        """The unit embedding of ``text`` (cached; the model is entered by one thread at a time)."""
+        """The unit embedding of ``text``.
+
+        Repeated texts come from a cache; new texts wait (a few milliseconds at
+        most) for others that arrive at the same time and are embedded with them
+        in one batched pass of the text tower (:attr:`text_batcher`).
+
+        Raises
+        ------
+        ServiceBusy
+            Too many texts are already waiting for the model (a 503 answer).
+        """
         vec = self._text_vectors.get(text)
         if vec is None:
-            with self._model_lock:
-                vec = self.embedder.embed_text([text])[0]
+            vec = self.text_batcher.submit(text).result()
             self._text_vectors.put(text, vec)
         return vec
+
+    def _embed_texts(self, texts: list[str]) -> list[np.ndarray]:
+        """One pass of the text tower for a batch of texts (the model is entered by one thread at a time)."""
+        with self._model_lock:
+            return list(self.embedder.embed_text(texts))
 
     def image_vector(self, image) -> np.ndarray:
         """The unit embedding of an :class:`~astrovl.AstroImage` (one thread in the model at a time)."""
@@ -322,6 +347,17 @@ class SearchService:
         if is_sky_position(ra, dec):  # catalogue sentinels (dec 99) are shown as given, not formatted
             out["sky"] = _sky_strings(ra, dec)
         return out
+
+    def item_image(self, row) -> tuple:
+        """The checked row number of item ``row`` and its :class:`~astrovl.AstroImage`.
+
+        Raises
+        ------
+        QueryError
+            404, 403 or 422, as for thumbnails.
+        """
+        row = self.images.check_row(_as_row(row))
+        return row, self.images.image(row)
 
     def thumbnail(self, row, large: bool = False) -> tuple[bytes, str]:
         """PNG bytes and ETag of the thumbnail (or, ``large``, the preview) of ``row``."""

@@ -12,8 +12,11 @@
     image: $("detail-image"), more: $("more-like"), close: $("detail-close"), sky: $("detail-sky"),
     meta: $("detail-meta"), header: $("detail-header"), headerSection: $("detail-header-section"),
     score: $("detail-score"), dropzone: $("dropzone"), button: $("search-button"),
+    assistant: $("assistant"), askForm: $("ask-form"), describe: $("describe"), question: $("question"),
+    answer: $("answer"), answerStatus: $("answer-status"),
   };
-  const state = { info: null, detailId: null, lastCard: null, request: 0 };
+  const state = { info: null, detailId: null, detailUpload: null, lastCard: null, request: 0, answer: null,
+    lastUpload: null };
 
   // Bidirectional control characters (embeddings, overrides, isolates, marks) in a label or a
   // header would reorder the text shown around them: each is shown as <U+XXXX> instead.
@@ -178,8 +181,17 @@
     remember([]);
     const form = new FormData();
     form.append("file", file, file.name);
+    state.lastUpload = file;
     run(["like the uploaded ", el("strong", { text: file.name })],
       () => call(apiUrl("api/search", params), { method: "POST", body: form }));
+  }
+
+  function uploadButton() {
+    if (!state.lastUpload || !assistantOn()) return null;
+    const file = state.lastUpload;
+    const button = el("button", { type: "button", id: "open-upload", text: "Describe or ask about it" });
+    button.addEventListener("click", () => openUpload(file));
+    return button;
   }
 
   function render(answer, describe) {
@@ -187,11 +199,13 @@
     els.results.replaceChildren(...results.map(card));
     els.empty.hidden = results.length > 0;
     const filters = Object.entries(answer.filters || {}).map(([c, v]) => `${c} = ${v.join(" or ")}`);
-    setStatus([
+    const parts = [
       `${results.length} result${results.length === 1 ? "" : "s"} `, ...describe,
       filters.length ? ` where ${filters.join(", ")}` : "",
       ` · ${answer.took_ms} ms`,
-    ]);
+    ];
+    if (answer.query && answer.query.kind === "image") parts.push(uploadButton());
+    setStatus(parts.filter((p) => p != null));
   }
 
   function card(result) {
@@ -227,6 +241,9 @@
   async function openDetail(id, score, fromCard) {
     state.lastCard = fromCard || null;
     state.detailId = id;
+    state.detailUpload = null;
+    resetAnswer();
+    els.more.hidden = false;
     setText(els.title, `item ${id}`);
     setText(els.score, score != null ? `score ${fmtScore(score)}` : "");
     setText(els.sky, "…");
@@ -296,11 +313,134 @@
     return value === null ? "" : String(value);
   }
 
+  // the detail view of an uploaded image: only the assistant (and "more like this") apply
+  function openUpload(file) {
+    state.lastCard = document.activeElement;
+    state.detailId = null;
+    state.detailUpload = file;
+    resetAnswer();
+    setText(els.title, file.name);
+    els.score.textContent = "uploaded image";
+    const picture = /^image\/(png|jpeg|gif|webp|bmp)$/.test(file.type);
+    if (picture) {
+      if (els.image.src.startsWith("blob:")) URL.revokeObjectURL(els.image.src);
+      els.image.src = URL.createObjectURL(file);
+      els.image.alt = file.name;
+    }
+    els.image.parentElement.hidden = !picture;
+    els.sky.textContent = "an uploaded image: its position is not known to the index";
+    els.meta.replaceChildren(
+      el("tr", {}, el("th", { text: "file" }), el("td", { text: file.name })),
+      el("tr", {}, el("th", { text: "size" }), el("td", { text: `${(file.size / 1024).toFixed(1)} KB` })));
+    els.headerSection.hidden = true;
+    els.detail.hidden = false;
+    els.backdrop.hidden = false;
+    els.describe.focus();
+  }
+
+  // ------------------------------------------------------------------ assistant
+  function assistantOn() { return Boolean(state.info && state.info.assistant); }
+
+  function resetAnswer() {
+    if (state.answer) state.answer.abort();
+    state.answer = null;
+    els.assistant.hidden = !assistantOn();
+    els.answer.replaceChildren();
+    els.answer.classList.remove("error", "streaming");
+    els.answer.dataset.pieces = "0";
+    els.answerStatus.textContent = "";
+  }
+
+  // Ask the server to describe the open image (no question) or to answer a question about it;
+  // the answer arrives as server-sent events and is added to the page as text, piece by piece.
+  async function askAssistant(question) {
+    resetAnswer();
+    const abort = new AbortController();
+    state.answer = abort;
+    const path = question ? "api/ask" : "api/caption";
+    const options = { method: "POST", credentials: "same-origin", signal: abort.signal };
+    if (state.detailUpload) {
+      const form = new FormData();
+      form.append("file", state.detailUpload, state.detailUpload.name);
+      if (question) form.append("question", question);
+      form.append("stream", "true");
+      options.body = form;
+    } else if (state.detailId != null) {
+      const body = { id: state.detailId, stream: true };
+      if (question) body.question = question;
+      options.headers = { "Content-Type": "application/json" };
+      options.body = JSON.stringify(body);
+    } else {
+      return;
+    }
+    els.answer.classList.add("streaming");
+    els.answerStatus.textContent = question ? "Thinking…" : "Describing…";
+    try {
+      const response = await fetch(apiUrl(path), options);
+      if (!response.ok) {
+        let body = null;
+        try { body = await response.json(); } catch (err) { body = null; }
+        throw new Error(body && body.error ? body.error : `the server answered ${response.status}`);
+      }
+      await readEvents(response, (event) => showEvent(event, abort));
+    } catch (err) {
+      if (abort.signal.aborted) return;
+      showAnswerError(err.message);
+    } finally {
+      if (state.answer === abort) {
+        els.answer.classList.remove("streaming");
+        state.answer = null;
+      }
+    }
+  }
+
+  async function readEvents(response, onEvent) {
+    const reader = response.body.getReader();
+    const decoder = new TextDecoder();
+    let buffer = "";
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      buffer += decoder.decode(value, { stream: true });
+      let at;
+      while ((at = buffer.indexOf("\n\n")) >= 0) {
+        const block = buffer.slice(0, at);
+        buffer = buffer.slice(at + 2);
+        const data = block.split("\n").filter((l) => l.startsWith("data:")).map((l) => l.slice(5).trim()).join("\n");
+        if (data) onEvent(JSON.parse(data));
+      }
+    }
+  }
+
+  function showEvent(event, abort) {
+    if (state.answer !== abort) return;
+    if (event.error) { showAnswerError(event.error); return; }
+    if (event.done) {
+      const usage = event.usage || {};
+      const ending = event.finish_reason === "length" ? " · stopped at the token limit" : "";
+      setText(els.answerStatus, `${event.model} · ${usage.completion_tokens} tokens${ending}`);
+      return;
+    }
+    if (event.text) {
+      els.answer.append(document.createTextNode(shown(event.text)));
+      els.answer.dataset.pieces = String(Number(els.answer.dataset.pieces || "0") + 1);
+    }
+  }
+
+  function showAnswerError(message) {
+    els.answer.classList.remove("streaming");
+    els.answer.classList.add("error");
+    setText(els.answer, message);
+    els.answerStatus.textContent = "";
+  }
+
   function closeDetail(restoreFocus) {
     if (els.detail.hidden) return;
     els.detail.hidden = true;
     els.backdrop.hidden = true;
     state.detailId = null;
+    state.detailUpload = null;
+    resetAnswer();
     if (restoreFocus !== false && state.lastCard && document.body.contains(state.lastCard)) state.lastCard.focus();
   }
 
@@ -337,6 +477,11 @@
       if ((event.key === "m" || event.key === "M") && !typing && !event.ctrlKey && !event.metaKey) {
         event.preventDefault();
         els.more.click();
+        return;
+      }
+      if ((event.key === "d" || event.key === "D") && !typing && !event.ctrlKey && !event.metaKey && assistantOn()) {
+        event.preventDefault();
+        els.describe.click();
         return;
       }
       if (event.key === "Tab") trapFocus(event);
@@ -377,6 +522,14 @@
   els.backdrop.addEventListener("click", () => closeDetail());
   els.more.addEventListener("click", () => {
     if (state.detailId != null) searchLike(state.detailId, els.title.textContent);
+    else if (state.detailUpload) { const file = state.detailUpload; closeDetail(false); searchFile(file); }
+  });
+  els.describe.addEventListener("click", () => askAssistant(null));
+  els.askForm.addEventListener("submit", (event) => {
+    event.preventDefault();
+    const question = els.question.value.trim();
+    if (!question) { els.question.focus(); return; }
+    askAssistant(question);
   });
 
   let dragDepth = 0;

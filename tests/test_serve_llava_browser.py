@@ -1,0 +1,136 @@
+"""``astrovl serve --llava`` in a real browser: "Describe" and "Ask" stream their answers into the page.
+
+Skipped when Selenium, Chromium or ChromeDriver is missing (Debian packages
+``chromium`` and ``chromium-driver``; CI installs them).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import urllib.request
+
+import pytest
+from astropy.table import Table
+
+pytest.importorskip("starlette")
+pytest.importorskip("uvicorn")
+selenium = pytest.importorskip("selenium", reason="selenium is not installed (pip install selenium)")
+
+from astrovl.serve.testing import ServerProcess, chromium_driver, chromium_paths  # noqa: E402
+
+CHROMIUM, CHROMEDRIVER = chromium_paths()
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None or CHROMEDRIVER is None,
+    reason="no Chromium and ChromeDriver on this machine (Debian: apt-get install chromium chromium-driver)")
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, m13_path, ngc1316_path):
+    """``astrovl serve INDEX --llava TINY`` in a subprocess, over two real FITS images."""
+    from astrovl.clip import TINY_CLIP_CONFIG, CLIPEmbedder, EmbeddingIndex
+    from astrovl.llava.testing import make_tiny_llava
+
+    base = tmp_path_factory.mktemp("browser-llava")
+    images = base / "images"
+    images.mkdir()
+    paths = [str(shutil.copy(m13_path, images / "m13.fits")), str(shutil.copy(ngc1316_path, images / "n1316.fits"))]
+    embedder = CLIPEmbedder.from_config(TINY_CLIP_CONFIG, seed=0)
+    embedder.save_pretrained(base / "clip")
+    embedder = CLIPEmbedder.from_pretrained(base / "clip")
+    EmbeddingIndex.build(embedder, paths, metadata=Table({"path": paths, "name": ["M13", "NGC 1316"]}),
+                         progress=False).save(base / "index")
+    llava = make_tiny_llava(base / "llava")
+    server = ServerProcess([base / "index", "--llava", llava, "--llava-max-tokens", "48",
+                            "--thumbnail-cache", base / "thumbs", "--log-level", "warning"], base / "server.log")
+    with server:
+        yield {"url": server.url, "paths": paths}
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    driver = chromium_driver(tmp_path_factory.mktemp("chromium-profile"))
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def _wait(driver, condition, timeout=90, message=""):
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    wait = WebDriverWait(driver, timeout, poll_frequency=0.05, ignored_exceptions=(StaleElementReferenceException,))
+    return wait.until(condition, message)
+
+
+def _post_json(url: str, body: dict) -> dict:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                     headers={"content-type": "application/json"})
+    with urllib.request.urlopen(request, timeout=120) as r:
+        return json.loads(r.read())
+
+
+def _answer_text(d) -> str:
+    """The answer as the page holds it (Selenium's ``.text`` would fold whitespace)."""
+    return d.execute_script("return document.getElementById('answer').textContent")
+
+
+def _answer_done(d) -> bool:
+    from selenium.webdriver.common.by import By
+
+    return "tokens" in d.find_element(By.ID, "answer-status").text
+
+
+def test_describe_and_ask_stream_into_the_detail_view(served, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    d = browser
+    d.get(served["url"])
+    _wait(d, lambda d: "images" in d.find_element(By.ID, "index-info").text, message="index info")
+    d.find_element(By.ID, "q").send_keys("a globular cluster", Keys.ENTER)
+    _wait(d, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#results .card")) == 2, message="result cards")
+    card = next(c for c in d.find_elements(By.CSS_SELECTOR, "#results .card")
+                if c.find_element(By.CSS_SELECTOR, ".label").text == "M13")
+    row = int(card.get_attribute("data-id"))
+    card.click()
+    assistant = d.find_element(By.ID, "assistant")
+    _wait(d, lambda d: assistant.is_displayed(), message="assistant section")
+
+    # Describe: the answer grows piece by piece while it is generated, then says how many tokens
+    d.find_element(By.ID, "describe").click()
+    lengths = set()
+
+    def grown(d):
+        lengths.add(len(d.find_element(By.ID, "answer").text))
+        return _answer_done(d)
+
+    _wait(d, grown, message="the description")
+    answer = d.find_element(By.ID, "answer")
+    described = _answer_text(d)
+    expected = _post_json(served["url"] + "api/caption", {"id": row})
+    assert described == expected["text"] and described
+    assert int(answer.get_attribute("data-pieces")) > 1  # streamed, not sent at once
+    assert len(lengths) > 1 or int(answer.get_attribute("data-pieces")) > 1
+    assert f"{expected['usage']['completion_tokens']} tokens" in d.find_element(By.ID, "answer-status").text
+
+    # Ask: a question typed into the detail view, answered the same way
+    question = "Is there a bar?"
+    box = d.find_element(By.ID, "question")
+    box.send_keys(question, Keys.ENTER)
+    _wait(d, lambda d: _answer_done(d) and _answer_text(d) != described, message="the answer")
+    asked = _post_json(served["url"] + "api/ask", {"id": row, "question": question})
+    assert _answer_text(d) == asked["text"]
+    d.find_element(By.TAG_NAME, "body").send_keys(Keys.ESCAPE)
+
+    # an uploaded image: "Describe or ask about it" opens it with the assistant
+    d.find_element(By.ID, "upload").send_keys(served["paths"][1])
+    _wait(d, lambda d: d.find_elements(By.ID, "open-upload"), message="the upload's button")
+    d.find_element(By.ID, "open-upload").click()
+    _wait(d, lambda d: d.find_element(By.ID, "detail-title").text == "n1316.fits", message="upload detail")
+    d.find_element(By.ID, "describe").click()
+    _wait(d, _answer_done, message="the upload's description")
+    row_1316 = 1 - row
+    assert _answer_text(d) == _post_json(served["url"] + "api/caption", {"id": row_1316})["text"]
+    assert d.title != "pwned"
