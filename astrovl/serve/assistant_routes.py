@@ -19,6 +19,7 @@ import uuid
 
 from ..exceptions import QueryError
 from .batching import ServiceBusy
+from .defaults import DEFAULT_MAX_IMAGE_PIXELS
 from .openai_api import (
     SSE_DONE,
     OpenAIError,
@@ -29,7 +30,6 @@ from .openai_api import (
     sse,
     usage_body,
 )
-from .defaults import DEFAULT_MAX_IMAGE_PIXELS
 from .parsing import MAX_JSON_BYTES, read_json
 from .uploads import read_upload
 
