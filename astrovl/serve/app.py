@@ -116,7 +116,6 @@ def create_app(index, embedder=None, *, index_dir: str | os.PathLike | None = No
     optional_import("multipart", "serve", "uploads to the web service")
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
-    from starlette.middleware import Middleware
     from starlette.routing import Route
 
     from ..clip import EmbeddingIndex
@@ -128,10 +127,7 @@ def create_app(index, embedder=None, *, index_dir: str | os.PathLike | None = No
     if isinstance(index, (str, os.PathLike)):
         index_dir = Path(index)
         index = EmbeddingIndex.load(index_dir, embedder=embedder, device=device)
-    if search_threads is not None:
-        import faiss
-
-        faiss.omp_set_num_threads(int(search_threads))
+    _set_search_threads(search_threads)
     service = SearchService(index, embedder, index_dir=index_dir, image_root=image_root,
                             thumbnail_cache=thumbnail_cache, thumbnail_size=thumbnail_size, max_k=max_k,
                             title=title, max_image_pixels=int(max_image_pixels), text_batch=text_batch)
@@ -150,20 +146,34 @@ def create_app(index, embedder=None, *, index_dir: str | os.PathLike | None = No
         *assistant_routes(assistant, service, int(max_upload_bytes), handlers.image_limiter,
                           max_image_pixels=int(max_image_pixels)),
     ]
-    middleware = [Middleware(Guard, token=token, allowed_hosts=allowed_hosts,
-                             max_body=int(max_upload_bytes) + FORM_OVERHEAD)]
-    if cors_origins:
-        from starlette.middleware.cors import CORSMiddleware
-
-        middleware.insert(0, Middleware(CORSMiddleware, allow_origins=list(cors_origins),
-                                        allow_methods=["GET", "POST"],
-                                        allow_headers=["Authorization", "Content-Type"]))
+    middleware = _middleware(token, allowed_hosts, int(max_upload_bytes) + FORM_OVERHEAD, cors_origins)
     app = Starlette(routes=routes, middleware=middleware, exception_handlers={
         QueryError: _query_error, HTTPException: _http_error, BodyTooLarge: handlers.too_large,
         Exception: _internal_error})
     app.state.service = service
     app.state.assistant = assistant
     return app
+
+
+def _set_search_threads(threads: int | None) -> None:
+    if threads is not None:
+        import faiss
+
+        faiss.omp_set_num_threads(int(threads))
+
+
+def _middleware(token, allowed_hosts, max_body: int, cors_origins) -> list:
+    """The guard (token, Host check, body size, security headers), after CORS when enabled."""
+    from starlette.middleware import Middleware
+
+    middleware = [Middleware(Guard, token=token, allowed_hosts=allowed_hosts, max_body=max_body)]
+    if cors_origins:
+        from starlette.middleware.cors import CORSMiddleware
+
+        middleware.insert(0, Middleware(CORSMiddleware, allow_origins=list(cors_origins),
+                                        allow_methods=["GET", "POST"],
+                                        allow_headers=["Authorization", "Content-Type"]))
+    return middleware
 
 
 def _assistant(llava, device, max_batch: int, max_queue: int, max_tokens: int):
