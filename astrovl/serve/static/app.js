@@ -320,7 +320,7 @@
     state.detailUpload = file;
     resetAnswer();
     setText(els.title, file.name);
-    els.score.textContent = "uploaded image";
+    setText(els.score, "uploaded image");
     const picture = /^image\/(png|jpeg|gif|webp|bmp)$/.test(file.type);
     if (picture) {
       if (els.image.src.startsWith("blob:")) URL.revokeObjectURL(els.image.src);
@@ -328,7 +328,7 @@
       els.image.alt = file.name;
     }
     els.image.parentElement.hidden = !picture;
-    els.sky.textContent = "an uploaded image: its position is not known to the index";
+    setText(els.sky, "an uploaded image: its position is not known to the index");
     els.meta.replaceChildren(
       el("tr", {}, el("th", { text: "file" }), el("td", { text: file.name })),
       el("tr", {}, el("th", { text: "size" }), el("td", { text: `${(file.size / 1024).toFixed(1)} KB` })));
@@ -348,7 +348,7 @@
     els.answer.replaceChildren();
     els.answer.classList.remove("error", "streaming");
     els.answer.dataset.pieces = "0";
-    els.answerStatus.textContent = "";
+    setText(els.answerStatus, "");
   }
 
   // Ask the server to describe the open image (no question) or to answer a question about it;
@@ -374,7 +374,7 @@
       return;
     }
     els.answer.classList.add("streaming");
-    els.answerStatus.textContent = question ? "Thinking…" : "Describing…";
+    setText(els.answerStatus, question ? "Thinking…" : "Describing…");
     try {
       const response = await fetch(apiUrl(path), options);
       if (!response.ok) {
@@ -431,7 +431,7 @@
     els.answer.classList.remove("streaming");
     els.answer.classList.add("error");
     setText(els.answer, message);
-    els.answerStatus.textContent = "";
+    setText(els.answerStatus, "");
   }
 
   function closeDetail(restoreFocus) {
