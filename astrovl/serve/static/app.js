@@ -63,7 +63,8 @@
       state.info = info;
       els.name.textContent = `· ${info.name}`;
       document.title = `astrovl · ${info.name}`;
-      const model = info.model && (info.model.name || info.model.id) ? ` · model ${info.model.name || info.model.id}` : "";
+      const model = (info.model && (info.model.name || info.model.id) ? ` · model ${info.model.name || info.model.id}` : "")
+        + (info.model && info.model.random ? " (random weights: results carry no meaning)" : "");
       els.info.textContent = `${info.count.toLocaleString()} images · ${info.dim}-d ${info.kind} index${model}`;
       buildFilters(info.filters || {});
     } catch (err) {
