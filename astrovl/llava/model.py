@@ -521,9 +521,13 @@ def _load_full(source: ResolvedCheckpoint, dev, *, dtype=None, load_in_4bit: boo
 
     layout = detect_layout(source.path)
     if layout == "original":
+        from ..config import cache_path
+        from ..utils.distributed import main_process_first
         from .convert import converted_checkpoint
 
-        directory = converted_checkpoint(source, vision_tower=vision_tower)
+        # under accelerate/torchrun process 0 converts, the others wait and reuse its conversion
+        with main_process_first(cache_path("converted-llava", ".lock"), what=f"converting {source.name}"):
+            directory = converted_checkpoint(source, vision_tower=vision_tower)
     else:
         if source.repo_id is not None:
             fetch_weights(source)
