@@ -8,7 +8,7 @@ from astrovl.evaluation import (
     retrieval_curve,
     top_k_percent_accuracy,
 )
-from astrovl.evaluation.retrieval import true_partner_ranks
+from astrovl.evaluation.retrieval import TIE_TOLERANCE, partner_tie_counts, true_partner_ranks
 
 
 def test_identical_pairs_give_one():
@@ -47,10 +47,54 @@ def test_hand_computed_4x4_case():
     assert top_k_percent_accuracy(img, txt, 25, direction="text_to_image") == 0.5
 
 
-def test_ties_count_in_favour_of_the_true_partner():
+def test_ties_never_count_in_favour_of_the_true_partner():
     img = np.ones((3, 2))
     txt = np.ones((3, 2))
-    assert list(true_partner_ranks(img, txt)) == [1, 1, 1]
+    assert list(true_partner_ranks(img, txt)) == [3, 3, 3]
+    assert list(true_partner_ranks(img, txt, ties="average")) == [2.0, 2.0, 2.0]
+    with pytest.raises(ValueError, match="ties"):
+        true_partner_ranks(img, txt, ties="min")
+
+
+def test_partial_ties_count_the_expected_hits():
+    # image 0: caption 0 ties with caption 1, caption 2 scores higher -> g=1, t=2
+    img = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    txt = np.array([[1.0, 0.2], [1.0, 0.2], [1.0, 0.0]])
+    greater, tied = partner_tie_counts(img, txt)
+    assert greater[0] == 1 and tied[0] == 2
+    assert true_partner_ranks(img, txt)[0] == 3
+    assert true_partner_ranks(img, txt, ties="average")[0] == 2.5
+    # image 1: its caption ties with caption 0 (g=0, t=2); image 2: two captions above it (g=2, t=1)
+    assert list(greater) == [1, 0, 2] and list(tied) == [2, 2, 1]
+    # within the first two: image 0 half a hit (one of two tied captions comes second), image 1 a hit
+    assert recall_at_k(img, txt, 2) == pytest.approx((0.5 + 1 + 0) / 3)
+    assert recall_at_k(img, txt, 1) == pytest.approx((0 + 0.5 + 0) / 3)
+
+
+@pytest.mark.parametrize("direction", ["image_to_text", "text_to_image"])
+def test_a_collapsed_model_scores_chance_not_perfect(direction):
+    """Every text vector equal (a collapsed text tower): top-k% is k%, recall@1 is 1/N."""
+    rng = np.random.default_rng(4)
+    n = 200
+    img = rng.normal(size=(n, 16))
+    txt = np.tile(rng.normal(size=(1, 16)), (n, 1))
+    for k in (1, 10, 50):
+        assert top_k_percent_accuracy(img, txt, k, direction=direction) == pytest.approx(k / 100)
+    assert recall_at_k(img, txt, 1, direction=direction) == pytest.approx(1 / n)
+    ks, acc = retrieval_curve(img, txt, direction=direction)
+    np.testing.assert_allclose(acc, ks / 100, atol=1e-12)
+    assert median_rank(img, txt, direction=direction) == pytest.approx((n + 1) / 2)
+    assert top_k_percent_accuracy(img, txt, 10, direction="text_to_image", batch_size=100) == pytest.approx(0.10)
+
+
+def test_float32_rounding_of_equal_vectors_is_a_tie():
+    rng = np.random.default_rng(5)
+    img = rng.normal(size=(64, 512)).astype(np.float32)
+    same = rng.normal(size=512).astype(np.float32)
+    txt = np.tile(same, (64, 1))
+    txt[::2] *= 3.0  # the same direction, other lengths: equal after normalisation up to rounding
+    greater, tied = partner_tie_counts(img, txt)
+    assert (greater == 0).all() and (tied == 64).all()
 
 
 def test_chunking_does_not_change_results():
@@ -61,7 +105,8 @@ def test_chunking_does_not_change_results():
     np.testing.assert_array_equal(a, b)
     # brute force check
     sims = (img / np.linalg.norm(img, axis=1, keepdims=True)) @ (txt / np.linalg.norm(txt, axis=1, keepdims=True)).T
-    expected = 1 + (sims > np.diag(sims)[:, None]).sum(axis=1)
+    # pessimistic ranks: everything at least as high as the true partner (within the tie tolerance)
+    expected = (sims >= np.diag(sims)[:, None] - TIE_TOLERANCE).sum(axis=1)
     np.testing.assert_array_equal(a, expected)
 
 

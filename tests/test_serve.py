@@ -128,6 +128,7 @@ def test_health_and_info(client, archive):
     assert info["dim"] == archive["embedder"].embed_dim == 64
     assert info["kind"] == "exact"
     assert info["model"]["id"] == archive["embedder"].model_id
+    assert info["model"]["random"] is True  # an untrained model built from a config: the page says so
     assert info["columns"] == ["path", "name", "instrument", "proposal_id"]
     assert info["filters"]["instrument"] == ["ACS", "DSS", "WFC3", "camera"]
     assert info["filters"]["proposal_id"] == ["101", "102", "103", "104", "105"]

@@ -331,7 +331,7 @@ def test_validation_conversations_are_never_trained_on(tiny_dir, sky, tmp_path):
     assert result.history.meta["records"] == len(train_ids)
     assert result.history.meta["val_records"] == len(sky.split("val"))
     assert np.all(np.isfinite(result.history["val_loss"]))
-    # the last validation loss is the mean batch loss of the trained model on the val records
+    # the last validation loss is the mean answer-token loss of the trained model on the val records
     from astrovl.training.llava_data import collate_fn
 
     val_set = LLaVATorchDataset(load_conversation_records(sky, stage=1, split="val"), result.model.processor,
@@ -340,8 +340,10 @@ def test_validation_conversations_are_never_trained_on(tiny_dir, sky, tmp_path):
                                          collate_fn=collate_fn(result.model.processor.tokenizer.pad_token_id))
     net = result.model.model.eval()
     with torch.no_grad():
-        losses = [float(net(**{k: v for k, v in b.items() if k != "position"}).loss) for b in loader]
-    assert result.history["val_loss"][-1] == pytest.approx(np.mean(losses), rel=1e-5)
+        losses = [(float(net(**{k: v for k, v in b.items() if k != "position"}).loss),
+                   int((b["labels"][:, 1:] != IGNORE_INDEX).sum())) for b in loader]
+    total_tokens = sum(n for _, n in losses)
+    assert result.history["val_loss"][-1] == pytest.approx(sum(m * n for m, n in losses) / total_tokens, rel=1e-5)
 
 
 def test_dataloader_workers_prepare_the_same_batches(tiny_dir, sky, tmp_path):

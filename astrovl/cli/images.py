@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from ._common import (
     add_command,
     add_model_args,
@@ -137,7 +139,7 @@ def _cmd_index_build(args):
                                  batch_size=args.batch_size, approximate=args.approximate,
                                  image_root=common_image_root(files))
     index.save(args.index)
-    print(f"index {args.index}: {len(index)} images, model {index.model_id}")
+    print(f"index {args.index}: {len(index)} images, model {_model_text(index)}")
     return 0
 
 
@@ -157,8 +159,14 @@ def _cmd_index_add(args):
     vectors = _index_embedder(index, "index add").embed_images(files, batch_size=args.batch_size)
     index.add(vectors, Table({"path": files}))
     index.save(args.index)
-    print(f"index {args.index}: {len(index)} images, model {index.model_id}")
+    print(f"index {args.index}: {len(index)} images, model {_model_text(index)}")
     return 0
+
+
+def _model_text(index) -> str:
+    """The index's model id, marked when its weights were random."""
+    random = " (random weights: the vectors carry no meaning)" if index.model_info.get("random") else ""
+    return f"{index.model_id}{random}"
 
 
 def _index_embedder(index, command: str):
@@ -177,6 +185,9 @@ def _cmd_search(args):
         raise ValueError("give either a text query or --image, not both or neither")
     index = EmbeddingIndex.load(args.index, embedder=load_clip_if_named(args),
                                 device=args.device)
+    if index.model_info.get("random"):
+        print(f"astrovl search: note: the index {args.index} was made by a model with random weights "
+              f"({index.model_id}); its results carry no meaning", file=sys.stderr)
     query = args.query if args.query is not None else load_image(args.image)
     emit(index.search(query, k=args.k, nprobe=args.nprobe, ef_search=args.ef_search), args)
     return 0

@@ -84,11 +84,15 @@ class CLIPEmbedder:
     source : dict or None
         How to load these weights again (see :mod:`astrovl.clip.loading`); None
         for a model that exists only in memory (built from a config and never saved).
+    random_weights : bool
+        True while the weights are still a random initialisation (from
+        :meth:`from_config`, or an open_clip name without a pretrained tag); an
+        index built with such a model records it.
     """
 
     def __init__(self, model, tokenizer, preprocess, *, model_name: str, model_cfg: dict,
                  preprocess_cfg: dict, device=None, precision: str | None = None,
-                 model_id: str | None = None, source: dict | None = None):
+                 model_id: str | None = None, source: dict | None = None, random_weights: bool = False):
         import torch
 
         self.device = resolve_device(device)
@@ -109,6 +113,8 @@ class CLIPEmbedder:
         known = digest_from_model_id(model_id)
         if known is not None:  # a digest recorded with the weights (saved config, a copy's id)
             self._digest.prime(self.model, known)
+        # the digest of the random initialisation: the weights are random as long as they keep it
+        self._random_digest = self._digest.get(self.model) if random_weights else None
 
     # ------------------------------------------------------------------ identity
     @property
@@ -120,6 +126,11 @@ class CLIPEmbedder:
     def model_id(self) -> str:
         """``"model_name@weights_digest"``: the identity of the weights."""
         return f"{self.model_name}@{self.weights_digest}"
+
+    @property
+    def random_weights(self) -> bool:
+        """True while the weights are the random initialisation they were built with (untrained)."""
+        return self._random_digest is not None and self.weights_digest == self._random_digest
 
     # ------------------------------------------------------------------ properties
     @property
@@ -195,7 +206,8 @@ class CLIPEmbedder:
         model = build_model(model_cfg)
         pp = cls._preprocess_cfg_for(model_cfg)
         return cls(model, *cls._tokenizer_and_transform(model_cfg, pp), model_name=name,
-                   model_cfg=model_cfg, preprocess_cfg=pp, device=device, precision=precision)
+                   model_cfg=model_cfg, preprocess_cfg=pp, device=device, precision=precision,
+                   random_weights=True)
 
     @staticmethod
     def _preprocess_cfg_for(model_cfg: dict, base: dict | None = None) -> dict:
@@ -253,6 +265,8 @@ class CLIPEmbedder:
             (``HF_HUB_OFFLINE=1``) a repository loads when its files are cached.
         pretrained : str, optional
             Pretrained tag or checkpoint file path for open_clip model names.
+            Without it an open_clip name builds a randomly initialised model (see
+            Warns).
         device : str or torch.device, optional
         precision : {"fp32", "bf16", "fp16"}, optional
             Inference precision (autocast); default bf16 on CUDA, fp32 on CPU.
@@ -260,6 +274,14 @@ class CLIPEmbedder:
             Branch, tag or commit of a hub repository (default: ``main``).
         cache_dir : str, optional
             Download cache (default: the Hugging Face hub cache).
+
+        Warns
+        -----
+        UserWarning
+            For an open_clip model name without ``pretrained``: the model has
+            random weights (:attr:`random_weights` is True, and an index built with
+            it records so). Use :meth:`from_config` to build an untrained model on
+            purpose, without the warning.
 
         Raises
         ------
@@ -274,7 +296,7 @@ class CLIPEmbedder:
         model_id = f"{resolved.model_name}@{resolved.digest}" if resolved.digest else None
         return cls(resolved.model, tokenizer, transform, model_name=resolved.model_name,
                    model_cfg=resolved.model_cfg, preprocess_cfg=pp, device=device, precision=precision,
-                   model_id=model_id, source=resolved.source)
+                   model_id=model_id, source=resolved.source, random_weights=resolved.random)
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
         """Write safetensors weights and a JSON config to ``directory`` (atomically).
@@ -305,6 +327,8 @@ class CLIPEmbedder:
             save_model(self.model, str(tmp / WEIGHTS_NAME))
             cfg = {"format": FORMAT, "format_version": 1, "astrovl_version": __version__,
                    "model_id": self.model_id, "weights_digest": digest, **self.config}
+            if self.random_weights:
+                cfg["random_weights"] = True
             (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=2), encoding="utf-8")
         return directory
 

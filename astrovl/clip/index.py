@@ -225,7 +225,12 @@ class EmbeddingIndex:
 
     @property
     def model_info(self) -> dict:
-        """What the index knows of its model: ``id``, ``name``, ``digest`` and ``source``."""
+        """What the index knows of its model: ``id``, ``name``, ``digest``, ``source`` and ``random``.
+
+        ``random`` is True when the vectors were made by a model with random
+        (untrained) weights, whose search results carry no meaning; it is
+        missing from indexes saved before astrovl recorded it.
+        """
         return {k: (dict(v) if isinstance(v, dict) else v) for k, v in self._model.items()}
 
     @property
@@ -729,7 +734,8 @@ def _map_vectors(path: Path) -> np.ndarray:
 def _model_record(embedder) -> dict:
     """What an index records of the embedder that made its vectors."""
     return {"id": embedder.model_id, "name": embedder.model_name, "digest": embedder.weights_digest,
-            "source": dict(embedder.source) if embedder.source else None}
+            "source": dict(embedder.source) if embedder.source else None,
+            "random": bool(getattr(embedder, "random_weights", False))}
 
 
 def _recorded_model(manifest: dict, directory: Path) -> dict:

@@ -19,6 +19,11 @@ Hub repositories are read through :func:`huggingface_hub.hf_hub_download` and it
 cache, so they load offline (``HF_HUB_OFFLINE=1``) once cached. Transformers
 ``CLIPModel`` checkpoints are converted to the open_clip architecture with the
 same numbers (:func:`convert_transformers_clip`).
+
+An open_clip model name without a pretrained tag builds a randomly initialised
+model: this warns (``UserWarning``), records no source (random weights cannot
+be loaded again) and marks the weights as random
+(:attr:`CLIPEmbedder.random_weights <astrovl.CLIPEmbedder.random_weights>`).
 """
 
 from __future__ import annotations
@@ -74,6 +79,8 @@ class ResolvedModel:
     preprocess_cfg: dict | None
     source: dict | None
     digest: str | None = None
+    #: the weights are a random initialisation (an open_clip name without a pretrained tag)
+    random: bool = False
 
 
 # ---------------------------------------------------------------------- building
@@ -161,7 +168,8 @@ def _from_astrovl_directory(path: Path) -> ResolvedModel:
         raise CheckpointError(f"weights in {str(weights)!r} could not be loaded: {exc}") from exc
     digest = cfg.get("weights_digest") or digest_from_model_id(cfg.get("model_id"))
     return ResolvedModel(model, cfg["model_name"], cfg["model_cfg"], cfg.get("preprocess_cfg"),
-                         {"kind": "directory", "path": str(path.resolve())}, digest)
+                         {"kind": "directory", "path": str(path.resolve())}, digest,
+                         random=bool(cfg.get("random_weights", False)))
 
 
 def _from_open_clip_directory(path: Path, name: str) -> ResolvedModel:
@@ -394,8 +402,32 @@ def _from_open_clip_name(name: str, pretrained: str | None, cache_dir) -> Resolv
         ) from exc
     model_cfg = copy.deepcopy(open_clip.get_model_config(name))
     pp = dict(getattr(model.visual, "preprocess_cfg", {}) or {})
-    source = {"kind": "open_clip", "name": name, "pretrained": pretrained} if pretrained else None
-    return ResolvedModel(model, name, model_cfg, pp, source)
+    if not pretrained:
+        _warn_random_weights(name)
+        return ResolvedModel(model, name, model_cfg, pp, None, random=True)
+    return ResolvedModel(model, name, model_cfg, pp, {"kind": "open_clip", "name": name, "pretrained": pretrained})
+
+
+def _warn_random_weights(name: str) -> None:
+    """Warn (``UserWarning``) that the open_clip model ``name`` was built without pretrained weights."""
+    import warnings
+
+    tags = _pretrained_tags(name)
+    hint = f" (its tags: {', '.join(repr(t) for t in tags[:6])}{', ...' if len(tags) > 6 else ''})" if tags else ""
+    warnings.warn(
+        f"CLIP model {name!r} has no pretrained weights: without pretrained= it is randomly initialised, "
+        f"and its embeddings carry no meaning. Pass a pretrained tag{hint} or a checkpoint file as "
+        f"pretrained=, or build an untrained model on purpose with CLIPEmbedder.from_config({name!r})",
+        UserWarning, stacklevel=5)  # the caller of CLIPEmbedder.from_pretrained
+
+
+def _pretrained_tags(name: str) -> list[str]:
+    import open_clip
+
+    try:
+        return list(open_clip.list_pretrained_tags_by_model(name))
+    except Exception:  # an older open_clip without the listing: the message goes without tags
+        return []
 
 
 def _from_checkpoint_file(name: str, file: Path) -> ResolvedModel:

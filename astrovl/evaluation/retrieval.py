@@ -3,14 +3,33 @@
 Row ``i`` of ``image_embeddings`` and row ``i`` of ``text_embeddings`` form a
 true pair. For every query (an image for ``direction="image_to_text"``, a text
 for ``"text_to_image"``) the candidates of the other modality are ranked by
-cosine similarity, and the *rank* of the true partner is
+cosine similarity. For the true partner of each query two numbers are counted:
+``g``, the candidates with a *strictly* higher similarity, and ``t``, the
+candidates with the *same* similarity, the true partner itself included
+(similarities within ``1e-6`` of each other count as the same: float32 rounding
+of equal vectors).
 
-    rank = 1 + (number of candidates with a strictly higher similarity)
+Ties are never counted in favour of the true partner. A model that cannot tell
+candidates apart must score what guessing scores:
 
-so ties are resolved in favour of the true partner. The top-k% accuracy is the
-fraction of queries whose true partner has ``rank <= ceil(k / 100 * N)`` (at
-least 1), where ``N`` is the number of candidates. For random embeddings it is
-about ``k %``; for identical pairs it is 1.
+* the *rank* of the true partner (:func:`true_partner_ranks`) is pessimistic by
+  default, ``rank = g + t`` (the number of candidates scoring at least as high
+  as the true partner, itself included); ``ties="average"`` gives the mean rank
+  over the orders of the tied candidates, ``g + (t + 1) / 2``;
+* the accuracies (top-k%, recall@k, the retrieval curve) are the expected
+  fraction of hits when tied candidates are put in a random order: a query
+  whose cut-off ``K`` falls among its ties counts ``(K - g) / t`` of a hit
+  (1 when ``g + t <= K``, 0 when ``g >= K``);
+* the median rank is the median of the mean ranks ``g + (t + 1) / 2``.
+
+Without ties all of these are the plain rank ``g + 1``. A collapsed model whose
+text vectors are all equal therefore scores ``K / N`` (about ``k %``), the
+chance level, and a median rank of ``(N + 1) / 2``, not a perfect score.
+
+The top-k% accuracy counts a hit when the true partner is within the first
+``K = ceil(k / 100 * N)`` candidates (at least 1), where ``N`` is the number of
+candidates. For random embeddings it is about ``k %``; for identical pairs of
+distinct vectors it is 1.
 
 Similarities are computed in blocks of ``chunk_size`` queries, so ``N = 100,000``
 needs about ``chunk_size * N * 4`` bytes at a time, not ``N * N``.
@@ -24,6 +43,8 @@ import numpy as np
 
 __all__ = [
     "true_partner_ranks",
+    "partner_tie_counts",
+    "TIE_TOLERANCE",
     "top_k_percent_accuracy",
     "retrieval_curve",
     "recall_at_k",
@@ -32,6 +53,9 @@ __all__ = [
 ]
 
 _DIRECTIONS = ("image_to_text", "text_to_image")
+_TIE_RULES = ("max", "average")
+#: cosine similarities closer than this count as equal (float32 rounding of equal vectors)
+TIE_TOLERANCE = 1e-6
 
 
 def _normalize(x: np.ndarray, name: str) -> np.ndarray:
@@ -48,18 +72,8 @@ def _normalize(x: np.ndarray, name: str) -> np.ndarray:
     return x / norms
 
 
-def true_partner_ranks(image_embeddings, text_embeddings, direction: str = "image_to_text",
-                       chunk_size: int = 512) -> np.ndarray:
-    """Return the 1-based rank of each query's true partner (see module notes for ties).
-
-    Parameters
-    ----------
-    image_embeddings, text_embeddings : array-like, shape (N, D)
-        Row ``i`` of each forms a pair. Rows need not be normalized.
-    direction : {"image_to_text", "text_to_image"}
-    chunk_size : int
-        Number of queries per block.
-    """
+def _pairs(image_embeddings, text_embeddings, direction: str):
+    """Normalised (queries, candidates) of ``direction``, with the inputs checked."""
     if direction not in _DIRECTIONS:
         raise ValueError(f"direction={direction!r} is not known; use one of {_DIRECTIONS}")
     img = _normalize(image_embeddings, "image_embeddings")
@@ -69,15 +83,79 @@ def true_partner_ranks(image_embeddings, text_embeddings, direction: str = "imag
             f"image_embeddings {img.shape} and text_embeddings {txt.shape} must have the same "
             "shape: row i of each is one image-text pair"
         )
-    queries, cands = (img, txt) if direction == "image_to_text" else (txt, img)
+    return (img, txt) if direction == "image_to_text" else (txt, img)
+
+
+def partner_tie_counts(image_embeddings, text_embeddings, direction: str = "image_to_text",
+                       chunk_size: int = 512) -> tuple[np.ndarray, np.ndarray]:
+    """Count, for each query, the candidates above and level with its true partner.
+
+    Parameters
+    ----------
+    image_embeddings, text_embeddings : array-like, shape (N, D)
+        Row ``i`` of each forms a pair. Rows need not be normalized.
+    direction : {"image_to_text", "text_to_image"}
+    chunk_size : int
+        Number of queries per block.
+
+    Returns
+    -------
+    greater, tied : numpy.ndarray of int64, shape (N,)
+        ``greater``: candidates with a strictly higher similarity than the true
+        partner; ``tied``: candidates with the same similarity (within
+        ``1e-6``), the true partner included (so ``tied >= 1``).
+    """
+    queries, cands = _pairs(image_embeddings, text_embeddings, direction)
     n = len(queries)
-    ranks = np.empty(n, dtype=np.int64)
-    for start in range(0, n, max(1, int(chunk_size))):
-        stop = min(n, start + chunk_size)
+    greater = np.empty(n, dtype=np.int64)
+    tied = np.empty(n, dtype=np.int64)
+    step = max(1, int(chunk_size))
+    for start in range(0, n, step):
+        stop = min(n, start + step)
         sims = queries[start:stop] @ cands.T
-        true = sims[np.arange(stop - start), np.arange(start, stop)]
-        ranks[start:stop] = 1 + (sims > true[:, None]).sum(axis=1)
-    return ranks
+        true = sims[np.arange(stop - start), np.arange(start, stop)][:, None]
+        above = sims > true + TIE_TOLERANCE
+        greater[start:stop] = above.sum(axis=1)
+        tied[start:stop] = (sims >= true - TIE_TOLERANCE).sum(axis=1) - greater[start:stop]
+    return greater, tied
+
+
+def true_partner_ranks(image_embeddings, text_embeddings, direction: str = "image_to_text",
+                       chunk_size: int = 512, *, ties: str = "max") -> np.ndarray:
+    """Return the 1-based rank of each query's true partner.
+
+    Parameters
+    ----------
+    image_embeddings, text_embeddings : array-like, shape (N, D)
+        Row ``i`` of each forms a pair. Rows need not be normalized.
+    direction : {"image_to_text", "text_to_image"}
+    chunk_size : int
+        Number of queries per block.
+    ties : {"max", "average"}
+        ``"max"`` (pessimistic): the number of candidates scoring at least as
+        high as the true partner, itself included (int64). ``"average"``: the
+        mean rank over the orders of the tied candidates (float64). See the
+        module notes.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> true_partner_ranks(np.ones((3, 2)), np.ones((3, 2))).tolist()   # all tied
+    [3, 3, 3]
+    >>> true_partner_ranks(np.ones((3, 2)), np.ones((3, 2)), ties="average").tolist()
+    [2.0, 2.0, 2.0]
+    """
+    if ties not in _TIE_RULES:
+        raise ValueError(f"ties={ties!r} is not known; use one of {_TIE_RULES}")
+    greater, tied = partner_tie_counts(image_embeddings, text_embeddings, direction, chunk_size)
+    if ties == "max":
+        return greater + tied
+    return greater + (tied + 1) / 2.0
+
+
+def _hits(greater: np.ndarray, tied: np.ndarray, limit) -> np.ndarray:
+    """Expected hit of each query within the first ``limit`` candidates, ties in a random order."""
+    return np.clip((np.asarray(limit, dtype=float) - greater) / tied, 0.0, 1.0)
 
 
 def _k_count(k_percent: float, n: int) -> int:
@@ -94,15 +172,19 @@ def top_k_percent_accuracy(image_embeddings, text_embeddings, k_percent: float =
     Two definitions, both of the HubbleCLIP/PAPERCLIP work:
 
     * ``batch_size=None`` (the paper's retrieval curves): every query is ranked
-      against all ``N`` candidates; a hit is ``rank <= ceil(k_percent / 100 * N)``.
+      against all ``N`` candidates; a hit is a true partner within the first
+      ``K = ceil(k_percent / 100 * N)``.
     * ``batch_size=B`` (PAPERCLIP's metric during training, with ``B = 100`` and
       ``direction="text_to_image"``): the pairs are cut into consecutive batches
       of ``B`` in the given order, the last partial batch is dropped, and each
-      query is ranked against the ``B`` candidates of its own batch; a hit is
-      ``rank <= ceil(k_percent / 100 * B)``. With ``B = 100``, ``k_percent`` of
-      1, 5, 10 and 20 are the top-1, 5, 10 and 20 of 100.
+      query is ranked against the ``B`` candidates of its own batch; a hit is a
+      true partner within the first ``K = ceil(k_percent / 100 * B)``. With
+      ``B = 100``, ``k_percent`` of 1, 5, 10 and 20 are the top-1, 5, 10 and 20
+      of 100.
 
-    Ties count in favour of the true partner in both (see the module notes).
+    Candidates tied with the true partner are taken in a random order and the
+    expected number of hits is counted (see the module notes), so a model that
+    gives every candidate the same score gets ``K / N``, the chance level.
 
     Parameters
     ----------
@@ -120,7 +202,8 @@ def top_k_percent_accuracy(image_embeddings, text_embeddings, k_percent: float =
     Returns
     -------
     float
-        Accuracy in ``[0, 1]``; about ``k_percent / 100`` for random embeddings.
+        Accuracy in ``[0, 1]``; about ``k_percent / 100`` for random embeddings
+        and for a collapsed model.
 
     Raises
     ------
@@ -133,14 +216,16 @@ def top_k_percent_accuracy(image_embeddings, text_embeddings, k_percent: float =
     >>> x = np.eye(4)
     >>> top_k_percent_accuracy(x, x, k_percent=25)
     1.0
+    >>> top_k_percent_accuracy(x, np.ones((4, 4)), k_percent=25)   # every caption the same
+    0.25
     >>> rng = np.random.default_rng(0)
     >>> img = rng.normal(size=(250, 8))
     >>> top_k_percent_accuracy(img, img, 1, "text_to_image", batch_size=100)  # 200 pairs used
     1.0
     """
     if batch_size is None:
-        ranks = true_partner_ranks(image_embeddings, text_embeddings, direction, chunk_size)
-        return float(np.mean(ranks <= _k_count(k_percent, len(ranks))))
+        greater, tied = partner_tie_counts(image_embeddings, text_embeddings, direction, chunk_size)
+        return float(np.mean(_hits(greater, tied, _k_count(k_percent, len(greater)))))
     batch_size = int(batch_size)
     img, txt = np.asarray(image_embeddings), np.asarray(text_embeddings)
     if batch_size < 2:
@@ -149,14 +234,15 @@ def top_k_percent_accuracy(image_embeddings, text_embeddings, k_percent: float =
     if n_batches == 0:
         raise ValueError(f"batch_size={batch_size} needs at least {batch_size} pairs; got {len(img)}")
     limit = _k_count(k_percent, batch_size)
-    hits = [true_partner_ranks(img[b * batch_size:(b + 1) * batch_size], txt[b * batch_size:(b + 1) * batch_size],
-                               direction, chunk_size) <= limit for b in range(n_batches)]
+    hits = [_hits(*partner_tie_counts(img[b * batch_size:(b + 1) * batch_size],
+                                      txt[b * batch_size:(b + 1) * batch_size], direction, chunk_size), limit)
+            for b in range(n_batches)]
     return float(np.mean(np.concatenate(hits)))
 
 
 def retrieval_curve(image_embeddings, text_embeddings, k_percents=None,
                     direction: str = "image_to_text", chunk_size: int = 512):
-    """Top-k% accuracy as a function of k.
+    """Top-k% accuracy as a function of k (ties as in :func:`top_k_percent_accuracy`).
 
     Returns
     -------
@@ -164,25 +250,31 @@ def retrieval_curve(image_embeddings, text_embeddings, k_percents=None,
         ``k_percents`` defaults to 1, 2, ..., 100.
     """
     ks = np.arange(1, 101, dtype=float) if k_percents is None else np.asarray(k_percents, float)
-    ranks = true_partner_ranks(image_embeddings, text_embeddings, direction, chunk_size)
-    n = len(ranks)
-    acc = np.array([np.mean(ranks <= _k_count(k, n)) for k in ks])
+    greater, tied = partner_tie_counts(image_embeddings, text_embeddings, direction, chunk_size)
+    n = len(greater)
+    acc = np.array([np.mean(_hits(greater, tied, _k_count(k, n))) for k in ks])
     return ks, acc
 
 
 def recall_at_k(image_embeddings, text_embeddings, k: int = 1,
                 direction: str = "image_to_text", chunk_size: int = 512) -> float:
-    """Fraction of queries whose true partner ranks within the first ``k`` candidates."""
+    """Fraction of queries whose true partner is within the first ``k`` candidates.
+
+    Candidates tied with the true partner are taken in a random order and the
+    expected fraction is returned (see the module notes): 1/N for recall@1 of a
+    collapsed model.
+    """
     if int(k) < 1:
         raise ValueError(f"k={k!r} must be a positive integer")
-    ranks = true_partner_ranks(image_embeddings, text_embeddings, direction, chunk_size)
-    return float(np.mean(ranks <= int(k)))
+    greater, tied = partner_tie_counts(image_embeddings, text_embeddings, direction, chunk_size)
+    return float(np.mean(_hits(greater, tied, int(k))))
 
 
 def median_rank(image_embeddings, text_embeddings, direction: str = "image_to_text",
                 chunk_size: int = 512) -> float:
-    """Median rank of the true partner (1 is best)."""
-    return float(np.median(true_partner_ranks(image_embeddings, text_embeddings, direction, chunk_size)))
+    """Median rank of the true partner (1 is best), ties at their mean rank (``ties="average"``)."""
+    return float(np.median(true_partner_ranks(image_embeddings, text_embeddings, direction, chunk_size,
+                                              ties="average")))
 
 
 def plot_retrieval_curve(results: dict, *, direction: str = "image_to_text", ax=None,

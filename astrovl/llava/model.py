@@ -718,13 +718,24 @@ def _cache_argument(model) -> str:
     return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
+def _convert_once(source: ResolvedCheckpoint, **options) -> Path:
+    """The conversion of an original-layout ``source`` (:func:`~astrovl.llava.convert.converted_checkpoint`).
+
+    Under accelerate/torchrun process 0 converts, the others wait and reuse its conversion.
+    """
+    from ..config import cache_path
+    from ..utils.distributed import main_process_first
+    from .convert import converted_checkpoint
+
+    with main_process_first(cache_path("converted-llava", ".lock"), what=f"converting {source.name}"):
+        return converted_checkpoint(source, **options)
+
+
 def _checkpoint_directory(source: ResolvedCheckpoint, vision_tower=None) -> Path:
     """The transformers-layout directory of a full checkpoint (an original layout converted once)."""
     layout = detect_layout(source.path)
     if layout == "original":
-        from .convert import converted_checkpoint
-
-        return converted_checkpoint(source, vision_tower=vision_tower)
+        return _convert_once(source, vision_tower=vision_tower)
     if vision_tower is not None:
         raise CheckpointError(f"vision_tower= applies to original-layout LLaVA checkpoints; {source.name!r} is in "
                               "the transformers layout and holds its own vision tower")
@@ -751,10 +762,8 @@ def _load_lora_release(source: ResolvedCheckpoint, dev, *, base=None, merge: boo
                 f"the base of {source.name!r}, {base_source.name!r}, is a language model without vision, and "
                 f"{source.name!r} has no LLaVA config.json (mm_vision_tower) to build the LLaVA model from; "
                 "pass base= a LLaVA checkpoint")
-        from .convert import converted_checkpoint
-
-        directory = converted_checkpoint(source, vision_tower=vision_tower, base=base_source,
-                                         extra_state=release.projector_state())
+        directory = _convert_once(source, vision_tower=vision_tower, base=base_source,
+                                  extra_state=release.projector_state())
     else:
         directory = _checkpoint_directory(base_source, vision_tower)
     model, processor = _load_directory(directory, base_source, dev, **options)

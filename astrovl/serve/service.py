@@ -369,7 +369,8 @@ class SearchService:
         return {"name": self.title,
                 "count": len(self.index), "dim": int(self.index.dim), "kind": self.index.kind,
                 "model": {"id": self.index.model_id or getattr(emb, "model_id", None),
-                          "name": getattr(emb, "model_name", None)},
+                          "name": getattr(emb, "model_name", None),
+                          "random": bool(self.index.model_info.get("random", getattr(emb, "random_weights", False)))},
                 "columns": self.columns, "filters": self.filters,
                 "label_column": self.label_column, "images": self.images.column is not None,
                 "default_k": self.default_k, "max_k": self.max_k}

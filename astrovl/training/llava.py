@@ -45,6 +45,7 @@ from .common import (
     write_history,
 )
 from .llava_data import LLaVATorchDataset, collate_fn, load_conversation_records
+from .llava_validation import validation_loss
 
 __all__ = ["LLaVATrainingConfig", "LLaVATrainingResult", "train_llava", "plot_loss", "DEEPSPEED_ZERO3_CONFIG",
            "LORA_TARGET_MODULES", "RUN_OUTPUTS"]
@@ -399,25 +400,6 @@ class _Plan:
         return _batch_plan(**self.kwargs)
 
 
-def _eval_loss(net, loader, device) -> float:
-    """Mean loss over the validation batches (one host sync at the end)."""
-    import torch
-
-    was_training = net.training
-    net.eval()
-    total = torch.zeros((), device=device)
-    count = 0
-    with torch.no_grad():
-        for batch in loader:
-            batch.pop("position", None)
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            total += net(**batch).loss.detach().float()
-            count += 1
-    if was_training:
-        net.train()
-    return float(total / max(count, 1))
-
-
 def train_llava(model, data, config: LLaVATrainingConfig | None = None, *,
                 image_root: str | os.PathLike | None = None) -> LLaVATrainingResult:
     """Train a LLaVA model (stage 1 or 2 of the AstroLLaVA recipe).
@@ -533,13 +515,8 @@ def train_llava(model, data, config: LLaVATrainingConfig | None = None, *,
     plan = _Plan(n=len(records), seed=config.seed, world=world, rank=accelerator.process_index,
                  batch_size=config.batch_size, epoch=epoch, micro=micro)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=plan, **loader_options)
-    val_loader = None
-    if val_records:
-        val_set = LLaVATorchDataset(val_records, processor, **dataset_options)
-        val_loader = torch.utils.data.DataLoader(
-            torch.utils.data.Subset(val_set, list(range(accelerator.process_index, len(val_set), world))),
-            batch_size=config.batch_size, num_workers=0, collate_fn=loader_options["collate_fn"],
-            generator=torch.Generator())  # validation draws nothing from the training's random stream
+    # validation indexes its records directly: it draws nothing from the training's random stream
+    val_set = LLaVATorchDataset(val_records, processor, **dataset_options) if val_records else None
     eval_every = config.eval_every or config.save_every
 
     def save():
@@ -590,15 +567,16 @@ def train_llava(model, data, config: LLaVATrainingConfig | None = None, *,
                 step += 1
                 bar.update(1)
                 logging_step = step % config.log_every == 0 or step == total
-                eval_step = val_loader is not None and (step % eval_every == 0 or step == total)
+                eval_step = val_set is not None and (step % eval_every == 0 or step == total)
                 if logging_step or eval_step:
                     mean = float(accelerator.reduce(running / count, "mean"))
                     row = {"step": step, "epoch": round(epoch + micro / micro_per_epoch, 4), "train_loss": mean,
                            "lr": float(scheduler.get_last_lr()[0])}
-                    if val_loader is not None:
-                        row["val_loss"] = float(accelerator.reduce(torch.tensor(
-                            _eval_loss(net, val_loader, accelerator.device), device=accelerator.device), "mean")) \
-                            if eval_step else float("nan")
+                    if val_set is not None:
+                        # answer-token mean over all processes; every process runs as many batches
+                        row["val_loss"] = validation_loss(
+                            net, val_set, batch_size=config.batch_size, collate_fn=loader_options["collate_fn"],
+                            device=accelerator.device, accelerator=accelerator) if eval_step else float("nan")
                     rows.append(row)
                     bar.set_postfix(loss=f"{mean:.4f}")
                     running = torch.zeros((), device=accelerator.device)
@@ -609,7 +587,7 @@ def train_llava(model, data, config: LLaVATrainingConfig | None = None, *,
         del batches, it  # shuts the worker processes down
     bar.close()
 
-    names = ("step", "epoch", "train_loss", "lr") + (("val_loss",) if val_loader is not None else ())
+    names = ("step", "epoch", "train_loss", "lr") + (("val_loss",) if val_set is not None else ())
     history = Table(rows=rows, names=names) if rows else Table(names=names, dtype=(int,) + (float,) * (len(names) - 1))
     history.meta.update({"stage": config.stage, "lora": config.lora, "trainable_parameters": n_trainable,
                          "records": len(records), "val_records": len(val_records)})

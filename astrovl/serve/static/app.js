@@ -76,7 +76,8 @@
       state.info = info;
       setText(els.name, `· ${info.name}`);
       document.title = shown(`astrovl · ${info.name}`);
-      const model = info.model && (info.model.name || info.model.id) ? ` · model ${info.model.name || info.model.id}` : "";
+      const model = (info.model && (info.model.name || info.model.id) ? ` · model ${info.model.name || info.model.id}` : "")
+        + (info.model && info.model.random ? " (random weights: results carry no meaning)" : "");
       setText(els.info, `${info.count.toLocaleString()} images · ${info.dim}-d ${info.kind} index${model}`);
       buildFilters(info.filters || {});
     } catch (err) {
