@@ -14,6 +14,7 @@ import pytest
 from astrovl.cli import main
 from astrovl.clip import TINY_CLIP_CONFIG, CLIPEmbedder, EmbeddingIndex
 from astrovl.clip.archive import build_on_cluster, embed_shards_to_files
+from astrovl.utils.files import prepare_output_dir
 
 distributed = pytest.importorskip("distributed")
 
@@ -48,13 +49,13 @@ def test_cluster_build_streams_shards_to_disk_and_equals_a_local_build(client, e
                                  approximate="ivf", progress=False)
     np.testing.assert_allclose(index.vectors, local.vectors, atol=1e-5)
     assert list(index.metadata["source"]) == list(local.metadata["source"])
-    assert isinstance(index.vectors, np.memmap) and index.kind == "ivf"
+    assert isinstance(index._vec.chunks[0], np.memmap) and index.kind == "ivf"
     assert not (tmp_path / "idx" / "staging").exists()  # gone once the index is complete
     assert EmbeddingIndex.load(tmp_path / "idx").model_info["digest"] == embedder.weights_digest
 
 
 def test_a_killed_build_resumes_without_recomputing_finished_shards(client, embedder, images, local, tmp_path):
-    staging = tmp_path / "idx" / "staging"
+    staging = prepare_output_dir(tmp_path / "idx", "index") / "staging"  # as build_on_cluster does
     paths = embed_shards_to_files(client, embedder, images, staging, shard_size=2, progress=False)
     assert len(paths) == 6 and all(p.is_file() for p in paths)
     # as a kill leaves it: some shards finished, one half-written temporary file
