@@ -8,13 +8,13 @@ assembles those files the same way.
 
 Memory
 ------
-Building reads the vectors :data:`~astrovl.clip.faiss_structures.ADD_CHUNK`
-rows at a time with ordinary file reads (not memory maps, whose pages would
+Building reads the vectors :func:`~astrovl.clip.faiss_structures.chunk_rows`
+rows (32 MiB of float32) at a time with ordinary file reads (not memory maps, whose pages would
 count as the process's own), so the peak memory is about
 
 * the training sample of an ``"ivf"``/``"ivfpq"`` structure: at most
   ``max(100_000, 64 * nlist)`` rows as float32 (and faiss's copy of its residuals);
-* one chunk (65536 rows as float32 and float64 while normalising);
+* one chunk (32 MiB of float32: 16384 rows at 512-d) and its normalised copy;
 * the structure itself: ``N * (pq_m + 8)`` bytes for ``"ivfpq"``, but
   ``N * dim * 4`` bytes for ``"ivf"`` and ``N * (dim * 4 + hnsw_m * 8)`` for
   ``"hnsw"`` (their structures hold the full vectors);
@@ -287,12 +287,13 @@ def write_index_from_rows(directory: str | os.PathLike, parts: Sequence, metadat
     directory = Path(directory)
     with atomic_directory(directory, kind=OUTPUT_KIND, recognize=is_saved_index) as tmp:
         bar = progress_bar(total=count, enabled=progress, desc="writing the index", unit="vec")
+        step = fs.chunk_rows(dim)
 
         def chunks():
-            for start in range(0, count, fs.ADD_CHUNK):
-                block = _normalized(rows[start:start + fs.ADD_CHUNK], start)
+            for start in range(0, count, step):
+                block = _normalized(rows[start:start + step], start)
                 if structure is not None:
-                    structure.add(block)
+                    fs.add_block(structure, block)
                 bar.update(len(block))
                 yield block
 
@@ -322,10 +323,11 @@ def _train_from_rows(structure, rows: _Rows, seed: int = 1234) -> None:
         else np.arange(n)
     sample = np.empty((size, rows.shape[1]), dtype=np.float32)
     filled = 0
-    for start in range(0, n, fs.ADD_CHUNK):
-        lo, hi = np.searchsorted(picked, [start, start + fs.ADD_CHUNK])
+    step = fs.chunk_rows(rows.shape[1])
+    for start in range(0, n, step):
+        lo, hi = np.searchsorted(picked, [start, start + step])
         if hi > lo:
-            block = _normalized(rows[start:start + fs.ADD_CHUNK], start)
+            block = _normalized(rows[start:start + step], start)
             sample[filled:filled + hi - lo] = block[picked[lo:hi] - start]
             filled += hi - lo
     fs.train_on(structure, sample)

@@ -20,7 +20,7 @@ Building out of core
 --------------------
 :func:`train_structure` trains on a sample of at most :func:`training_size`
 rows, gathered from a (memory-mapped) array, and :func:`add_in_chunks` adds
-rows :data:`ADD_CHUNK` at a time, so building needs memory for the sample,
+rows :func:`chunk_rows` (32 MiB of float32) at a time, so building needs memory for the sample,
 one chunk and the structure itself, not for all the vectors.
 """
 
@@ -30,17 +30,24 @@ import math
 
 import numpy as np
 
-__all__ = ["KINDS", "IVF_KINDS", "IVF_TRAIN_POINTS_PER_CELL", "IVF_TRAIN_SAMPLE", "ADD_CHUNK",
+__all__ = ["KINDS", "IVF_KINDS", "IVF_TRAIN_POINTS_PER_CELL", "IVF_TRAIN_SAMPLE", "ADD_CHUNK", "CHUNK_BYTES", "chunk_rows",
            "default_params", "default_nlist", "default_pq_m", "new_structure", "training_size",
-           "train_structure", "train_on", "add_in_chunks", "build_structure", "search_parameters", "ivf_part",
+           "train_structure", "train_on", "add_block", "add_in_chunks", "build_structure", "search_parameters", "ivf_part",
            "read_structure"]
 
 KINDS = ("exact", "hnsw", "ivf", "ivfpq")
 IVF_KINDS = ("ivf", "ivfpq")
 IVF_TRAIN_POINTS_PER_CELL = 64
 IVF_TRAIN_SAMPLE = 100_000
-#: rows converted to float32 and added to a structure at once
+#: rows converted to float32 and added to a structure at once (at most; see :func:`chunk_rows`)
 ADD_CHUNK = 65_536
+#: bytes of float32 vectors read, converted or added at once
+CHUNK_BYTES = 32 * 2**20
+
+
+def chunk_rows(dim: int) -> int:
+    """Rows per chunk of ``dim``-d vectors: :data:`CHUNK_BYTES` of float32, at most :data:`ADD_CHUNK`."""
+    return max(1, min(ADD_CHUNK, CHUNK_BYTES // (4 * max(int(dim), 1))))
 
 
 def default_params() -> dict:
@@ -123,7 +130,7 @@ def ivf_part(index):
     import faiss
 
     try:
-        return faiss.extract_index_ivf(index)
+        return faiss.downcast_index(faiss.extract_index_ivf(index))
     except RuntimeError:
         return None
 
@@ -148,8 +155,9 @@ def train_structure(index, vectors, seed: int = 1234) -> None:
     if size < n:
         rows = np.sort(np.random.default_rng(seed).choice(n, size=size, replace=False))
         sample = np.empty((size, vectors.shape[1]), dtype=np.float32)
-        for start in range(0, size, ADD_CHUNK):  # fancy indexing of a memory map, chunk by chunk
-            sample[start:start + ADD_CHUNK] = vectors[rows[start:start + ADD_CHUNK]]
+        step = chunk_rows(vectors.shape[1])
+        for start in range(0, size, step):  # fancy indexing of a memory map, chunk by chunk
+            sample[start:start + step] = vectors[rows[start:start + step]]
     else:
         sample = np.ascontiguousarray(vectors, dtype=np.float32)
     train_on(index, sample)
@@ -168,10 +176,29 @@ def train_on(index, sample: np.ndarray) -> None:
     index.train(sample)
 
 
-def add_in_chunks(index, vectors, chunk: int = ADD_CHUNK) -> None:
+def add_in_chunks(index, vectors, chunk: int | None = None) -> None:
     """Add the rows of ``vectors`` (an array or a memory map) to ``index``, ``chunk`` rows at a time."""
+    chunk = chunk or chunk_rows(vectors.shape[1])
     for start in range(0, len(vectors), chunk):
-        index.add(np.ascontiguousarray(vectors[start:start + chunk], dtype=np.float32))
+        add_block(index, vectors[start:start + chunk])
+
+
+def add_block(index, block: np.ndarray) -> None:
+    """Add ``block`` to ``index`` in batches whose encoding needs at most :data:`CHUNK_BYTES`.
+
+    faiss encodes product-quantized vectors of 16 or more dimensions per
+    sub-quantizer through distance tables of ``pq_m * 2**pq_bits`` floats per
+    vector, all at once for the rows given: for 32768 rows of 16 sub-quantizers
+    that is 512 MiB. Batches keep that bounded.
+    """
+    block = np.ascontiguousarray(block, dtype=np.float32)
+    ivf = ivf_part(index)
+    pq = getattr(ivf, "pq", None)
+    step = len(block)
+    if pq is not None and int(pq.dsub) >= 16:
+        step = max(1, CHUNK_BYTES // (4 * int(pq.M) * int(pq.ksub)))
+    for start in range(0, len(block), max(step, 1)):
+        index.add(block[start:start + step])
 
 
 def build_structure(kind: str, dim: int, params: dict, vectors):

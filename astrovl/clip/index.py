@@ -251,7 +251,7 @@ class EmbeddingIndex:
         self._vec.append(stored)  # amortised: no concatenation of everything per call
         self._meta.append(meta.copy())
         if self._faiss is not None and self._faiss.is_trained:
-            self._faiss.add(vectors)
+            fs.add_block(self._faiss, vectors)
         else:
             self._faiss = None  # (re)built lazily with all vectors
 
@@ -515,12 +515,13 @@ class EmbeddingIndex:
 
     def _blocks(self):
         """(first row, rows) of the stored vectors: the chunks, split into blocks of
-        :data:`~astrovl.clip.faiss_structures.ADD_CHUNK` rows where they are memory maps
+        :func:`~astrovl.clip.faiss_structures.chunk_rows` rows where they are memory maps
         or not float32 (so that no scan reads a whole map into private memory)."""
         for start, chunk in zip(self._vec.starts(), self._vec.chunks):
             if isinstance(chunk, np.memmap) or chunk.dtype != np.float32:
-                for s in range(0, len(chunk), fs.ADD_CHUNK):
-                    yield start + s, chunk[s:s + fs.ADD_CHUNK]
+                step = fs.chunk_rows(self.dim)
+                for s in range(0, len(chunk), step):
+                    yield start + s, chunk[s:s + step]
             else:
                 yield start, chunk
 

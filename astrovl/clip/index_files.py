@@ -160,7 +160,7 @@ def write_vectors(path: str | os.PathLike, chunks: Iterable[np.ndarray], count: 
             chunk = np.asarray(chunk)
             if chunk.ndim != 2 or chunk.shape[1] != dim:
                 raise ValueError(f"a chunk of shape {chunk.shape} does not fit {dim}-d vectors")
-            fh.write(np.ascontiguousarray(chunk, dtype=np_dtype).tobytes())
+            fh.write(memoryview(np.ascontiguousarray(chunk, dtype=np_dtype)).cast("B"))  # no copy
             written += len(chunk)
         fh.flush()
         os.fsync(fh.fileno())
