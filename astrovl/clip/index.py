@@ -29,6 +29,7 @@ from .index_files import (  # noqa: F401  (the file names and OUTPUT_KIND are al
     map_vectors,
     model_record,
     read_manifest,
+    read_rows,
     recorded_image_root,
     recorded_model,
     write_manifest,
@@ -541,9 +542,19 @@ class EmbeddingIndex:
         """The ``k`` best of the candidate ``rows`` by exact inner product with the stored vectors."""
         if not len(rows):
             return np.zeros(0, np.float32), rows
-        exact = self._vec.take(rows).astype(np.float32) @ q[0]
+        exact = self._stored_rows(rows).astype(np.float32) @ q[0]
         order = np.lexsort((rows, -exact))[:k]
         return exact[order], rows[order]
+
+    def _stored_rows(self, rows: np.ndarray) -> np.ndarray:
+        """The stored vectors of ``rows``; rows of a memory map are read from its file, not mapped."""
+        which, local = self._vec.locate(rows)
+        out = np.empty((len(rows), self.dim), dtype=self.vector_dtype)
+        for c in np.unique(which):
+            sel = np.flatnonzero(which == c)
+            chunk = self._vec.chunks[c]
+            out[sel] = read_rows(chunk, local[sel]) if isinstance(chunk, np.memmap) else chunk[local[sel]]
+        return out
 
     def _search_parameters(self, ef_search: int | None, nprobe: int | None,
                            bitmap: np.ndarray | None = None):
@@ -690,7 +701,9 @@ class EmbeddingIndex:
             )
         try:
             manifest = read_manifest(directory)
-            vectors = map_vectors(directory / VECTORS) if mmap else load_file(str(directory / VECTORS))["vectors"]
+            random_access = manifest.get("kind") == "ivfpq"  # re-ranking reads a few rows per query
+            vectors = (map_vectors(directory / VECTORS, random_access=random_access) if mmap
+                       else load_file(str(directory / VECTORS))["vectors"])
             metadata = Table.read(directory / METADATA, format="ascii.ecsv")
         except Exception as exc:
             raise CheckpointError(

@@ -21,6 +21,7 @@ An index folder holds:
 from __future__ import annotations
 
 import json
+import mmap
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -31,7 +32,7 @@ from .identity import digest_from_model_id
 
 __all__ = ["MANIFEST", "VECTORS", "METADATA", "FAISS_FILE", "STAGING", "FORMAT", "OUTPUT_KIND",
            "VECTOR_DTYPES", "is_saved_index", "read_manifest", "relative_root", "recorded_image_root",
-           "map_vectors", "write_vectors", "write_manifest", "model_record", "model_manifest",
+           "map_vectors", "read_rows", "write_vectors", "write_manifest", "model_record", "model_manifest",
            "recorded_model"]
 
 MANIFEST = "index.json"
@@ -97,12 +98,17 @@ def recorded_image_root(index, index_dir: str | os.PathLike | None) -> Path | No
     return root.resolve()
 
 
-def map_vectors(path: Path) -> np.ndarray:
+def map_vectors(path: Path, *, random_access: bool = False) -> np.ndarray:
     """The ``vectors`` tensor of a safetensors file as a read-only memory map.
 
     The safetensors layout: an 8-byte little-endian header length, the JSON
     header (dtype, shape and byte offsets of each tensor), then the data.
     float32 and float16 tensors are accepted.
+
+    ``random_access`` advises the kernel that rows will be read here and there
+    (``MADV_RANDOM``): a page fault then maps only that page, not the
+    read-ahead window around it, so re-ranking a few hundred rows per query
+    does not map hundreds of MiB of the file into the process.
     """
     path = Path(path)
     with open(path, "rb") as fh:
@@ -120,7 +126,31 @@ def map_vectors(path: Path) -> np.ndarray:
         raise ValueError(f"{path.name} is truncated")
     if shape[0] == 0:
         return np.zeros(shape, dtype=dtype)
-    return np.memmap(path, dtype=dtype, mode="r", offset=8 + n + begin, shape=shape)
+    mapped = np.memmap(path, dtype=dtype, mode="r", offset=8 + n + begin, shape=shape)
+    handle = getattr(mapped, "_mmap", None)
+    if random_access and handle is not None and hasattr(mmap, "MADV_RANDOM"):
+        handle.madvise(mmap.MADV_RANDOM)
+    return mapped
+
+
+def read_rows(mapped: np.memmap, rows) -> np.ndarray:
+    """Rows of a memory-mapped 2-d array, read from its file with ``pread``.
+
+    Reading maps no pages into the process: touching a few hundred scattered
+    rows of a map can map hundreds of MiB of page cache (large folios), which
+    then count in the process's resident set.
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    row_bytes = mapped.shape[1] * mapped.dtype.itemsize
+    out = np.empty((len(rows), mapped.shape[1]), dtype=mapped.dtype)
+    fd = os.open(mapped.filename, os.O_RDONLY)
+    try:
+        for i, r in enumerate(rows):
+            out[i] = np.frombuffer(os.pread(fd, row_bytes, int(mapped.offset) + int(r) * row_bytes),
+                                   dtype=mapped.dtype)
+    finally:
+        os.close(fd)
+    return out
 
 
 def write_vectors(path: str | os.PathLike, chunks: Iterable[np.ndarray], count: int, dim: int,
