@@ -171,6 +171,8 @@ def train_on(index, sample: np.ndarray) -> None:
     pq = getattr(ivf, "pq", None)
     if pq is not None:
         need = max(need, 2 ** int(pq.nbits))
+    if type(index).__name__ == "IndexPreTransform":  # an OPQ rotation: 256 centroids per sub-space
+        need = max(need, 256)
     if 0 < len(sample) < need:
         sample = np.concatenate([sample] * -(-need // len(sample)))
     index.train(sample)
