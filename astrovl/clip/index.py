@@ -682,7 +682,9 @@ class EmbeddingIndex:
             loading is immediate, and the vectors live in the page cache (shared
             with other processes serving the same index, reclaimable) instead of
             in the private memory of the process. Vectors added later are kept in
-            memory.
+            memory. The inverted lists of an ``"ivf"`` or ``"ivfpq"`` structure
+            are mapped from ``index.faiss`` too (``faiss.IO_FLAG_MMAP``); the
+            structure is read into memory when vectors are added.
 
         Raises
         ------
