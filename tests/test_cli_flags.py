@@ -187,6 +187,66 @@ def test_index_add_model_is_checked(tmp_path, tiny_dir, m13_path, capsys):
     assert "needs --model" in capsys.readouterr().err
 
 
+@covers("index build", "--vector-dtype", "--nlist", "--nprobe", "--pq-m", "--opq", "--rerank-depth")
+def test_index_build_structure_flags(tmp_path, tiny_dir, sky, capsys):
+    argv = ["index", "build", str(sky.root / "images"), "--model", str(tiny_dir), "--vector-dtype", "float16",
+            "--nlist", "4", "--nprobe", "2", "--rerank-depth", "20"]
+    assert main([*argv, "--index", str(tmp_path / "i"), "--approximate", "ivfpq", "--pq-m", "16", "--opq"]) == 0
+    index = EmbeddingIndex.load(tmp_path / "i")
+    p = index.params
+    assert (p["nlist"], p["nprobe"], p["pq_m"], p["opq"], p["rerank_depth"]) == (4, 2, 16, True, 20)
+    assert index.vectors.dtype == np.float16 and index.kind == "ivfpq"
+    assert main([*argv, "--index", str(tmp_path / "j"), "--approximate", "ivf", "--pq-m", "8"]) == 1
+    assert "options of --approximate ivfpq" in capsys.readouterr().err
+
+
+@covers("index build", "--scheduler", "--shard-size")
+def test_index_build_on_a_cluster_flags(tmp_path, tiny_dir, m13_path, ngc1316_path, monkeypatch):
+    import contextlib
+
+    import astrovl.clip.archive as archive
+    from astrovl.cli import images as cli_images
+
+    schedulers = Recorder()
+
+    @contextlib.contextmanager
+    def client(address):
+        schedulers(address)
+        yield "the client"
+
+    def build(client, embedder, files, directory, **kw):
+        calls(client, files, directory, **kw)
+        EmbeddingIndex.build(embedder, files, metadata=kw["metadata"], progress=False).save(directory)
+
+    calls = Recorder()
+    monkeypatch.setattr(cli_images, "_dask_client", client)
+    monkeypatch.setattr(archive, "build_on_cluster", build)
+    assert main(["index", "build", str(m13_path), str(ngc1316_path), "--index", str(tmp_path / "i"),
+                 "--model", str(tiny_dir), "--scheduler", "tcp://10.0.0.5:8786", "--shard-size", "7"]) == 0
+    assert schedulers.calls[-1][0] == ("tcp://10.0.0.5:8786",)
+    assert calls.calls[-1][0][0] == "the client" and calls.kwargs["shard_size"] == 7
+    assert len(EmbeddingIndex.load(tmp_path / "i")) == 2
+
+
+@covers("index build-vectors", "--index", "--approximate", "--vector-dtype", "--nlist", "--nprobe", "--pq-m",
+        "--opq", "--rerank-depth", "--model", "--pretrained", "--device")
+def test_index_build_vectors_flags(tmp_path, tiny_dir, spy_from_pretrained, capsys):
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "a.npy", rng.normal(size=(300, 64)).astype(np.float32))
+    assert main(["index", "build-vectors", str(tmp_path / "a.npy"), "--index", str(tmp_path / "i"),
+                 "--approximate", "ivfpq", "--vector-dtype", "float16", "--nlist", "3", "--nprobe", "2",
+                 "--pq-m", "32", "--opq", "--rerank-depth", "9", "--model", "ViT-B-16", "--pretrained", "openai",
+                 "--device", "cpu"]) == 0
+    assert spy_from_pretrained.calls[-1] == (("ViT-B-16", "openai"), {"device": "cpu"})
+    index = EmbeddingIndex.load(tmp_path / "i")
+    p = index.params
+    assert (p["nlist"], p["nprobe"], p["pq_m"], p["opq"], p["rerank_depth"]) == (3, 2, 32, True, 9)
+    assert index.vectors.dtype == np.float16 and index.model_id is not None
+    assert main(["index", "build-vectors", str(tmp_path / "a.npy"), "--index", str(tmp_path / "j"),
+                 "--pretrained", "openai"]) == 1
+    assert "needs --model" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------- search
 @pytest.fixture(scope="module")
 def ivf_index(tmp_path_factory, tiny_dir, sky):
@@ -221,6 +281,24 @@ def test_search_breadth(ivf_index, capsys):
     assert sorted(int(r.split(",")[2]) for r in wide) == sorted(truth)  # all cells: the exact top 90
     assert narrow != wide
     assert main(["search", str(ivf_index), "x", "--ef-search", "8"]) == 1
+
+
+@covers("search", "--rerank-depth")
+def test_search_rerank_depth(tmp_path, tiny_dir, sky, ivf_index, capsys):
+    path = tmp_path / "pq"
+    assert main(["index", "build", str(sky.root / "images"), "--index", str(path), "--approximate", "ivfpq",
+                 "--model", str(tiny_dir), "--nlist", "8", "--nprobe", "8"]) == 0
+
+    def rows(*extra):
+        capsys.readouterr()
+        assert main(["search", str(path), "a spiral galaxy", "-k", "10", "--format", "csv", *extra]) == 0
+        return [int(r.split(",")[2]) for r in capsys.readouterr().out.strip().splitlines()[1:]]
+
+    index = EmbeddingIndex.load(path)
+    truth = np.argsort(-(index.vectors @ index.embedder.embed_text("a spiral galaxy")[0]), kind="stable")[:10]
+    assert sorted(rows("--rerank-depth", "120")) == sorted(truth)  # every vector re-scored: exact
+    assert main(["search", str(ivf_index), "x", "--rerank-depth", "8"]) == 1
+    assert "rerank_depth does not apply" in capsys.readouterr().err
 
 
 @covers("search", "--model", "--pretrained", "--device")

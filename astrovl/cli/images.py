@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 
 from ._common import (
@@ -49,10 +50,30 @@ def register(sub) -> None:
     b.add_argument("inputs", nargs="+", help="image files or directories of images")
     b.add_argument("--index", required=True,
                    help="index directory to write: a new or empty folder, or an earlier index (replaced)")
-    b.add_argument("--approximate", default=None, choices=("ivf", "hnsw"),
+    b.add_argument("--approximate", default=None, choices=("ivf", "ivfpq", "hnsw"),
                    help="approximate search structure for large archives (default: exact)")
     b.add_argument("--batch-size", type=int, default=64, help="images per model call (default 64)")
+    b.add_argument("--scheduler", default=None,
+                   help="embed on a dask cluster: a scheduler address (tcp://host:8786) or local:N for N "
+                   "local worker processes; workers write shards into --index (a shared folder) and "
+                   "re-running resumes")
+    b.add_argument("--shard-size", type=int, default=1024,
+                   help="images per cluster task and shard file (default 1024)")
+    _add_structure_args(b)
     add_model_args(b, pretrained=True)
+    v = add_command(actions, "build-vectors", "write an index from .npy embedding files, out of core",
+                    """
+                    astrovl index build-vectors part-*.npy --index ./big --approximate ivfpq --model ./my-clip
+                    astrovl index build-vectors emb.npy --index ./small --vector-dtype float16
+                    """, _cmd_index_build_vectors)
+    v.add_argument("shards", nargs="+", help=".npy files of (N, dim) float32 or float16 vectors, in order; "
+                   "a sibling NAME.ecsv or NAME.parquet holds N metadata rows")
+    v.add_argument("--index", required=True,
+                   help="index directory to write: a new or empty folder, or an earlier index (replaced)")
+    v.add_argument("--approximate", default=None, choices=("ivf", "ivfpq", "hnsw"),
+                   help="approximate search structure (default: exact)")
+    _add_structure_args(v)
+    add_model_args(v, pretrained=True)
     a = add_command(actions, "add", "embed more images into an existing index with the index's own model",
                     """
                     astrovl index add ./more-previews --index ./hst-index
@@ -76,6 +97,8 @@ def register(sub) -> None:
                    help="cells searched by an 'ivf' index for this query (default: the index's)")
     p.add_argument("--ef-search", type=int, default=None,
                    help="search breadth of an 'hnsw' index for this query (default: the index's)")
+    p.add_argument("--rerank-depth", type=int, default=None,
+                   help="candidates an 'ivfpq' index re-scores exactly for this query (default: the index's)")
     _add_index_model_args(p)
     add_output_args(p)
 
@@ -90,6 +113,30 @@ def register(sub) -> None:
     p.add_argument("--top-k", type=int, default=3, help="categories listed per image (default 3)")
     add_model_args(p, pretrained=True)
     add_output_args(p)
+
+
+def _add_structure_args(p) -> None:
+    """Storage and structure options of the commands that write an index."""
+    p.add_argument("--vector-dtype", default="float32", choices=("float32", "float16"),
+                   help="how the stored vectors are kept (float16 halves their disk size; default float32)")
+    p.add_argument("--nlist", type=int, default=None,
+                   help="cells of an 'ivf' or 'ivfpq' index (default: about 4 sqrt(N), or sqrt(N) for ivfpq)")
+    p.add_argument("--nprobe", type=int, default=32,
+                   help="cells an 'ivf' or 'ivfpq' index searches per query (default 32)")
+    p.add_argument("--pq-m", type=int, default=None,
+                   help="bytes per vector of an 'ivfpq' code; must divide the dimension (default dim/8)")
+    p.add_argument("--opq", action="store_true", help="rotate vectors (OPQ) before 'ivfpq' quantization")
+    p.add_argument("--rerank-depth", type=int, default=256,
+                   help="candidates an 'ivfpq' index re-scores exactly per query (default 256)")
+
+
+def _structure_params(args) -> dict:
+    params = {"nlist": args.nlist, "nprobe": args.nprobe}
+    if args.approximate == "ivfpq":
+        params.update(pq_m=args.pq_m, opq=args.opq, rerank_depth=args.rerank_depth)
+    elif args.pq_m is not None or args.opq:
+        raise ValueError("--pq-m and --opq are options of --approximate ivfpq")
+    return params
 
 
 def _add_index_model_args(p) -> None:
@@ -130,16 +177,58 @@ def _cmd_index_build(args):
     from astropy.table import Table
 
     from ..clip import EmbeddingIndex
-    from ..clip.index import OUTPUT_KIND, common_image_root, is_saved_index
+    from ..clip.index_files import OUTPUT_KIND, common_image_root, is_saved_index
     from ..utils.files import check_output_dir
 
     check_output_dir(args.index, OUTPUT_KIND, recognize=is_saved_index)  # before the long embedding
     files = expand_images(args.inputs)
-    index = EmbeddingIndex.build(load_clip(args), files, metadata=Table({"path": files}),
-                                 batch_size=args.batch_size, approximate=args.approximate,
-                                 image_root=common_image_root(files))
-    index.save(args.index)
+    params = dict(_structure_params(args), vector_dtype=args.vector_dtype, image_root=common_image_root(files))
+    if args.scheduler:
+        from ..clip.archive import build_on_cluster
+
+        with _dask_client(args.scheduler) as client:
+            build_on_cluster(client, load_clip(args), files, args.index, metadata=Table({"path": files}),
+                             kind=args.approximate or "exact", batch_size=args.batch_size,
+                             shard_size=args.shard_size, device=args.device, **params)
+        index = EmbeddingIndex.load(args.index)
+    else:
+        index = EmbeddingIndex.build(load_clip(args), files, metadata=Table({"path": files}),
+                                     batch_size=args.batch_size, approximate=args.approximate, **params)
+        index.save(args.index)
     print(f"index {args.index}: {len(index)} images, model {_model_text(index)}")
+    return 0
+
+
+@contextlib.contextmanager
+def _dask_client(scheduler: str):
+    """A dask client of the scheduler ``ADDRESS``, or of a new ``LocalCluster`` for ``local:N``."""
+    from ..utils.imports import optional_import
+
+    distributed = optional_import("distributed", purpose="astrovl index build --scheduler")
+    if not scheduler.startswith("local:"):
+        with distributed.Client(scheduler) as client:
+            yield client
+        return
+    n = scheduler.split(":", 1)[1]
+    if not n.isdigit() or int(n) < 1:
+        raise ValueError(f"--scheduler {scheduler!r}: give local:N with N >= 1 worker processes, or the "
+                         "address of a running dask scheduler")
+    with distributed.LocalCluster(n_workers=int(n), threads_per_worker=1, processes=True,
+                                  dashboard_address=None) as cluster, distributed.Client(cluster) as client:
+        yield client
+
+
+def _cmd_index_build_vectors(args):
+    from ..clip import EmbeddingIndex
+    from ..clip.archive import build_from_vector_files
+
+    model = load_clip(args) if args.model else None
+    if model is None and args.pretrained is not None:
+        raise ValueError(f"--pretrained {args.pretrained!r} needs --model (the open_clip model name)")
+    build_from_vector_files(args.shards, args.index, kind=args.approximate or "exact", model=model,
+                            vector_dtype=args.vector_dtype, **_structure_params(args))
+    index = EmbeddingIndex.load(args.index)
+    print(f"index {args.index}: {len(index)} vectors, kind {index.kind}, model {index.model_id}")
     return 0
 
 
@@ -189,7 +278,8 @@ def _cmd_search(args):
         print(f"astrovl search: note: the index {args.index} was made by a model with random weights "
               f"({index.model_id}); its results carry no meaning", file=sys.stderr)
     query = args.query if args.query is not None else load_image(args.image)
-    emit(index.search(query, k=args.k, nprobe=args.nprobe, ef_search=args.ef_search), args)
+    emit(index.search(query, k=args.k, nprobe=args.nprobe, ef_search=args.ef_search,
+                      rerank_depth=args.rerank_depth), args)
     return 0
 
 

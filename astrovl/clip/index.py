@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
+import shutil
 import threading
 from pathlib import Path
 from typing import Any
@@ -14,24 +14,35 @@ from astropy.table import Table, vstack
 
 from ..exceptions import CheckpointError, IndexMismatchError, ModelNotFoundError
 from ..utils.files import atomic_directory
+from . import faiss_structures as fs
 from .chunks import ChunkedRows
 from .identity import digest_from_model_id
+from .index_files import (  # noqa: F401  (the file names and OUTPUT_KIND are also importable from here)
+    FAISS_FILE,
+    FORMAT,
+    MANIFEST,
+    METADATA,
+    OUTPUT_KIND,
+    VECTOR_DTYPES,
+    VECTORS,
+    common_image_root,
+    is_saved_index,
+    map_vectors,
+    model_record,
+    read_manifest,
+    read_rows,
+    recorded_image_root,
+    recorded_model,
+    write_manifest,
+    write_vectors,
+)
 from .loading import describe_source
 
 __all__ = ["EmbeddingIndex", "recorded_image_root", "common_image_root"]
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "index.json"
-VECTORS = "vectors.safetensors"
-METADATA = "metadata.ecsv"
-FAISS_FILE = "index.faiss"
-FORMAT = "astrovl-embedding-index"
-#: kind of the output folder an index is saved in (see :func:`astrovl.utils.files.check_output_dir`)
-OUTPUT_KIND = "index"
-KINDS = ("exact", "hnsw", "ivf")
-IVF_TRAIN_POINTS_PER_CELL = 64
-IVF_TRAIN_SAMPLE = 100_000
+KINDS = fs.KINDS
 
 
 class EmbeddingIndex:
@@ -39,16 +50,19 @@ class EmbeddingIndex:
 
     Search is by inner product (cosine similarity for unit vectors) with faiss:
     exact (``IndexFlatIP``) by default, or approximate for large archives:
-    ``"hnsw"`` (``IndexHNSWFlat``) or ``"ivf"`` (``IndexIVFFlat``). Vectors are
-    stored unquantized in both approximate modes, so text queries, which sit
-    away from the image vectors because of the image/text modality gap, are
-    scored exactly against the candidates the structure visits.
+    ``"hnsw"`` (``IndexHNSWFlat``), ``"ivf"`` (``IndexIVFFlat``) or ``"ivfpq"``
+    (``IndexIVFPQ``, optionally with an OPQ rotation; see
+    :mod:`astrovl.clip.faiss_structures`). Vectors are stored unquantized in
+    every mode, so text queries, which sit away from the image vectors because
+    of the image/text modality gap, are scored exactly: ``"hnsw"`` and ``"ivf"``
+    score the candidates they visit exactly, and ``"ivfpq"`` re-scores its
+    ``rerank_depth`` best candidates exactly from the stored vectors.
 
     Parameters
     ----------
     dim : int
         Embedding dimension.
-    kind : {"exact", "hnsw", "ivf"}
+    kind : {"exact", "hnsw", "ivf", "ivfpq"}
     embedder : CLIPEmbedder, optional
         Needed for text and image queries. The index records its identity (weights
         digest) and how to load it again (:attr:`model_info`).
@@ -56,8 +70,21 @@ class EmbeddingIndex:
         Identity of the model whose vectors are stored, when no embedder is given.
     device : str, optional
         Device of the embedder when the index loads its recorded model itself.
-    hnsw_m, ef_search, nlist, nprobe : int
-        Parameters of the approximate structures.
+    hnsw_m, ef_search, ef_construction : int
+        Parameters of ``"hnsw"``.
+    nlist, nprobe : int
+        Cells of ``"ivf"`` and ``"ivfpq"`` (default: about ``4 sqrt(N)`` and
+        ``sqrt(N)``), and cells searched per query.
+    pq_m, pq_bits : int
+        ``"ivfpq"``: bytes (sub-quantizers) per code, default ``dim / 8``, and
+        bits per sub-quantizer (8).
+    opq : bool
+        ``"ivfpq"``: rotate the vectors (OPQ) before quantizing them.
+    rerank_depth : int
+        ``"ivfpq"``: candidates re-scored exactly per query (at least ``k``).
+    vector_dtype : {"float32", "float16"}
+        How the unit vectors are stored (float16 halves the disk and page cache;
+        scores then differ from float32 ones by about 1e-3).
     image_root : path, optional
         The folder the image files named in the metadata lie under. Saved with
         the index (relative to the index folder); viewers such as the napari
@@ -76,12 +103,17 @@ class EmbeddingIndex:
 
     def __init__(self, dim: int, *, kind: str = "exact", embedder=None, model_id: str | None = None,
                  device=None, hnsw_m: int = 32, ef_search: int = 128, ef_construction: int = 200,
-                 nlist: int | None = None, nprobe: int = 32,
+                 nlist: int | None = None, nprobe: int = 32, pq_m: int | None = None, pq_bits: int = 8,
+                 opq: bool = False, rerank_depth: int = 256, vector_dtype: str = "float32",
                  image_root: str | os.PathLike | None = None):
         if kind not in KINDS:
             raise ValueError(f"kind={kind!r} is not known; use one of {KINDS}")
         if int(dim) < 1:
             raise ValueError(f"dim={dim!r} must be positive")
+        if vector_dtype not in VECTOR_DTYPES:
+            raise ValueError(f"vector_dtype={vector_dtype!r} is not known; use one of {list(VECTOR_DTYPES)}")
+        if int(rerank_depth) < 1:
+            raise ValueError(f"rerank_depth={rerank_depth!r} must be >= 1")
         self.dim = int(dim)
         self.kind = kind
         #: folder the image files of the metadata lie under (absolute), or None
@@ -94,15 +126,20 @@ class EmbeddingIndex:
             self.embedder = embedder
         self.params = {"hnsw_m": int(hnsw_m), "ef_search": int(ef_search),
                        "ef_construction": int(ef_construction), "nlist": nlist, "nprobe": int(nprobe)}
+        if kind == "ivfpq":
+            self.params.update(pq_m=pq_m, pq_bits=int(pq_bits), opq=bool(opq), rerank_depth=int(rerank_depth))
+        self.params["vector_dtype"] = vector_dtype
         self._vec = ChunkedRows(np.concatenate)
         self._meta = ChunkedRows(_stack_tables)
         self._faiss = None
+        self._faiss_file: Path | None = None  # the file a memory-mapped structure is read from
 
     # ------------------------------------------------------------------ building
     @classmethod
     def build(cls, embedder, images, metadata: Table | dict | None = None, *, batch_size: int = 64,
               approximate: str | None = None, client=None, shard_size: int = 1024,
-              progress: bool = True, **params) -> EmbeddingIndex:
+              progress: bool = True, directory: str | os.PathLike | None = None,
+              **params) -> EmbeddingIndex:
         """Embed ``images`` with ``embedder`` and index them.
 
         Parameters
@@ -113,13 +150,19 @@ class EmbeddingIndex:
             One row per image (e.g. path, obs_id, proposal_id, ra, dec). By default
             a ``source`` column records where each image came from.
         batch_size : int
-        approximate : {None, "hnsw", "ivf"}
+        approximate : {None, "hnsw", "ivf", "ivfpq"}
             ``None`` gives exact search.
         client : dask.distributed.Client, optional
             Embed shards of ``shard_size`` images on a dask cluster (one worker per
             GPU in real use). Image inputs must then be paths (or other picklable
             inputs), and the workers must see the same file system.
         progress : bool
+        directory : path, optional
+            With ``client``: the index folder, on a file system the workers share.
+            The workers write their shards there (``staging/``), the index is
+            written from them out of core, and the loaded (memory-mapped) index
+            is returned; re-running after an interruption resumes from the
+            shards already written (see :func:`astrovl.clip.archive.build_on_cluster`).
         **params
             Other arguments of the constructor (``hnsw_m``, ``nlist``,
             ``image_root``...).
@@ -134,6 +177,15 @@ class EmbeddingIndex:
         if not items:
             raise ValueError("no images to index: the input is empty")
         meta = cls._metadata_for(items, metadata)
+        if client is not None and directory is not None:
+            from .archive import build_on_cluster
+
+            build_on_cluster(client, embedder, items, directory, metadata=meta, kind=approximate or "exact",
+                             batch_size=batch_size, shard_size=shard_size, progress=progress, **params)
+            return cls.load(directory, embedder=embedder)
+        if directory is not None:
+            raise ValueError("directory= is for building on a cluster (with client=); save a local "
+                             "build with index.save(directory)")
         if client is not None:
             from .sharded import embed_on_cluster
 
@@ -188,18 +240,27 @@ class EmbeddingIndex:
         if (norms == 0).any():
             raise ValueError("vectors contain all-zero rows")
         vectors = np.ascontiguousarray(vectors / norms, dtype=np.float32)
+        stored = vectors if self.vector_dtype == "float32" else vectors.astype(self.vector_dtype)
         if metadata is None:
             meta = Table({"source": [f"vector {len(self) + i}" for i in range(len(vectors))]})
         else:
             meta = metadata if isinstance(metadata, Table) else Table(dict(metadata))
         if len(meta) != len(vectors):
             raise ValueError(f"{len(meta)} metadata rows for {len(vectors)} vectors; give one row per vector")
-        self._vec.append(vectors)  # amortised: no concatenation of everything per call
+        if self._faiss_file is not None:  # memory-mapped, read-only: read it to grow it
+            self._faiss = fs.read_structure(self._faiss_file, self.kind)[0]
+            self._faiss_file = None
+        self._vec.append(stored)  # amortised: no concatenation of everything per call
         self._meta.append(meta.copy())
         if self._faiss is not None and self._faiss.is_trained:
-            self._faiss.add(vectors)
+            fs.add_block(self._faiss, vectors)
         else:
             self._faiss = None  # (re)built lazily with all vectors
+
+    @property
+    def vector_dtype(self) -> str:
+        """How the vectors are stored: ``"float32"`` or ``"float16"``."""
+        return self.params.get("vector_dtype", "float32")
 
     def __len__(self) -> int:
         return len(self._vec)
@@ -267,7 +328,7 @@ class EmbeddingIndex:
         if self._model and len(self):
             self._check_same_model(embedder)
         else:  # an empty index, or vectors of unknown origin: adopt this model
-            self._model = _model_record(embedder)
+            self._model = model_record(embedder)
         self._embedder = embedder
 
     def _needed_model(self) -> str:
@@ -325,10 +386,10 @@ class EmbeddingIndex:
 
     @property
     def vectors(self) -> np.ndarray:
-        """The stored unit vectors ``(N, dim)`` (read-only view)."""
+        """The stored unit vectors ``(N, dim)`` (read-only view, of :attr:`vector_dtype`)."""
         stored = self._vec.compact()
         if stored is None:
-            return np.zeros((0, self.dim), dtype=np.float32)
+            return np.zeros((0, self.dim), dtype=self.vector_dtype)
         v = stored.view(np.ndarray)
         v.flags.writeable = False
         return v
@@ -339,34 +400,9 @@ class EmbeddingIndex:
     # ------------------------------------------------------------------ faiss
     def _structure(self):
         """The faiss structure of an approximate index (built on first use)."""
-        import faiss
-
-        if self._faiss is not None:
-            return self._faiss
-        d, p = self.dim, self.params
-        vectors = self.vectors
-        if self.kind == "hnsw":
-            index = faiss.IndexHNSWFlat(d, p["hnsw_m"], faiss.METRIC_INNER_PRODUCT)
-            index.hnsw.efConstruction = p["ef_construction"]
-            index.hnsw.efSearch = p["ef_search"]
-        else:
-            n = len(vectors)
-            nlist = p["nlist"] or max(1, min(int(4 * np.sqrt(max(n, 1))), n // 39 if n >= 39 else 1))
-            quantizer = faiss.IndexFlatIP(d)
-            index = faiss.IndexIVFFlat(quantizer, d, int(nlist), faiss.METRIC_INNER_PRODUCT)
-            # k-means on all vectors up to IVF_TRAIN_SAMPLE, beyond that on a fixed-seed sample
-            # of IVF_TRAIN_POINTS_PER_CELL per cell (faiss's default is 256): a million vectors
-            # then train in about a minute on two cores instead of a quarter of an hour
-            index.cp.max_points_per_centroid = max(IVF_TRAIN_POINTS_PER_CELL,
-                                                   -(-IVF_TRAIN_SAMPLE // int(nlist)))
-            if n:
-                index.train(vectors)
-            index.nprobe = min(p["nprobe"], int(nlist))
-            self._ivf_quantizer = quantizer  # keep alive
-        if len(vectors):
-            index.add(vectors)
-        self._faiss = index
-        return index
+        if self._faiss is None:
+            self._faiss = fs.build_structure(self.kind, self.dim, self.params, self.vectors)
+        return self._faiss
 
     # ------------------------------------------------------------------ search
     def _query_vector(self, query) -> np.ndarray:
@@ -396,7 +432,7 @@ class EmbeddingIndex:
         return embedder
 
     def search(self, query: Any, k: int = 10, *, ef_search: int | None = None,
-               nprobe: int | None = None, rows=None) -> Table:
+               nprobe: int | None = None, rows=None, rerank_depth: int | None = None) -> Table:
         """Return the ``k`` best matches for a text, an image or a vector.
 
         Parameters
@@ -410,12 +446,17 @@ class EmbeddingIndex:
             For ``kind="hnsw"``: the search breadth for this query only (default: the
             index's ``ef_search``). Larger is more accurate and slower.
         nprobe : int, optional
-            For ``kind="ivf"``: the number of cells searched for this query only
-            (default: the index's ``nprobe``). Larger is more accurate and slower.
+            For ``kind="ivf"`` or ``"ivfpq"``: the number of cells searched for this
+            query only (default: the index's ``nprobe``). Larger is more accurate
+            and slower.
         rows : array of int or bool, optional
             Search only these rows: positions, or a boolean mask of length
             ``len(index)``, e.g. from :meth:`rows_where`. Fewer than ``k`` rows
             come back when fewer are allowed.
+        rerank_depth : int, optional
+            For ``kind="ivfpq"``: how many candidates of the compressed search are
+            re-scored exactly for this query only (default: the index's
+            ``rerank_depth``; at least ``k``). Larger is more accurate and slower.
 
         Returns
         -------
@@ -431,6 +472,7 @@ class EmbeddingIndex:
         allowed = self._allowed_rows(rows)
         bitmap = None if allowed is None or self.kind == "exact" else np.packbits(allowed, bitorder="little")
         search_params = self._search_parameters(ef_search, nprobe, bitmap)
+        depth = self._rerank_depth(rerank_depth, k)
         q = self._query_vector(query)[:1]
         k = min(k, len(self) if allowed is None else int(allowed.sum()))
         if k == 0:
@@ -438,9 +480,11 @@ class EmbeddingIndex:
         elif self.kind == "exact":
             scores, rows = self._exact_search(q, k, allowed)
         else:
-            scores, rows = self._structure().search(q, k, params=search_params)
+            scores, rows = self._structure().search(q, depth or k, params=search_params)
             keep = rows[0] >= 0
             rows, scores = rows[0][keep], scores[0][keep]
+            if depth:
+                scores, rows = self._rescore(q, rows, k)
         has_columns = bool(self._meta.chunks) and len(self._meta.chunks[0].colnames)
         out = Table(self._meta.take(rows), copy=True) if has_columns else Table()
         out.add_column(rows.astype(np.int64), name="row", index=0)
@@ -453,18 +497,20 @@ class EmbeddingIndex:
         """Exhaustive inner-product search over the stored chunks (no second copy of the vectors).
 
         ``allowed`` (a boolean mask over all rows) restricts the search to those rows.
+        Memory-mapped or float16 vectors are scanned a block of rows at a time.
         """
         import faiss
 
         scores, rows = [], []
-        for start, chunk in zip(self._vec.starts(), self._vec.chunks):
+        for start, chunk in self._blocks():
             positions = None
             if allowed is not None:
                 positions = np.flatnonzero(allowed[start:start + len(chunk)])
                 if not len(positions):
                     continue
                 chunk = chunk[positions]
-            d, i = faiss.knn(q, np.ascontiguousarray(chunk), min(k, len(chunk)), metric=faiss.METRIC_INNER_PRODUCT)
+            d, i = faiss.knn(q, np.ascontiguousarray(chunk, dtype=np.float32), min(k, len(chunk)),
+                             metric=faiss.METRIC_INNER_PRODUCT)
             scores.append(d[0])
             rows.append((i[0] if positions is None else positions[i[0]]) + start)
         merged = len(scores) > 1
@@ -474,6 +520,48 @@ class EmbeddingIndex:
             scores, rows = scores[order], rows[order]
         return scores, rows
 
+    def _blocks(self):
+        """(first row, rows) of the stored vectors: the chunks, split into blocks of
+        :func:`~astrovl.clip.faiss_structures.chunk_rows` rows where they are memory maps
+        or not float32 (so that no scan reads a whole map into private memory)."""
+        for start, chunk in zip(self._vec.starts(), self._vec.chunks):
+            if isinstance(chunk, np.memmap) or chunk.dtype != np.float32:
+                step = fs.chunk_rows(self.dim)
+                for s in range(0, len(chunk), step):
+                    yield start + s, chunk[s:s + step]
+            else:
+                yield start, chunk
+
+    def _rerank_depth(self, rerank_depth: int | None, k: int) -> int | None:
+        """Candidates re-scored exactly by an ``"ivfpq"`` index (None for other kinds)."""
+        if rerank_depth is not None:
+            if self.kind != "ivfpq":
+                raise ValueError(f"rerank_depth does not apply to an index of kind {self.kind!r}: "
+                                 "it is for kind='ivfpq'")
+            if int(rerank_depth) < 1:
+                raise ValueError(f"rerank_depth={rerank_depth!r} must be >= 1")
+        if self.kind != "ivfpq":
+            return None
+        return max(int(k), int(rerank_depth or self.params.get("rerank_depth", 256)))
+
+    def _rescore(self, q: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The ``k`` best of the candidate ``rows`` by exact inner product with the stored vectors."""
+        if not len(rows):
+            return np.zeros(0, np.float32), rows
+        exact = self._stored_rows(rows).astype(np.float32) @ q[0]
+        order = np.lexsort((rows, -exact))[:k]
+        return exact[order], rows[order]
+
+    def _stored_rows(self, rows: np.ndarray) -> np.ndarray:
+        """The stored vectors of ``rows``; rows of a memory map are read from its file, not mapped."""
+        which, local = self._vec.locate(rows)
+        out = np.empty((len(rows), self.dim), dtype=self.vector_dtype)
+        for c in np.unique(which):
+            sel = np.flatnonzero(which == c)
+            chunk = self._vec.chunks[c]
+            out[sel] = read_rows(chunk, local[sel]) if isinstance(chunk, np.memmap) else chunk[local[sel]]
+        return out
+
     def _search_parameters(self, ef_search: int | None, nprobe: int | None,
                            bitmap: np.ndarray | None = None):
         """faiss search parameters for one call, or None to use the index's own.
@@ -481,25 +569,7 @@ class EmbeddingIndex:
         ``bitmap`` (packed little-endian bits, one per row) restricts the search;
         the caller keeps it alive until the search returns.
         """
-        if ef_search is None and nprobe is None and bitmap is None:
-            return None
-        import faiss
-
-        for name, value in (("ef_search", ef_search), ("nprobe", nprobe)):
-            if value is not None and int(value) < 1:
-                raise ValueError(f"{name}={value!r} must be >= 1")
-        if (ef_search is not None and self.kind != "hnsw") or (nprobe is not None and self.kind != "ivf"):
-            given = "ef_search" if ef_search is not None else "nprobe"
-            raise ValueError(
-                f"{given} does not apply to an index of kind {self.kind!r}: ef_search is for "
-                "kind='hnsw' and nprobe for kind='ivf'"
-            )
-        kw = {} if bitmap is None else {"sel": faiss.IDSelectorBitmap(bitmap)}
-        if self.kind == "hnsw":
-            return faiss.SearchParametersHNSW(efSearch=int(ef_search or self.params["ef_search"]), **kw)
-        if self.kind == "ivf":
-            return faiss.SearchParametersIVF(nprobe=int(nprobe or self._structure().nprobe), **kw)
-        return faiss.SearchParameters(**kw)
+        return fs.search_parameters(self.kind, self.params, self._structure, ef_search, nprobe, bitmap)
 
     def _allowed_rows(self, rows) -> np.ndarray | None:
         """``rows`` (positions or a boolean mask) as a boolean mask, or None for all rows."""
@@ -583,37 +653,21 @@ class EmbeddingIndex:
             ``directory`` holds files that are not an astrovl index; save into a
             new subfolder instead.
         """
-        from safetensors.numpy import save_file
-
-        from .. import __version__
-
         directory = Path(directory)
         with atomic_directory(directory, kind=OUTPUT_KIND, recognize=is_saved_index) as tmp:
-            save_file({"vectors": np.ascontiguousarray(self.vectors)}, str(tmp / VECTORS))
+            # chunk by chunk: memory-mapped vectors and the ones added since are not joined in memory
+            write_vectors(tmp / VECTORS, (c for _, c in self._blocks()), len(self), self.dim, self.vector_dtype)
             self.metadata.write(tmp / METADATA, format="ascii.ecsv")
             if self.kind != "exact" and len(self):
                 import faiss
 
-                faiss.write_index(self._structure(), str(tmp / FAISS_FILE))
-            manifest = {"format": FORMAT, "format_version": 1, "astrovl_version": __version__,
-                        "model_id": self.model_id, "model": self._model_manifest(directory),
-                        "dim": self.dim, "count": len(self),
-                        "metric": "inner_product", "kind": self.kind, "params": self.params}
-            if self.image_root is not None:
-                manifest["image_root"] = _relative_root(self.image_root, directory)
-            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+                if self._faiss_file is not None:  # mapped from a file, unchanged since: copy it
+                    shutil.copyfile(self._faiss_file, tmp / FAISS_FILE)
+                else:
+                    faiss.write_index(self._structure(), str(tmp / FAISS_FILE))
+            write_manifest(tmp, directory, dim=self.dim, count=len(self), kind=self.kind,
+                           params=self.params, model=self.model_info, image_root=self.image_root)
         return directory
-
-    def _model_manifest(self, directory: Path) -> dict:
-        rec = self.model_info
-        src = rec.get("source")
-        if src and src.get("kind") == "directory":
-            # also relative to the index, so that an index moved with its model still finds it
-            try:
-                src["relative_path"] = os.path.relpath(src["path"], Path(directory).resolve())
-            except ValueError:  # another drive
-                src.pop("relative_path", None)
-        return rec
 
     @classmethod
     def load(cls, directory: str | os.PathLike, embedder=None, *, device=None,
@@ -634,7 +688,9 @@ class EmbeddingIndex:
             loading is immediate, and the vectors live in the page cache (shared
             with other processes serving the same index, reclaimable) instead of
             in the private memory of the process. Vectors added later are kept in
-            memory.
+            memory. The inverted lists of an ``"ivf"`` or ``"ivfpq"`` structure
+            are mapped from ``index.faiss`` too (``faiss.IO_FLAG_MMAP``); the
+            structure is read into memory when vectors are added.
 
         Raises
         ------
@@ -652,10 +708,10 @@ class EmbeddingIndex:
                 "with EmbeddingIndex.build(...).save(directory)"
             )
         try:
-            manifest = json.loads((directory / MANIFEST).read_text("utf-8"))
-            if manifest.get("format") != FORMAT:
-                raise ValueError(f"format is {manifest.get('format')!r}")
-            vectors = _map_vectors(directory / VECTORS) if mmap else load_file(str(directory / VECTORS))["vectors"]
+            manifest = read_manifest(directory)
+            random_access = manifest.get("kind") == "ivfpq"  # re-ranking reads a few rows per query
+            vectors = (map_vectors(directory / VECTORS, random_access=random_access) if mmap
+                       else load_file(str(directory / VECTORS))["vectors"])
             metadata = Table.read(directory / METADATA, format="ascii.ecsv")
         except Exception as exc:
             raise CheckpointError(
@@ -669,88 +725,27 @@ class EmbeddingIndex:
             )
         params = manifest.get("params", {})
         index = cls(dim, kind=manifest.get("kind", "exact"), device=device, **params)
-        index._model = _recorded_model(manifest, directory)
+        index._model = recorded_model(manifest, directory)
         root = manifest.get("image_root")
         if isinstance(root, str) and root:
             index.image_root = str((directory / Path(root).expanduser()).resolve())
-        if vectors.dtype != np.float32:
-            raise CheckpointError(f"embedding index {str(directory)!r} holds {vectors.dtype} vectors, not float32")
+        if vectors.dtype != np.dtype(index.vector_dtype):
+            raise CheckpointError(f"embedding index {str(directory)!r} holds {vectors.dtype} vectors, "
+                                  f"not {index.vector_dtype} as its manifest says; rebuild it")
         index._vec.replace(vectors)
         index._meta.replace(metadata)
         if embedder is not None:
             index.embedder = embedder
         if index.kind != "exact" and (directory / FAISS_FILE).is_file():
-            import faiss
-
-            index._faiss = faiss.read_index(str(directory / FAISS_FILE))
+            index._faiss, mapped = fs.read_structure(directory / FAISS_FILE, index.kind, mmap=mmap)
+            index._faiss_file = (directory / FAISS_FILE).resolve() if mapped else None
             if index._faiss.ntotal != count:
-                index._faiss = None
+                index._faiss, index._faiss_file = None, None
         return index
-
-
-def is_saved_index(directory: Path) -> bool:
-    """True for an index folder saved before output folders were marked."""
-    try:
-        return json.loads((directory / MANIFEST).read_text("utf-8")).get("format") == FORMAT
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
-def _relative_root(root: str, directory: Path) -> str:
-    """``root`` relative to the index folder (POSIX separators); absolute on another drive."""
-    try:
-        return Path(os.path.relpath(Path(root).resolve(), Path(directory).resolve())).as_posix()
-    except ValueError:
-        return str(root)
 
 
 def _stack_tables(tables) -> Table:
     return vstack(list(tables), join_type="outer", metadata_conflicts="silent")
-
-
-def _map_vectors(path: Path) -> np.ndarray:
-    """The ``vectors`` tensor of a safetensors file as a read-only memory map.
-
-    The safetensors layout: an 8-byte little-endian header length, the JSON
-    header (dtype, shape and byte offsets of each tensor), then the data.
-    """
-    with open(path, "rb") as fh:
-        n = int.from_bytes(fh.read(8), "little")
-        if not 0 < n < 100_000_000:
-            raise ValueError(f"{path.name} has no safetensors header")
-        header = json.loads(fh.read(n))
-    spec = header.get("vectors") or {}
-    if spec.get("dtype") != "F32" or len(spec.get("shape", ())) != 2:
-        raise ValueError(f"{path.name} holds no 2-d float32 'vectors' tensor")
-    shape = tuple(int(x) for x in spec["shape"])
-    begin, end = (int(x) for x in spec["data_offsets"])
-    if end - begin != shape[0] * shape[1] * 4 or 8 + n + end > path.stat().st_size:
-        raise ValueError(f"{path.name} is truncated")
-    if shape[0] == 0:
-        return np.zeros(shape, dtype=np.float32)
-    return np.memmap(path, dtype="<f4", mode="r", offset=8 + n + begin, shape=shape)
-
-
-def _model_record(embedder) -> dict:
-    """What an index records of the embedder that made its vectors."""
-    return {"id": embedder.model_id, "name": embedder.model_name, "digest": embedder.weights_digest,
-            "source": dict(embedder.source) if embedder.source else None,
-            "random": bool(getattr(embedder, "random_weights", False))}
-
-
-def _recorded_model(manifest: dict, directory: Path) -> dict:
-    """The model record of a manifest (older manifests have only ``model_id``)."""
-    rec = manifest.get("model")
-    if not isinstance(rec, dict):
-        mid = manifest.get("model_id")
-        return {"id": mid, "digest": digest_from_model_id(mid)} if mid else {}
-    rec = {k: (dict(v) if isinstance(v, dict) else v) for k, v in rec.items()}
-    src = rec.get("source")
-    if src and src.get("kind") == "directory":
-        rel = src.pop("relative_path", None)
-        if rel is not None and (Path(directory) / rel).is_dir():
-            src["path"] = str((Path(directory) / rel).resolve())
-    return rec
 
 
 def _names_image_file(text: str) -> bool:
@@ -766,45 +761,3 @@ def _names_image_file(text: str) -> bool:
         return False
 
 
-def common_image_root(files) -> str:
-    """The deepest folder holding every file, as named: the image root an index records.
-
-    The folders are compared as written (made absolute, ``..`` removed), and
-    only the folder found has its links resolved: a file that is a link to
-    somewhere else never widens the root to a common parent of both places
-    (such a file then lies outside the root, and ``astrovl serve`` refuses it).
-
-    Parameters
-    ----------
-    files : sequence of path
-        The image files.
-
-    Returns
-    -------
-    str
-        An absolute, resolved folder.
-    """
-    folders = [os.path.dirname(os.path.abspath(os.path.expanduser(str(f)))) for f in files]
-    if not folders:
-        raise ValueError("no image files: an image root needs at least one file")
-    return str(Path(os.path.commonpath(folders)).resolve())
-
-
-def recorded_image_root(index, index_dir: str | os.PathLike | None) -> Path | None:
-    """The image root recorded with an index (its ``image_root`` or its manifest's), if any.
-
-    A relative root is taken relative to the index directory.
-    """
-    root = getattr(index, "image_root", None)
-    if root is None and index_dir is not None:
-        manifest = Path(index_dir) / "index.json"
-        try:
-            root = json.loads(manifest.read_text("utf-8")).get("image_root")
-        except (OSError, ValueError, AttributeError):
-            root = None
-    if not root:
-        return None
-    root = Path(os.path.expanduser(str(root)))
-    if not root.is_absolute() and index_dir is not None:
-        root = Path(index_dir) / root
-    return root.resolve()

@@ -11,7 +11,9 @@ They exercise the real loading paths of :meth:`CLIPEmbedder.from_pretrained
   (``open_clip_config.json`` + ``open_clip_model.safetensors``);
 * :func:`add_to_hub_cache` puts a directory into a hub cache under a repository
   id, in the cache's own layout (``models--ORG--NAME/blobs``, ``snapshots/REV``
-  links, ``refs/main``), so that ``huggingface_hub`` finds it offline.
+  links, ``refs/main``), so that ``huggingface_hub`` finds it offline;
+* :func:`clustered_unit_vectors` and :func:`write_vector_shards` make synthetic
+  embeddings (clustered unit vectors) for archive-scale tests and benchmarks.
 
 The weights are random: the models mean nothing, the files are the real ones.
 """
@@ -23,7 +25,10 @@ import json
 import os
 from pathlib import Path
 
-__all__ = ["make_tiny_transformers_clip", "make_tiny_open_clip", "add_to_hub_cache", "TINY_OPEN_CLIP_CONFIG"]
+import numpy as np
+
+__all__ = ["make_tiny_transformers_clip", "make_tiny_open_clip", "add_to_hub_cache", "TINY_OPEN_CLIP_CONFIG",
+           "clustered_unit_vectors", "write_vector_shards"]
 
 #: architecture of :func:`make_tiny_open_clip` (an open_clip ``model_cfg``)
 TINY_OPEN_CLIP_CONFIG: dict = {
@@ -165,3 +170,45 @@ def add_to_hub_cache(source: str | os.PathLike, repo_id: str, cache_dir: str | o
             target.write_bytes(data)
     (repo / "refs" / "main").write_text(revision, encoding="utf-8")
     return revision
+
+
+def clustered_unit_vectors(n: int, dim: int, *, n_clusters: int = 256, spread: float = 0.6, seed: int = 0,
+                           start: int = 0, centers_seed: int = 0) -> np.ndarray:
+    """Synthetic embeddings: ``n`` unit vectors around ``n_clusters`` random unit centres (float32).
+
+    Rows ``start .. start + n`` of one endless reproducible sequence (so that
+    large sets are made shard by shard): row ``i`` depends only on ``seed`` and
+    ``i``'s block of 65536 rows; the centres depend only on ``centers_seed`` (so
+    queries drawn with another ``seed`` come from the same clusters).
+    ``spread`` is the typical distance of a vector from its centre, before
+    normalisation.
+    """
+    rng = np.random.default_rng([centers_seed, 2**31])
+    centers = rng.normal(size=(n_clusters, dim)).astype(np.float32)
+    centers /= np.linalg.norm(centers, axis=1, keepdims=True)
+    block = 65_536
+    out = np.empty((n, dim), dtype=np.float32)
+    first = start // block
+    for b in range(first, -(-(start + n) // block) if n else first):
+        brng = np.random.default_rng([seed, b])
+        labels = brng.integers(0, n_clusters, size=block)
+        noise = brng.standard_normal(size=(block, dim), dtype=np.float32) * (spread / np.sqrt(dim))
+        rows = centers[labels] + noise
+        lo, hi = max(start, b * block), min(start + n, (b + 1) * block)
+        out[lo - start:hi - start] = rows[lo - b * block:hi - b * block]
+    out /= np.linalg.norm(out, axis=1, keepdims=True)
+    return out
+
+
+def write_vector_shards(directory: str | os.PathLike, n: int, dim: int, *, shard_rows: int = 262_144,
+                        dtype: str = "float32", seed: int = 0, **kwargs) -> list[Path]:
+    """Write :func:`clustered_unit_vectors` as ``.npy`` shards of ``shard_rows`` rows; returns their paths."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, start in enumerate(range(0, n, shard_rows)):
+        rows = clustered_unit_vectors(min(shard_rows, n - start), dim, seed=seed, start=start, **kwargs)
+        path = directory / f"part-{i:05d}.npy"
+        np.save(path, rows.astype(dtype))
+        paths.append(path)
+    return paths
