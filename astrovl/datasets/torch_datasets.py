@@ -182,6 +182,16 @@ class ImageTextTorchDataset(torch.utils.data.Dataset):
     def _image(self, i: int) -> torch.Tensor:
         return uint8_to_tensor(self._pixels(i))
 
+    def check_first_image(self) -> None:
+        """Read the first record's image now, so that an unusable image fails before training.
+
+        Raises
+        ------
+        DatasetError
+            Naming the record and its image (for instance an image smaller than the model input).
+        """
+        self._record_pixels(0)
+
     def _record_pixels(self, i: int) -> np.ndarray:
         """:meth:`_pixels`, with errors that name the record and its image (also from DataLoader workers)."""
         try:

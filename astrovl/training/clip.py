@@ -580,6 +580,210 @@ def _history_table(rows: list[dict]) -> Table:
     return Table(rows=[[r.get(c, float("nan")) for c in HISTORY_COLUMNS] for r in rows], names=HISTORY_COLUMNS)
 
 
+def _check_sizes(train, val, config: CLIPTrainingConfig, world: int) -> None:
+    if len(train) < config.batch_size:
+        raise DatasetError(f"the training set has {len(train)} records, fewer than batch_size={config.batch_size}")
+    if len(val) == 0:
+        raise DatasetError("the validation set is empty; validation needs held-out pairs (e.g. ds.split('val'))")
+    if config.batch_size % (world * config.grad_accum):
+        raise ValueError(f"batch_size={config.batch_size} must be divisible by the number of processes "
+                         f"({world}) times grad_accum ({config.grad_accum})")
+
+
+def _autocast(config: CLIPTrainingConfig, device):
+    """A function giving the mixed-precision context of a forward pass (bf16, or none)."""
+    import torch
+
+    use_bf16 = config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")
+
+    def autocast():
+        if use_bf16:
+            return torch.autocast(device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    return autocast
+
+
+def _training_captions(train, config: CLIPTrainingConfig) -> list[str]:
+    """The training captions, in a seeded random order of records for ``mode="shuffled"``."""
+    texts = _caption_texts(train, config.caption_mode)
+    if config.mode == "shuffled":
+        perm = np.random.default_rng([config.seed & 0xFFFFFFFF, _SHUFFLED]).permutation(len(texts))
+        texts = [texts[i] for i in perm]
+    return texts
+
+
+def _context_check(emb, config: CLIPTrainingConfig):
+    """For raw abstracts: a test of whether a text fits the model's context; else None."""
+    if config.caption_mode != "abstract":
+        return None
+    count_tokens, ctx = _token_counter(emb.tokenizer), emb.context_length
+
+    def fits_context(text: str) -> bool:
+        return count_tokens(text) <= ctx
+
+    return fits_context
+
+
+def _restore(ckpt_dir: Path, state: dict, model, optimizer, scheduler):
+    """Weights, optimiser and schedule of a checkpoint; its step, history, resumes and best value.
+
+    The random states come back later, after the DataLoader's iterator is made (it draws a seed).
+    """
+    load_checkpoint(ckpt_dir, model=model, optimizer=optimizer, scheduler=scheduler, restore_rng=False)
+    start_step = int(state["step"])
+    rows = [dict(r) for r in state.get("history", [])]
+    resumes = list(state.get("resumes", [])) + [
+        {"step": start_step, "changed": {k: list(v) for k, v in state["changed"].items()}}]
+    return start_step, rows, resumes, state.get("best_value")
+
+
+def _wrapped_models(model, config: CLIPTrainingConfig, device, world: int):
+    """The model trained (DDP with several processes) and the one called forward (compiled if asked)."""
+    import torch
+
+    train_model = model
+    if world > 1:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    return train_model, torch.compile(train_model) if config.compile else train_model
+
+
+def _optimizer_step(model, fwd_model, train_model, loss_fn, images, tokens, optimizer, scheduler,
+                    grad_accum: int, autocast, distributed: bool):
+    """One optimiser step on a batch (with gradient accumulation); the batch loss, on the device."""
+    import torch
+
+    optimizer.zero_grad(set_to_none=True)
+    loss = _train_step(model, fwd_model, train_model, loss_fn, images, tokens, grad_accum, autocast,
+                       distributed)
+    optimizer.step()
+    scheduler.step()
+    with torch.no_grad():
+        model.logit_scale.clamp_(0, math.log(100))
+    return loss
+
+
+def _save_progress(out: Path, rows: list[dict], model, optimizer, scheduler, config: CLIPTrainingConfig,
+                   best_value, identity: dict, resumes: list) -> None:
+    """The metrics so far and a checkpoint to resume from (after a validation step)."""
+    step = rows[-1]["step"]
+    write_history(_history_table(rows), out / "metrics.csv")
+    save_checkpoint(out / CHECKPOINT_DIR, model=model, optimizer=optimizer, scheduler=scheduler,
+                    state={"step": step, "history": rows, "best_value": best_value,
+                           "config": _jsonable(dataclasses.asdict(config)), "run": identity,
+                           "finished": step == config.steps, "resumes": resumes,
+                           "data_position": step * config.batch_size})
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def _prepare_run(embedder, train, val, config: CLIPTrainingConfig, rank: int, world: int):
+    """Output folder, validation subset, run identity and the checkpoint state to resume (or None).
+
+    Every record's image is checked here, before any model work.
+    """
+    out = prepare_output_dir(config.output_dir, OUTPUT_KIND, recognize=is_earlier_run)
+    resume_step = _choose_start(out, config, rank, world)
+    val_sub = _validation_subset(val, config)
+    identity = _run_identity(embedder, config, train, val_sub)
+    state = _resumed_state(out / CHECKPOINT_DIR, config, identity) if resume_step is not None else None
+    check_record_images(_record_images(train), what="training")
+    check_record_images(_record_images(val_sub), what="validation")
+    return out, val_sub, identity, state
+
+
+def _close(writer, train_ds) -> None:
+    """Close the TensorBoard writer and remove the training run's temporary image cache."""
+    if writer is not None:
+        writer.close()
+    if hasattr(train_ds.cache, "remove"):
+        train_ds.cache.remove()
+
+
+def _optimizer(model, params, config: CLIPTrainingConfig, device):
+    """AdamW over the trainable parameters (no weight decay on gains and biases) and its schedule."""
+    import torch
+
+    optimizer = torch.optim.AdamW(_param_groups(model, params, config.weight_decay), lr=config.lr,
+                                  betas=(0.9, 0.98), eps=1e-6, fused=device.type == "cuda")
+    return optimizer, warmup_schedule(optimizer, config.warmup_steps, config.steps, config.schedule)
+
+
+def _train_loader(train_ds, config: CLIPTrainingConfig, start_step: int, rank: int, world: int,
+                  num_workers: int, device):
+    """The training batches from ``start_step`` on (the seeded plan of :class:`_StepBatches`)."""
+    from torch.utils.data import DataLoader
+
+    sampler = _StepBatches(len(train_ds), config.batch_size, config.seed, start_step, config.steps, rank, world)
+    return DataLoader(train_ds, batch_sampler=sampler, collate_fn=_collate, num_workers=num_workers,
+                      pin_memory=device.type == "cuda", prefetch_factor=4 if num_workers else None,
+                      persistent_workers=False)
+
+
+def _torch_datasets(emb, config: CLIPTrainingConfig, train, train_texts, val, num_workers: int, out: Path,
+                    rank: int, fits_context):
+    """The training and validation datasets of the model's inputs (with their image caches)."""
+    from ..datasets.torch_datasets import ImageTextTorchDataset
+
+    cache_kind, cache_dir, val_cache = _image_caches(config, num_workers, out, rank)
+    common = dict(caption_mode=config.caption_mode, fits_context=fits_context,
+                  cache_max_bytes=config.cache_max_bytes)
+    train_ds = ImageTextTorchDataset(train, emb.image_size, emb.image_mean, emb.image_std,
+                                     augment=config.augment, captions=train_texts, cache=cache_kind,
+                                     cache_dir=cache_dir, **common)
+    val_ds = ImageTextTorchDataset(val, emb.image_size, emb.image_mean, emb.image_std, augment=False,
+                                   captions=_caption_texts(val, config.caption_mode), cache=val_cache,
+                                   **common)
+    train_ds.check_first_image()  # fail early on images smaller than the crop
+    return train_ds, val_ds
+
+
+def _tensorboard_writer(out: Path):
+    """A TensorBoard writer into ``out/tensorboard``, or None without tensorboard."""
+    with contextlib.suppress(ImportError, ModuleNotFoundError):
+        from torch.utils.tensorboard import SummaryWriter
+
+        return SummaryWriter(log_dir=str(out / "tensorboard"))
+    return None
+
+
+def _log_scalars(writer, row: dict) -> None:
+    if writer is not None:
+        for k, v in row.items():
+            if k != "step":
+                writer.add_scalar(k, v, row["step"])
+
+
+def _keep_best(emb, row: dict, config: CLIPTrainingConfig, best_value, out: Path):
+    """Save the model to ``out/best`` when ``row`` improves the best metric; the best value so far."""
+    value = row["val_loss"] if config.best_metric == "val_loss" else -row[config.best_metric]
+    improved = np.isfinite(value) and (best_value is None or not np.isfinite(best_value) or value < best_value)
+    if best_value is None or improved:
+        emb.save_pretrained(out / "best")
+        return float(value)
+    return best_value
+
+
+def _write_outputs(out: Path, emb, history: Table, config: CLIPTrainingConfig, step: int, device,
+                   identity: dict, resumes: list) -> Path:
+    """The final model, metrics, curves, configuration and run record; the final model's path."""
+    final_path = emb.save_pretrained(out / "final")
+    write_history(history, out / "metrics.csv")
+    if len(history):
+        plot_history(history, out / "training_curves.png", title=f"CLIP {config.mode}")
+    atomic_write_text(out / "config.json", json.dumps(_jsonable(dataclasses.asdict(config)), indent=2))
+    atomic_write_text(out / "training.json", json.dumps(
+        {"config": _jsonable(dataclasses.asdict(config)), "steps": step, "device": str(device),
+         **identity, "resumes": resumes}, indent=2))
+    return final_path
+
+
 def train_clip(embedder, train, val, config: CLIPTrainingConfig | None = None, **overrides):
     """Train a CLIP model contrastively on image-text records.
 
@@ -616,107 +820,42 @@ def train_clip(embedder, train, val, config: CLIPTrainingConfig | None = None, *
     validation steps.
     """
     import torch
-    from torch.utils.data import DataLoader
 
-    from ..clip import CLIPEmbedder
-    from ..datasets.torch_datasets import ImageTextTorchDataset
     from ..utils.progress import progress_bar
 
     config = dataclasses.replace(config or CLIPTrainingConfig(), **overrides)
     config.validate()
-    if len(train) < config.batch_size:
-        raise DatasetError(f"the training set has {len(train)} records, fewer than batch_size={config.batch_size}")
-    if len(val) == 0:
-        raise DatasetError("the validation set is empty; validation needs held-out pairs (e.g. ds.split('val'))")
     rank, world = _dist_info()
-    if config.batch_size % (world * config.grad_accum):
-        raise ValueError(f"batch_size={config.batch_size} must be divisible by the number of processes "
-                         f"({world}) times grad_accum ({config.grad_accum})")
-    out = prepare_output_dir(config.output_dir, OUTPUT_KIND, recognize=is_earlier_run)
-    resume_step = _choose_start(out, config, rank, world)
-    val_sub = _validation_subset(val, config)
-    identity = _run_identity(embedder, config, train, val_sub)
+    _check_sizes(train, val, config, world)
+    out, val_sub, identity, state = _prepare_run(embedder, train, val, config, rank, world)
     ckpt_dir = out / CHECKPOINT_DIR
-    state = _resumed_state(ckpt_dir, config, identity) if resume_step is not None else None
-    check_record_images(_record_images(train), what="training")
-    check_record_images(_record_images(val_sub), what="validation")
     seed_everything(config.seed)
 
     device = _training_device(config, embedder, world)
     emb = _prepare_embedder(embedder, config, device)
     model = emb.model
     params = _trainable_parameters(model, config.mode)
-    use_bf16 = config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")
-
-    def autocast():
-        if use_bf16:
-            return torch.autocast(device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
-    train_texts = _caption_texts(train, config.caption_mode)
-    if config.mode == "shuffled":
-        perm = np.random.default_rng([config.seed & 0xFFFFFFFF, _SHUFFLED]).permutation(len(train_texts))
-        train_texts = [train_texts[i] for i in perm]
-    count_tokens = _token_counter(emb.tokenizer) if config.caption_mode == "abstract" else None
-    ctx = emb.context_length
-
-    def fits_context(text: str) -> bool:
-        return count_tokens(text) <= ctx
-
+    autocast = _autocast(config, device)
     num_workers = config.num_workers if config.num_workers is not None else (8 if device.type == "cuda" else 0)
-    cache_kind, cache_dir, val_cache = _image_caches(config, num_workers, out, rank)
-    common = dict(caption_mode=config.caption_mode, fits_context=fits_context if count_tokens else None,
-                  cache_max_bytes=config.cache_max_bytes)
-    train_ds = ImageTextTorchDataset(train, emb.image_size, emb.image_mean, emb.image_std,
-                                     augment=config.augment, captions=train_texts, cache=cache_kind,
-                                     cache_dir=cache_dir, **common)
-    val_ds = ImageTextTorchDataset(val_sub, emb.image_size, emb.image_mean, emb.image_std, augment=False,
-                                   captions=_caption_texts(val_sub, config.caption_mode), cache=val_cache,
-                                   **common)
-    train_ds._image(0)  # fail early on images smaller than the crop
+    train_ds, val_ds = _torch_datasets(emb, config, train, _training_captions(train, config), val_sub,
+                                       num_workers, out, rank, _context_check(emb, config))
 
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(_param_groups(model, params, config.weight_decay), lr=config.lr,
-                                  betas=(0.9, 0.98), eps=1e-6, fused=device.type == "cuda")
-    scheduler = warmup_schedule(optimizer, config.warmup_steps, config.steps, config.schedule)
+    optimizer, scheduler = _optimizer(model, params, config, device)
     loss_fn = _make_loss(config, rank, world)
 
-    start_step, rows, resumes = 0, [], []
-    best_value = None
+    start_step, rows, resumes, best_value = 0, [], [], None
     if state is not None:
-        # the random states come back after the DataLoader's iterator is made (it draws a seed)
-        load_checkpoint(ckpt_dir, model=model, optimizer=optimizer, scheduler=scheduler, restore_rng=False)
-        start_step = int(state["step"])
-        rows = [dict(r) for r in state.get("history", [])]
-        best_value = state.get("best_value")
-        resumes = list(state.get("resumes", [])) + [
-            {"step": start_step, "changed": {k: list(v) for k, v in state["changed"].items()}}]
+        start_step, rows, resumes, best_value = _restore(ckpt_dir, state, model, optimizer, scheduler)
         if state.get("finished") and config.steps <= start_step:
-            log.warning("the run in %s finished at step %d; nothing to train, its outputs are left as they are",
-                        out, start_step)
-            if hasattr(train_ds.cache, "remove"):
-                train_ds.cache.remove()
-            return _finished_result(out, rows, config, emb, device, start_step)
+            return _finished_result(out, rows, config, emb, device, start_step, train_ds)
         _log_resume(start_step, config.steps, state["changed"])
 
-    train_model = model
-    if world > 1:
-        train_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    fwd_model = torch.compile(train_model) if config.compile else train_model
+    train_model, fwd_model = _wrapped_models(model, config, device, world)
 
-    sampler = _StepBatches(len(train_ds), config.batch_size, config.seed, start_step, config.steps, rank, world)
-    loader = DataLoader(train_ds, batch_sampler=sampler, collate_fn=_collate, num_workers=num_workers,
-                        pin_memory=device.type == "cuda", prefetch_factor=4 if num_workers else None,
-                        persistent_workers=False)
-
-    writer = None
-    if config.tensorboard and rank == 0:
-        with contextlib.suppress(ImportError, ModuleNotFoundError):
-            from torch.utils.tensorboard import SummaryWriter
-
-            writer = SummaryWriter(log_dir=str(out / "tensorboard"))
+    loader = _train_loader(train_ds, config, start_step, rank, world, num_workers, device)
+    writer = _tensorboard_writer(out) if config.tensorboard and rank == 0 else None
 
     running, running_n, t_last, samples = None, 0, time.perf_counter(), 0
     bar = progress_bar(total=config.steps, initial=start_step, enabled=config.progress and rank == 0,
@@ -732,13 +871,8 @@ def train_clip(embedder, train, val, config: CLIPTrainingConfig | None = None, *
         if device.type == "cuda":
             images = images.contiguous(memory_format=torch.channels_last)
         tokens = tok(caps).to(device, non_blocking=True)
-        optimizer.zero_grad(set_to_none=True)
-        loss = _train_step(model, fwd_model, train_model, loss_fn, images, tokens, config.grad_accum,
-                           autocast, world > 1)
-        optimizer.step()
-        scheduler.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, math.log(100))
+        loss = _optimizer_step(model, fwd_model, train_model, loss_fn, images, tokens, optimizer, scheduler,
+                               config.grad_accum, autocast, world > 1)
         step += 1
         running = loss if running is None else running + loss  # stays on the device
         running_n += 1
@@ -749,61 +883,26 @@ def train_clip(embedder, train, val, config: CLIPTrainingConfig | None = None, *
             elapsed = time.perf_counter() - t_last
             rate = samples / elapsed if elapsed > 0 else float("nan")
             if rank == 0:
-                metrics = _evaluate(emb, val_ds, config, autocast)
-                row = {"step": step, "train_loss": train_loss, **metrics,
-                       "lr": float(scheduler.get_last_lr()[0]), "samples_per_s": rate}
-                rows.append(row)
-                bar.set_postfix(loss=f"{train_loss:.3f}", val_top10=f"{metrics['val_top10']:.3f}",
+                rows.append({"step": step, "train_loss": train_loss, **_evaluate(emb, val_ds, config, autocast),
+                             "lr": float(scheduler.get_last_lr()[0]), "samples_per_s": rate})
+                bar.set_postfix(loss=f"{train_loss:.3f}", val_top10=f"{rows[-1]['val_top10']:.3f}",
                                 sps=f"{rate:.0f}")
-                if writer is not None:
-                    for k, v in row.items():
-                        if k != "step":
-                            writer.add_scalar(k, v, step)
-                value = metrics["val_loss"] if config.best_metric == "val_loss" else -metrics[config.best_metric]
-                improved = np.isfinite(value) and (best_value is None or not np.isfinite(best_value)
-                                                   or value < best_value)
-                if best_value is None or improved:
-                    best_value = float(value)
-                    emb.save_pretrained(out / "best")
-                write_history(_history_table(rows), out / "metrics.csv")
-                save_checkpoint(out / CHECKPOINT_DIR, model=model, optimizer=optimizer, scheduler=scheduler,
-                                state={"step": step, "history": rows, "best_value": best_value,
-                                       "config": _jsonable(dataclasses.asdict(config)), "run": identity,
-                                       "finished": step == config.steps, "resumes": resumes,
-                                       "data_position": step * config.batch_size})
-            if world > 1:
-                import torch.distributed as dist
-
-                dist.barrier()  # the other processes wait while process 0 validates
+                _log_scalars(writer, rows[-1])
+                best_value = _keep_best(emb, rows[-1], config, best_value, out)
+                _save_progress(out, rows, model, optimizer, scheduler, config, best_value, identity, resumes)
+            _barrier(world)  # the other processes wait while process 0 validates
             running, running_n, samples, t_last = None, 0, 0, time.perf_counter()
     bar.close()
-    if writer is not None:
-        writer.close()
-    if hasattr(train_ds.cache, "remove"):
-        del loader
-        train_ds.cache.remove()
+    del batches, loader  # the worker processes end before their image cache goes
+    _close(writer, train_ds)
 
-    history = _history_table(rows)
-    history.meta["mode"] = config.mode
-    history.meta["random_top10"] = 0.10
+    history = _result_history(rows, config)
     final_path = None
     if rank == 0:
-        final_path = emb.save_pretrained(out / "final")
-        write_history(history, out / "metrics.csv")
-        if len(history):
-            plot_history(history, out / "training_curves.png", title=f"CLIP {config.mode}")
-        atomic_write_text(out / "config.json", json.dumps(_jsonable(dataclasses.asdict(config)), indent=2))
-        atomic_write_text(out / "training.json", json.dumps(
-            {"config": _jsonable(dataclasses.asdict(config)), "steps": step, "device": str(device),
-             **identity, "resumes": resumes}, indent=2))
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()  # rank 0 has finished writing best/ and final/
-    best_path = out / "best"
-    best = CLIPEmbedder.from_pretrained(best_path, device=device) if (best_path / "astrovl_clip.json").is_file() else emb
-    return CLIPTrainingResult(history=history, best_path=best_path, embedder=best, output_dir=out,
-                              final_path=final_path, start_step=start_step)
+        final_path = _write_outputs(out, emb, history, config, step, device, identity, resumes)
+    _barrier(world)  # rank 0 has finished writing best/ and final/
+    return CLIPTrainingResult(history=history, best_path=out / "best", embedder=_best_model(out, emb, device),
+                              output_dir=out, final_path=final_path, start_step=start_step)
 
 
 def _choose_start(out: Path, config: CLIPTrainingConfig, rank: int, world: int) -> int | None:
@@ -831,19 +930,33 @@ def _log_resume(step: int, total: int, changed: dict) -> None:
                 if changed else "")
 
 
-def _finished_result(out: Path, rows: list[dict], config: CLIPTrainingConfig, emb, device, step: int):
+def _finished_result(out: Path, rows: list[dict], config: CLIPTrainingConfig, emb, device, step: int,
+                     train_ds):
     """The result of a run that had already finished (nothing trained, nothing written)."""
-    from ..clip import CLIPEmbedder
+    log.warning("the run in %s finished at step %d; nothing to train, its outputs are left as they are",
+                out, step)
+    if hasattr(train_ds.cache, "remove"):
+        train_ds.cache.remove()
+    final = out / "final"
+    return CLIPTrainingResult(history=_result_history(rows, config), best_path=out / "best",
+                              embedder=_best_model(out, emb, device), output_dir=out,
+                              final_path=final if final.is_dir() else None, start_step=step, finished_before=True)
 
+
+def _result_history(rows: list[dict], config: CLIPTrainingConfig) -> Table:
     history = _history_table(rows)
     history.meta["mode"] = config.mode
     history.meta["random_top10"] = 0.10
+    return history
+
+
+def _best_model(out: Path, emb, device):
+    """The model saved in ``out/best`` (``emb`` when none was saved)."""
+    from ..clip import CLIPEmbedder
+
     best_path = out / "best"
-    best = CLIPEmbedder.from_pretrained(best_path, device=device) if (best_path / "astrovl_clip.json").is_file() \
+    return CLIPEmbedder.from_pretrained(best_path, device=device) if (best_path / "astrovl_clip.json").is_file() \
         else emb
-    final = out / "final"
-    return CLIPTrainingResult(history=history, best_path=best_path, embedder=best, output_dir=out,
-                              final_path=final if final.is_dir() else None, start_step=step, finished_before=True)
 
 def _jsonable(d: dict) -> dict:
     return {k: (str(v) if not isinstance(v, (int, float, str, bool, type(None))) else v) for k, v in d.items()}
