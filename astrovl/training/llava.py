@@ -400,6 +400,202 @@ class _Plan:
         return _batch_plan(**self.kwargs)
 
 
+def _datasets(records: list[dict], val_records: list[dict], llava, config: LLaVATrainingConfig):
+    """The training and validation datasets (None without validation records); images checked first.
+
+    Validation indexes its records directly: it draws nothing from the training's random stream.
+    """
+    check_record_images(((r["id"], r["image"]) for r in records), what="training")
+    check_record_images(((r["id"], r["image"]) for r in val_records), what="validation")
+    options = dict(max_length=config.max_length, pad_to_square=llava.pad_to_square, system=config.system_prompt,
+                   stage=config.stage)
+    val_set = LLaVATorchDataset(val_records, llava.processor, **options) if val_records else None
+    return LLaVATorchDataset(records, llava.processor, **options), val_set
+
+
+def _metrics_row(accelerator, net, mean_loss, step: int, epoch: float, scheduler, val_set, evaluate: bool,
+                 batch_size: int, collate) -> dict:
+    """The history row of a logging step: training loss (mean over processes), lr, validation loss."""
+    row = {"step": step, "epoch": round(epoch, 4), "train_loss": float(accelerator.reduce(mean_loss, "mean")),
+           "lr": float(scheduler.get_last_lr()[0])}
+    if val_set is not None:
+        # answer-token mean over all processes; every process runs as many batches
+        row["val_loss"] = validation_loss(net, val_set, batch_size=batch_size, collate_fn=collate,
+                                          device=accelerator.device, accelerator=accelerator) \
+            if evaluate else float("nan")
+    return row
+
+
+def _write_run_record(out: Path, config: LLaVATrainingConfig, run: dict, model_dir, adapter_dir) -> None:
+    """``training.json``: what the run used and what it wrote."""
+    atomic_write_text(out / "training.json", json.dumps(
+        {"config": _config_record(config), **run, "model_dir": str(model_dir) if model_dir else None,
+         "adapter_dir": str(adapter_dir) if adapter_dir else None}, indent=2))
+
+
+def _step_counts(n_records: int, config: LLaVATrainingConfig, world: int) -> tuple[int, int]:
+    """Micro-batches per epoch (on one process) and the optimiser steps of the run."""
+    per_step = config.batch_size * config.gradient_accumulation_steps * world
+    micro_per_epoch = math.ceil(n_records / (config.batch_size * world))
+    return micro_per_epoch, config.max_steps or max(1, math.ceil(n_records * config.epochs / per_step))
+
+
+def _prepare(accelerator, net, optimizer, scheduler, ckpt: Path | None, deepspeed):
+    """``accelerator.prepare`` the model and optimiser, loading the checkpoint in ``ckpt`` when resuming.
+
+    The random states come back later, after the DataLoader's iterator is made (it draws a seed).
+    """
+    import torch
+
+    if ckpt is not None and deepspeed is None:
+        load_checkpoint(ckpt, model=net, optimizer=optimizer, scheduler=scheduler, trainable_only=True,
+                        restore_rng=False)
+    net, optimizer = accelerator.prepare(net, optimizer)
+    if ckpt is not None and deepspeed is not None:
+        # partitioned weights and optimizer state: DeepSpeed's own checkpoint format
+        with checkpoint_errors(ckpt):
+            accelerator.load_state(str(ckpt / "deepspeed"))
+            scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
+    return net, optimizer
+
+
+def _train_loader(dataset, config: LLaVATrainingConfig, collate, use_cpu: bool, *, world: int, rank: int,
+                  epoch: int, micro: int):
+    """The training batches from (``epoch``, ``micro``) on, in the seeded plan of :class:`_Plan`.
+
+    Chat template, tokenization and image decoding run in the DataLoader's worker processes.
+    """
+    import torch
+
+    options = dict(num_workers=config.num_workers, pin_memory=not use_cpu, collate_fn=collate)
+    if config.num_workers > 0:
+        options.update(persistent_workers=True, prefetch_factor=4)
+    plan = _Plan(n=len(dataset), seed=config.seed, world=world, rank=rank, batch_size=config.batch_size,
+                 epoch=epoch, micro=micro)
+    return torch.utils.data.DataLoader(dataset, batch_sampler=plan, **options)
+
+
+def _micro_step(accelerator, net, batch: dict, optimizer, params, max_grad_norm: float):
+    """Forward and backward of one micro-batch (the optimiser steps when gradients are synchronised).
+
+    Returns the micro-batch loss, detached, on the device.
+    """
+    with accelerator.accumulate(net):
+        loss = net(**batch).loss
+        accelerator.backward(loss)
+        if accelerator.sync_gradients:
+            accelerator.clip_grad_norm_(params, max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return loss.detach().float()
+
+
+def _accelerator(config: LLaVATrainingConfig):
+    """The accelerate ``Accelerator`` of a run, its DeepSpeed plugin (or None) and whether it runs on the CPU."""
+    import torch
+    optional_import("accelerate", purpose="LLaVA training")
+    from accelerate import Accelerator
+
+    from ..utils.devices import resolve_device
+
+    device = resolve_device(config.device) if config.device is not None else None  # no CUDA: an error
+    use_cpu = (device is not None and device.type == "cpu") or not torch.cuda.is_available()
+    bf16 = config.bf16 if config.bf16 is not None else not use_cpu
+    accelerator = Accelerator(cpu=use_cpu, mixed_precision="bf16" if bf16 else "no",
+                              gradient_accumulation_steps=config.gradient_accumulation_steps)
+    deepspeed = getattr(accelerator.state, "deepspeed_plugin", None)
+    if deepspeed is not None:
+        # no DataLoader goes through prepare(): give DeepSpeed the batch geometry itself
+        ds = deepspeed.deepspeed_config
+        ds["train_micro_batch_size_per_gpu"] = config.batch_size
+        ds["gradient_accumulation_steps"] = config.gradient_accumulation_steps
+        ds["train_batch_size"] = (config.batch_size * config.gradient_accumulation_steps
+                                  * accelerator.num_processes)
+    return accelerator, deepspeed, use_cpu
+
+
+def _trainable_model(llava, config: LLaVATrainingConfig, use_cpu: bool):
+    """The network in training mode with the stage's parameters trainable, and those parameters."""
+    net = llava.model
+    net.train()
+    net = _freeze_for_stage(net, config)
+    gc = config.gradient_checkpointing if config.gradient_checkpointing is not None else \
+        (config.stage == 2 and not use_cpu)
+    if gc:
+        _enable_checkpointing(net)
+    return net, [p for p in net.parameters() if p.requires_grad]
+
+
+def _optimizer(params, config: LLaVATrainingConfig, total: int, use_cpu: bool):
+    """AdamW, its learning-rate schedule (cosine or constant after warm-up) and the warm-up steps."""
+    import torch
+    from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
+
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay,
+                                  fused=not use_cpu and torch.cuda.is_available())
+    warmup = int(round(config.warmup_ratio * total))
+    if config.schedule == "cosine":
+        scheduler = get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=warmup, num_training_steps=total)
+    else:
+        scheduler = get_constant_schedule_with_warmup(optimizer, num_warmup_steps=warmup)
+    return optimizer, scheduler, warmup
+
+
+def _resume_position(state: dict, total: int, out: Path):
+    """Step, epoch, micro-batch, history, resumes and whether the run had finished, from a checkpoint."""
+    step, epoch, micro = int(state["step"]), int(state["epoch"]), int(state["micro"])
+    rows = list(state.get("history", []))
+    resumes = list(state.get("resumes", [])) + [
+        {"step": step, "changed": {k: list(v) for k, v in state["changed"].items()}}]
+    finished = bool(state.get("finished")) and total <= step
+    _log_resume(out, step, total, state["changed"], finished)
+    return step, epoch, micro, rows, resumes, finished
+
+
+def _config_record(config: LLaVATrainingConfig) -> dict:
+    return {k: v for k, v in asdict(config).items() if k != "extra"}
+
+
+def _save(accelerator, net, optimizer, scheduler, ckpt: Path, deepspeed, *, state: dict) -> None:
+    """A checkpoint to resume from (DeepSpeed's own format under DeepSpeed); every process calls it."""
+    import torch
+
+    accelerator.wait_for_everyone()
+    if deepspeed is not None:
+        accelerator.save_state(str(ckpt / "deepspeed"))  # collective
+        if accelerator.is_main_process:
+            with atomic_write(ckpt / "scheduler.pt", "wb") as fh:
+                torch.save(scheduler.state_dict(), fh)
+            with atomic_write(ckpt / "rng.pt", "wb") as fh:
+                torch.save(rng_state(), fh)
+            atomic_write_text(ckpt / "state.json", json.dumps(state, indent=2))
+    elif accelerator.is_main_process:
+        save_checkpoint(ckpt, model=accelerator.unwrap_model(net), optimizer=optimizer, scheduler=scheduler,
+                        state=state, trainable_only=True)
+    accelerator.wait_for_everyone()
+
+
+def _history(rows: list[dict], with_validation: bool) -> Table:
+    names = ("step", "epoch", "train_loss", "lr") + (("val_loss",) if with_validation else ())
+    if rows:
+        return Table(rows=rows, names=names)
+    return Table(names=names, dtype=(int,) + (float,) * (len(names) - 1))
+
+
+def _write_outputs(out: Path, history: Table, config: LLaVATrainingConfig, unwrapped, full_state, processor):
+    """Metrics, the loss plot and the trained model (or LoRA adapter); the model and adapter folders."""
+    out.mkdir(parents=True, exist_ok=True)
+    write_history(history, out / "metrics.csv")
+    if len(history):
+        kind = "LoRA" if config.lora else ("projector" if config.stage == 1 else "end to end")
+        plot_loss(history, out / "loss.png", title=f"LLaVA stage {config.stage} ({kind})")
+    folder, kind = (out / "adapter", "llava-adapter") if config.lora else (out / "model", "llava-model")
+    with atomic_directory(folder, kind=kind) as tmp:
+        unwrapped.save_pretrained(tmp, state_dict=full_state, safe_serialization=True)
+        processor.save_pretrained(tmp)
+    return (None, folder) if config.lora else (folder, None)
+
+
 def train_llava(model, data, config: LLaVATrainingConfig | None = None, *,
                 image_root: str | os.PathLike | None = None) -> LLaVATrainingResult:
     """Train a LLaVA model (stage 1 or 2 of the AstroLLaVA recipe).
@@ -425,118 +621,38 @@ def train_llava(model, data, config: LLaVATrainingConfig | None = None, *,
     LLaVATrainingResult
     """
     import torch
-    optional_import("accelerate", purpose="LLaVA training")
     optional_import("transformers", purpose="LLaVA training")
-    from accelerate import Accelerator
-    from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
-
-    from ..utils.devices import resolve_device
 
     config = config or LLaVATrainingConfig()
     out = prepare_output_dir(config.output_dir, OUTPUT_KIND, recognize=is_earlier_run)
-    device = resolve_device(config.device) if config.device is not None else None  # no CUDA: an error
-    use_cpu = (device is not None and device.type == "cpu") or not torch.cuda.is_available()
-    bf16 = config.bf16 if config.bf16 is not None else not use_cpu
-    accelerator = Accelerator(cpu=use_cpu, mixed_precision="bf16" if bf16 else "no",
-                              gradient_accumulation_steps=config.gradient_accumulation_steps)
-    deepspeed = getattr(accelerator.state, "deepspeed_plugin", None)
-    if deepspeed is not None:
-        # no DataLoader goes through prepare(): give DeepSpeed the batch geometry itself
-        ds = deepspeed.deepspeed_config
-        ds["train_micro_batch_size_per_gpu"] = config.batch_size
-        ds["gradient_accumulation_steps"] = config.gradient_accumulation_steps
-        ds["train_batch_size"] = (config.batch_size * config.gradient_accumulation_steps
-                                  * accelerator.num_processes)
+    accelerator, deepspeed, use_cpu = _accelerator(config)
     resume_step = _choose_start(out, config, accelerator)
     records, all_val = _training_records(data, config, image_root)
     val_records = all_val[:config.max_eval_records]
     world = accelerator.num_processes
-    per_step = config.batch_size * config.gradient_accumulation_steps * world
-    micro_per_epoch = math.ceil(len(records) / (config.batch_size * world))
-    total = config.max_steps or max(1, math.ceil(len(records) * config.epochs / per_step))
+    micro_per_epoch, total = _step_counts(len(records), config, world)
     seed_everything(config.seed)
     llava = _as_llava(model)
     processor = llava.processor
     identity = _run_identity(llava, records, all_val)
     ckpt = out / CHECKPOINT_DIR
     state = _resumed_state(ckpt, config, identity, total) if resume_step is not None else None
-    check_record_images(((r["id"], r["image"]) for r in records), what="training")
-    check_record_images(((r["id"], r["image"]) for r in val_records), what="validation")
-    dataset_options = dict(max_length=config.max_length, pad_to_square=llava.pad_to_square,
-                           system=config.system_prompt, stage=config.stage)
-    dataset = LLaVATorchDataset(records, processor, **dataset_options)
+    dataset, val_set = _datasets(records, val_records, llava, config)
 
-    net = llava.model
-    net.train()
-    net = _freeze_for_stage(net, config)
-    gc = config.gradient_checkpointing if config.gradient_checkpointing is not None else \
-        (config.stage == 2 and not use_cpu)
-    if gc:
-        _enable_checkpointing(net)
-    params = [p for p in net.parameters() if p.requires_grad]
+    net, params = _trainable_model(llava, config, use_cpu)
     n_trainable = sum(p.numel() for p in params)
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay,
-                                  fused=not use_cpu and torch.cuda.is_available())
-    warmup = int(round(config.warmup_ratio * total))
-    if config.schedule == "cosine":
-        scheduler = get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=warmup, num_training_steps=total)
-    else:
-        scheduler = get_constant_schedule_with_warmup(optimizer, num_warmup_steps=warmup)
+    optimizer, scheduler, warmup = _optimizer(params, config, total, use_cpu)
 
-    step, epoch, micro = 0, 0, 0
-    rows: list[dict] = []
-    resumes: list[dict] = []
     resume = state is not None
-    if resume and deepspeed is None:
-        # the random states come back after the DataLoader's iterator is made (it draws a seed)
-        load_checkpoint(ckpt, model=net, optimizer=optimizer, scheduler=scheduler, trainable_only=True,
-                        restore_rng=False)
-    net, optimizer = accelerator.prepare(net, optimizer)
-    if resume and deepspeed is not None:
-        # partitioned weights and optimizer state: DeepSpeed's own checkpoint format
-        with checkpoint_errors(ckpt):
-            accelerator.load_state(str(ckpt / "deepspeed"))
-            scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
-    finished = False
-    if resume:
-        step, epoch, micro = int(state["step"]), int(state["epoch"]), int(state["micro"])
-        rows = list(state.get("history", []))
-        resumes = list(state.get("resumes", [])) + [
-            {"step": step, "changed": {k: list(v) for k, v in state["changed"].items()}}]
-        finished = bool(state.get("finished")) and total <= step
-        _log_resume(out, step, total, state["changed"], finished)
+    net, optimizer = _prepare(accelerator, net, optimizer, scheduler, ckpt if resume else None, deepspeed)
+    step, epoch, micro, rows, resumes, finished = _resume_position(state, total, out) if resume \
+        else (0, 0, 0, [], [], False)
     start_step = step
 
-    # chat template, tokenization and image decoding run in the DataLoader's worker processes
-    loader_options = dict(num_workers=config.num_workers, pin_memory=not use_cpu,
-                          collate_fn=collate_fn(processor.tokenizer.pad_token_id))
-    if config.num_workers > 0:
-        loader_options.update(persistent_workers=True, prefetch_factor=4)
-    plan = _Plan(n=len(records), seed=config.seed, world=world, rank=accelerator.process_index,
-                 batch_size=config.batch_size, epoch=epoch, micro=micro)
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=plan, **loader_options)
-    # validation indexes its records directly: it draws nothing from the training's random stream
-    val_set = LLaVATorchDataset(val_records, processor, **dataset_options) if val_records else None
+    collate = collate_fn(processor.tokenizer.pad_token_id)
+    loader = _train_loader(dataset, config, collate, use_cpu, world=world, rank=accelerator.process_index,
+                           epoch=epoch, micro=micro)
     eval_every = config.eval_every or config.save_every
-
-    def save():
-        accelerator.wait_for_everyone()
-        state = {"step": step, "epoch": epoch, "micro": micro, "n_records": len(records),
-                 "config": {k: v for k, v in asdict(config).items() if k != "extra"}, "history": rows,
-                 "trainable_parameters": n_trainable, "run": identity, "total_steps": total,
-                 "finished": step == total, "resumes": resumes}
-        if deepspeed is not None:
-            accelerator.save_state(str(ckpt / "deepspeed"))  # collective
-            if accelerator.is_main_process:
-                with atomic_write(ckpt / "scheduler.pt", "wb") as fh:
-                    torch.save(scheduler.state_dict(), fh)
-                with atomic_write(ckpt / "rng.pt", "wb") as fh:
-                    torch.save(rng_state(), fh)
-                atomic_write_text(ckpt / "state.json", json.dumps(state, indent=2))
-        elif accelerator.is_main_process:
-            save_checkpoint(ckpt, model=accelerator.unwrap_model(net), optimizer=optimizer, scheduler=scheduler,
-                            state=state, trainable_only=True)
-        accelerator.wait_for_everyone()
 
     bar = progress_bar(total=total, initial=step, enabled=config.progress and accelerator.is_main_process,
                        desc=f"LLaVA stage {config.stage}", unit="step")
@@ -552,15 +668,7 @@ def train_llava(model, data, config: LLaVATrainingConfig | None = None, *,
             batch = next(batches)
             epoch, micro = batch.pop("position")
             batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
-            with accelerator.accumulate(net):
-                outputs = net(**batch)
-                loss = outputs.loss
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(params, config.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            running += loss.detach().float()
+            running += _micro_step(accelerator, net, batch, optimizer, params, config.max_grad_norm)
             count += 1
             if accelerator.sync_gradients:
                 scheduler.step()
@@ -569,26 +677,21 @@ def train_llava(model, data, config: LLaVATrainingConfig | None = None, *,
                 logging_step = step % config.log_every == 0 or step == total
                 eval_step = val_set is not None and (step % eval_every == 0 or step == total)
                 if logging_step or eval_step:
-                    mean = float(accelerator.reduce(running / count, "mean"))
-                    row = {"step": step, "epoch": round(epoch + micro / micro_per_epoch, 4), "train_loss": mean,
-                           "lr": float(scheduler.get_last_lr()[0])}
-                    if val_set is not None:
-                        # answer-token mean over all processes; every process runs as many batches
-                        row["val_loss"] = validation_loss(
-                            net, val_set, batch_size=config.batch_size, collate_fn=loader_options["collate_fn"],
-                            device=accelerator.device, accelerator=accelerator) if eval_step else float("nan")
-                    rows.append(row)
-                    bar.set_postfix(loss=f"{mean:.4f}")
+                    rows.append(_metrics_row(accelerator, net, running / count, step, epoch + micro / micro_per_epoch,
+                                             scheduler, val_set, eval_step, config.batch_size, collate))
+                    bar.set_postfix(loss=f"{rows[-1]['train_loss']:.4f}")
                     running = torch.zeros((), device=accelerator.device)
                     count = 0
                 if step % config.save_every == 0 or step == total:
-                    save()
+                    _save(accelerator, net, optimizer, scheduler, ckpt, deepspeed, state={
+                        "step": step, "epoch": epoch, "micro": micro, "n_records": len(records),
+                        "config": _config_record(config), "history": rows, "trainable_parameters": n_trainable,
+                        "run": identity, "total_steps": total, "finished": step == total, "resumes": resumes})
     finally:
         del batches, it  # shuts the worker processes down
     bar.close()
 
-    names = ("step", "epoch", "train_loss", "lr") + (("val_loss",) if val_set is not None else ())
-    history = Table(rows=rows, names=names) if rows else Table(names=names, dtype=(int,) + (float,) * (len(names) - 1))
+    history = _history(rows, val_set is not None)
     history.meta.update({"stage": config.stage, "lora": config.lora, "trainable_parameters": n_trainable,
                          "records": len(records), "val_records": len(val_records)})
     unwrapped = accelerator.unwrap_model(net)
@@ -599,27 +702,10 @@ def train_llava(model, data, config: LLaVATrainingConfig | None = None, *,
         model_dir = out / "model" if (out / "model").is_dir() else None
         adapter_dir = out / "adapter" if (out / "adapter").is_dir() else None
     elif accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        write_history(history, out / "metrics.csv")
-        if len(history):
-            kind = "LoRA" if config.lora else ("projector" if config.stage == 1 else "end to end")
-            plot_loss(history, out / "loss.png", title=f"LLaVA stage {config.stage} ({kind})")
-        if config.lora:
-            adapter_dir = out / "adapter"
-            with atomic_directory(adapter_dir, kind="llava-adapter") as tmp:
-                unwrapped.save_pretrained(tmp, state_dict=full_state, safe_serialization=True)
-                processor.save_pretrained(tmp)
-        else:
-            model_dir = out / "model"
-            with atomic_directory(model_dir, kind="llava-model") as tmp:
-                unwrapped.save_pretrained(tmp, state_dict=full_state, safe_serialization=True)
-                processor.save_pretrained(tmp)
-        atomic_write_text(out / "training.json", json.dumps(
-            {"config": {k: v for k, v in asdict(config).items() if k != "extra"}, "steps": step,
-             "total_steps": total, "warmup_steps": warmup, "device": str(accelerator.device),
-             "processes": world, **identity, "resumes": resumes,
-             "model_dir": str(model_dir) if model_dir else None,
-             "adapter_dir": str(adapter_dir) if adapter_dir else None}, indent=2))
+        model_dir, adapter_dir = _write_outputs(out, history, config, unwrapped, full_state, processor)
+        _write_run_record(out, config, {"steps": step, "total_steps": total, "warmup_steps": warmup,
+                                        "device": str(accelerator.device), "processes": world, **identity,
+                                        "resumes": resumes}, model_dir, adapter_dir)
     accelerator.wait_for_everyone()
     from ..llava import AstroLLaVA
 
