@@ -448,8 +448,8 @@ class DescriptionEvaluator:
         table = self.evaluate_descriptions(texts, labels)
         table.meta.update({"prompt": prompt, "model": str(getattr(model, "source", model)),
                            "max_new_tokens": max_new_tokens, "decoding": "greedy"})
-        if hasattr(model, "_prompt") and hasattr(model, "_user"):
-            table.meta["rendered_prompt"] = model._prompt([model._user(prompt)])
+        if hasattr(model, "rendered_prompt"):
+            table.meta["rendered_prompt"] = model.rendered_prompt(prompt)
         return table
 
     @staticmethod

@@ -339,6 +339,16 @@ class AstroLLaVA:
         pixels = self.processor.image_processor(pils, return_tensors="pt")["pixel_values"]
         return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}
 
+    def rendered_prompt(self, question: str) -> str:
+        """The text the model reads for ``question`` asked about one image (its chat template applied).
+
+        Examples
+        --------
+        A converted original LLaVA-1.5 checkpoint reads the Vicuna v1 conversation:
+        ``"A chat between ... USER: <image>\nWhat is this? ASSISTANT:"``.
+        """
+        return self._prompt([self._user(self._check_text(question, "question"))])
+
     def model_inputs(self, image, question: str | None = None) -> dict:
         """The inputs :meth:`ask` (and :meth:`caption`) give the model for ``image`` and ``question``.
 
