@@ -65,6 +65,7 @@ def register(sub) -> None:
                     astrovl search ./hst-index "barred spiral galaxy" -k 5
                     astrovl search ./hst-index --image m13.fits -k 10 -o hits.ecsv
                     astrovl search ./big "edge-on disk galaxy" --ef-search 256
+                    astrovl search ./astrovl-demo/index "two merging galaxies" --rerank ./astrovl-demo/llava --rerank-top 40
                     """, _cmd_search)
     p.add_argument("index", help="index directory")
     p.add_argument("query", nargs="?", default=None, help="text query")
@@ -74,6 +75,11 @@ def register(sub) -> None:
                    help="cells searched by an 'ivf' index for this query (default: the index's)")
     p.add_argument("--ef-search", type=int, default=None,
                    help="search breadth of an 'hnsw' index for this query (default: the index's)")
+    p.add_argument("--rerank", default=None, metavar="MODEL",
+                   help="re-order CLIP's best --rerank-top images by this AstroLLaVA model (hub id or "
+                   "directory): the likelihood of the text query as its description of each image")
+    p.add_argument("--rerank-top", type=int, default=None, metavar="N",
+                   help="CLIP candidates the --rerank model scores (default max(k, 50))")
     _add_index_model_args(p)
     add_output_args(p)
 
@@ -182,10 +188,21 @@ def _cmd_search(args):
 
     if (args.query is None) == (args.image is None):
         raise ValueError("give either a text query or --image, not both or neither")
+    if args.rerank_top is not None and args.rerank is None:
+        raise ValueError("--rerank-top goes with --rerank MODEL (the AstroLLaVA model that re-scores CLIP's "
+                         "candidates)")
+    if args.rerank is not None and args.query is None:
+        raise ValueError("--rerank scores a text query against the images; it does not work with --image")
     index = EmbeddingIndex.load(args.index, embedder=load_clip_if_named(args),
                                 device=args.device)
     query = args.query if args.query is not None else load_image(args.image)
-    emit(index.search(query, k=args.k, nprobe=args.nprobe, ef_search=args.ef_search), args)
+    reranker = None
+    if args.rerank is not None:
+        from ..llava import AstroLLaVA
+
+        reranker = AstroLLaVA.from_pretrained(args.rerank, device=args.device)
+    emit(index.search(query, k=args.k, nprobe=args.nprobe, ef_search=args.ef_search, rerank=reranker,
+                      rerank_top=args.rerank_top), args)
     return 0
 
 
