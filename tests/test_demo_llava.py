@@ -86,6 +86,8 @@ def test_demo_astrollava_part_cut_down(tmp_path, embedder):
     assert len(h1) and len(h2) and np.isfinite(h2["train_loss"]).all()
     # the saved model loads like any other and answers about a FITS file
     loaded = AstroLLaVA.from_pretrained(result.model_dir, device="cpu")
+    assert all(str(p).endswith(".fits") for p in result.eval_images)
+    assert len(list((out / "llava-training" / "images").glob("*.png"))) == 66
     answer = loaded.ask(result.eval_images[0], "What kind of object is this?", max_new_tokens=8)
     assert isinstance(answer, str)
     assert result.ask_command.startswith("astrovl ask ") and str(result.model_dir) in result.ask_command

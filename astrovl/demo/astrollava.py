@@ -28,6 +28,7 @@ downloaded offline), so stage 2 uses a learning rate suited to new weights
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shlex
@@ -63,7 +64,12 @@ class AstroLLaVASettings:
     rerank_top : int
         CLIP candidates re-scored by the model per query.
     num_workers : int
-        DataLoader workers of the training.
+        DataLoader workers of the training (images read and tokenized beside it).
+    torch_threads : int, optional
+        Torch threads while the small model trains and runs on the CPU (default
+        1: its matrices are so small that sharing each operation between
+        threads costs more than it saves, and much more on a busy machine);
+        None leaves the setting alone.
     """
 
     stage1_epochs: float = 1.0
@@ -75,6 +81,7 @@ class AstroLLaVASettings:
     max_eval_images: int | None = None
     rerank_top: int = 40
     num_workers: int = 1
+    torch_threads: int | None = 1
 
     @classmethod
     def quick(cls) -> AstroLLaVASettings:
@@ -105,7 +112,7 @@ class AstroLLaVADemo:
     rerank_tables : dict
         Query -> re-ranked result table.
     eval_images : list of pathlib.Path
-        The held-out images of ``evaluation``, in order.
+        The held-out images (FITS files) of ``evaluation``, in order.
     seconds : float
     ask_command : str
         A shell command asking the saved model about a FITS file.
@@ -147,14 +154,41 @@ def precision_at(labels, relevant, k: int = 10) -> float:
     return float(np.mean([lab in relevant for lab in labels])) if labels else float("nan")
 
 
-def _caption_records(dataset) -> list[dict]:
+def picture_copies(dataset, directory: Path) -> dict[str, Path]:
+    """8-bit PNG copies of the dataset's images, as the model sees them; record id -> file.
+
+    Each FITS image is read and scaled for display once
+    (``load_image(path).to_pil()``, what :class:`~astrovl.AstroLLaVA` and the
+    training data loader do with it) and saved losslessly, so that the training
+    epochs and the captioning read the same pixels without parsing FITS headers
+    and WCS again.
+    """
+    from ..imaging import load_image
+    from ..utils.files import atomic_write
+
+    directory.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for i in range(len(dataset)):
+        rid = str(dataset.manifest["id"][i])
+        path = directory / f"{rid}.png"
+        with atomic_write(path, "wb") as fh:
+            load_image(dataset.image_path(i)).to_pil().save(fh, format="PNG")
+        out[rid] = path
+    return out
+
+
+def _caption_records(dataset, images: dict) -> list[dict]:
     """Single-turn "describe" conversations from the captions (LLaVA JSON records)."""
     from ..training.llava_data import DESCRIBE_PROMPT
 
     m = dataset.manifest
-    return [{"id": str(m["id"][i]), "image": str(m["image"][i]), "split": str(m["split"][i]),
+    return [{"id": str(m["id"][i]), "image": str(images[str(m["id"][i])]), "split": str(m["split"][i]),
              "conversations": [{"from": "human", "value": "<image>\n" + DESCRIBE_PROMPT},
                                {"from": "gpt", "value": str(m["caption"][i])}]} for i in range(len(dataset))]
+
+
+def _conversation_records(dataset, images: dict, seed: int) -> list[dict]:
+    return [{**rec, "image": str(images[rec["id"]])} for rec in dataset.conversation_records(seed=seed)]
 
 
 def _training_texts(records: list[dict]) -> list[str]:
@@ -193,30 +227,31 @@ def _scorer():
     return evaluator, ""
 
 
-def _train_stages(model, dataset, out: Path, settings: AstroLLaVASettings, *, seed: int, device, progress: bool):
+def _train_stages(model, captions: list[dict], conversations: list[dict], out: Path, settings: AstroLLaVASettings,
+                  *, seed: int, device, progress: bool):
     """Stage 1 (projector, captions, plain format), then stage 2 (end to end, captions + conversations)."""
     from ..training import LLaVATrainingConfig, train_llava
 
     common = dict(batch_size=settings.batch_size, max_length=settings.max_length, seed=seed, device=device,
                   progress=progress, num_workers=settings.num_workers, save_every=100_000, log_every=5,
                   max_eval_records=64, warmup_ratio=0.05)
-    stage1 = train_llava(model, dataset, LLaVATrainingConfig(
-        stage=1, epochs=settings.stage1_epochs, output_dir=str(out / "llava-training" / "stage1"), **common))
-    records = _caption_records(dataset) + dataset.conversation_records(seed=seed)
-    stage2 = train_llava(stage1.model, records, LLaVATrainingConfig(
-        stage=2, epochs=settings.stage2_epochs, lr=settings.stage2_lr,
-        output_dir=str(out / "llava-training" / "stage2"), **common), image_root=dataset.root)
+    root = out / "llava-training"
+    stage1 = train_llava(model, captions, LLaVATrainingConfig(
+        stage=1, epochs=settings.stage1_epochs, output_dir=str(root / "stage1"), **common), image_root=root)
+    stage2 = train_llava(stage1.model, captions + conversations, LLaVATrainingConfig(
+        stage=2, epochs=settings.stage2_epochs, lr=settings.stage2_lr, output_dir=str(root / "stage2"), **common),
+        image_root=root)
     return stage1, stage2
 
 
-def _held_out(dataset, limit: int | None, seed: int) -> tuple[list[Path], list[str]]:
-    """The validation images to caption (a class-stratified subset when ``limit`` is given)."""
+def _held_out(dataset, limit: int | None, seed: int) -> tuple[list[str], list[str]]:
+    """Ids and labels of the validation images to caption (class-stratified when ``limit`` is given)."""
     from ..evaluation.descriptions import stratified_subset
 
     val = dataset.split("val")
     labels = [str(x) for x in val.manifest["label"]]
     order = np.sort(stratified_subset(labels, limit, seed))
-    return [val.image_path(int(i)) for i in order], [labels[int(i)] for i in order]
+    return [str(val.manifest["id"][int(i)]) for i in order], [labels[int(i)] for i in order]
 
 
 def _summary(evaluation, control, n_classes: int) -> dict:
@@ -252,6 +287,20 @@ def compare_rerank(index_dir: Path, embedder, model, queries: dict, *, top: int,
     return summary, tables
 
 
+@contextlib.contextmanager
+def _torch_threads(n: int | None):
+    """Run with ``n`` torch threads (None: leave as it is), then restore the setting."""
+    import torch
+
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def run_astrollava(out: Path, dataset, embedder, index_dir: Path, *, seed: int = 0, device=None,
                    settings: AstroLLaVASettings | None = None, queries: dict | None = None,
                    progress: bool = True) -> AstroLLaVADemo:
@@ -275,27 +324,45 @@ def run_astrollava(out: Path, dataset, embedder, index_dir: Path, *, seed: int =
         Query -> relevant classes (default :data:`astrovl.demo.DEMO_QUERY_CLASSES`).
     progress : bool
     """
+    from ..utils.devices import resolve_device
     from . import DEMO_QUERY_CLASSES
 
     t0 = time.perf_counter()
     settings = settings or AstroLLaVASettings()
-    records = _caption_records(dataset.split("train")) + dataset.split("train").conversation_records(seed=seed)
-    model = build_llava(embedder, records, vocab_size=settings.vocab_size, seed=seed, device=device)
+    on_cpu = resolve_device(device).type == "cpu"
+    with _torch_threads(settings.torch_threads if on_cpu else None):
+        result = _run(out, dataset, embedder, index_dir, seed=seed, device=device, settings=settings,
+                      queries=queries or DEMO_QUERY_CLASSES, progress=progress)
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def _run(out: Path, dataset, embedder, index_dir: Path, *, seed, device, settings: AstroLLaVASettings, queries: dict,
+         progress: bool) -> AstroLLaVADemo:
+    root = out / "llava-training"  # the image paths of the training records are relative to it
+    pictures = picture_copies(dataset, root / "images")
+    relative = {k: v.relative_to(root) for k, v in pictures.items()}
+    captions = _caption_records(dataset, relative)
+    conversations = _conversation_records(dataset, relative, seed)
+    texts = [r for r in captions + conversations if r["split"] == "train"]
+    model = build_llava(embedder, texts, vocab_size=settings.vocab_size, seed=seed, device=device)
     scorer, note = _scorer()
-    images, labels = _held_out(dataset, settings.max_eval_images, seed)
+    ids, labels = _held_out(dataset, settings.max_eval_images, seed)
+    images = [pictures[i] for i in ids]
     options = dict(batch_size=32, progress=False)
     control = scorer.evaluate_model(model, images, labels, **options) if scorer else None
-    stage1, stage2 = _train_stages(model, dataset, out, settings, seed=seed, device=device, progress=progress)
+    stage1, stage2 = _train_stages(model, captions, conversations, out, settings, seed=seed, device=device,
+                                   progress=progress)
     trained = stage2.model
     model_dir = trained.save_pretrained(out / "llava")
     evaluation = scorer.evaluate_model(trained, images, labels, **options) if scorer else None
+    fits = {str(r["id"]): dataset.root / str(r["image"]) for r in dataset.manifest}
     scores = _summary(evaluation, control, len(scorer.classes)) if scorer else {"skipped": note}
-    rerank, tables = compare_rerank(index_dir, embedder, trained, queries or DEMO_QUERY_CLASSES,
-                                    top=settings.rerank_top)
+    rerank, tables = compare_rerank(index_dir, embedder, trained, queries, top=settings.rerank_top)
     return AstroLLaVADemo(model_dir=model_dir, histories={"stage 1": stage1.history, "stage 2": stage2.history},
                           evaluation=evaluation, control=control, scores=scores, score_note=note, rerank=rerank,
-                          rerank_tables=tables, eval_images=images, seconds=time.perf_counter() - t0,
-                          ask_command=ask_command(model_dir, images[0]))
+                          rerank_tables=tables, eval_images=[fits[i] for i in ids],
+                          ask_command=ask_command(model_dir, fits[ids[0]]))
 
 
 def plot_stage_losses(histories: dict):
