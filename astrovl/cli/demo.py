@@ -12,8 +12,8 @@ def register(sub) -> None:
     p = add_command(sub, "demo", "run the offline end-to-end demonstration and write an HTML report",
                     """
                     astrovl demo --output ./astrovl-demo --quick
+                    astrovl search ./astrovl-demo/index "two merging galaxies" --rerank ./astrovl-demo/llava --rerank-top 20
                     astrovl demo --output ./demo --steps 1000 --device cuda
-                    astrovl demo --output ./clip-only --skip-llava
                     """, _cmd_demo)
     p.add_argument("--output", default="astrovl-demo", help="output directory (default ./astrovl-demo)")
     p.add_argument("--steps", type=int, default=None,

@@ -65,7 +65,6 @@ def register(sub) -> None:
                     astrovl search ./hst-index "barred spiral galaxy" -k 5
                     astrovl search ./hst-index --image m13.fits -k 10 -o hits.ecsv
                     astrovl search ./big "edge-on disk galaxy" --ef-search 256
-                    astrovl search ./astrovl-demo/index "two merging galaxies" --rerank ./astrovl-demo/llava --rerank-top 40
                     """, _cmd_search)
     p.add_argument("index", help="index directory")
     p.add_argument("query", nargs="?", default=None, help="text query")
