@@ -309,6 +309,29 @@ def test_search_model_flags(ivf_index, tiny_dir, spy_from_pretrained, capsys):
     assert spy_from_pretrained.calls[-1][0] == ("ViT-B-16", "openai")
 
 
+@covers("search", "--rerank", "--rerank-top")
+def test_search_rerank_flags(ivf_index, monkeypatch, capsys):
+    import astrovl.llava
+
+    class Reranker:
+        def rerank_scores(self, query, images):
+            return -np.arange(len(images), dtype=float)[::-1]  # the last CLIP candidate first
+
+    loads = Recorder(Reranker())
+    monkeypatch.setattr(astrovl.llava.AstroLLaVA, "from_pretrained", loads)
+    capsys.readouterr()
+    assert main(["search", str(ivf_index), "a nebula", "-k", "3", "--rerank", "my-llava", "--rerank-top", "6",
+                 "--nprobe", "64", "--device", "cpu", "--format", "csv"]) == 0
+    assert loads.calls[-1] == (("my-llava",), {"device": "cpu"})
+    rows = capsys.readouterr().out.strip().splitlines()
+    assert rows[0].startswith("rank,rerank_score,score,clip_rank,row")
+    assert [int(r.split(",")[3]) for r in rows[1:]] == [6, 5, 4]
+    assert main(["search", str(ivf_index), "a nebula", "--rerank-top", "6"]) == 1
+    assert "--rerank-top goes with --rerank" in capsys.readouterr().err
+    assert main(["search", str(ivf_index), "--image", str(ivf_index.parent), "--rerank", "m"]) == 1
+    assert "does not work with --image" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------- classify
 @covers("classify", "--categories", "--top-k", "--output", "--format")
 def test_classify_categories_and_top_k(tmp_path, tiny_dir, m13_path, capsys):
@@ -605,17 +628,22 @@ def test_evaluate_retrieval_refuses_galaxy10_flags(sky, flag, value, capsys):
 
 
 # ---------------------------------------------------------------------- demo
-@covers("demo", "--output", "--steps", "--seed", "--n-images", "--quick", "--model", "--pretrained", "--device")
+@covers("demo", "--output", "--steps", "--seed", "--n-images", "--quick", "--model", "--pretrained", "--device",
+        "--skip-llava")
 def test_demo_flags(monkeypatch, capsys):
     import astrovl.demo
 
     rec = Recorder(SimpleNamespace(summary=Table({"model": ["m"]}), report_path="r.html", search_command="s",
-                                     serve_command="v"))
+                                     serve_command="v", results_path="r.json", llava=None, llava_note="n"))
     monkeypatch.setattr(astrovl.demo, "run_demo", rec)
     assert main(["demo", "--output", "o", "--steps", "5", "--seed", "2", "--n-images", "40", "--quick",
                  "--model", "ViT-B-16", "--pretrained", "openai", "--device", "cpu"]) == 0
     assert rec.calls[-1] == (("o",), dict(steps=5, seed=2, device="cpu", model="ViT-B-16", pretrained="openai",
-                                          n_images=40, quick=True))
+                                          n_images=40, quick=True, llava=True))
+    assert "AstroLLaVA part skipped: n" in capsys.readouterr().out
+    assert main(["demo", "--skip-llava"]) == 0
+    assert rec.kwargs["llava"] is False
+    assert "AstroLLaVA" not in capsys.readouterr().out
     monkeypatch.undo()
     assert main(["demo", "--output", "o", "--pretrained", "openai"]) == 1
     assert "needs model=" in capsys.readouterr().err

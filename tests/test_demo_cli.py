@@ -98,12 +98,21 @@ def test_cli_embed_saves_unit_vectors(tmp_path, tiny_clip_dir, m13_path, ngc1316
 def test_demo_quick_writes_escaped_report(tmp_path):
     from astrovl.demo import run_demo
 
-    result = run_demo(tmp_path / "demo", quick=True, steps=150, n_images=330, progress=False)
+    # the CLIP part (the AstroLLaVA part is tested in test_demo_llava.py)
+    result = run_demo(tmp_path / "demo", quick=True, steps=150, n_images=330, progress=False, llava=False)
     text = result.report_path.read_text()
+    import json
+
+    results = json.loads(result.results_path.read_text())
+    assert result.results_path == result.report_path.parent / "results.json"
+    assert results["clip"]["model"] == "scratch" and results["control"]["model"] == "shuffled captions (control)"
+    assert results["llava"] == results["rerank"] == {"skipped": "skipped (--skip-llava)"}
+    assert result.llava is None and "The AstroLLaVA part did not run: skipped (--skip-llava)." in text
     assert text.count("data:image/png;base64,") >= 10  # thumbnails, curves
     acc = {row["model"]: row["top10_image_to_text"] for row in result.summary}
     trained = acc["scratch"]
     control = acc["shuffled captions (control)"]
+    assert results["clip"]["top10_image_to_text"] == pytest.approx(trained)
     assert trained > 0.3, acc
     assert control < 0.25, acc
     # numbers in the report

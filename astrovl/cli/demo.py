@@ -12,6 +12,7 @@ def register(sub) -> None:
     p = add_command(sub, "demo", "run the offline end-to-end demonstration and write an HTML report",
                     """
                     astrovl demo --output ./astrovl-demo --quick
+                    astrovl search ./astrovl-demo/index "two merging galaxies" --rerank ./astrovl-demo/llava --rerank-top 20
                     astrovl demo --output ./demo --steps 1000 --device cuda
                     """, _cmd_demo)
     p.add_argument("--output", default="astrovl-demo", help="output directory (default ./astrovl-demo)")
@@ -28,6 +29,8 @@ def register(sub) -> None:
                    help="pretrained tag of the open_clip --model (needs the weights: a network or the "
                    "hub cache); refused without --model")
     p.add_argument("--device", default=None, help="torch device: auto, cpu, cuda, cuda:N")
+    p.add_argument("--skip-llava", action="store_true",
+                   help="the CLIP part only: no AstroLLaVA training, scoring or re-ranking")
 
 
 def _cmd_demo(args):
@@ -35,9 +38,27 @@ def _cmd_demo(args):
 
     result = run_demo(args.output, steps=args.steps, seed=args.seed, device=args.device,
                       model=args.model, pretrained=args.pretrained, n_images=args.n_images,
-                      quick=args.quick)
+                      quick=args.quick, llava=not args.skip_llava)
     result.summary.pprint_all()
+    llava = result.llava
+    if llava is not None:
+        s = llava.scores
+        if "class_accuracy" in s:
+            print(f"AstroLLaVA class accuracy {s['class_accuracy']:.3f} (untrained {s['control_class_accuracy']:.3f}, "
+                  f"chance {s['chance']:.3f}); semantic score {s['semantic_score']:.3f} "
+                  f"(untrained {s['control_semantic_score']:.3f})")
+        else:
+            print(llava.score_note)
+        r = llava.rerank
+        print(f"precision at 10 of the demo queries: CLIP {r['precision_at_10_clip']:.2f}, re-ranked by "
+              f"AstroLLaVA {r['precision_at_10_reranked']:.2f}")
+    elif not args.skip_llava:
+        print(f"AstroLLaVA part skipped: {result.llava_note}")
     print(f"report: {result.report_path}")
+    print(f"results: {result.results_path}")
     print(f"search the index again: {result.search_command}")
     print(f"search it on a web page: {result.serve_command}")
+    if llava is not None:
+        print(f"re-rank a search with AstroLLaVA: {result.search_command} --rerank {llava.model_dir}")
+        print(f"ask AstroLLaVA about a FITS file: {llava.ask_command}")
     return 0

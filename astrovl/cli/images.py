@@ -99,6 +99,11 @@ def register(sub) -> None:
                    help="search breadth of an 'hnsw' index for this query (default: the index's)")
     p.add_argument("--rerank-depth", type=int, default=None,
                    help="candidates an 'ivfpq' index re-scores exactly for this query (default: the index's)")
+    p.add_argument("--rerank", default=None, metavar="MODEL",
+                   help="re-order CLIP's best --rerank-top images by this AstroLLaVA model (hub id or "
+                   "directory): the likelihood of the text query as its description of each image")
+    p.add_argument("--rerank-top", type=int, default=None, metavar="N",
+                   help="CLIP candidates the --rerank model scores (default max(k, 50))")
     _add_index_model_args(p)
     add_output_args(p)
 
@@ -272,14 +277,24 @@ def _cmd_search(args):
 
     if (args.query is None) == (args.image is None):
         raise ValueError("give either a text query or --image, not both or neither")
+    if args.rerank_top is not None and args.rerank is None:
+        raise ValueError("--rerank-top goes with --rerank MODEL (the AstroLLaVA model that re-scores CLIP's "
+                         "candidates)")
+    if args.rerank is not None and args.query is None:
+        raise ValueError("--rerank scores a text query against the images; it does not work with --image")
     index = EmbeddingIndex.load(args.index, embedder=load_clip_if_named(args),
                                 device=args.device)
     if index.model_info.get("random"):
         print(f"astrovl search: note: the index {args.index} was made by a model with random weights "
               f"({index.model_id}); its results carry no meaning", file=sys.stderr)
     query = args.query if args.query is not None else load_image(args.image)
+    reranker = None
+    if args.rerank is not None:
+        from ..llava import AstroLLaVA
+
+        reranker = AstroLLaVA.from_pretrained(args.rerank, device=args.device)
     emit(index.search(query, k=args.k, nprobe=args.nprobe, ef_search=args.ef_search,
-                      rerank_depth=args.rerank_depth), args)
+                      rerank_depth=args.rerank_depth, rerank=reranker, rerank_top=args.rerank_top), args)
     return 0
 
 

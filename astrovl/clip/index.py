@@ -118,6 +118,8 @@ class EmbeddingIndex:
         self.kind = kind
         #: folder the image files of the metadata lie under (absolute), or None
         self.image_root: str | None = str(Path(image_root).expanduser().resolve()) if image_root else None
+        #: folder the index was loaded from or last saved to, or None
+        self.directory: Path | None = None
         self.device = device
         self._embedder = None
         self._embedder_lock = threading.Lock()
@@ -432,7 +434,8 @@ class EmbeddingIndex:
         return embedder
 
     def search(self, query: Any, k: int = 10, *, ef_search: int | None = None,
-               nprobe: int | None = None, rows=None, rerank_depth: int | None = None) -> Table:
+               nprobe: int | None = None, rows=None, rerank_depth: int | None = None, rerank=None,
+               rerank_top: int | None = None) -> Table:
         """Return the ``k`` best matches for a text, an image or a vector.
 
         Parameters
@@ -457,13 +460,29 @@ class EmbeddingIndex:
             For ``kind="ivfpq"``: how many candidates of the compressed search are
             re-scored exactly for this query only (default: the index's
             ``rerank_depth``; at least ``k``). Larger is more accurate and slower.
+        rerank : model, optional
+            Re-order CLIP's best ``rerank_top`` results by this model's scores
+            (an :class:`~astrovl.AstroLLaVA`, or any object with a
+            ``rerank_scores(query, images)`` method) and return ``k`` of them; the
+            query must be a text and the metadata must name the image files. See
+            :func:`astrovl.clip.rerank.rerank_search`.
+        rerank_top : int, optional
+            CLIP candidates the model scores (default ``max(k, 50)``; at least ``k``).
 
         Returns
         -------
         astropy.table.Table
             ``rank``, ``score`` (cosine similarity), ``row`` (index position) and the
-            metadata columns, best first.
+            metadata columns, best first. Re-ranked: ``rank`` (by the model),
+            ``rerank_score``, ``score``, ``clip_rank``, ``row`` and the metadata.
         """
+        if rerank is not None:
+            from .rerank import rerank_search
+
+            return rerank_search(self, query, k, rerank, rerank_top, ef_search=ef_search, nprobe=nprobe, rows=rows,
+                                 rerank_depth=rerank_depth)
+        if rerank_top is not None:
+            raise ValueError("rerank_top= goes with rerank= (the model that re-scores CLIP's candidates)")
         if len(self) == 0:
             raise ValueError("the index is empty; add vectors or images first")
         k = int(k)
@@ -667,6 +686,7 @@ class EmbeddingIndex:
                     faiss.write_index(self._structure(), str(tmp / FAISS_FILE))
             write_manifest(tmp, directory, dim=self.dim, count=len(self), kind=self.kind,
                            params=self.params, model=self.model_info, image_root=self.image_root)
+        self.directory = directory.resolve()
         return directory
 
     @classmethod
@@ -726,6 +746,7 @@ class EmbeddingIndex:
         params = manifest.get("params", {})
         index = cls(dim, kind=manifest.get("kind", "exact"), device=device, **params)
         index._model = recorded_model(manifest, directory)
+        index.directory = directory.resolve()
         root = manifest.get("image_root")
         if isinstance(root, str) and root:
             index.image_root = str((directory / Path(root).expanduser()).resolve())

@@ -42,7 +42,7 @@ from ..utils.files import atomic_write, prepare_output_dir
 from ..utils.progress import progress_bar
 from .records import ManifestDataset, write_manifest
 
-__all__ = ["SyntheticSkyDataset", "SYNTHETIC_CLASSES", "render_object"]
+__all__ = ["SyntheticSkyDataset", "SYNTHETIC_CLASSES", "SYNTHETIC_FAMILIES", "render_object"]
 
 # label -> (object phrases, use-case phrases); the first object phrase is the class prompt
 SYNTHETIC_CLASSES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
@@ -113,6 +113,19 @@ SYNTHETIC_CLASSES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
          "study magnified background galaxies"),
     ),
 }
+
+#: The kind of object of each class, for the synthetic conversations.
+SYNTHETIC_FAMILIES = {
+    "elliptical": "a galaxy", "cigar": "a galaxy", "edge_on_bulge": "a galaxy", "edge_on_disk": "a galaxy",
+    "spiral": "a galaxy", "barred_spiral": "a galaxy", "merger": "a pair of galaxies",
+    "globular_cluster": "a star cluster", "open_cluster": "a star cluster", "nebula": "a cloud of gas",
+    "lens": "a gravitational lens",
+}
+
+_OBJECT_QUESTIONS = ("What kind of object is shown in this image?", "What is in this image?",
+                     "What does this image show?")
+_USE_QUESTIONS = ("What could astronomers learn from this image?", "What is this image useful for?")
+_FAMILY_QUESTIONS = ("Is this a galaxy, a star cluster or a cloud of gas?", "What type of object is this?")
 
 PIXEL_SCALE_ARCSEC = 0.05
 _SKY = 20.0
@@ -359,6 +372,41 @@ class SyntheticSkyDataset(ManifestDataset):
         """Class label -> short description, for zero-shot classification."""
         return {label: SYNTHETIC_CLASSES[label][0][0] for label in (self.labels or [])
                 if label in SYNTHETIC_CLASSES}
+
+    def conversation_records(self, seed: int = 0) -> list[dict]:
+        """Synthetic conversations about every image, as LLaVA conversation records.
+
+        Two or three question-answer turns per image, written from its label and
+        caption fields alone (objects and use cases), the way AstroLLaVA's
+        conversations are written from the caption alone: what the object is,
+        what kind of object it is, and what it is useful for. The records
+        (``{"id", "image", "split", "conversations": [{"from": "human", "value":
+        "<image>\\n..."}, {"from": "gpt", "value": ...}, ...]}``, image paths
+        relative to the dataset folder) train stage 2 of
+        :func:`~astrovl.training.train_llava`.
+
+        Parameters
+        ----------
+        seed : int
+            Seed of the choice of questions.
+        """
+        rng = np.random.default_rng([seed, 2])
+        m = self.manifest
+        records = []
+        for i in range(len(self)):
+            label = str(m["label"][i])
+            objects, uses = str(m["objects"][i]), str(m["use_cases"][i])
+            turns = [(str(rng.choice(_OBJECT_QUESTIONS)), f"{objects[:1].upper()}{objects[1:]}."),
+                     (str(rng.choice(_FAMILY_QUESTIONS)), f"It is {SYNTHETIC_FAMILIES.get(label, 'an object')}."),
+                     (str(rng.choice(_USE_QUESTIONS)), f"Astronomers could {uses}.")]
+            if rng.random() < 0.5:
+                del turns[1]
+            conv = []
+            for k, (q, a) in enumerate(turns):
+                conv += [{"from": "human", "value": ("<image>\n" if k == 0 else "") + q}, {"from": "gpt", "value": a}]
+            records.append({"id": str(m["id"][i]), "image": str(m["image"][i]), "split": str(m["split"][i]),
+                            "conversations": conv})
+        return records
 
     @classmethod
     def generate(cls, directory: str | os.PathLike, n_images: int = 5000, image_size: int = 128,

@@ -58,6 +58,8 @@ __all__ = [
     "GALAXY10_PROMPT",
     "GALAXY10_KEYWORDS",
     "GALAXY10_DATASET",
+    "SYNTHETIC_SKY_FEATURES",
+    "SYNTHETIC_SKY_PROMPT",
     "HEDGE_PHRASES",
     "PUBLISHED_SEMANTIC_SCORES",
     "PROTOCOLS",
@@ -189,7 +191,35 @@ class DescriptionProtocol:
     max_new_tokens: int = 200
 
 
-#: Named protocols: ``"astrollava"`` (the published one, the default) and ``"astrovl"``.
+#: Name and features of each class of the synthetic sky (:data:`astrovl.datasets.synthetic.SYNTHETIC_CLASSES`),
+#: for the ``"synthetic-sky"`` protocol: the Galaxy10 protocol's reference texts, written for those classes.
+SYNTHETIC_SKY_FEATURES = {
+    "elliptical": ("Elliptical galaxy", ("smooth light profile", "round shape", "early-type", "old stars")),
+    "cigar": ("Cigar-shaped galaxy", ("highly elongated", "smooth", "flattened shape", "small axis ratio")),
+    "edge_on_bulge": ("Edge-on disk galaxy with a bulge", ("edge-on", "thin disk", "central bulge",
+                                                           "bulge-to-disk ratio")),
+    "edge_on_disk": ("Edge-on disk galaxy without a bulge", ("edge-on", "thin disk", "bulgeless",
+                                                             "disk scale height")),
+    "spiral": ("Spiral galaxy", ("face-on disk", "spiral arms", "no bar", "star formation along the arms")),
+    "barred_spiral": ("Barred spiral galaxy", ("central bar", "spiral arms", "bar-driven evolution")),
+    "merger": ("Merging galaxies", ("two galaxies", "interaction", "tidal tail", "collision")),
+    "globular_cluster": ("Globular star cluster", ("thousands of stars", "dense core", "old stars",
+                                                   "color-magnitude diagram")),
+    "open_cluster": ("Open star cluster", ("scattered bright stars", "sparse", "young stars",
+                                           "cluster membership")),
+    "nebula": ("Emission nebula", ("glowing gas", "filaments", "ionized gas", "interstellar medium")),
+    "lens": ("Strong gravitational lens", ("lensed arc", "Einstein ring", "massive foreground galaxy",
+                                           "lens mass")),
+}
+
+#: The prompt of the ``"synthetic-sky"`` protocol: the caption prompt AstroLLaVA trains with
+#: (:data:`astrovl.llava.template.DEFAULT_CAPTION_PROMPT`).
+SYNTHETIC_SKY_PROMPT = "Describe this astronomical image in detail."
+
+#: Named protocols: ``"astrollava"`` (the published one, the default), ``"astrovl"`` and
+#: ``"synthetic-sky"`` (the AstroLLaVA scoring applied to the classes of the synthetic sky, class
+#: names = its labels; the prompt is the caption prompt AstroLLaVA trains with, since not every
+#: class is a galaxy, and 48 new tokens are plenty for its one-line captions).
 PROTOCOLS = {
     "astrollava": DescriptionProtocol("astrollava", GALAXY10_CLASS_NAMES, GALAXY10_REFERENCES, GALAXY10_FEATURES),
     "astrovl": DescriptionProtocol(
@@ -198,6 +228,12 @@ PROTOCOLS = {
         _ASTROVL_NAMES, whole_words=True,
         prompt="Describe this galaxy image. What type of galaxy is it, and what are its main morphological "
                "features?"),
+    "synthetic-sky": DescriptionProtocol(
+        "synthetic-sky", tuple(SYNTHETIC_SKY_FEATURES),
+        {c: f"{name}. Features: {', '.join(f)}" for c, (name, f) in SYNTHETIC_SKY_FEATURES.items()},
+        {c: f for c, (_, f) in SYNTHETIC_SKY_FEATURES.items()},
+        {c: (name,) for c, (name, _) in SYNTHETIC_SKY_FEATURES.items()},
+        prompt=SYNTHETIC_SKY_PROMPT, max_new_tokens=48),
 }
 
 

@@ -652,6 +652,63 @@ class AstroLLaVA:
             scores[fallback] = self._score_unbatched(pil, [texts[i] for i in fallback], prompt)
         return scores
 
+    def rerank_scores(self, query: str, images, *, prompt: str | None = None, batch_size: int = 8,
+                      progress: bool = False) -> np.ndarray:
+        """How well ``query`` describes each image: its mean log-likelihood per token as the answer.
+
+        The re-ranking score of :meth:`EmbeddingIndex.search(..., rerank=model)
+        <astrovl.EmbeddingIndex.search>`: for every image, the model reads the
+        image and the prompt and scores ``query`` as its answer (the
+        :meth:`score` of one text, seen from the other side: one text, many
+        images). Each image goes through the vision tower once; the images run
+        ``batch_size`` at a time.
+
+        Parameters
+        ----------
+        query : str
+            A description, such as a search query ("barred spiral galaxy").
+        images : image input or sequence of image inputs
+        prompt : str, optional
+            The instruction; default ``"Describe this astronomical image in detail."``
+        batch_size : int
+            Images per forward pass.
+        progress : bool
+
+        Returns
+        -------
+        numpy.ndarray
+            One value per image (higher: the query fits the image better).
+        """
+        import torch
+
+        from ..imaging.inputs import as_image_list
+
+        prompt, (query,) = self._score_inputs([query], prompt)
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size} must be >= 1")
+        items, _ = as_image_list(images)
+        if not items:
+            raise ValueError("no images to score: the input is empty")
+        prefix = self._prompt([self._user(prompt)])
+        full = prefix + " " + query + (self.processor.tokenizer.eos_token or "")
+        scores = np.empty(len(items), dtype=np.float64)
+        n_answer = None
+        for start in progress_bar(range(0, len(items), batch_size), enabled=progress and len(items) > batch_size,
+                                  desc="re-ranking", unit="batch"):
+            pils = [self._pil(x) for x in items[start:start + batch_size]]
+            inputs = self._to_device(self.processor(images=pils, text=[full] * len(pils), return_tensors="pt"))
+            ids = inputs["input_ids"]
+            if n_answer is None:  # the same text for every image: the answer is the same last tokens
+                n_prefix = self.processor(images=pils[:1], text=[prefix], return_tensors="pt")["input_ids"].shape[1]
+                n_answer = ids.shape[1] - n_prefix
+                if n_answer < 1:
+                    raise ValueError(f"the query {query!r} adds no tokens to the prompt")
+            with torch.inference_mode():
+                logits = self.model(**inputs).logits[:, -n_answer - 1:-1].float()
+            token_lp = torch.log_softmax(logits, dim=-1).gather(2, ids[:, -n_answer:, None])[..., 0]
+            scores[start:start + len(pils)] = token_lp.mean(dim=1).cpu().numpy()
+        return scores
+
     def _score_inputs(self, texts, prompt) -> tuple[str, list[str]]:
         prompt = self._check_text(prompt if prompt is not None else DEFAULT_CAPTION_PROMPT, "prompt")
         texts = [self._check_text(t, "text") for t in ([texts] if isinstance(texts, str) else texts)]

@@ -33,6 +33,7 @@ import tempfile
 from pathlib import Path
 
 from ..utils.files import OUTPUT_MARKER, atomic_directory
+from .build import SMALL_LLAMA
 from .template import LLAVA_CHAT_TEMPLATE
 
 __all__ = ["make_tiny_llava", "make_tiny_clip_tower", "make_tiny_original_llava", "make_tiny_lora_release",
@@ -58,23 +59,13 @@ TINY_CORPUS = [
 
 _VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                projection_dim=32)
-_TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, max_position_embeddings=512)
+_TEXT = dict(SMALL_LLAMA)
 
 
 def _bpe_tokenizer(vocab_size: int):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from .build import train_bpe_tokenizer
 
-    specials = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
-    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    bpe.train_from_iterator(TINY_CORPUS * 4, trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                   pad_token="<pad>", extra_special_tokens={"image_token": "<image>"})
+    return train_bpe_tokenizer(TINY_CORPUS * 4, vocab_size)
 
 
 def make_sentencepiece_tokenizer(directory: str | os.PathLike, *, vocab_size: int = 400) -> Path:
