@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 from ._common import (
+    FileFailures,
     add_command,
+    add_image_args,
     add_model_args,
+    add_on_error_arg,
     add_output_args,
+    check_images,
+    check_output_name,
+    check_positive,
     emit,
     expand_images,
+    image_items,
     load_clip,
     load_clip_if_named,
-    parse_hdu,
     read_lines,
+    run_per_file,
 )
 
 __all__ = ["register"]
@@ -23,12 +30,14 @@ def register(sub) -> None:
                     """
                     astrovl embed m13.fits ngc1316.fits --model ./my-clip --save embeddings.npy
                     astrovl embed *.fits --model openai/clip-vit-base-patch16 --batch-size 128 -o norms.csv
+                    astrovl embed acs/j94f05bgq_flt.fits --hdu SCI,1 --model ./my-clip
                     """, _cmd_embed)
-    p.add_argument("images", nargs="+", help="image files (FITS, JPEG, PNG, TIFF)")
-    p.add_argument("--hdu", default=None, help="HDU index or EXTNAME read from every FITS file "
-                   "(default: the first HDU with an image)")
+    p.add_argument("images", nargs="+", help="image files (FITS, JPEG, PNG, TIFF) or directories of them")
+    add_image_args(p)
+    add_on_error_arg(p)
     p.add_argument("--batch-size", type=int, default=64, help="images per model call (default 64)")
-    p.add_argument("--save", default=None, help="save the embedding matrix as .npy")
+    p.add_argument("--save", default=None,
+                   help="save the embedding matrix as .npy (one row per image of the output table)")
     add_model_args(p, pretrained=True)
     add_output_args(p)
 
@@ -50,6 +59,7 @@ def register(sub) -> None:
     b.add_argument("--approximate", default=None, choices=("ivf", "hnsw"),
                    help="approximate search structure for large archives (default: exact)")
     b.add_argument("--batch-size", type=int, default=64, help="images per model call (default 64)")
+    add_image_args(b)
     add_model_args(b, pretrained=True)
     a = add_command(actions, "add", "embed more images into an existing index with the index's own model",
                     """
@@ -58,6 +68,7 @@ def register(sub) -> None:
     a.add_argument("inputs", nargs="+", help="image files or directories of images")
     a.add_argument("--index", required=True, help="index directory to extend")
     a.add_argument("--batch-size", type=int, default=64, help="images per model call (default 64)")
+    add_image_args(a)
     _add_index_model_args(a)
 
     p = add_command(sub, "search", "search an index with a text or an image",
@@ -69,6 +80,7 @@ def register(sub) -> None:
     p.add_argument("index", help="index directory")
     p.add_argument("query", nargs="?", default=None, help="text query")
     p.add_argument("--image", default=None, help="query by this image instead of text")
+    add_image_args(p, "the --image file")
     p.add_argument("-k", type=int, default=10, help="number of results (default 10)")
     p.add_argument("--nprobe", type=int, default=None,
                    help="cells searched by an 'ivf' index for this query (default: the index's)")
@@ -82,10 +94,11 @@ def register(sub) -> None:
                     astrovl classify m13.fits --model ./my-clip --top-k 3
                     astrovl classify *.fits --categories my_categories.txt
                     """, _cmd_classify)
-    p.add_argument("images", nargs="+", help="image files (FITS, JPEG, PNG, TIFF)")
+    p.add_argument("images", nargs="+", help="image files (FITS, JPEG, PNG, TIFF) or directories of them")
     p.add_argument("--categories", default=None,
                    help="text file with one category per line (default: the 77 Hubble categories)")
     p.add_argument("--top-k", type=int, default=3, help="categories listed per image (default 3)")
+    add_image_args(p)
     add_model_args(p, pretrained=True)
     add_output_args(p)
 
@@ -104,20 +117,31 @@ def _cmd_embed(args):
     import numpy as np
     from astropy.table import Table
 
-    from ..imaging import load_image
-
+    check_output_name(args.output)  # every input is checked before the model loads
+    if args.save and not args.save.lower().endswith(".npy"):
+        raise ValueError(f"--save {args.save!r}: give a .npy file name")
+    check_positive(args, "batch_size")
+    failures = FileFailures(args.on_error)
+    images = check_images(args, expand_images(args.images), failures)
     emb = load_clip(args)
-    images = [load_image(p, hdu=parse_hdu(args.hdu)) for p in args.images]
-    vectors = emb.embed_images(images, batch_size=args.batch_size)
+
+    def embed(items):
+        return list(emb.embed_images(items, batch_size=args.batch_size, progress=False))
+
+    done, rows = run_per_file(args, images, embed, chunk_size=args.batch_size, failures=failures,
+                              progress="embedding images")
+    if not done:
+        raise ValueError(f"none of the {len(failures.failed)} image files could be read")
+    vectors = np.stack(rows)
     if args.save:
         from ..utils.files import atomic_write
 
         with atomic_write(args.save, "wb") as fh:
             np.save(fh, vectors)
-    table = Table({"image": list(args.images), "norm": np.linalg.norm(vectors, axis=1),
-                   "dim": [vectors.shape[1]] * len(args.images)})
+    table = Table({"image": done, "norm": np.linalg.norm(vectors, axis=1),
+                   "dim": [vectors.shape[1]] * len(done)})
     emit(table, args)
-    return 0
+    return failures.finish(len(done))
 
 
 def _cmd_index(args):  # pragma: no cover - argparse requires an action
@@ -125,15 +149,14 @@ def _cmd_index(args):  # pragma: no cover - argparse requires an action
 
 
 def _cmd_index_build(args):
-    from astropy.table import Table
-
     from ..clip import EmbeddingIndex
     from ..clip.index import OUTPUT_KIND, is_saved_index
     from ..utils.files import check_output_dir
 
     check_output_dir(args.index, OUTPUT_KIND, recognize=is_saved_index)  # before the long embedding
-    files = expand_images(args.inputs)
-    index = EmbeddingIndex.build(load_clip(args), files, metadata=Table({"path": files}),
+    check_positive(args, "batch_size")
+    files = check_images(args, expand_images(args.inputs))
+    index = EmbeddingIndex.build(load_clip(args), image_items(args, files), metadata=_metadata(args, files),
                                  batch_size=args.batch_size, approximate=args.approximate,
                                  image_root=_common_folder(files))
     index.save(args.index)
@@ -144,20 +167,34 @@ def _cmd_index_build(args):
 def _cmd_index_add(args):
     import os
 
-    from astropy.table import Table
-
     from ..clip import EmbeddingIndex
 
-    files = expand_images(args.inputs)
+    check_positive(args, "batch_size")
+    files = check_images(args, expand_images(args.inputs))
     index = EmbeddingIndex.load(args.index, embedder=load_clip_if_named(args),
                                 device=args.device)
     if index.image_root is not None:  # the recorded root now covers the new images too
         index.image_root = _common_folder([*files, os.path.join(index.image_root, "x")])
-    vectors = _index_embedder(index, "index add").embed_images(files, batch_size=args.batch_size)
-    index.add(vectors, Table({"path": files}))
+    vectors = _index_embedder(index, "index add").embed_images(image_items(args, files),
+                                                                batch_size=args.batch_size)
+    index.add(vectors, _metadata(args, files))
     index.save(args.index)
     print(f"index {args.index}: {len(index)} images, model {index.model_id}")
     return 0
+
+
+def _metadata(args, files):
+    """The index rows of ``files``: their paths, and the HDU and plane read when given."""
+    from astropy.table import Table
+
+    from ..imaging.inputs import format_hdu
+
+    columns = {"path": list(files)}
+    if args.hdu is not None:
+        columns["hdu"] = [format_hdu(args.hdu)] * len(files)
+    if args.plane is not None:
+        columns["plane"] = [args.plane] * len(files)
+    return Table(columns)
 
 
 def _common_folder(files) -> str:
@@ -178,20 +215,30 @@ def _index_embedder(index, command: str):
 
 def _cmd_search(args):
     from ..clip import EmbeddingIndex
-    from ..imaging import load_image
 
     if (args.query is None) == (args.image is None):
         raise ValueError("give either a text query or --image, not both or neither")
+    if args.image is None and (args.hdu is not None or args.plane is not None):
+        raise ValueError("--hdu and --plane choose what is read from the --image file; give --image")
+    if args.query is not None and not args.query.strip():
+        raise ValueError("the text query is empty; write what to search for")
+    check_output_name(args.output)
+    check_positive(args, "k")
+    if args.image is not None:
+        check_images(args, [args.image])
     index = EmbeddingIndex.load(args.index, embedder=load_clip_if_named(args),
                                 device=args.device)
-    query = args.query if args.query is not None else load_image(args.image)
+    query = args.query if args.query is not None else image_items(args, [args.image])[0]
     emit(index.search(query, k=args.k, nprobe=args.nprobe, ef_search=args.ef_search), args)
     return 0
 
 
 def _cmd_classify(args):
-    emb = load_clip(args)
+    check_output_name(args.output)
+    check_positive(args, "top_k")
     cats = read_lines(args.categories) if args.categories else None
-    table = emb.zero_shot(list(args.images), categories=cats, top_k=args.top_k)
+    files = check_images(args, expand_images(args.images))
+    emb = load_clip(args)
+    table = emb.zero_shot(image_items(args, files), categories=cats, top_k=args.top_k)
     emit(table, args)
     return 0

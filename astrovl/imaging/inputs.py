@@ -7,6 +7,10 @@
 * :func:`as_image_list` turns what the models accept (one image input, a list
   of them, or a dataset with ``image_paths``) into a list of single-image
   inputs; :func:`describe_input` names one input in a result table.
+* :class:`ImageFile`: a file name with the HDU and plane to read from it,
+  accepted wherever an image input is; :func:`parse_hdu` and
+  :func:`format_hdu` read and write an HDU choice as text (``1``, ``SCI``,
+  ``SCI,2``), the syntax of the command line's ``--hdu``.
 * :data:`PATH_COLUMNS`: the metadata columns of an embedding index that may
   name an image file; :func:`locate_image_file` finds the file such a value
   names.
@@ -21,6 +25,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +36,9 @@ __all__ = [
     "PICTURE_SUFFIXES",
     "IMAGE_SUFFIXES",
     "PATH_COLUMNS",
+    "ImageFile",
+    "parse_hdu",
+    "format_hdu",
     "is_fits_name",
     "is_image_name",
     "has_fits_signature",
@@ -84,13 +92,96 @@ def has_fits_signature(path: str | os.PathLike) -> bool:
         return False
 
 
+@dataclass(frozen=True)
+class ImageFile:
+    """An image file and the HDU and plane to read from it.
+
+    :func:`~astrovl.load_image` and everything that takes image inputs (the
+    CLIP embedder, the index, AstroLLaVA) read it as ``load_image(path,
+    hdu=hdu, plane=plane)``; it is small and picklable, so it also travels to
+    data-loader workers and cluster workers.
+
+    Parameters
+    ----------
+    path : str or path-like
+        The file.
+    hdu : int, str or (str, int), optional
+        HDU index, EXTNAME or (EXTNAME, EXTVER); default: the science HDU
+        :func:`~astrovl.load_image` chooses.
+    plane : int, optional
+        Plane of a cube (axis 0 in numpy order).
+
+    Examples
+    --------
+    >>> ImageFile("j8pu42ecq_flt.fits", hdu=("SCI", 2))
+    ImageFile(path='j8pu42ecq_flt.fits', hdu=('SCI', 2), plane=None)
+    """
+
+    path: str
+    hdu: int | str | tuple[str, int] | None = None
+    plane: int | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "path", os.fspath(self.path))
+
+    def __str__(self) -> str:
+        return self.path
+
+
+def parse_hdu(text: str | int | tuple | None) -> int | str | tuple[str, int] | None:
+    """An HDU choice written as text: an index, an EXTNAME, or ``EXTNAME,EXTVER``.
+
+    Values that are already parsed (an int, a tuple, None) are returned as they are.
+
+    Raises
+    ------
+    ValueError
+        Empty text, or an EXTVER that is not an integer.
+
+    Examples
+    --------
+    >>> parse_hdu("1"), parse_hdu("SCI"), parse_hdu("sci, 2"), parse_hdu(None)
+    (1, 'SCI', ('SCI', 2), None)
+    """
+    if text is None or isinstance(text, (int, tuple)):
+        return text
+    value = str(text).strip()
+    if not value:
+        raise ValueError("an HDU choice is empty; give an index (1), an EXTNAME (SCI) or EXTNAME,EXTVER (SCI,2)")
+    if re.fullmatch(r"[+-]?\d+", value):
+        return int(value)
+    name, sep, ver = value.partition(",")
+    name, ver = name.strip(), ver.strip()
+    if not sep:
+        return value.upper()
+    if not name or not re.fullmatch(r"[+-]?\d+", ver):
+        raise ValueError(f"HDU choice {value!r}: write EXTNAME,EXTVER with an integer EXTVER "
+                         "(for example SCI,2), an index (1) or an EXTNAME (SCI)")
+    return (name.upper(), int(ver))
+
+
+def format_hdu(hdu: int | str | tuple | None) -> str:
+    """The text :func:`parse_hdu` reads back as ``hdu`` (``""`` for None).
+
+    Examples
+    --------
+    >>> format_hdu(1), format_hdu("SCI"), format_hdu(("SCI", 2))
+    ('1', 'SCI', 'SCI,2')
+    """
+    if hdu is None:
+        return ""
+    if isinstance(hdu, tuple):
+        return ",".join(str(v) for v in hdu)
+    return str(hdu)
+
+
 def _is_single_image(obj: Any) -> bool:
     from astropy.io import fits
     from astropy.nddata import NDData
 
     from .core import AstroImage
 
-    if isinstance(obj, (str, os.PathLike, np.ndarray, AstroImage, NDData, fits.HDUList,
+    if isinstance(obj, (str, os.PathLike, np.ndarray, AstroImage, NDData, fits.HDUList, ImageFile,
                         fits.PrimaryHDU, fits.ImageHDU, fits.CompImageHDU)):
         return True
     if isinstance(obj, tuple) and len(obj) == 2:
@@ -153,7 +244,7 @@ def describe_input(obj: Any) -> str:
     >>> describe_input("m51.fits"), describe_input(np.zeros((4, 5)))
     ('m51.fits', '<ndarray (4, 5)>')
     """
-    if isinstance(obj, (str, os.PathLike)):
+    if isinstance(obj, (str, os.PathLike, ImageFile)):
         return str(obj)
     src = getattr(obj, "source", None)
     if isinstance(src, str):
