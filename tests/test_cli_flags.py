@@ -290,8 +290,12 @@ class BuilderSpy:
 
 
 @pytest.fixture
-def hubble_spy(monkeypatch):
+def hubble_spy(monkeypatch, tmp_path):
     import astrovl.datasets
+
+    monkeypatch.chdir(tmp_path)  # the abstracts files the commands name exist (they are checked first)
+    for name in ("a.txt", "a"):
+        (tmp_path / name).write_text("Proposal ID: 1\nAbstract:\nStars.\n")
 
     BuilderSpy.calls = []
     monkeypatch.setattr(astrovl.datasets, "HubblePreviewDatasetBuilder", BuilderSpy)
