@@ -111,7 +111,7 @@ def fit_conversation_to_budget(max_new_tokens: int, *, min_turns: int = 3, max_t
         return int(max_turns), int(max_question_chars), int(max_answer_chars)
     for turns in range(int(max_turns), int(min_turns) - 1, -1):
         per_turn = (budget - 1 - _OUTER_CHARS) // turns - _TURN_CHARS
-        question = min(int(max_question_chars), per_turn // 3)
+        question = min(int(max_question_chars), max(MIN_QUESTION_CHARS, per_turn // 3))
         answer = min(int(max_answer_chars), per_turn - question)
         if question >= MIN_QUESTION_CHARS and answer >= MIN_ANSWER_CHARS:
             return turns, question, answer
