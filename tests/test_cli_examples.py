@@ -115,7 +115,7 @@ def workspace(tmp_path_factory, m13_path, ngc1316_path, acs_path, xdf_array):
     shutil.copy(acs_path, work / "acs" / "j94f05bgq_flt.fits")  # two SCI chips: examples choose one with --hdu
     (work / "raw").mkdir()
     shutil.copy(acs_path, work / "raw" / "j94f05bgq_flt.fits")
-    (work / "acs.csv").write_text('image,caption\nj94f05bgq_flt.fits,"A crowded field of stars, one ACS chip."\n')
+    (work / "acs.csv").write_text('image,caption\nraw/j94f05bgq_flt.fits,"A crowded field of stars, one ACS chip."\n')
     (work / "eso.jsonl").write_text("\n".join(json.dumps(r) for r in recs[2:]) + "\n")
 
     # MAST: the recorded observations, previews made from real images
@@ -164,7 +164,7 @@ def test_help_examples_run(command, workspace, capsys):
         "synth": lambda: (workspace / "sky" / "manifest.ecsv").is_file(),
         "build-hubble": lambda: (workspace / "hst" / "manifest.ecsv").is_file(),
         "build-outreach": lambda: (workspace / "outreach" / "manifest.ecsv").is_file()
-        and "converted   1" in out["astrovl build-outreach ./acs acs.csv --image-root ./raw --hdu SCI,1"],
+        and "converted   1" in out["astrovl build-outreach ./acs-outreach acs.csv --image-root ./raw --hdu SCI,1"],
         "summarize": lambda: (workspace / "summaries.ecsv").is_file(),
         "conversations": lambda: (workspace / "outreach" / "conversations.json").is_file()
         and len(json.loads((workspace / "outreach" / "trial.json").read_text())) <= 2,

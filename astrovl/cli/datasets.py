@@ -67,7 +67,7 @@ def register(sub) -> None:
                     "build an outreach image-caption dataset from APOD/ESO/ESA records",
                     """
                     astrovl build-outreach ./outreach apod.json eso.jsonl --image-root ./pictures --image-size 256
-                    astrovl build-outreach ./acs acs.csv --image-root ./raw --hdu SCI,1
+                    astrovl build-outreach ./acs-outreach acs.csv --image-root ./raw --hdu SCI,1
                     """, _cmd_build_outreach)
     p.add_argument("output", help="dataset directory to write (resumes an interrupted build)")
     p.add_argument("records", nargs="+", help="JSON/JSONL/CSV record files")
