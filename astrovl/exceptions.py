@@ -22,6 +22,7 @@ __all__ = [
     "UntrustedSourceError",
     "AstroVLWarning",
     "ImageFileWarning",
+    "spell_options",
 ]
 
 
@@ -30,7 +31,54 @@ class AstroVLError(Exception):
 
 
 class ImageInputError(AstroVLError, ValueError):
-    """An image input cannot be turned into an :class:`~astrovl.AstroImage`."""
+    """An image input cannot be turned into an :class:`~astrovl.AstroImage`.
+
+    Parameters
+    ----------
+    message : str
+        What is wrong and what to do.
+    options : sequence of str, optional
+        The keyword arguments of :func:`~astrovl.load_image` that the message
+        suggests (``"hdu"``, ``"plane"``), written in it as ``hdu=`` or
+        ``hdu=VALUE`` (a Python literal). A front end that spells these
+        choices another way (the command line's ``--hdu SCI,1``) rewrites
+        them with :meth:`message_with`.
+    """
+
+    def __init__(self, message: str = "", *, options=()):
+        super().__init__(message)
+        self.options = tuple(options)
+
+    def message_with(self, spell) -> str:
+        """The message with each suggested option spelled by ``spell(name, value)``.
+
+        ``value`` is the Python value written after ``name=`` (``1``, ``"SCI"``,
+        ``("SCI", 2)``), or None where the message names the option alone.
+
+        Examples
+        --------
+        >>> err = ImageInputError("x.fits: choose one with hdu=('SCI', 1) or hdu=", options=("hdu",))
+        >>> err.message_with(lambda name, v: f"--{name}" + ("" if v is None else f" {v[0]},{v[1]}"))
+        'x.fits: choose one with --hdu SCI,1 or --hdu'
+        """
+        return spell_options(str(self), self.options, spell)
+
+
+def spell_options(text: str, options, spell) -> str:
+    """``text`` with each ``name=`` or ``name=VALUE`` of the ``options`` spelled by ``spell(name, value)``.
+
+    ``VALUE`` is a Python literal (an int, a quoted string, a ``('NAME', N)``
+    pair) and ``spell`` receives its value (None where the option stands alone).
+    """
+    import ast
+    import re
+
+    literal = r"\('[^']*',\s*-?\d+\)|'[^']*'|\"[^\"]*\"|-?\d+"
+    for name in options:
+        text = re.sub(rf"\b{re.escape(name)}=({literal})?",
+                      lambda m, n=name: spell(n, None if m.group(1) is None else ast.literal_eval(m.group(1))),
+                      text)
+    return text
 
 
 class ModelNotFoundError(AstroVLError, OSError):

@@ -56,7 +56,7 @@ def test_every_command_with_examples_is_run_here():
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory, m13_path, ngc1316_path, xdf_array):
+def workspace(tmp_path_factory, m13_path, ngc1316_path, acs_path, xdf_array):
     import huggingface_hub.constants
     import test_generation as tg
     import test_hubble_builder as th
@@ -111,6 +111,11 @@ def workspace(tmp_path_factory, m13_path, ngc1316_path, xdf_array):
         recs.append({"image": str(path), "caption": f"A telescope image, number {i}.", "id": f"r{i}",
                      "title": f"Image {i}"})
     (work / "apod.json").write_text(json.dumps(recs[:2]))
+    (work / "acs").mkdir()
+    shutil.copy(acs_path, work / "acs" / "j94f05bgq_flt.fits")  # two SCI chips: examples choose one with --hdu
+    (work / "raw").mkdir()
+    shutil.copy(acs_path, work / "raw" / "j94f05bgq_flt.fits")
+    (work / "acs.csv").write_text('image,caption\nraw/j94f05bgq_flt.fits,"A crowded field of stars, one ACS chip."\n')
     (work / "eso.jsonl").write_text("\n".join(json.dumps(r) for r in recs[2:]) + "\n")
 
     # MAST: the recorded observations, previews made from real images
@@ -158,9 +163,11 @@ def test_help_examples_run(command, workspace, capsys):
     checks = {
         "synth": lambda: (workspace / "sky" / "manifest.ecsv").is_file(),
         "build-hubble": lambda: (workspace / "hst" / "manifest.ecsv").is_file(),
-        "build-outreach": lambda: (workspace / "outreach" / "manifest.ecsv").is_file(),
+        "build-outreach": lambda: (workspace / "outreach" / "manifest.ecsv").is_file()
+        and "converted   1" in out["astrovl build-outreach ./acs-outreach acs.csv --image-root ./raw --hdu SCI,1"],
         "summarize": lambda: (workspace / "summaries.ecsv").is_file(),
-        "conversations": lambda: (workspace / "outreach" / "conversations.json").is_file(),
+        "conversations": lambda: (workspace / "outreach" / "conversations.json").is_file()
+        and len(json.loads((workspace / "outreach" / "trial.json").read_text())) <= 2,
         "train-clip": lambda: all((workspace / "runs" / r / "best").is_dir() for r in ("clip", "abstracts", "tiny")),
         "embed": lambda: np.load(workspace / "embeddings.npy").shape == (2, 64),
         "index": lambda: (workspace / "hst-index" / "index.json").is_file() and (workspace / "big").is_dir(),

@@ -391,8 +391,12 @@ class BuilderSpy:
 
 
 @pytest.fixture
-def hubble_spy(monkeypatch):
+def hubble_spy(monkeypatch, tmp_path):
     import astrovl.datasets
+
+    monkeypatch.chdir(tmp_path)  # the abstracts files the commands name exist (they are checked first)
+    for name in ("a.txt", "a"):
+        (tmp_path / name).write_text("Proposal ID: 1\nAbstract:\nStars.\n")
 
     BuilderSpy.calls = []
     monkeypatch.setattr(astrovl.datasets, "HubblePreviewDatasetBuilder", BuilderSpy)
@@ -478,9 +482,19 @@ def test_build_outreach_flags(monkeypatch):
     monkeypatch.setattr(astrovl.datasets, "OutreachDatasetBuilder", rec)
     assert main(["build-outreach", "d", "a.json", "--image-size", "128", "--seed", "2", "--val-fraction", "0.4"]) == 0
     assert rec.calls[-1] == ((["a.json"], "d"), {"image_root": None, "image_size": 128, "seed": 2,
-                                                 "val_fraction": 0.4})
+                                                 "val_fraction": 0.4, "hdu": None, "plane": None})
     assert main(["build-outreach", "d", "a.json", "--image-root", "pics"]) == 0
     assert rec.calls[-1][1]["image_root"] == "pics"
+
+
+@covers("build-outreach", "--hdu", "--plane")
+def test_build_outreach_hdu_and_plane(monkeypatch):
+    import astrovl.datasets
+
+    rec = Recorder(SimpleNamespace(build=lambda: "dataset", report="report"))
+    monkeypatch.setattr(astrovl.datasets, "OutreachDatasetBuilder", rec)
+    assert main(["build-outreach", "d", "a.json", "--hdu", "sci,2", "--plane", "1"]) == 0
+    assert rec.kwargs["hdu"] == ("SCI", 2) and rec.kwargs["plane"] == 1
 
 
 # ---------------------------------------------------------------------- summarize, conversations
@@ -502,17 +516,25 @@ def test_summarize_flags(tmp_path, monkeypatch, capsys):
     assert json.loads(capsys.readouterr().out)[0]["caption"] == "stars; ages"
 
 
-@covers("conversations", "--output", "--model", "--gguf-file", "--device")
+@covers("conversations", "--output", "--model", "--gguf-file", "--device", "--max-new-tokens", "--limit",
+        "--max-retries", "--batch-size")
 def test_conversations_flags(sky, tmp_path, monkeypatch):
     import astrovl.generation
+    from astrovl.generation.guided import GenerationReport
 
     written = Recorder(tmp_path / "c.json")
-    rec = Recorder(SimpleNamespace(generate_for_dataset=written))
+    rec = Recorder(SimpleNamespace(generate_for_dataset=written, report=GenerationReport()))
     monkeypatch.setattr(astrovl.generation.ConversationGenerator, "from_pretrained", rec)
     assert main(["conversations", str(sky.root), "--output", str(tmp_path / "c.json"), "--model", "m",
                  "--gguf-file", "f.gguf", "--device", "cpu"]) == 0
-    assert rec.calls[-1] == (("m",), {"gguf_file": "f.gguf", "device": "cpu"})
+    assert rec.calls[-1] == (("m",), {"gguf_file": "f.gguf", "device": "cpu", "max_new_tokens": None,
+                                      "max_retries": 3})
     assert written.calls[-1][0][1] == str(tmp_path / "c.json")
+    assert written.kwargs == {"limit": None, "batch_size": 1}
+    assert main(["conversations", str(sky.root), "-o", str(tmp_path / "c.json"), "--max-new-tokens", "300",
+                 "--limit", "2", "--max-retries", "0", "--batch-size", "4"]) == 0
+    assert rec.kwargs["max_new_tokens"] == 300 and rec.kwargs["max_retries"] == 0
+    assert written.kwargs == {"limit": 2, "batch_size": 4}
 
 
 # ---------------------------------------------------------------------- train-clip
@@ -665,3 +687,105 @@ def test_csv_output_keeps_one_row_per_result(tmp_path, via, capsys):
     assert list(back["image"]) == ["m13.fits", "ngc1316.fits"]
     assert list(back["caption"]) == ["a cluster\nof stars\nand more", "a galaxy\nwith dust"]
     assert table["caption"][0] == "a cluster\x0bof stars\r\nand more"  # the caller's table is unchanged
+
+
+# ---------------------------------------------------------------------- --hdu, --plane, --on-error
+@pytest.fixture
+def cube_file(tmp_path):
+    """A FITS cube of four different planes."""
+    rng = np.random.default_rng(1)
+    cube = rng.normal(size=(4, 48, 48)).astype(np.float32)
+    path = tmp_path / "cube.fits"
+    fits.PrimaryHDU(cube).writeto(path)
+    return path, cube
+
+
+@covers("embed", "--plane")
+def test_embed_plane(tmp_path, tiny_dir, cube_file, capsys):
+    path, cube = cube_file
+    emb = CLIPEmbedder.from_pretrained(tiny_dir)
+    argv = ["embed", str(path), "--model", str(tiny_dir), "--save", str(tmp_path / "v.npy")]
+    assert main(argv) == 1  # four planes: the command asks for --plane
+    assert "choose one with --plane" in capsys.readouterr().err
+    assert main(argv + ["--plane", "2"]) == 0
+    np.testing.assert_allclose(np.load(tmp_path / "v.npy"), emb.embed_images(cube[2], progress=False), atol=1e-5)
+
+
+@covers("embed", "--on-error")
+def test_embed_on_error(tmp_path, tiny_dir, m13_path, ngc1316_path, capsys):
+    broken = tmp_path / "broken.fits"
+    broken.write_bytes(b"SIMPLE  =                    T" + b" " * 50)
+    argv = ["embed", str(m13_path), str(broken), str(ngc1316_path), "--model", str(tiny_dir),
+            "--format", "csv", "--save", str(tmp_path / "v.npy")]
+    capsys.readouterr()
+    assert main(argv) == 2  # default: skip, report, go on
+    out = capsys.readouterr()
+    assert list(Table.read(out.out, format="ascii.csv")["image"]) == [str(m13_path), str(ngc1316_path)]
+    assert np.load(tmp_path / "v.npy").shape == (2, 64)
+    assert f"skipped {broken}" in out.err and "1 of 3 files could not be read" in out.err
+    assert main(argv + ["--on-error", "stop"]) == 1
+    out = capsys.readouterr()
+    assert out.out == "" and str(broken) in out.err
+
+
+@covers("index build", "--hdu", "--plane")
+def test_index_build_hdu_and_plane(tmp_path, tiny_dir, two_hdu_file, cube_file):
+    path, a, b = two_hdu_file
+    emb = CLIPEmbedder.from_pretrained(tiny_dir)
+    assert main(["index", "build", str(path), "--index", str(tmp_path / "i"), "--model", str(tiny_dir)]) == 1
+    assert main(["index", "build", str(path), "--index", str(tmp_path / "i"), "--model", str(tiny_dir),
+                 "--hdu", "NOISE"]) == 0
+    index = EmbeddingIndex.load(tmp_path / "i")
+    np.testing.assert_allclose(index.vectors, emb.embed_images(b, progress=False), atol=1e-5)
+    assert list(index.metadata["hdu"]) == ["NOISE"]  # the index says what it read
+    cube, data = cube_file
+    assert main(["index", "build", str(cube), "--index", str(tmp_path / "c"), "--model", str(tiny_dir),
+                 "--plane", "3"]) == 0
+    index = EmbeddingIndex.load(tmp_path / "c")
+    np.testing.assert_allclose(index.vectors, emb.embed_images(data[3], progress=False), atol=1e-5)
+    assert list(index.metadata["plane"]) == [3]
+
+
+@covers("index add", "--hdu", "--plane")
+def test_index_add_hdu_and_plane(tmp_path, tiny_dir, two_hdu_file, cube_file, m13_path):
+    path, a, b = two_hdu_file
+    cube, data = cube_file
+    emb = CLIPEmbedder.from_pretrained(tiny_dir)
+    assert main(["index", "build", str(m13_path), "--index", str(tmp_path / "i"), "--model", str(tiny_dir)]) == 0
+    assert main(["index", "add", str(path), "--index", str(tmp_path / "i"), "--hdu", "1"]) == 0
+    assert main(["index", "add", str(cube), "--index", str(tmp_path / "i"), "--plane", "0"]) == 0
+    index = EmbeddingIndex.load(tmp_path / "i")
+    np.testing.assert_allclose(index.vectors[1:], emb.embed_images([a, data[0]], progress=False), atol=1e-5)
+
+
+@covers("search", "--hdu", "--plane")
+def test_search_image_hdu_and_plane(tmp_path, tiny_dir, two_hdu_file, cube_file, capsys):
+    path, a, b = two_hdu_file
+    cube, data = cube_file
+    index = EmbeddingIndex.build(CLIPEmbedder.from_pretrained(tiny_dir), [a, b, data[1]],
+                                 metadata={"path": ["flat", "noise", "plane1"]}, progress=False)
+    index.save(tmp_path / "i")
+    for extra, best in ((["--image", str(path), "--hdu", "FLAT"], "flat"),
+                        (["--image", str(path), "--hdu", "2"], "noise"),
+                        (["--image", str(cube), "--plane", "1"], "plane1")):
+        capsys.readouterr()
+        assert main(["search", str(tmp_path / "i"), *extra, "-k", "1", "--format", "csv"]) == 0
+        assert Table.read(capsys.readouterr().out, format="ascii.csv")["path"][0] == best
+    assert main(["search", str(tmp_path / "i"), "a nebula", "--hdu", "1"]) == 1
+    assert "give --image" in capsys.readouterr().err
+
+
+@covers("classify", "--hdu", "--plane")
+def test_classify_hdu_and_plane(tmp_path, tiny_dir, two_hdu_file, cube_file, capsys):
+    path, a, b = two_hdu_file
+    cube, data = cube_file
+    emb = CLIPEmbedder.from_pretrained(tiny_dir)
+    cats = tmp_path / "c.txt"
+    cats.write_text("alpha\nbeta\ngamma\n")
+    for extra, pixels in (([str(path), "--hdu", "NOISE"], b), ([str(cube), "--plane", "2"], data[2])):
+        capsys.readouterr()
+        assert main(["classify", *extra, "--model", str(tiny_dir), "--categories", str(cats), "--top-k", "3",
+                     "--format", "json"]) == 0
+        got = {r["category"]: r["score"] for r in json.loads(capsys.readouterr().out)}
+        expected = emb.zero_shot(pixels, categories=["alpha", "beta", "gamma"], top_k=3)
+        assert got == pytest.approx(dict(zip(expected["category"], expected["score"])), abs=1e-4)

@@ -564,3 +564,66 @@ def test_batched_first_attempts_give_the_results_of_one_at_a_time(tiny_lm, count
         [gen1.generate(c) for c in captions]
     with pytest.raises(ValueError, match="batch_size"):
         gen4.generate_many(captions, batch_size=0)
+
+
+# --------------------------------------------------------------------------- token budget
+def _longest_conversation_json(turns, q_chars, a_chars):
+    """The longest JSON the schema admits: every text at its bound, a space wherever one may go."""
+    turn = '{ "question" : "' + "Q" * q_chars + '" , "answer" : "' + "A" * a_chars + '" }'
+    return '{ "turns" : [ ' + " , ".join([turn] * turns) + " ] }"
+
+
+def test_conversation_budget_holds_the_longest_json():
+    from astrovl.generation import conversation_token_budget, fit_conversation_to_budget
+
+    for bounds in ((6, 200, 400), (3, 12, 20), (4, 40, 80)):
+        text = _longest_conversation_json(*bounds)
+        assert json.loads(text)["turns"][0]["answer"] == "A" * bounds[2]
+        assert len(text) < conversation_token_budget(*bounds)  # one token per character at most, plus EOS
+    assert fit_conversation_to_budget(5000) == (6, 200, 400)  # large enough: the bounds stay
+    for budget in (233, 256, 400, 600, 1000, 2000):
+        turns, q, a = fit_conversation_to_budget(budget)
+        assert 3 <= turns <= 6 and q >= 12 and a >= 20
+        assert conversation_token_budget(turns, q, a) <= budget
+    with pytest.raises(ValueError, match="at least 233"):
+        fit_conversation_to_budget(232)
+
+
+def test_conversation_json_always_closes_within_a_small_budget(tiny_lm, count_calls):
+    """An untrained model under guidance fills every text to its bound: the JSON still closes."""
+    model, tok = tiny_lm
+    calls = count_calls(model)
+    gen = ConversationGenerator(model, tok, max_new_tokens=256, max_retries=0)
+    assert (gen.max_turns, gen.max_question_chars, gen.max_answer_chars) == (3, 13, 26)
+    new_tokens = []
+    original = model.generate
+
+    def counting(*args, **kwargs):
+        out = original(*args, **kwargs)
+        new_tokens.append(out.shape[1] - kwargs["input_ids"].shape[1])
+        return out
+
+    model.generate = counting
+    try:
+        results = gen.generate_many(["A barred spiral galaxy.", "A planetary nebula with a blue shell."],
+                                    batch_size=1, progress=False)
+    finally:
+        model.generate = original
+    assert all(r is not None for r in results) and gen.report.failed == 0
+    assert calls == [256, 256] and max(new_tokens) <= 256
+    for turns in results:
+        assert 1 <= len(turns) <= 3
+        assert all(len(t["question"]) <= 13 and len(t["answer"]) <= 26 for t in turns)
+
+
+def test_generate_for_dataset_limit(tiny_lm, tmp_path):
+    from astrovl.datasets import SyntheticSkyDataset
+
+    ds = SyntheticSkyDataset.generate(tmp_path / "sky", n_images=4, image_size=32,
+                                      classes=["spiral", "nebula"], progress=False)
+    model, tok = tiny_lm
+    gen = ConversationGenerator(model, tok, max_new_tokens=256, max_retries=0)
+    out = gen.generate_for_dataset(ds, tmp_path / "c.json", limit=2, progress=False)
+    assert [r["id"] for r in read_llava_conversations(out)] == [str(x) for x in ds.manifest["id"][:2]]
+    with pytest.raises(ValueError, match="limit"):
+        gen.generate_for_dataset(ds, tmp_path / "c.json", limit=0, progress=False)

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory, m13_path, ngc1316_path):
+def env(tmp_path_factory, m13_path, ngc1316_path, acs_path):
     """A working directory with the files the examples name, and a hub cache with the models they load."""
     import huggingface_hub.constants as hf_constants
 
@@ -45,6 +45,8 @@ def env(tmp_path_factory, m13_path, ngc1316_path):
                                repo_type="dataset")
             shutil.copy(m13_path, work / "m13.fits")
             shutil.copy(ngc1316_path, work / "ngc1316.fits")
+            (work / "acs").mkdir()
+            shutil.copy(acs_path, work / "acs" / "j94f05bgq_flt.fits")  # two SCI chips
             # what `astrovl convert-llava UniverseTBD/AstroLLaVA_v3 ./astrollava-hf` writes
             convert_llava_checkpoint("UniverseTBD/AstroLLaVA_v3", work / "astrollava-hf")
             sky = SyntheticSkyDataset.generate(work / "outreach", n_images=6, image_size=32,
@@ -189,7 +191,49 @@ def test_caption_output_and_format(spy, capsys, tmp_path):
     assert list(written["caption"]) == [r["caption"] for r in json.loads(out)]
 
 
+def test_caption_hdu_and_plane(spy, capsys, in_work, tmp_path):
+    from astropy.io import fits
+
+    from astrovl.imaging.inputs import ImageFile
+
+    assert main(["caption", "acs/j94f05bgq_flt.fits", "--max-new-tokens", "2"]) == 1  # two SCI chips
+    assert "choose one with --hdu SCI,1, --hdu SCI,2" in capsys.readouterr().err
+    assert spy.calls["from_pretrained"] == []  # refused before the model loads
+    out = _run(["caption", "acs/j94f05bgq_flt.fits", "--hdu", "SCI,2", "--max-new-tokens", "2", "--format", "json"],
+               capsys)
+    assert spy.last("caption")[0][1] == [ImageFile("acs/j94f05bgq_flt.fits", hdu=("SCI", 2))]
+    assert [r["image"] for r in json.loads(out)] == ["acs/j94f05bgq_flt.fits"]
+    cube = np.random.default_rng(0).normal(size=(4, 24, 24)).astype(np.float32)
+    fits.PrimaryHDU(cube).writeto(tmp_path / "cube.fits")
+    _run(["caption", str(tmp_path / "cube.fits"), "--plane", "3", "--max-new-tokens", "2"], capsys)
+    assert spy.last("caption")[0][1] == [ImageFile(str(tmp_path / "cube.fits"), plane=3)]
+
+
+def test_caption_on_error(spy, capsys, in_work, tmp_path):
+    (tmp_path / "broken.fits").write_bytes(b"SIMPLE  = T" + b"\0" * 20)
+    argv = ["caption", "m13.fits", str(tmp_path / "broken.fits"), "ngc1316.fits", "--max-new-tokens", "2",
+            "--format", "csv", "-o", str(tmp_path / "c.csv")]
+    assert main(argv) == 2
+    out = capsys.readouterr()
+    assert list(Table.read(out.out, format="ascii.csv")["image"]) == ["m13.fits", "ngc1316.fits"]
+    assert list(Table.read(tmp_path / "c.csv")["image"]) == ["m13.fits", "ngc1316.fits"]
+    assert "skipped" in out.err and "1 of 3 files could not be read" in out.err
+    assert main([*argv, "--on-error", "stop"]) == 1
+    assert len(spy.calls["from_pretrained"]) == 1  # the second run stopped before loading the model
+
+
 # ----------------------------------------------------------------------------- ask
+def test_ask_hdu_and_plane(spy, capsys, in_work):
+    from astrovl.imaging.inputs import ImageFile
+
+    assert main(["ask", "acs/j94f05bgq_flt.fits", "What is it?"]) == 1
+    assert "--hdu SCI,1" in capsys.readouterr().err
+    _run(["ask", "acs/j94f05bgq_flt.fits", "What is it?", "--hdu", "1", "--max-new-tokens", "2"], capsys)
+    assert spy.last("ask")[0][1] == ImageFile("acs/j94f05bgq_flt.fits", hdu=1)
+    assert main(["ask", "m13.fits", "What is it?", "--plane", "1"]) == 1
+    assert "--plane 1 given for a 2-D image" in capsys.readouterr().err
+
+
 def test_ask_image_and_question(spy, capsys):
     out = _run(["ask", "m13.fits", "How many stars?", "--max-new-tokens", "3"], capsys)
     args, kwargs = spy.last("ask")

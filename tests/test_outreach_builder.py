@@ -123,7 +123,7 @@ def test_build_outreach_dataset(tmp_path, record_files, web):
     assert r["excluded"] == 2  # the video and the record without text
     assert r["duplicates"] == 1
     assert r["failed"] == 1 and DEAD_URL in r.failures[0]["item"]
-    assert r["downloaded"] == 4 and r["written"] == 4
+    assert r["downloaded"] == 2 and r["converted"] == 2 and r["written"] == 4  # 2 URLs, 2 local files
     assert web.calls.count(DEAD_URL) == 4  # 1 + max_retries
     assert isinstance(ds, ManifestDataset) and len(ds) == 4
     m = read_manifest(tmp_path / "ds")
@@ -176,7 +176,7 @@ def test_resume_skips_finished_images(tmp_path, record_files, web):
     second = builder.build()
     assert [c for c in web.calls if c != DEAD_URL] == []  # nothing fetched again
     assert len(good_calls) == 2
-    assert builder.report["skipped"] == 4 and builder.report["downloaded"] == 0
+    assert builder.report["skipped"] == 4 and builder.report["downloaded"] == builder.report["converted"] == 0
     assert list(second.manifest["id"]) == list(first.manifest["id"])
     assert list(second.manifest["split"]) == list(first.manifest["split"])
 

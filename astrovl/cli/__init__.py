@@ -62,6 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # one clear line unless --debug
         if args.debug:
             raise
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"astrovl {args.command}: error: {msg}", file=sys.stderr)
+        from ._common import error_message
+
+        print(f"astrovl {args.command}: error: {error_message(exc)}", file=sys.stderr)
         return 1

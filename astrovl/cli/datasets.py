@@ -3,7 +3,19 @@
 
 from __future__ import annotations
 
-from ._common import add_command, add_model_args, add_output_args, conf, emit
+import sys
+
+from ._common import (
+    add_command,
+    add_image_args,
+    add_model_args,
+    add_output_args,
+    check_output_name,
+    check_positive,
+    conf,
+    emit,
+    with_flags,
+)
 
 __all__ = ["register"]
 
@@ -55,6 +67,7 @@ def register(sub) -> None:
                     "build an outreach image-caption dataset from APOD/ESO/ESA records",
                     """
                     astrovl build-outreach ./outreach apod.json eso.jsonl --image-root ./pictures --image-size 256
+                    astrovl build-outreach ./acs-outreach acs.csv --image-root ./raw --hdu SCI,1
                     """, _cmd_build_outreach)
     p.add_argument("output", help="dataset directory to write (resumes an interrupted build)")
     p.add_argument("records", nargs="+", help="JSON/JSONL/CSV record files")
@@ -65,6 +78,7 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the split (default 0)")
     p.add_argument("--val-fraction", type=float, default=0.1,
                    help="share of records in the val split, by a hash of each record id (default 0.1)")
+    add_image_args(p, "every FITS image")
 
     p = add_command(sub, "summarize", "summarize proposal abstracts into objects and science use cases",
                     """
@@ -78,10 +92,22 @@ def register(sub) -> None:
     p = add_command(sub, "conversations", "generate synthetic visual QA conversations from captions",
                     """
                     astrovl conversations ./outreach --model ./llm -o ./outreach/conversations.json
+                    astrovl conversations ./outreach --model ./llm --max-new-tokens 256 --limit 2 -o ./outreach/trial.json
                     """, _cmd_conversations)
     p.add_argument("dataset", help="dataset directory with a manifest")
     p.add_argument("--output", "-o", required=True, help="LLaVA conversation JSON file to write")
     p.add_argument("--gguf-file", default=None, help="GGUF file of --model (e.g. a quantised model)")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="token budget of one conversation; the questions and answers are bounded so that "
+                   "the JSON always closes within it (default: the budget of the full-size conversation, "
+                   "3 to 6 turns of up to 200/400 characters; 256 makes short ones, fast on a CPU)")
+    p.add_argument("--limit", type=int, default=None,
+                   help="only the first N records of the manifest (a quick trial run)")
+    p.add_argument("--max-retries", type=int, default=3,
+                   help="attempts after the first for a record whose output does not validate (default 3)")
+    p.add_argument("--batch-size", type=int, default=1,
+                   help="captions per batched first attempt (default 1: on a CPU batching gains little, "
+                   "and the progress bar moves after every conversation)")
     add_model_args(p)
 
 
@@ -95,6 +121,8 @@ def _cmd_synth(args):
 
 
 def _cmd_build_hubble(args):
+    from pathlib import Path
+
     from astropy.table import Table
 
     from ..datasets import HubblePreviewDatasetBuilder
@@ -102,6 +130,10 @@ def _cmd_build_hubble(args):
     from ..utils.files import check_output_dir
 
     check_output_dir(args.output, OUTPUT_KIND, recognize=is_earlier_build)  # before any query
+    observations = Table.read(args.observations) if args.observations else None  # before the model loads
+    if args.abstracts and "://" not in args.abstracts and "\n" not in args.abstracts \
+            and not Path(args.abstracts).is_file():
+        raise ValueError(f"--abstracts {args.abstracts!r}: no such file (give a catalog file or URL)")
     summarizer = None
     if args.caption_source == "summary" or args.summarizer_model:
         from ..generation import AbstractSummarizer
@@ -117,8 +149,8 @@ def _cmd_build_hubble(args):
     common = dict(abstracts=args.abstracts, summarizer=summarizer, caption_source=args.caption_source,
                   max_images_per_proposal=args.max_images_per_proposal, image_size=args.image_size,
                   seed=args.seed, keep_color=args.keep_color, val_fraction=args.val_fraction)
-    if args.observations:
-        builder = HubblePreviewDatasetBuilder(Table.read(args.observations), args.output, **common)
+    if observations is not None:
+        builder = HubblePreviewDatasetBuilder(observations, args.output, **common)
     elif args.proposal_id:
         builder = HubblePreviewDatasetBuilder.from_proposals(args.proposal_id, args.output, **common)
     else:
@@ -134,10 +166,10 @@ def _cmd_build_outreach(args):
 
     builder = OutreachDatasetBuilder(list(args.records), args.output, image_root=args.image_root,
                                      image_size=args.image_size, seed=args.seed,
-                                     val_fraction=args.val_fraction)
+                                     val_fraction=args.val_fraction, hdu=args.hdu, plane=args.plane)
     ds = builder.build()
     print(ds)
-    print(builder.report)
+    print(with_flags(str(builder.report)))
     return 0
 
 
@@ -147,6 +179,7 @@ def _cmd_summarize(args):
     from ..datasets.abstracts import read_abstracts
     from ..generation import AbstractSummarizer
 
+    check_output_name(args.output)
     catalog = _abstracts_or_one_text(args.abstracts, read_abstracts)
     summarizer = AbstractSummarizer.from_pretrained(args.model or conf().summarizer_model,
                                                     gguf_file=args.gguf_file, device=args.device)
@@ -166,11 +199,26 @@ def _cmd_conversations(args):
     from ..datasets import ManifestDataset
     from ..generation import ConversationGenerator
 
-    ds = ManifestDataset(args.dataset)
+    if not args.output.lower().endswith(".json"):
+        raise ValueError(f"--output {args.output!r}: give a .json file name (a LLaVA conversation file)")
+    check_positive(args, "max_new_tokens", "limit", "batch_size")
+    if args.max_retries < 0:
+        raise ValueError(f"--max-retries {args.max_retries}: give 0 or more")
+    ds = ManifestDataset(args.dataset)  # before the model loads
+    if args.max_new_tokens is not None:  # too small a budget is refused before the model loads
+        from ..generation.conversations import fit_conversation_to_budget
+
+        fit_conversation_to_budget(args.max_new_tokens)
     gen = ConversationGenerator.from_pretrained(args.model or conf().summarizer_model,
-                                                gguf_file=args.gguf_file, device=args.device)
-    path = gen.generate_for_dataset(ds, args.output)
-    print(f"conversations written to {path}")
+                                                gguf_file=args.gguf_file, device=args.device,
+                                                max_new_tokens=args.max_new_tokens, max_retries=args.max_retries)
+    path = gen.generate_for_dataset(ds, args.output, limit=args.limit, batch_size=args.batch_size)
+    print(f"{gen.report.generated + gen.report.cached} conversations written to {path}")
+    if gen.report.failed:
+        print(f"{gen.report.failed} records gave no valid conversation:", file=sys.stderr)
+        for label, error in gen.report.failures[:10]:
+            print(f"  {label}: {error}", file=sys.stderr)
+        return 2
     return 0
 
 

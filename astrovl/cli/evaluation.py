@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
-from ._common import add_command, add_model_args, add_output_args, emit, load_clip, load_llava
+from ._common import (
+    add_command,
+    add_model_args,
+    add_output_args,
+    check_output_name,
+    check_positive,
+    emit,
+    load_clip,
+    load_llava,
+)
 
 __all__ = ["register"]
 
@@ -49,6 +58,10 @@ def register(sub) -> None:
 
 
 def _cmd_evaluate(args):
+    check_output_name(args.output)  # before any data or model loads
+    if args.plot and not args.plot.lower().endswith(".png"):
+        raise ValueError(f"--plot {args.plot!r}: give a .png file name")
+    check_positive(args, "limit", "batch_size", "max_new_tokens")
     if args.kind == "retrieval":
         if args.data is None:
             raise ValueError("evaluate retrieval needs the dataset directory: astrovl evaluate retrieval DIR")

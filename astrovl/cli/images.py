@@ -6,15 +6,22 @@ import contextlib
 import sys
 
 from ._common import (
+    FileFailures,
     add_command,
+    add_image_args,
     add_model_args,
+    add_on_error_arg,
     add_output_args,
+    check_images,
+    check_output_name,
+    check_positive,
     emit,
     expand_images,
+    image_items,
     load_clip,
     load_clip_if_named,
-    parse_hdu,
     read_lines,
+    run_per_file,
 )
 
 __all__ = ["register"]
@@ -26,12 +33,14 @@ def register(sub) -> None:
                     """
                     astrovl embed m13.fits ngc1316.fits --model ./my-clip --save embeddings.npy
                     astrovl embed *.fits --model openai/clip-vit-base-patch16 --batch-size 128 -o norms.csv
+                    astrovl embed acs/j94f05bgq_flt.fits --hdu SCI,1 --model ./my-clip
                     """, _cmd_embed)
-    p.add_argument("images", nargs="+", help="image files (FITS, JPEG, PNG, TIFF)")
-    p.add_argument("--hdu", default=None, help="HDU index or EXTNAME read from every FITS file "
-                   "(default: the first HDU with an image)")
+    p.add_argument("images", nargs="+", help="image files (FITS, JPEG, PNG, TIFF) or directories of them")
+    add_image_args(p)
+    add_on_error_arg(p)
     p.add_argument("--batch-size", type=int, default=64, help="images per model call (default 64)")
-    p.add_argument("--save", default=None, help="save the embedding matrix as .npy")
+    p.add_argument("--save", default=None,
+                   help="save the embedding matrix as .npy (one row per image of the output table)")
     add_model_args(p, pretrained=True)
     add_output_args(p)
 
@@ -60,6 +69,7 @@ def register(sub) -> None:
     b.add_argument("--shard-size", type=int, default=1024,
                    help="images per cluster task and shard file (default 1024)")
     _add_structure_args(b)
+    add_image_args(b)
     add_model_args(b, pretrained=True)
     v = add_command(actions, "build-vectors", "write an index from .npy embedding files, out of core",
                     """
@@ -81,6 +91,7 @@ def register(sub) -> None:
     a.add_argument("inputs", nargs="+", help="image files or directories of images")
     a.add_argument("--index", required=True, help="index directory to extend")
     a.add_argument("--batch-size", type=int, default=64, help="images per model call (default 64)")
+    add_image_args(a)
     _add_index_model_args(a)
 
     p = add_command(sub, "search", "search an index with a text or an image",
@@ -92,6 +103,7 @@ def register(sub) -> None:
     p.add_argument("index", help="index directory")
     p.add_argument("query", nargs="?", default=None, help="text query")
     p.add_argument("--image", default=None, help="query by this image instead of text")
+    add_image_args(p, "the --image file")
     p.add_argument("-k", type=int, default=10, help="number of results (default 10)")
     p.add_argument("--nprobe", type=int, default=None,
                    help="cells searched by an 'ivf' index for this query (default: the index's)")
@@ -112,10 +124,11 @@ def register(sub) -> None:
                     astrovl classify m13.fits --model ./my-clip --top-k 3
                     astrovl classify *.fits --categories my_categories.txt
                     """, _cmd_classify)
-    p.add_argument("images", nargs="+", help="image files (FITS, JPEG, PNG, TIFF)")
+    p.add_argument("images", nargs="+", help="image files (FITS, JPEG, PNG, TIFF) or directories of them")
     p.add_argument("--categories", default=None,
                    help="text file with one category per line (default: the 77 Hubble categories)")
     p.add_argument("--top-k", type=int, default=3, help="categories listed per image (default 3)")
+    add_image_args(p)
     add_model_args(p, pretrained=True)
     add_output_args(p)
 
@@ -158,20 +171,31 @@ def _cmd_embed(args):
     import numpy as np
     from astropy.table import Table
 
-    from ..imaging import load_image
-
+    check_output_name(args.output)  # every input is checked before the model loads
+    if args.save and not args.save.lower().endswith(".npy"):
+        raise ValueError(f"--save {args.save!r}: give a .npy file name")
+    check_positive(args, "batch_size")
+    failures = FileFailures(args.on_error)
+    images = check_images(args, expand_images(args.images), failures)
     emb = load_clip(args)
-    images = [load_image(p, hdu=parse_hdu(args.hdu)) for p in args.images]
-    vectors = emb.embed_images(images, batch_size=args.batch_size)
+
+    def embed(items):
+        return list(emb.embed_images(items, batch_size=args.batch_size, progress=False))
+
+    done, rows = run_per_file(args, images, embed, chunk_size=args.batch_size, failures=failures,
+                              progress="embedding images")
+    if not done:
+        raise ValueError(f"none of the {len(failures.failed)} image files could be read")
+    vectors = np.stack(rows)
     if args.save:
         from ..utils.files import atomic_write
 
         with atomic_write(args.save, "wb") as fh:
             np.save(fh, vectors)
-    table = Table({"image": list(args.images), "norm": np.linalg.norm(vectors, axis=1),
-                   "dim": [vectors.shape[1]] * len(args.images)})
+    table = Table({"image": done, "norm": np.linalg.norm(vectors, axis=1),
+                   "dim": [vectors.shape[1]] * len(done)})
     emit(table, args)
-    return 0
+    return failures.finish(len(done))
 
 
 def _cmd_index(args):  # pragma: no cover - argparse requires an action
@@ -179,25 +203,25 @@ def _cmd_index(args):  # pragma: no cover - argparse requires an action
 
 
 def _cmd_index_build(args):
-    from astropy.table import Table
-
     from ..clip import EmbeddingIndex
     from ..clip.index_files import OUTPUT_KIND, common_image_root, is_saved_index
     from ..utils.files import check_output_dir
 
     check_output_dir(args.index, OUTPUT_KIND, recognize=is_saved_index)  # before the long embedding
-    files = expand_images(args.inputs)
+    check_positive(args, "batch_size")
+    files = check_images(args, expand_images(args.inputs))
+    items, metadata = image_items(args, files), _metadata(args, files)
     params = dict(_structure_params(args), vector_dtype=args.vector_dtype, image_root=common_image_root(files))
     if args.scheduler:
         from ..clip.archive import build_on_cluster
 
         with _dask_client(args.scheduler) as client:
-            build_on_cluster(client, load_clip(args), files, args.index, metadata=Table({"path": files}),
+            build_on_cluster(client, load_clip(args), items, args.index, metadata=metadata,
                              kind=args.approximate or "exact", batch_size=args.batch_size,
                              shard_size=args.shard_size, device=args.device, **params)
         index = EmbeddingIndex.load(args.index)
     else:
-        index = EmbeddingIndex.build(load_clip(args), files, metadata=Table({"path": files}),
+        index = EmbeddingIndex.build(load_clip(args), items, metadata=metadata,
                                      batch_size=args.batch_size, approximate=args.approximate, **params)
         index.save(args.index)
     print(f"index {args.index}: {len(index)} images, model {_model_text(index)}")
@@ -240,18 +264,18 @@ def _cmd_index_build_vectors(args):
 def _cmd_index_add(args):
     import os
 
-    from astropy.table import Table
-
     from ..clip import EmbeddingIndex
     from ..clip.index import common_image_root
 
-    files = expand_images(args.inputs)
+    check_positive(args, "batch_size")
+    files = check_images(args, expand_images(args.inputs))
     index = EmbeddingIndex.load(args.index, embedder=load_clip_if_named(args),
                                 device=args.device)
     if index.image_root is not None:  # the recorded root now covers the new images too
         index.image_root = common_image_root([*files, os.path.join(index.image_root, "x")])
-    vectors = _index_embedder(index, "index add").embed_images(files, batch_size=args.batch_size)
-    index.add(vectors, Table({"path": files}))
+    vectors = _index_embedder(index, "index add").embed_images(image_items(args, files),
+                                                                batch_size=args.batch_size)
+    index.add(vectors, _metadata(args, files))
     index.save(args.index)
     print(f"index {args.index}: {len(index)} images, model {_model_text(index)}")
     return 0
@@ -261,6 +285,21 @@ def _model_text(index) -> str:
     """The index's model id, marked when its weights were random."""
     random = " (random weights: the vectors carry no meaning)" if index.model_info.get("random") else ""
     return f"{index.model_id}{random}"
+
+
+def _metadata(args, files):
+    """The index rows of ``files``: their paths, and the HDU and plane read when given."""
+    from astropy.table import Table
+
+    from ..imaging.inputs import format_hdu
+
+    columns = {"path": list(files)}
+    if args.hdu is not None:
+        columns["hdu"] = [format_hdu(args.hdu)] * len(files)
+    if args.plane is not None:
+        columns["plane"] = [args.plane] * len(files)
+    return Table(columns)
+
 
 
 def _index_embedder(index, command: str):
@@ -273,7 +312,6 @@ def _index_embedder(index, command: str):
 
 def _cmd_search(args):
     from ..clip import EmbeddingIndex
-    from ..imaging import load_image
 
     if (args.query is None) == (args.image is None):
         raise ValueError("give either a text query or --image, not both or neither")
@@ -282,12 +320,20 @@ def _cmd_search(args):
                          "candidates)")
     if args.rerank is not None and args.query is None:
         raise ValueError("--rerank scores a text query against the images; it does not work with --image")
+    if args.image is None and (args.hdu is not None or args.plane is not None):
+        raise ValueError("--hdu and --plane choose what is read from the --image file; give --image")
+    if args.query is not None and not args.query.strip():
+        raise ValueError("the text query is empty; write what to search for")
+    check_output_name(args.output)
+    check_positive(args, "k")
+    if args.image is not None:
+        check_images(args, [args.image])
     index = EmbeddingIndex.load(args.index, embedder=load_clip_if_named(args),
                                 device=args.device)
     if index.model_info.get("random"):
         print(f"astrovl search: note: the index {args.index} was made by a model with random weights "
               f"({index.model_id}); its results carry no meaning", file=sys.stderr)
-    query = args.query if args.query is not None else load_image(args.image)
+    query = args.query if args.query is not None else image_items(args, [args.image])[0]
     reranker = None
     if args.rerank is not None:
         from ..llava import AstroLLaVA
@@ -299,8 +345,11 @@ def _cmd_search(args):
 
 
 def _cmd_classify(args):
-    emb = load_clip(args)
+    check_output_name(args.output)
+    check_positive(args, "top_k")
     cats = read_lines(args.categories) if args.categories else None
-    table = emb.zero_shot(list(args.images), categories=cats, top_k=args.top_k)
+    files = check_images(args, expand_images(args.images))
+    emb = load_clip(args)
+    table = emb.zero_shot(image_items(args, files), categories=cats, top_k=args.top_k)
     emit(table, args)
     return 0

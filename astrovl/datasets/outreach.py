@@ -54,7 +54,7 @@ from typing import Any
 import numpy as np
 from astropy.table import Row, Table
 
-from ..exceptions import DatasetError, ImageFileError
+from ..exceptions import DatasetError, ImageFileError, ImageInputError
 from ..utils.files import (
     atomic_write_text,
     check_output_dir,
@@ -251,13 +251,19 @@ class OutreachDatasetBuilder:
         First back-off delay in seconds; doubled after every retry.
     progress : bool, optional
         Show a progress bar (default: ``astrovl.conf.progress``).
+    hdu : int, str or (str, int), optional
+        HDU read from every FITS image (see :func:`~astrovl.load_image`);
+        default: the science HDU.
+    plane : int, optional
+        Plane read from every FITS cube.
 
     Attributes
     ----------
     report : BuildReport
         Counts of the last :meth:`build`: ``records`` (input records),
         ``excluded`` (non-image media, missing image or caption),
-        ``duplicates``, ``downloaded`` (images fetched or converted in this run),
+        ``duplicates``, ``downloaded`` (images fetched from a URL in this run),
+        ``converted`` (local image files converted in this run),
         ``skipped`` (already complete), ``failed`` (missing, unreadable or
         undownloadable images) and ``written`` (manifest rows).
 
@@ -270,7 +276,8 @@ class OutreachDatasetBuilder:
     def __init__(self, records, directory: str | os.PathLike, *,
                  image_root: str | os.PathLike | None = None, image_size: int = 512,
                  seed: int = 0, val_fraction: float = 0.1, max_retries: int = 3,
-                 retry_delay: float = 1.0, progress: bool | None = None):
+                 retry_delay: float = 1.0, progress: bool | None = None,
+                 hdu: int | str | tuple | None = None, plane: int | None = None):
         check_builder_options(image_size, val_fraction, max_retries)
         self.raw_records = load_outreach_records(records)
         self.directory = Path(directory)
@@ -282,11 +289,13 @@ class OutreachDatasetBuilder:
         self.max_retries = int(max_retries)
         self.retry_delay = float(retry_delay)
         self.progress = progress
+        self.hdu, self.plane = hdu, plane
         self.report = BuildReport(self._report_keys())
 
     @staticmethod
     def _report_keys() -> tuple[str, ...]:
-        return ("records", "excluded", "duplicates", "downloaded", "skipped", "failed", "written")
+        return ("records", "excluded", "duplicates", "downloaded", "converted", "skipped", "failed",
+                "written")
 
     # -- records -------------------------------------------------------------------
     def _normalize(self, rec: dict, index: int) -> dict | None:
@@ -340,8 +349,7 @@ class OutreachDatasetBuilder:
         return plan
 
     # -- images ----------------------------------------------------------------------
-    @staticmethod
-    def _read_local(path: Path):
+    def _read_local(self, path: Path):
         from ..imaging import load_image
         from ..imaging.inputs import is_fits_name
 
@@ -349,7 +357,9 @@ class OutreachDatasetBuilder:
             head = fh.read(9)
         if head.startswith(b"SIMPLE  =") or is_fits_name(path):
             try:
-                img = load_image(path)
+                img = load_image(path, hdu=self.hdu, plane=self.plane)
+            except ImageInputError:  # names the HDU or plane to choose
+                raise
             except Exception as exc:
                 raise ImageFileError(f"image file {str(path)!r} could not be read: {exc}") from exc
             return img.to_pil("RGB" if img.is_color else "L")
@@ -383,11 +393,11 @@ class OutreachDatasetBuilder:
                 if not path.is_file():
                     raise ImageFileError(f"local image {str(path)!r} does not exist")
                 image = self._read_local(path)
-        except (ImageFileError, OSError) as exc:
+        except (ImageFileError, ImageInputError, OSError) as exc:
             self.report.add_failure(item["original"], str(exc))
             return False
         save_png(resize_and_pad(image, self.image_size), out)
-        self.report["downloaded"] += 1
+        self.report["downloaded" if _is_url(item["source_image"]) else "converted"] += 1
         return True
 
     # -- build -----------------------------------------------------------------------

@@ -497,10 +497,12 @@ class DescriptionEvaluator:
         ``composite_score`` and ``nearest_is_true`` (rate); the last row,
         ``"all"``, is over every description. For the AstroLLaVA protocol the
         published mean semantic scores stand beside the overall row (columns
-        ``published_<model>``, masked in the class rows).
+        ``published_<model>``, masked in the class rows). Class rows come in
+        label order (Galaxy10's class 0 first); classes no protocol names follow
+        in order of appearance.
         """
         rows = []
-        labels = list(dict.fromkeys(str(x) for x in table["label"]))
+        labels = _in_label_order(dict.fromkeys(str(x) for x in table["label"]))
         feature_col = "feature_score" if "feature_score" in table.colnames else "keyword_score"
         for lab in [*labels, "all"]:
             sel = np.ones(len(table), bool) if lab == "all" else np.asarray(table["label"]) == lab
@@ -563,8 +565,30 @@ class DescriptionEvaluator:
         ax.set_xlim(0, 1)
         ax.set_xlabel("mean score")
         ax.legend(loc="lower right", fontsize="x-small")
-        ax.set_title(title or f"Galaxy10 description scores ({table.meta.get('model', 'model')})")
+        ax.set_title(title or _fitting_title(f"Galaxy10 description scores ({table.meta.get('model', 'model')})",
+                                             fig.get_figwidth()), fontsize="medium")
         return fig
+
+
+def _in_label_order(labels) -> list[str]:
+    """``labels`` in Galaxy10 label order (either naming); others after them, as they came."""
+    rank = {name: i for names in (GALAXY10_CLASS_NAMES, GALAXY10_CLASSES) for i, name in enumerate(names)}
+    labels = list(labels)
+    return sorted(labels, key=lambda lab: (rank.get(lab, len(rank)), labels.index(lab)))
+
+
+def _fitting_title(title: str, width_inches: float, chars_per_inch: float = 11.0) -> str:
+    """``title`` wrapped onto lines that fit a figure ``width_inches`` wide (medium font).
+
+    A long model name (a local path) would otherwise run past both edges of the figure.
+    """
+    import textwrap
+
+    width = max(20, int(width_inches * chars_per_inch))
+    lines = textwrap.wrap(title, width, break_long_words=True, break_on_hyphens=False)
+    if len(lines) > 3:  # very long paths: keep the start and the end
+        lines = [*lines[:2], "..." + lines[-1][-(width - 3):]]
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------- data

@@ -40,6 +40,8 @@ __all__ = [
     "validate_llava_record",
     "read_llava_conversations",
     "conversation_schema",
+    "conversation_token_budget",
+    "fit_conversation_to_budget",
 ]
 
 #: Placeholder of the image in the first human turn of a LLaVA conversation.
@@ -47,10 +49,75 @@ IMAGE_TOKEN = "<image>"
 
 
 def _text_pattern(first: str, max_chars: int) -> str:
-    # no double quotes, backslashes, angle brackets (so no "<image>" or markup) or
-    # control characters (C0, DEL, C1); the length bound lives in the pattern because some
-    # backends ignore maxLength when a pattern is present
-    return rf'^{first}[^"\\<>\x00-\x1f\x7f-\x9f]{{1,{max_chars - 1}}}$'
+    # printable ASCII only, so that every character is at most one token of any tokenizer
+    # (byte-fallback ones included) and the JSON closes within conversation_token_budget;
+    # no double quotes or backslashes (nothing to escape), no angle brackets (so no
+    # "<image>" or markup); the length bound lives in the pattern because some backends
+    # ignore maxLength when a pattern is present
+    return rf'^{first}[ !#-;=?-\[\]-~]{{1,{max_chars - 1}}}$'
+
+
+#: characters of a conversation's JSON around its texts: ``{"turns": [`` and ``]}`` ...
+_OUTER_CHARS = len('{"turns":[]}') + 10
+#: ... and, per turn, ``{"question": "", "answer": ""}``, a comma and the optional spaces
+#: between JSON tokens (one at most, ``JSON_SCHEMA_EXTRA``)
+_TURN_CHARS = len('{"question":"","answer":""},') + 10
+#: the shortest question and answer bounds :func:`fit_conversation_to_budget` accepts
+MIN_QUESTION_CHARS, MIN_ANSWER_CHARS = 12, 20
+
+
+def conversation_token_budget(max_turns: int = 6, max_question_chars: int = 200,
+                              max_answer_chars: int = 400) -> int:
+    """The most tokens a conversation of :func:`conversation_schema` can take, end of text included.
+
+    Every character the schema allows is printable ASCII, which any tokenizer
+    writes in at most one token, so the longest JSON the schema admits, in
+    characters, bounds the tokens: with at least this ``max_new_tokens`` the
+    guided decoding always reaches the schema's end (the closing ``]}``).
+
+    Examples
+    --------
+    >>> conversation_token_budget(3, 40, 80)
+    497
+    """
+    return _OUTER_CHARS + int(max_turns) * (_TURN_CHARS + int(max_question_chars) + int(max_answer_chars)) + 1
+
+
+def fit_conversation_to_budget(max_new_tokens: int, *, min_turns: int = 3, max_turns: int = 6,
+                               max_question_chars: int = 200,
+                               max_answer_chars: int = 400) -> tuple[int, int, int]:
+    """Bounds ``(max_turns, max_question_chars, max_answer_chars)`` whose JSON fits ``max_new_tokens``.
+
+    The given bounds are kept when they fit; otherwise the texts are shortened
+    (questions to a third, answers to two thirds of what a turn may hold) and,
+    where texts would get shorter than 12 / 20 characters, the number of turns is
+    lowered, down to ``min_turns``.
+
+    Raises
+    ------
+    ValueError
+        ``max_new_tokens`` cannot hold ``min_turns`` turns of the shortest texts;
+        the message gives the smallest budget that can.
+
+    Examples
+    --------
+    >>> fit_conversation_to_budget(256)
+    (3, 13, 26)
+    >>> fit_conversation_to_budget(4000)
+    (6, 200, 400)
+    """
+    budget = int(max_new_tokens)
+    if conversation_token_budget(max_turns, max_question_chars, max_answer_chars) <= budget:
+        return int(max_turns), int(max_question_chars), int(max_answer_chars)
+    for turns in range(int(max_turns), int(min_turns) - 1, -1):
+        per_turn = (budget - 1 - _OUTER_CHARS) // turns - _TURN_CHARS
+        question = min(int(max_question_chars), max(MIN_QUESTION_CHARS, per_turn // 3))
+        answer = min(int(max_answer_chars), per_turn - question)
+        if question >= MIN_QUESTION_CHARS and answer >= MIN_ANSWER_CHARS:
+            return turns, question, answer
+    need = conversation_token_budget(min_turns, MIN_QUESTION_CHARS, MIN_ANSWER_CHARS)
+    raise ValueError(f"max_new_tokens={budget} cannot hold a conversation of {min_turns} turns; give "
+                     f"at least {need} (or fewer turns)")
 
 
 class _Turn(BaseModel):
@@ -200,8 +267,13 @@ class ConversationGenerator(GuidedJSONGenerator):
         Its tokenizer.
     min_turns, max_turns : int
         Number of question/answer pairs per conversation (AstroLLaVA: 3 to 6).
-    max_new_tokens : int
-        Token budget of one attempt.
+    max_new_tokens : int, optional
+        Token budget of one attempt. The guided JSON always closes within it: by
+        default it is the budget of the longest conversation the bounds allow
+        (:func:`conversation_token_budget`); a smaller one shortens the bounds
+        (fewer turns, shorter texts) until they fit
+        (:func:`fit_conversation_to_budget`, which says what was chosen in
+        :attr:`max_turns`, :attr:`max_question_chars` and :attr:`max_answer_chars`).
     max_retries : int
         Attempts after the first (greedy) one.
     seed : int
@@ -219,10 +291,10 @@ class ConversationGenerator(GuidedJSONGenerator):
         Counts of generated, cached and failed conversations.
     """
 
-    prompt_version = "conversation-v1"
+    prompt_version = "conversation-v2"
 
     def __init__(self, model, tokenizer, *, min_turns: int = 3, max_turns: int = 6,
-                 max_new_tokens: int = 512, max_retries: int = 3, seed: int = 0,
+                 max_new_tokens: int | None = None, max_retries: int = 3, seed: int = 0,
                  cache: str | os.PathLike | JSONLCache | None = None, max_question_chars: int = 200,
                  max_answer_chars: int = 400, backend: str | None = None, model_id: str | None = None):
         if not 1 <= int(min_turns) <= int(max_turns):
@@ -232,7 +304,14 @@ class ConversationGenerator(GuidedJSONGenerator):
                             ("max_answer_chars", max_answer_chars)):
             if int(value) < 4:
                 raise ValueError(f"{name} must be at least 4, got {value}")
-        self.min_turns, self.max_turns = int(min_turns), int(max_turns)
+        self.min_turns = int(min_turns)
+        if max_new_tokens is None:
+            max_new_tokens = conversation_token_budget(max_turns, max_question_chars, max_answer_chars)
+        elif int(max_new_tokens) >= 1:
+            max_turns, max_question_chars, max_answer_chars = fit_conversation_to_budget(
+                max_new_tokens, min_turns=min_turns, max_turns=max_turns,
+                max_question_chars=max_question_chars, max_answer_chars=max_answer_chars)
+        self.max_turns = int(max_turns)
         self.max_question_chars, self.max_answer_chars = int(max_question_chars), int(max_answer_chars)
         schema = conversation_schema(self.min_turns, self.max_turns, self.max_question_chars,
                                      self.max_answer_chars)
@@ -317,7 +396,8 @@ class ConversationGenerator(GuidedJSONGenerator):
         return to_llava_record(record_id, image_relpath, turns)
 
     def generate_for_dataset(self, dataset, path: str | os.PathLike, *,
-                             progress: bool | None = True, batch_size: int = 8) -> Path:
+                             progress: bool | None = True, batch_size: int = 8,
+                             limit: int | None = None) -> Path:
         """Write a LLaVA conversation file for every record of a manifest dataset.
 
         Each record's caption becomes a conversation about its image (the manifest's
@@ -337,6 +417,8 @@ class ConversationGenerator(GuidedJSONGenerator):
             Show a progress bar (None follows ``astrovl.conf.progress``).
         batch_size : int
             Captions per batched first attempt (see :meth:`generate_many`).
+        limit : int, optional
+            Only the first ``limit`` records of the manifest (a trial run).
 
         Returns
         -------
@@ -356,9 +438,13 @@ class ConversationGenerator(GuidedJSONGenerator):
         if own_cache:
             self.cache = JSONLCache(path.with_name(path.name + ".cache.jsonl"))
         try:
+            if limit is not None and int(limit) < 1:
+                raise ValueError(f"limit must be at least 1, got {limit}")
+            n = len(manifest) if limit is None else min(int(limit), len(manifest))
+            manifest = manifest[:n]
             ids = [str(x) for x in manifest["id"]]
             images = [str(x) for x in manifest["image"]]
-            captions = list(dataset.captions)
+            captions = list(dataset.captions)[:n]
             labels = [f"record {rid!r}: {excerpt(c)}" for rid, c in zip(ids, captions)]
             turns = self.generate_many(captions, batch_size=batch_size, progress=progress, labels=labels)
             splits = [str(x) for x in manifest["split"]] if "split" in manifest.colnames else [None] * len(ids)

@@ -7,7 +7,7 @@ with WCS use :func:`cutout`.
 
 from .core import AstroImage
 from .cutouts import cutout
-from .readers import FITS_SUFFIXES, load_image
+from .readers import FITS_SUFFIXES, check_image, load_image
 from .rgb import make_rgb
 from .scaling import (
     DEFAULT_PERCENTILE,
@@ -21,6 +21,7 @@ from .scaling import (
 __all__ = [
     "AstroImage",
     "load_image",
+    "check_image",
     "make_rgb",
     "cutout",
     "scale_to_unit",

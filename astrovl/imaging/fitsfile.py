@@ -575,11 +575,13 @@ def choose_science_hdu(hdul: fits.HDUList, source: str) -> int:
         if aux:
             raise ImageInputError(
                 f"{source}: no HDU holds 2-D science image data, only auxiliary planes (HDUs: "
-                f"{describe_hdus(hdul)}); to load one, name it with hdu= (an index or an EXTNAME)"
+                f"{describe_hdus(hdul)}); to load one, name it with hdu= (an index or an EXTNAME)",
+                options=("hdu",),
             )
         raise ImageInputError(
             f"{source}: no HDU holds 2-D image data (HDUs: {describe_hdus(hdul)}); pass a file "
-            "with an image or choose one with hdu="
+            "with an image or choose one with hdu=",
+            options=("hdu",),
         )
     sci = [i for i in candidates if _extname(hdul[i]).upper() == "SCI"]
     if len(sci) == 1:
@@ -588,11 +590,13 @@ def choose_science_hdu(hdul: fits.HDUList, source: str) -> int:
         versions = ", ".join(f"hdu=('SCI', {int(hdul[i].ver)})" for i in sci)
         raise ImageInputError(
             f"{source}: {len(sci)} SCI images (one per detector chip) could be the science "
-            f"image; choose one with {versions} (or an index); HDUs: {describe_hdus(hdul)}"
+            f"image; choose one with {versions} (or an index); HDUs: {describe_hdus(hdul)}",
+            options=("hdu",),
         )
     if len(candidates) == 1:
         return candidates[0]
     raise ImageInputError(
         f"{source}: {len(candidates)} image HDUs could hold the science image "
-        f"({describe_hdus(hdul)}); choose one with hdu= (an index or an EXTNAME)"
+        f"({describe_hdus(hdul)}); choose one with hdu= (an index or an EXTNAME)",
+        options=("hdu",),
     )

@@ -4,11 +4,14 @@
   :func:`~astrovl.load_image` reads as FITS or as pictures (Pillow);
   :func:`is_fits_name`, :func:`is_image_name` and :func:`has_fits_signature`
   test a path against them, and :func:`is_fits_file` (name or signature) is the
-  one test of whether a file is read as FITS; :func:`check_image_file` checks
-  that a file exists and that its header reads, without reading pixels.
+  one test of whether a file is read as FITS.
 * :func:`as_image_list` turns what the models accept (one image input, a list
   of them, or a dataset with ``image_paths``) into a list of single-image
   inputs; :func:`describe_input` names one input in a result table.
+* :class:`ImageFile`: a file name with the HDU and plane to read from it,
+  accepted wherever an image input is; :func:`parse_hdu` and
+  :func:`format_hdu` read and write an HDU choice as text (``1``, ``SCI``,
+  ``SCI,2``), the syntax of the command line's ``--hdu``.
 * :data:`PATH_COLUMNS`: the metadata columns of an embedding index that may
   name an image file; :func:`locate_image_file` finds the file such a value
   names.
@@ -23,6 +26,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +37,13 @@ __all__ = [
     "PICTURE_SUFFIXES",
     "IMAGE_SUFFIXES",
     "PATH_COLUMNS",
+    "ImageFile",
+    "parse_hdu",
+    "format_hdu",
     "is_fits_name",
     "is_image_name",
     "has_fits_signature",
     "is_fits_file",
-    "check_image_file",
     "as_image_list",
     "describe_input",
     "locate_image_file",
@@ -97,38 +103,87 @@ def is_fits_file(path: str | os.PathLike) -> bool:
     return is_fits_name(path) or has_fits_signature(path)
 
 
-def check_image_file(path: str | os.PathLike) -> None:
-    """Check quickly that ``path`` is an image file :func:`~astrovl.load_image` can open.
+@dataclass(frozen=True)
+class ImageFile:
+    """An image file and the HDU and plane to read from it.
 
-    The file must exist and its header must read: every header of a FITS file
-    with its declared sizes (:func:`~astrovl.imaging.fitsfile.scan_fits`, no data
-    read), or the header of a picture (Pillow's ``Image.open``, no pixels
-    decoded). Used to check a training set before the first step.
+    :func:`~astrovl.load_image` and everything that takes image inputs (the
+    CLIP embedder, the index, AstroLLaVA) read it as ``load_image(path,
+    hdu=hdu, plane=plane)``; it is small and picklable, so it also travels to
+    data-loader workers and cluster workers.
+
+    Parameters
+    ----------
+    path : str or path-like
+        The file.
+    hdu : int, str or (str, int), optional
+        HDU index, EXTNAME or (EXTNAME, EXTVER); default: the science HDU
+        :func:`~astrovl.load_image` chooses.
+    plane : int, optional
+        Plane of a cube (axis 0 in numpy order).
+
+    Examples
+    --------
+    >>> ImageFile("j8pu42ecq_flt.fits", hdu=("SCI", 2))
+    ImageFile(path='j8pu42ecq_flt.fits', hdu=('SCI', 2), plane=None)
+    """
+
+    path: str
+    hdu: int | str | tuple[str, int] | None = None
+    plane: int | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "path", os.fspath(self.path))
+
+    def __str__(self) -> str:
+        return self.path
+
+
+def parse_hdu(text: str | int | tuple | None) -> int | str | tuple[str, int] | None:
+    """An HDU choice written as text: an index, an EXTNAME, or ``EXTNAME,EXTVER``.
+
+    Values that are already parsed (an int, a tuple, None) are returned as they are.
 
     Raises
     ------
-    astrovl.exceptions.ImageFileError
-        Naming the file and what is wrong with it.
+    ValueError
+        Empty text, or an EXTVER that is not an integer.
+
+    Examples
+    --------
+    >>> parse_hdu("1"), parse_hdu("SCI"), parse_hdu("sci, 2"), parse_hdu(None)
+    (1, 'SCI', ('SCI', 2), None)
     """
-    from ..exceptions import ImageFileError
+    if text is None or isinstance(text, (int, tuple)):
+        return text
+    value = str(text).strip()
+    if not value:
+        raise ValueError("an HDU choice is empty; give an index (1), an EXTNAME (SCI) or EXTNAME,EXTVER (SCI,2)")
+    if re.fullmatch(r"[+-]?\d+", value):
+        return int(value)
+    name, sep, ver = value.partition(",")
+    name, ver = name.strip(), ver.strip()
+    if not sep:
+        return value.upper()
+    if not name or not re.fullmatch(r"[+-]?\d+", ver):
+        raise ValueError(f"HDU choice {value!r}: write EXTNAME,EXTVER with an integer EXTVER "
+                         "(for example SCI,2), an index (1) or an EXTNAME (SCI)")
+    return (name.upper(), int(ver))
 
-    path = Path(path)
-    if not path.exists():
-        raise ImageFileError(f"image file {str(path)!r} does not exist")
-    if path.is_dir():
-        raise ImageFileError(f"{str(path)!r} is a directory, not an image file")
-    if is_fits_file(path):
-        from .fitsfile import scan_fits
 
-        scan_fits(path)
-        return
-    try:
-        from PIL import Image, UnidentifiedImageError
+def format_hdu(hdu: int | str | tuple | None) -> str:
+    """The text :func:`parse_hdu` reads back as ``hdu`` (``""`` for None).
 
-        with Image.open(path):
-            pass
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-        raise ImageFileError(f"{str(path)!r} is neither a FITS file nor a readable picture ({exc})") from exc
+    Examples
+    --------
+    >>> format_hdu(1), format_hdu("SCI"), format_hdu(("SCI", 2))
+    ('1', 'SCI', 'SCI,2')
+    """
+    if hdu is None:
+        return ""
+    if isinstance(hdu, tuple):
+        return ",".join(str(v) for v in hdu)
+    return str(hdu)
 
 
 def _is_single_image(obj: Any) -> bool:
@@ -137,7 +192,7 @@ def _is_single_image(obj: Any) -> bool:
 
     from .core import AstroImage
 
-    if isinstance(obj, (str, os.PathLike, np.ndarray, AstroImage, NDData, fits.HDUList,
+    if isinstance(obj, (str, os.PathLike, np.ndarray, AstroImage, NDData, fits.HDUList, ImageFile,
                         fits.PrimaryHDU, fits.ImageHDU, fits.CompImageHDU)):
         return True
     if isinstance(obj, tuple) and len(obj) == 2:
@@ -200,7 +255,7 @@ def describe_input(obj: Any) -> str:
     >>> describe_input("m51.fits"), describe_input(np.zeros((4, 5)))
     ('m51.fits', '<ndarray (4, 5)>')
     """
-    if isinstance(obj, (str, os.PathLike)):
+    if isinstance(obj, (str, os.PathLike, ImageFile)):
         return str(obj)
     src = getattr(obj, "source", None)
     if isinstance(src, str):

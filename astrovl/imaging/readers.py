@@ -17,11 +17,11 @@ from ..config import conf
 from ..exceptions import ImageFileError, ImageInputError
 from .core import AstroImage
 from .fitsfile import choose_science_hdu, describe_hdus, open_fits, read_hdu_data
-from .inputs import FITS_SUFFIXES, PICTURE_SUFFIXES, is_fits_file
+from .inputs import FITS_SUFFIXES, PICTURE_SUFFIXES, ImageFile, is_fits_file
 from .pixel_grid import block_mean, downsample_wcs, read_hdu_reduced, reduction_factor
 from .scaling import scale_to_unit
 
-__all__ = ["load_image", "FITS_SUFFIXES", "PICTURE_SUFFIXES"]
+__all__ = ["load_image", "check_image", "FITS_SUFFIXES", "PICTURE_SUFFIXES"]
 
 
 
@@ -38,11 +38,13 @@ def load_image(
 
     Parameters
     ----------
-    obj : str, path-like, HDUList, PrimaryHDU, ImageHDU, CompImageHDU, NDData, CCDData, tuple, numpy.ndarray, PIL.Image.Image or AstroImage
+    obj : str, path-like, ImageFile, HDUList, PrimaryHDU, ImageHDU, CompImageHDU, NDData, CCDData, tuple, numpy.ndarray, PIL.Image.Image or AstroImage
         Accepted inputs:
 
         * a path to a FITS file (``.fits``, ``.fit``, ``.fts``, gzip-compressed
           ``.fits.gz``, tile-compressed ``.fz``) or to a picture (JPEG, PNG, TIFF...);
+        * an :class:`~astrovl.imaging.inputs.ImageFile` (a path with its own
+          ``hdu`` and ``plane``, used unless these arguments are given);
         * an :class:`~astropy.io.fits.HDUList` (see ``hdu``);
         * a :class:`~astropy.io.fits.PrimaryHDU`, :class:`~astropy.io.fits.ImageHDU`
           or :class:`~astropy.io.fits.CompImageHDU`;
@@ -105,6 +107,10 @@ def load_image(
     >>> img.data.shape, float(img.data.max())
     ((4, 4), 1.0)
     """
+    if isinstance(obj, ImageFile):  # a file with its own HDU and plane (given ones win)
+        hdu = obj.hdu if hdu is None else hdu
+        plane = obj.plane if plane is None else plane
+        obj = obj.path
     explicit_scaling = stretch is not None or interval is not None
     stretch = conf.stretch if stretch is None else stretch
     interval = conf.interval if interval is None else interval
@@ -115,6 +121,58 @@ def load_image(
     parsed = _parse(obj, hdu=hdu, limit=max_pixels, plane=plane)
     return _finish(parsed, plane=plane, stretch=stretch, interval=interval,
                    max_pixels=max_pixels, explicit_scaling=explicit_scaling)
+
+
+def check_image(obj: Any, *, hdu: int | str | tuple | None = None, plane: int | None = None) -> None:
+    """Check, from headers only, that :func:`load_image` can read an image file.
+
+    For a path (or :class:`~astrovl.imaging.inputs.ImageFile`): the file exists;
+    a FITS file opens, the HDU to read is found (named or chosen as
+    :func:`load_image` does), it is an image HDU with data, and ``plane``
+    fits its shape; a picture's header is recognised. No pixel is read, so
+    this is fast and runs before a model loads. What only the pixels tell
+    (no finite pixel) is left to :func:`load_image`. Other inputs (arrays,
+    HDUs, ...) are not checked.
+
+    Raises
+    ------
+    ImageFileError, ImageInputError
+        The errors :func:`load_image` would raise, with the same messages.
+    """
+    if isinstance(obj, ImageFile):
+        hdu = obj.hdu if hdu is None else hdu
+        plane = obj.plane if plane is None else plane
+        obj = obj.path
+    if not isinstance(obj, (str, os.PathLike)):
+        return
+    path = Path(obj)
+    if not path.exists():
+        raise ImageFileError(f"image file {str(path)!r} does not exist; check the path")
+    if path.is_dir():
+        raise ImageFileError(f"{str(path)!r} is a directory; pass an image file")
+    if is_fits_file(path):
+        with open_fits(path) as hdul:
+            chosen, label = _choose_hdu(hdul, hdu, str(path))
+            if isinstance(chosen, (fits.BinTableHDU, fits.TableHDU)) or not isinstance(
+                    chosen, (fits.PrimaryHDU, fits.ImageHDU, fits.CompImageHDU)):
+                _parse_hdu(chosen, source=f"{path}[{label}]")  # raises the table / not-an-image error
+            shape = tuple(int(n) for n in (chosen.shape or ()))
+            if not shape or 0 in shape:
+                raise _no_data_error(f"{path}[{label}]", chosen)
+            header_only = _Parsed(np.broadcast_to(np.float32(0), shape), header=chosen.header,
+                                  source=f"{path}[{label}]")
+            _reduce_dims(header_only, plane)  # dimensionality and plane, as load_image checks them
+        return
+    try:
+        from PIL import Image, UnidentifiedImageError
+
+        with Image.open(path):
+            pass
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise ImageFileError(
+            f"{str(path)!r} is neither a FITS file nor a readable picture ({exc}); supported: "
+            f"FITS ({', '.join(FITS_SUFFIXES)}) and pictures ({', '.join(PICTURE_SUFFIXES)})"
+        ) from exc
 
 
 class _Parsed:
@@ -216,29 +274,42 @@ def _parse_pil(im, *, source: str) -> _Parsed:
 
 
 def _parse_hdulist(hdul: fits.HDUList, *, hdu, source: str, limit=None, plane=None) -> _Parsed:
-    if len(hdul) == 0:
-        raise ImageInputError(f"{source}: the HDUList is empty")
-    if hdu is not None:
-        try:
-            chosen = hdul[hdu]
-        except (KeyError, IndexError) as exc:
-            raise ImageInputError(
-                f"{source}: hdu={hdu!r} does not exist; available HDUs: {describe_hdus(hdul)}"
-            ) from exc
-        label = hdu
-    else:
-        idx = choose_science_hdu(hdul, source)
-        chosen, label = hdul[idx], idx
+    chosen, label = _choose_hdu(hdul, hdu, source)
     parsed = _parse_hdu(chosen, source=f"{source}[{label}]", limit=limit, plane=plane)
     parsed.meta["hdu"] = label
     parsed.meta["extname"] = chosen.name
     return parsed
 
 
+def _choose_hdu(hdul: fits.HDUList, hdu, source: str):
+    """The HDU ``hdu`` names (or the science HDU) and its label in sources."""
+    if len(hdul) == 0:
+        raise ImageInputError(f"{source}: the HDUList is empty")
+    if hdu is None:
+        idx = choose_science_hdu(hdul, source)
+        return hdul[idx], idx
+    try:
+        return hdul[hdu], hdu
+    except (KeyError, IndexError) as exc:
+        raise ImageInputError(
+            f"{source}: hdu={hdu!r} does not exist; available HDUs: {describe_hdus(hdul)}",
+            options=("hdu",),
+        ) from exc
+
+
+def _no_data_error(source: str, h) -> ImageInputError:
+    return ImageInputError(
+        f"{source}: HDU {h.name!r} has no data (header only); in multi-extension files the "
+        "image usually sits in extension 1: pass hdu=1 or the EXTNAME",
+        options=("hdu",),
+    )
+
+
 def _parse_hdu(h, *, source: str, limit=None, plane=None) -> _Parsed:
     if isinstance(h, (fits.BinTableHDU, fits.TableHDU)):
         raise ImageInputError(
-            f"{source}: HDU {h.name!r} is a table, not an image; choose an image HDU with hdu="
+            f"{source}: HDU {h.name!r} is a table, not an image; choose an image HDU with hdu=",
+            options=("hdu",),
         )
     if not isinstance(h, (fits.PrimaryHDU, fits.ImageHDU, fits.CompImageHDU)):
         raise ImageInputError(f"{source}: HDU of type {type(h).__name__} does not hold an image")
@@ -250,10 +321,7 @@ def _parse_hdu(h, *, source: str, limit=None, plane=None) -> _Parsed:
         return parsed
     data = read_hdu_data(h, source)
     if data is None or np.size(data) == 0:
-        raise ImageInputError(
-            f"{source}: HDU {h.name!r} has no data (header only); in multi-extension files the "
-            "image usually sits in extension 1: pass hdu=1 or the EXTNAME"
-        )
+        raise _no_data_error(source, h)
     header = h.header.copy()
     return _Parsed(np.asarray(data), header=header, source=source)
 
@@ -324,7 +392,8 @@ def _reduce_dims(parsed: _Parsed, plane: int | None) -> tuple[np.ndarray, bool, 
     if arr.ndim < 2:
         raise ImageInputError(
             f"{parsed.source}: a {arr.ndim}-D array (shape {arr.shape}) is not an image; "
-            "images must be 2-D (or a 3-D cube with plane=)"
+            "images must be 2-D (or a 3-D cube with plane=)",
+            options=("plane",),
         )
     if arr.ndim > 4:
         raise ImageInputError(
@@ -345,7 +414,8 @@ def _reduce_dims(parsed: _Parsed, plane: int | None) -> tuple[np.ndarray, bool, 
 
     if arr.ndim == 2:
         if plane not in (None, 0):
-            raise ImageInputError(f"{parsed.source}: plane={plane} given for a 2-D image")
+            raise ImageInputError(f"{parsed.source}: plane={plane} given for a 2-D image; leave plane= out",
+                                  options=("plane",))
         return arr, False, lift(Ellipsis)
     # 3-D
     colour_last = parsed.colour_last
@@ -359,14 +429,16 @@ def _reduce_dims(parsed: _Parsed, plane: int | None) -> tuple[np.ndarray, bool, 
         if not -n <= plane < n:
             raise ImageInputError(
                 f"{parsed.source}: plane={plane} is out of range for a colour image of "
-                f"{n} channels"
+                f"{n} channels",
+                options=("plane",),
             )
         return arr[..., plane], False, lift((Ellipsis, plane))
     if plane is not None:
         n = arr.shape[0]
         if not -n <= plane < n:
             raise ImageInputError(
-                f"{parsed.source}: plane={plane} is out of range for a cube of {n} planes"
+                f"{parsed.source}: plane={plane} is out of range for a cube of {n} planes",
+                options=("plane",),
             )
         return arr[plane], False, lift(plane)
     if arr.shape[0] == 1:
@@ -375,7 +447,8 @@ def _reduce_dims(parsed: _Parsed, plane: int | None) -> tuple[np.ndarray, bool, 
         return np.moveaxis(arr, 0, -1), True, lambda m: lift(Ellipsis)(m).any(axis=0)
     raise ImageInputError(
         f"{parsed.source}: a cube of shape {arr.shape} has {arr.shape[0]} planes; choose one "
-        "with plane="
+        "with plane=",
+        options=("plane",),
     )
 
 
@@ -412,7 +485,8 @@ def _finish(parsed: _Parsed, *, plane, stretch, interval, max_pixels, explicit_s
     if not np.isfinite(raw).any() or (mask is not None and not (np.isfinite(raw) & ~_expand(mask, raw)).any()):
         raise ImageInputError(
             f"{parsed.source}: the image has no finite, unmasked pixel (all NaN/inf or masked); "
-            "choose another HDU or plane"
+            "choose another HDU or plane with hdu= or plane=",
+            options=("hdu", "plane"),
         )
 
     if parsed.picture and not explicit_scaling:

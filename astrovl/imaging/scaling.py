@@ -180,7 +180,8 @@ def _limits(arr: np.ndarray, invalid: np.ndarray | None, interval_obj,
     if values.size == 0:
         raise ImageInputError(
             "the image has no finite, unmasked pixel (all NaN/inf or masked); "
-            "check the HDU or plane you selected"
+            "check the HDU or plane you selected (hdu=, plane=)",
+            options=("hdu", "plane"),
         )
     vmin, vmax = interval_obj.get_limits(values)
     return float(vmin), float(vmax)

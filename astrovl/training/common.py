@@ -417,7 +417,7 @@ def records_digest(items) -> str:
 def check_record_images(records, *, what: str = "training") -> None:
     """Check that the image of every record exists and has a readable header, before any step.
 
-    Only the headers are read (:func:`astrovl.imaging.inputs.check_image_file`),
+    Only the headers are read (:func:`astrovl.imaging.readers.check_image`),
     so a large dataset is checked in seconds; a record whose file is missing or
     broken is found before the first step instead of hours into the run.
 
@@ -434,13 +434,13 @@ def check_record_images(records, *, what: str = "training") -> None:
         Listing the id and path of each record whose image cannot be read (the
         first ten, and how many there are).
     """
-    from ..imaging.inputs import check_image_file
+    from ..imaging.readers import check_image
 
     bad, total = [], 0
     for rid, path in records:
         total += 1
         try:
-            check_image_file(path)
+            check_image(path)
         except Exception as exc:
             bad.append(f"record {str(rid)!r}: {exc}")
     if bad:
