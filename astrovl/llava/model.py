@@ -342,10 +342,9 @@ class AstroLLaVA:
     def rendered_prompt(self, question: str) -> str:
         """The text the model reads for ``question`` asked about one image (its chat template applied).
 
-        Examples
-        --------
-        A converted original LLaVA-1.5 checkpoint reads the Vicuna v1 conversation:
-        ``"A chat between ... USER: <image>\nWhat is this? ASSISTANT:"``.
+        A converted original LLaVA-1.5 checkpoint, for instance, reads the Vicuna v1
+        conversation: the system line, then ``USER:``, the image placeholder, the
+        question and ``ASSISTANT:``.
         """
         return self._prompt([self._user(self._check_text(question, "question"))])
 
