@@ -179,11 +179,11 @@ def picture_copies(dataset, directory: Path) -> dict[str, Path]:
 
 def _caption_records(dataset, images: dict) -> list[dict]:
     """Single-turn "describe" conversations from the captions (LLaVA JSON records)."""
-    from ..training.llava_data import DESCRIBE_PROMPT
+    from ..llava.template import DEFAULT_CAPTION_PROMPT
 
     m = dataset.manifest
     return [{"id": str(m["id"][i]), "image": str(images[str(m["id"][i])]), "split": str(m["split"][i]),
-             "conversations": [{"from": "human", "value": "<image>\n" + DESCRIBE_PROMPT},
+             "conversations": [{"from": "human", "value": "<image>\n" + DEFAULT_CAPTION_PROMPT},
                                {"from": "gpt", "value": str(m["caption"][i])}]} for i in range(len(dataset))]
 
 
