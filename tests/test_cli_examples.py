@@ -117,6 +117,12 @@ def workspace(tmp_path_factory, m13_path, ngc1316_path, acs_path, xdf_array):
     shutil.copy(acs_path, work / "raw" / "j94f05bgq_flt.fits")
     (work / "acs.csv").write_text('image,caption\nraw/j94f05bgq_flt.fits,"A crowded field of stars, one ACS chip."\n')
     (work / "eso.jsonl").write_text("\n".join(json.dumps(r) for r in recs[2:]) + "\n")
+    # embedding files of the index build-vectors examples (the tiny CLIP's 64 dimensions)
+    vecs = np.random.default_rng(0).standard_normal((6000, 64)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    np.save(work / "part-000.npy", vecs[:3000])
+    np.save(work / "part-001.npy", vecs[3000:])
+    np.save(work / "emb.npy", vecs[:50])
 
     # MAST: the recorded observations, previews made from real images
     caom = th.mast_json_table(th.MAST_DATA / "caom.json")
@@ -170,7 +176,8 @@ def test_help_examples_run(command, workspace, capsys):
         and len(json.loads((workspace / "outreach" / "trial.json").read_text())) <= 2,
         "train-clip": lambda: all((workspace / "runs" / r / "best").is_dir() for r in ("clip", "abstracts", "tiny")),
         "embed": lambda: np.load(workspace / "embeddings.npy").shape == (2, 64),
-        "index": lambda: (workspace / "hst-index" / "index.json").is_file() and (workspace / "big").is_dir(),
+        "index": lambda: (workspace / "hst-index" / "index.json").is_file() and (workspace / "big").is_dir()
+        and (workspace / "small" / "index.json").is_file(),
         "search": lambda: (workspace / "hits.ecsv").is_file(),
         # three ranked rows for m13; a categories file's three entries are the candidates, its comment is not
         "classify": lambda: [
