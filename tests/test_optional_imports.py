@@ -70,7 +70,7 @@ def test_core_install_declares_no_optional_module():
     core = tomllib.loads(PYPROJECT.read_text())["project"]["dependencies"]
     names = {r.split(">")[0].split("=")[0].split("[")[0].strip().lower().replace("_", "-") for r in core}
     assert names == {"numpy", "astropy", "reproject", "pillow", "torch", "torchvision", "open-clip-torch",
-                     "safetensors", "faiss-cpu", "tqdm", "matplotlib", "huggingface-hub"}
+                     "safetensors", "faiss-cpu", "tqdm", "matplotlib", "huggingface-hub", "filelock"}
 
 
 # --------------------------------------------------------------- each extra at a real call site

@@ -225,7 +225,7 @@ def test_index_saved_before_markers_is_replaced(tmp_path):
 
 @pytest.mark.parametrize("where", ["vectors", "marker"])
 def test_crash_while_saving_an_index_keeps_the_previous_one(tmp_path, monkeypatch, where):
-    import safetensors.numpy
+    import astrovl.clip.index as index_mod
 
     small_index(5).save(tmp_path / "idx")
     before = snapshot(tmp_path / "idx")
@@ -233,8 +233,12 @@ def test_crash_while_saving_an_index_keeps_the_previous_one(tmp_path, monkeypatc
     def crash(*args, **kwargs):
         raise RuntimeError("killed")
 
+    def crash_mid_vectors(path, *args, **kwargs):  # part of the vector file is on disk
+        Path(path).write_bytes(b"partial")
+        raise RuntimeError("killed")
+
     if where == "vectors":
-        monkeypatch.setattr(safetensors.numpy, "save_file", crash)
+        monkeypatch.setattr(index_mod, "write_vectors", crash_mid_vectors)
     else:  # the very end of the write, after every file is there
         monkeypatch.setattr(files_mod, "write_output_marker", crash)
     with pytest.raises(RuntimeError, match="killed"):
