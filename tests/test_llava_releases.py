@@ -220,8 +220,11 @@ def _logits(model, image=None):
 def test_released_buffers_are_dropped_and_other_keys_still_fail(release_hub, tmp_path, caplog):
     import shutil
 
+    from astrovl import conf
+
     caplog.set_level(logging.DEBUG, logger="astrovl.llava")
-    AstroLLaVA.from_pretrained("liuhaotian/llava-v1.5-7b", device="cpu")
+    with conf.set_temp("cache_dir", str(tmp_path / "own-cache")):  # converted here, whatever ran before
+        AstroLLaVA.from_pretrained("liuhaotian/llava-v1.5-7b", device="cpu")
     assert "dropping 'model.language_model.layers.1.self_attn.rotary_emb.inv_freq'" in caplog.text
     assert re.search(r"dropping 'model\.vision_tower\.(vision_model\.)?embeddings\.position_ids'", caplog.text)
     bad = tmp_path / "llava-v1.5-7b"

@@ -454,8 +454,11 @@ def test_cli_serve_with_llava(monkeypatch, archive, tiny_dir, tmp_path, capsys):
 
     clip_dir = tmp_path / "clip"
     archive["embedder"].save_pretrained(clip_dir)
+    import astrovl.serve
+
     runs = []
-    monkeypatch.setattr(app_module, "run_app", lambda app, host, port, **kw: runs.append(app))
+    for module in (app_module, astrovl.serve):
+        monkeypatch.setattr(module, "run_app", lambda app, host, port, **kw: runs.append(app))
     monkeypatch.delenv("ASTROVL_SERVE_TOKEN", raising=False)
     args = ["serve", str(archive["base"] / "index"), "--model", str(clip_dir), "--thumbnail-cache", str(tmp_path / "t")]
     assert main([*args, "--llava", str(tiny_dir), "--llava-batch", "4", "--llava-queue", "5",
@@ -468,6 +471,8 @@ def test_cli_serve_with_llava(monkeypatch, archive, tiny_dir, tmp_path, capsys):
     r = TestClient(app, base_url="http://127.0.0.1:8000").post("/api/caption", json={"id": 0, "max_tokens": 3})
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 3
     for flag in ("--llava-batch", "--llava-queue", "--llava-max-tokens", "--text-batch"):
-        assert main([*args, flag, "0"]) == 1
-        assert f"{flag} 0 must be at least 1" in capsys.readouterr().err
+        with pytest.raises(SystemExit) as exc:  # refused by the argument parser, before any model loads
+            main([*args, flag, "0"])
+        assert exc.value.code == 2
+        assert flag in (err := capsys.readouterr().err) and "must be a whole number of at least 1" in err
     assert main(args) == 0 and runs[-1].state.assistant is None  # no --llava: no assistant
