@@ -177,7 +177,7 @@ def test_help_examples_run(command, workspace, capsys):
         "train-clip": lambda: all((workspace / "runs" / r / "best").is_dir() for r in ("clip", "abstracts", "tiny")),
         "embed": lambda: np.load(workspace / "embeddings.npy").shape == (2, 64),
         "index": lambda: (workspace / "hst-index" / "index.json").is_file() and (workspace / "big").is_dir()
-        and (workspace / "small" / "index.json").is_file(),
+        and (workspace / "small" / "index.json").is_file() and (workspace / "archive" / "index.json").is_file(),
         "search": lambda: (workspace / "hits.ecsv").is_file(),
         # three ranked rows for m13; a categories file's three entries are the candidates, its comment is not
         "classify": lambda: [

@@ -73,7 +73,7 @@ def register(sub) -> None:
     add_model_args(b, pretrained=True)
     v = add_command(actions, "build-vectors", "write an index from .npy embedding files, out of core",
                     """
-                    astrovl index build-vectors part-*.npy --index ./big --approximate ivfpq --model ./my-clip
+                    astrovl index build-vectors part-*.npy --index ./archive --approximate ivfpq --model ./my-clip
                     astrovl index build-vectors emb.npy --index ./small --vector-dtype float16
                     """, _cmd_index_build_vectors)
     v.add_argument("shards", nargs="+", help=".npy files of (N, dim) float32 or float16 vectors, in order; "
