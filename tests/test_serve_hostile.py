@@ -255,7 +255,9 @@ def test_filter_terms_are_bounded(served):
     assert status == 400 and "at most 64" in _error(data)
     status, data = c.post_json(json.dumps({"q": "galaxy", "filter": ["kind:" + "x" * 300]}).encode())
     assert status == 400 and "256" in _error(data)
-    form = "&".join(f"filter=kind:{i}" for i in range(50_000)).encode()  # ~0.9 MB: under the body limit
+    # ~0.9 MB: under the body limit; starlette >= 0.41 refuses so many form fields itself, older
+    # starlette parses them and the service refuses the filter terms
+    form = ("id=0&" + "&".join(f"filter=kind:{i}" for i in range(50_000))).encode()
     status, data, _ = c.request("POST", "/api/search", body=form,
                                 headers={"Content-Type": "application/x-www-form-urlencoded"})
     assert status == 400 and ("at most 64" in _error(data) or "fields" in _error(data))
