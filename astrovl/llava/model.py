@@ -303,6 +303,8 @@ class AstroLLaVA:
 
         img = image if isinstance(image, AstroImage) else load_image(image)
         pil = img.to_pil()
+        if pil.mode != "RGB":  # as LLaVA reads its images; older image processors do not convert grey
+            pil = pil.convert("RGB")
         if max(pil.size) > 4096:
             warnings.warn(f"image {img.source!r} is {pil.size[0]}x{pil.size[1]} pixels; it is resized "
                           "by the processor to the model's input size", stacklevel=3)
@@ -336,7 +338,8 @@ class AstroLLaVA:
         for i, r in enumerate(rows):  # left padding
             ids[i, width - len(r):] = torch.as_tensor(r, dtype=torch.long)
             mask[i, width - len(r):] = 1
-        pixels = self.processor.image_processor(pils, return_tensors="pt")["pixel_values"]
+        # PIL pictures are height x width x channels; say so (older processors guess, and can guess wrong)
+        pixels = self.processor.image_processor(pils, return_tensors="pt", input_data_format="channels_last")["pixel_values"]
         return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}
 
     def rendered_prompt(self, question: str) -> str:
