@@ -194,6 +194,12 @@ class LLaVATrainingConfig:
     RESUME_NOT_COMPARED: ClassVar[tuple[str, ...]] = ("output_dir", "resume", "overwrite", "extra")
 
     def __post_init__(self):
+        self.validate()
+        if self.lr is None:
+            self.lr = _DEFAULT_LR["lora"] if self.lora else _DEFAULT_LR[self.stage]
+
+    def validate(self) -> None:
+        """Raise ValueError with the fix for inconsistent settings (also when the configuration is made)."""
         if self.stage not in LLAVA_STAGES:
             raise ValueError(f"stage={self.stage!r}; use 1 (projector) or 2 (end to end)")
         if self.lora and self.stage != 2:
@@ -218,8 +224,6 @@ class LLaVATrainingConfig:
             raise ValueError(f"eval_every={self.eval_every} must be >= 1")
         if int(self.num_workers) < 0:
             raise ValueError(f"num_workers={self.num_workers} must be >= 0")
-        if self.lr is None:
-            self.lr = _DEFAULT_LR["lora"] if self.lora else _DEFAULT_LR[self.stage]
 
 
 @dataclass
@@ -598,8 +602,18 @@ class LLaVATask:
     build it with :meth:`build`.
     """
 
-    def __init__(self, **parts):
-        self.__dict__.update(parts)
+    def __init__(self, *, config: LLaVATrainingConfig, out: Path, accelerator, deepspeed, use_cpu: bool, world: int,
+                 llava, identity: dict, checkpoint: dict | None, records: list[dict], val_records: list[dict],
+                 dataset, val_set, net, params: list, optimizer, scheduler, warmup: int, total: int,
+                 micro_per_epoch: int, collate):
+        self.config, self.out, self.accelerator, self.deepspeed = config, out, accelerator, deepspeed
+        self.use_cpu, self.world, self.llava, self.identity = use_cpu, world, llava, identity
+        #: the checkpoint's state to resume from, checked against this run (None: a new run)
+        self.checkpoint = checkpoint
+        self.records, self.val_records, self.dataset, self.val_set = records, val_records, dataset, val_set
+        self.net, self.params, self.n_trainable = net, params, sum(p.numel() for p in params)
+        self.optimizer, self.scheduler, self.warmup = optimizer, scheduler, warmup
+        self.total, self.micro_per_epoch, self.collate = total, micro_per_epoch, collate
         self.ckpt = self.out / CHECKPOINT_DIR
         self.eval_every = self.config.eval_every or self.config.save_every
         self.epoch = self.micro = 0
@@ -625,7 +639,7 @@ class LLaVATask:
         return cls(config=config, out=out, accelerator=accelerator, deepspeed=deepspeed, use_cpu=use_cpu,
                    world=world, llava=llava, identity=identity, checkpoint=checkpoint, records=records,
                    val_records=val_records, dataset=dataset, val_set=val_set, net=net, params=params,
-                   n_trainable=sum(p.numel() for p in params), optimizer=optimizer, scheduler=scheduler,
+                   optimizer=optimizer, scheduler=scheduler,
                    warmup=warmup, total=total, micro_per_epoch=micro_per_epoch,
                    collate=collate_fn(llava.processor.tokenizer.pad_token_id))
 
