@@ -36,6 +36,7 @@ from .index_files import (  # noqa: F401  (the file names and OUTPUT_KIND are al
     write_manifest,
     write_vectors,
 )
+from .index_metadata import read_metadata, write_metadata
 from .loading import describe_source
 
 __all__ = ["EmbeddingIndex", "recorded_image_root", "common_image_root"]
@@ -676,7 +677,7 @@ class EmbeddingIndex:
         with atomic_directory(directory, kind=OUTPUT_KIND, recognize=is_saved_index) as tmp:
             # chunk by chunk: memory-mapped vectors and the ones added since are not joined in memory
             write_vectors(tmp / VECTORS, (c for _, c in self._blocks()), len(self), self.dim, self.vector_dtype)
-            self.metadata.write(tmp / METADATA, format="ascii.ecsv")
+            write_metadata(self.metadata, tmp)
             if self.kind != "exact" and len(self):
                 import faiss
 
@@ -732,7 +733,7 @@ class EmbeddingIndex:
             random_access = manifest.get("kind") == "ivfpq"  # re-ranking reads a few rows per query
             vectors = (map_vectors(directory / VECTORS, random_access=random_access) if mmap
                        else load_file(str(directory / VECTORS))["vectors"])
-            metadata = Table.read(directory / METADATA, format="ascii.ecsv")
+            metadata = read_metadata(directory)
         except Exception as exc:
             raise CheckpointError(
                 f"embedding index {str(directory)!r} is corrupt or incomplete ({exc}); rebuild it"
