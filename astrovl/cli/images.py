@@ -81,7 +81,8 @@ def register(sub) -> None:
     v.add_argument("--index", required=True,
                    help="index directory to write: a new or empty folder, or an earlier index (replaced)")
     v.add_argument("--approximate", default=None, choices=("ivf", "ivfpq", "hnsw"),
-                   help="approximate search structure (default: exact)")
+                   help="approximate search structure (default: exact); ivfpq builds and serves out of core, "
+                        "ivf and hnsw hold every vector in memory while building (N x dim x 4 bytes)")
     _add_structure_args(v)
     add_model_args(v, pretrained=True)
     a = add_command(actions, "add", "embed more images into an existing index with the index's own model",
