@@ -116,7 +116,7 @@ def main(argv=None) -> int:
     parser.add_argument("--kind", default="ivfpq", choices=("ivfpq", "ivf", "hnsw", "exact"))
     parser.add_argument("--vector-dtype", default="float32", choices=("float32", "float16"))
     parser.add_argument("--nprobe", type=int, default=32)
-    parser.add_argument("--rerank-depth", type=int, default=256)
+    parser.add_argument("--rerank-depth", type=int, default=512)
     parser.add_argument("--shard-rows", type=int, default=1_000_000, help="rows per .npy shard")
     parser.add_argument("--recall-queries", type=int, default=100)
     parser.add_argument("--latency-queries", type=int, default=200)

@@ -82,7 +82,8 @@ class EmbeddingIndex:
     opq : bool
         ``"ivfpq"``: rotate the vectors (OPQ) before quantizing them.
     rerank_depth : int
-        ``"ivfpq"``: candidates re-scored exactly per query (at least ``k``).
+        ``"ivfpq"``: candidates re-scored exactly per query (at least ``k``;
+        default 512).
     vector_dtype : {"float32", "float16"}
         How the unit vectors are stored (float16 halves the disk and page cache;
         scores then differ from float32 ones by about 1e-3).
@@ -105,7 +106,7 @@ class EmbeddingIndex:
     def __init__(self, dim: int, *, kind: str = "exact", embedder=None, model_id: str | None = None,
                  device=None, hnsw_m: int = 32, ef_search: int = 128, ef_construction: int = 200,
                  nlist: int | None = None, nprobe: int = 32, pq_m: int | None = None, pq_bits: int = 8,
-                 opq: bool = False, rerank_depth: int = 256, vector_dtype: str = "float32",
+                 opq: bool = False, rerank_depth: int = fs.DEFAULT_RERANK_DEPTH, vector_dtype: str = "float32",
                  image_root: str | os.PathLike | None = None):
         if kind not in KINDS:
             raise ValueError(f"kind={kind!r} is not known; use one of {KINDS}")
@@ -562,7 +563,7 @@ class EmbeddingIndex:
                 raise ValueError(f"rerank_depth={rerank_depth!r} must be >= 1")
         if self.kind != "ivfpq":
             return None
-        return max(int(k), int(rerank_depth or self.params.get("rerank_depth", 256)))
+        return max(int(k), int(rerank_depth or self.params.get("rerank_depth", fs.DEFAULT_RERANK_DEPTH)))
 
     def _rescore(self, q: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The ``k`` best of the candidate ``rows`` by exact inner product with the stored vectors."""
