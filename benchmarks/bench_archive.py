@@ -122,7 +122,8 @@ def main(argv=None) -> int:
     parser.add_argument("--shard-dtype", default="float32", choices=("float32", "float16"),
                         help="dtype of the synthetic .npy shards (float16 halves their disk)")
     parser.add_argument("--nprobe", type=int, default=32)
-    parser.add_argument("--rerank-depth", type=int, default=512)
+    parser.add_argument("--rerank-depth", type=int, default=None,
+                        help="default: the library's (512, or one per 4,000 vectors in larger indexes)")
     parser.add_argument("--shard-rows", type=int, default=1_000_000, help="rows per .npy shard")
     parser.add_argument("--recall-queries", type=int, default=100)
     parser.add_argument("--latency-queries", type=int, default=200)
@@ -133,6 +134,7 @@ def main(argv=None) -> int:
         args.n = min(args.n, 200_000)
     env = environment()
     print_environment(env)
+    from astrovl.clip.faiss_structures import default_rerank_depth
     from astrovl.clip.testing import clustered_unit_vectors, write_vector_shards
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="astrovl-bench-archive-"))
@@ -149,7 +151,7 @@ def main(argv=None) -> int:
         np.save(work / "queries.npy", queries)
         np.save(work / "truth.npy", truth)
         params = {"nprobe": args.nprobe}
-        if args.kind == "ivfpq":
+        if args.kind == "ivfpq" and args.rerank_depth is not None:
             params["rerank_depth"] = args.rerank_depth
         build = run(BUILD, {"shards": [str(p) for p in shards], "index": str(work / "index"),
                             "kind": args.kind, "dtype": args.vector_dtype, "params": params})
@@ -158,7 +160,8 @@ def main(argv=None) -> int:
         manifest = json.loads((work / "index" / "index.json").read_text())
         row = {"n": args.n, "dim": args.dim, "kind": args.kind, "shards": args.shard_dtype, "dtype": args.vector_dtype,
                "nlist": manifest["params"].get("nlist"), "nprobe": args.nprobe,
-               "rerank": args.rerank_depth if args.kind == "ivfpq" else None,
+               "rerank": (manifest["params"].get("rerank_depth") or default_rerank_depth(args.n))
+               if args.kind == "ivfpq" else None,
                "vectors_GiB": args.n * args.dim * np.dtype(args.shard_dtype).itemsize / 2**30,
                "build_s": build["seconds"], "build_peak_GiB": build["peak_rss"] / 2**30,
                "disk_GiB": folder_bytes(work / "index") / 2**30, "load_s": serve["load_s"],

@@ -146,7 +146,8 @@ def _add_structure_args(p) -> None:
                    help="bytes per vector of an 'ivfpq' code; must divide the dimension (default dim/8)")
     p.add_argument("--opq", action="store_true", help="rotate vectors (OPQ) before 'ivfpq' quantization")
     p.add_argument("--rerank-depth", type=int, default=None,
-                   help="candidates an 'ivfpq' index re-scores exactly per query (default 512)")
+                   help="candidates an 'ivfpq' index re-scores exactly per query (default 512, "
+                        "or one per 4,000 vectors in larger indexes)")
 
 
 def _structure_params(args) -> dict:

@@ -43,9 +43,17 @@ IVF_TRAIN_SAMPLE = 100_000
 ADD_CHUNK = 65_536
 #: bytes of float32 vectors read, converted or added at once
 CHUNK_BYTES = 32 * 2**20
-#: candidates an ``"ivfpq"`` index re-scores exactly per query by default: at 2 million
+#: candidates an ``"ivfpq"`` index re-scores exactly per query by default, at least: at 2 million
 #: clustered 512-d vectors 256 gave recall@10 0.80, 512 gave 0.95 (docs/archive.rst)
 DEFAULT_RERANK_DEPTH = 512
+#: ... and one more per this many vectors in larger indexes: the candidates that a compressed
+#: code cannot tell apart grow with the number of vectors (10 million: 2,500)
+RERANK_ROWS_PER_CANDIDATE = 4_000
+
+
+def default_rerank_depth(n: int) -> int:
+    """Candidates an ``"ivfpq"`` index of ``n`` vectors re-scores per query unless told otherwise."""
+    return max(DEFAULT_RERANK_DEPTH, -(-int(n) // RERANK_ROWS_PER_CANDIDATE))
 
 
 def chunk_rows(dim: int) -> int:
@@ -56,7 +64,7 @@ def chunk_rows(dim: int) -> int:
 def default_params() -> dict:
     """The structure parameters of a new index, with their defaults."""
     return {"hnsw_m": 32, "ef_search": 128, "ef_construction": 200, "nlist": None, "nprobe": 32,
-            "pq_m": None, "pq_bits": 8, "opq": False, "rerank_depth": DEFAULT_RERANK_DEPTH}
+            "pq_m": None, "pq_bits": 8, "opq": False, "rerank_depth": None}
 
 
 def default_nlist(kind: str, n: int) -> int:

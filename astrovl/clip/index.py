@@ -81,9 +81,10 @@ class EmbeddingIndex:
         bits per sub-quantizer (8).
     opq : bool
         ``"ivfpq"``: rotate the vectors (OPQ) before quantizing them.
-    rerank_depth : int
+    rerank_depth : int, optional
         ``"ivfpq"``: candidates re-scored exactly per query (at least ``k``;
-        default 512).
+        default: 512, or one per 4,000 vectors when the index holds more than
+        2,048,000, following the index as it grows).
     vector_dtype : {"float32", "float16"}
         How the unit vectors are stored (float16 halves the disk and page cache;
         scores then differ from float32 ones by about 1e-3).
@@ -106,7 +107,7 @@ class EmbeddingIndex:
     def __init__(self, dim: int, *, kind: str = "exact", embedder=None, model_id: str | None = None,
                  device=None, hnsw_m: int = 32, ef_search: int = 128, ef_construction: int = 200,
                  nlist: int | None = None, nprobe: int = 32, pq_m: int | None = None, pq_bits: int = 8,
-                 opq: bool = False, rerank_depth: int = fs.DEFAULT_RERANK_DEPTH, vector_dtype: str = "float32",
+                 opq: bool = False, rerank_depth: int | None = None, vector_dtype: str = "float32",
                  image_root: str | os.PathLike | None = None):
         if kind not in KINDS:
             raise ValueError(f"kind={kind!r} is not known; use one of {KINDS}")
@@ -114,7 +115,7 @@ class EmbeddingIndex:
             raise ValueError(f"dim={dim!r} must be positive")
         if vector_dtype not in VECTOR_DTYPES:
             raise ValueError(f"vector_dtype={vector_dtype!r} is not known; use one of {list(VECTOR_DTYPES)}")
-        if int(rerank_depth) < 1:
+        if rerank_depth is not None and int(rerank_depth) < 1:
             raise ValueError(f"rerank_depth={rerank_depth!r} must be >= 1")
         self.dim = int(dim)
         self.kind = kind
@@ -131,7 +132,8 @@ class EmbeddingIndex:
         self.params = {"hnsw_m": int(hnsw_m), "ef_search": int(ef_search),
                        "ef_construction": int(ef_construction), "nlist": nlist, "nprobe": int(nprobe)}
         if kind == "ivfpq":
-            self.params.update(pq_m=pq_m, pq_bits=int(pq_bits), opq=bool(opq), rerank_depth=int(rerank_depth))
+            self.params.update(pq_m=pq_m, pq_bits=int(pq_bits), opq=bool(opq),
+                               rerank_depth=None if rerank_depth is None else int(rerank_depth))
         self.params["vector_dtype"] = vector_dtype
         self._vec = ChunkedRows(np.concatenate)
         self._meta = ChunkedRows(_stack_tables)
@@ -563,7 +565,7 @@ class EmbeddingIndex:
                 raise ValueError(f"rerank_depth={rerank_depth!r} must be >= 1")
         if self.kind != "ivfpq":
             return None
-        return max(int(k), int(rerank_depth or self.params.get("rerank_depth", fs.DEFAULT_RERANK_DEPTH)))
+        return max(int(k), int(rerank_depth or self.params.get("rerank_depth") or fs.default_rerank_depth(len(self))))
 
     def _rescore(self, q: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The ``k`` best of the candidate ``rows`` by exact inner product with the stored vectors."""
