@@ -127,7 +127,7 @@ def main(argv=None) -> int:
         args.n = min(args.n, 200_000)
     env = environment()
     print_environment(env)
-    from astrovl.clip.testing import clustered_unit_vectors, write_vector_shards
+    from astrovl.testing.clip import clustered_unit_vectors, write_vector_shards
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="astrovl-bench-archive-"))
     work.mkdir(parents=True, exist_ok=True)

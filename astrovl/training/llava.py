@@ -25,7 +25,13 @@ import numpy as np
 from astropy.table import Table
 
 from ..exceptions import CheckpointError
-from ..utils.files import atomic_directory, atomic_write, atomic_write_text, prepare_output_dir
+from ..utils.files import (
+    LLAVA_TRAINING_OUTPUT,
+    atomic_directory,
+    atomic_write,
+    atomic_write_text,
+    prepare_output_dir,
+)
 from ..utils.imports import optional_import
 from ..utils.progress import progress_bar
 from .common import (
@@ -282,7 +288,7 @@ def _enable_checkpointing(net) -> None:
 
 
 #: kind of a LLaVA training output folder (see :func:`astrovl.utils.files.check_output_dir`)
-OUTPUT_KIND = "llava-training"
+OUTPUT_KIND = LLAVA_TRAINING_OUTPUT
 
 #: what a LLaVA run writes in its folder (what ``overwrite=True`` removes)
 RUN_OUTPUTS = (CHECKPOINT_DIR, "model", "adapter", "metrics.csv", "loss.png", "training.json")
@@ -355,11 +361,6 @@ def _log_resume(out: Path, step: int, total: int, changed: dict, finished: bool)
                 "; changed since the checkpoint: " + ", ".join(f"{k} {old!r} -> {new!r}"
                                                              for k, (old, new) in changed.items())
                 if changed else "")
-
-
-def is_earlier_run(directory: Path) -> bool:
-    """True for a training folder written before output folders were marked (it holds a checkpoint)."""
-    return (directory / CHECKPOINT_DIR / "state.json").is_file()
 
 
 def _epoch_order(n: int, epoch: int, seed: int) -> np.ndarray:
@@ -624,7 +625,7 @@ def train_llava(model, data, config: LLaVATrainingConfig | None = None, *,
     optional_import("transformers", purpose="LLaVA training")
 
     config = config or LLaVATrainingConfig()
-    out = prepare_output_dir(config.output_dir, OUTPUT_KIND, recognize=is_earlier_run)
+    out = prepare_output_dir(config.output_dir, OUTPUT_KIND)
     accelerator, deepspeed, use_cpu = _accelerator(config)
     resume_step = _choose_start(out, config, accelerator)
     records, all_val = _training_records(data, config, image_root)

@@ -25,7 +25,7 @@ from pathlib import Path
 from ..exceptions import ModelNotFoundError
 
 __all__ = ["is_local_name", "looks_like_repo_id", "directory_not_found", "hub_cache_dir", "hub_offline",
-           "download_command"]
+           "download_command", "fetch_files"]
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
 _LOCAL_PREFIXES = ("./", "../", "/", "~", ".\\", "..\\", "\\")
@@ -89,3 +89,36 @@ def download_command(repo_id: str, revision: str | None = None, repo_type: str =
     if repo_type != "model":
         cmd += f" --repo-type {repo_type}"
     return cmd
+
+
+def _not_found(repo_id: str, revision: str | None, repo_type: str, exc: Exception | None,
+               what: str = "") -> ModelNotFoundError:
+    cache = hub_cache_dir()
+    rev = f" at revision {revision!r}" if revision else ""
+    kind = "dataset" if repo_type == "dataset" else "model"
+    if hub_offline():
+        why = f"it is not in the Hugging Face cache {cache!r} and HF_HUB_OFFLINE=1 forbids downloading it"
+    else:
+        why = (f"it could not be downloaded into the Hugging Face cache {cache!r} "
+               f"({type(exc).__name__}: {str(exc).splitlines()[0] if exc and str(exc) else 'not found'})")
+    return ModelNotFoundError(
+        f"{kind} {repo_id!r}{rev}{what}: {why}. Download it on a machine with internet access with "
+        f"`{download_command(repo_id, revision, repo_type)}` (it goes to {cache!r}; set HF_HOME or "
+        f"HF_HUB_CACHE to put the cache elsewhere), or pass a local directory"
+    )
+
+
+def fetch_files(repo_id: str, patterns, *, revision: str | None = None, repo_type: str = "model") -> Path:
+    """Download (or find in the cache) the files of ``repo_id`` matching ``patterns``.
+
+    Returns the snapshot directory. Raises :class:`ModelNotFoundError` with the
+    download command when the repository (or revision) is neither cached nor
+    downloadable.
+    """
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, repo_type=repo_type,
+                                      allow_patterns=list(patterns)))
+    except Exception as exc:  # not cached offline, HTTP errors (missing, gated, private), network
+        raise _not_found(repo_id, revision, repo_type, exc) from exc
