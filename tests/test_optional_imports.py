@@ -101,9 +101,10 @@ def test_llava_peft(monkeypatch):
     assert_names_extra(exc, "llava", "peft")
 
 
-def test_llava_accelerate(monkeypatch):
+def test_llava_accelerate(monkeypatch, tmp_path):
     from astrovl.training.llava import train_llava
 
+    monkeypatch.chdir(tmp_path)  # the default output folder is made before accelerate is imported
     hide(monkeypatch, "accelerate")
     with pytest.raises(ImportError) as exc:
         train_llava(None, None)

@@ -37,7 +37,8 @@ __all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_di
            "OUTPUT_MARKER", "read_output_marker", "write_output_marker", "is_output_of", "check_output_dir",
            "prepare_output_dir", "remove_outputs", "resolve_source", "is_within", "INDEX_OUTPUT",
            "CLIP_MODEL_OUTPUT", "LLAVA_MODEL_OUTPUT", "CLIP_TRAINING_OUTPUT", "LLAVA_TRAINING_OUTPUT",
-           "HUBBLE_DATASET_OUTPUT", "OUTREACH_DATASET_OUTPUT"]
+           "HUBBLE_DATASET_OUTPUT", "OUTREACH_DATASET_OUTPUT", "SYNTHETIC_DATASET_OUTPUT", "CHECKPOINT_OUTPUT",
+           "IMAGE_CACHE_OUTPUT", "THUMBNAIL_CACHE_OUTPUT", "DEMO_OUTPUT"]
 
 #: name of the file that marks a folder as an astrovl output (see the module documentation)
 OUTPUT_MARKER = ".astrovl-output.json"
@@ -57,6 +58,22 @@ LLAVA_TRAINING_OUTPUT = "llava-training"
 HUBBLE_DATASET_OUTPUT = "hubble-dataset"
 #: an outreach dataset (:class:`astrovl.OutreachDatasetBuilder`)
 OUTREACH_DATASET_OUTPUT = "outreach-dataset"
+#: a synthetic sky dataset (:class:`astrovl.SyntheticSkyDataset`)
+SYNTHETIC_DATASET_OUTPUT = "synthetic-dataset"
+#: a training checkpoint (``checkpoint/`` of a training run)
+CHECKPOINT_OUTPUT = "checkpoint"
+#: the image cache of a training run (``astrovl.datasets.imagecache.DiskImageCache``)
+IMAGE_CACHE_OUTPUT = "image-cache"
+#: the thumbnail cache of ``astrovl serve``
+THUMBNAIL_CACHE_OUTPUT = "thumbnail-cache"
+#: the demonstration's output folder (``astrovl demo``)
+DEMO_OUTPUT = "demo"
+
+
+def _is_thumbnail_cache(directory: Path) -> bool:
+    """True when every entry of ``directory`` is a two-hex-digit folder (the thumbnail cache's layout)."""
+    return all(len(p.name) == 2 and p.is_dir() and all(c in "0123456789abcdef" for c in p.name)
+               for p in directory.iterdir())
 
 
 def _json_format(path: Path) -> object:
@@ -79,6 +96,11 @@ _EARLIER_OUTPUTS: dict[str, Callable[[Path], bool]] = {
     LLAVA_TRAINING_OUTPUT: lambda d: (d / "checkpoint" / "state.json").is_file(),
     HUBBLE_DATASET_OUTPUT: lambda d: (d / "products.ecsv").is_file() or (d / "build_report.json").is_file(),
     OUTREACH_DATASET_OUTPUT: lambda d: (d / "build_report.json").is_file(),
+    SYNTHETIC_DATASET_OUTPUT: lambda d: (d / "images" / "sky_000000.fits").is_file(),
+    CHECKPOINT_OUTPUT: lambda d: (d / "state.json").is_file(),
+    IMAGE_CACHE_OUTPUT: lambda d: (d / "cache.json").is_file(),
+    THUMBNAIL_CACHE_OUTPUT: lambda d: _is_thumbnail_cache(d),
+    DEMO_OUTPUT: lambda d: (d / "report.html").is_file(),
 }
 
 
@@ -156,11 +178,11 @@ def is_output_of(directory: str | os.PathLike, kind: str) -> bool:
 
     A marked folder is one when its marker names ``kind``. An unmarked folder
     is one when astrovl wrote it before it marked its output folders: the
-    kinds above (:data:`INDEX_OUTPUT`, :data:`CLIP_MODEL_OUTPUT`,
-    :data:`LLAVA_MODEL_OUTPUT`, :data:`CLIP_TRAINING_OUTPUT`,
-    :data:`LLAVA_TRAINING_OUTPUT`, :data:`HUBBLE_DATASET_OUTPUT`,
-    :data:`OUTREACH_DATASET_OUTPUT`) are recognised by the files their writers
-    always wrote; other kinds never are.
+    kinds of this module's ``*_OUTPUT`` constants (:data:`INDEX_OUTPUT`,
+    :data:`CLIP_MODEL_OUTPUT`, :data:`CHECKPOINT_OUTPUT`...) are recognised by
+    the files their writers always wrote; other kinds never are. This is the
+    one rule every writer of astrovl applies (through :func:`check_output_dir`,
+    :func:`prepare_output_dir` and :func:`atomic_directory`).
 
     Parameters
     ----------
