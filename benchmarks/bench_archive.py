@@ -6,7 +6,8 @@ clusters) are written as ``.npy`` shards; then, each in a fresh process:
 ``build``
     ``astrovl.clip.archive.build_from_vector_files`` (what ``astrovl index
     build-vectors`` runs) makes an index of ``--kind`` (``ivfpq`` by default):
-    wall time and the peak resident set size of the building process.
+    wall time and the peak resident set size of the building process (its
+    ``VmHWM``: ``ru_maxrss`` would count the parent's memory at fork).
 ``serve``
     ``EmbeddingIndex.load`` (memory-mapped vectors, faiss structure read with
     ``IO_FLAG_MMAP``) answers ``--latency-queries`` vector queries one at a
@@ -41,18 +42,19 @@ import numpy as np
 from _common import base_parser, environment, finish, print_environment, print_table
 
 BUILD = textwrap.dedent("""
-    import json, resource, sys, time
+    import json, sys, time
     from astrovl.clip.archive import build_from_vector_files
     cfg = json.loads(sys.argv[1])
     t0 = time.perf_counter()
     build_from_vector_files(cfg["shards"], cfg["index"], kind=cfg["kind"], vector_dtype=cfg["dtype"],
                             progress=False, **cfg["params"])
-    print(json.dumps({"seconds": time.perf_counter() - t0,
-                      "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+    with open("/proc/self/status") as fh:
+        status = dict(line.split(":", 1) for line in fh)
+    print(json.dumps({"seconds": time.perf_counter() - t0, "peak_rss": int(status["VmHWM"].split()[0]) * 1024}))
 """)
 
 SERVE = textwrap.dedent("""
-    import json, resource, sys, time
+    import json, sys, time
     import numpy as np
     from astrovl.clip import EmbeddingIndex
     cfg = json.loads(sys.argv[1])
@@ -69,10 +71,11 @@ SERVE = textwrap.dedent("""
         if i < len(truth):
             hits.append(len(set(rows) & set(truth[i])) / 10)
     with open("/proc/self/status") as fh:
-        rss = next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmRSS"))
+        status = dict(line.split(":", 1) for line in fh)
+    rss, peak = (int(status[key].split()[0]) * 1024 for key in ("VmRSS", "VmHWM"))
     print(json.dumps({"load_s": load_s, "p50_ms": 1e3 * float(np.percentile(times, 50)),
                       "p99_ms": 1e3 * float(np.percentile(times, 99)), "recall10": float(np.mean(hits)),
-                      "rss": rss, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+                      "rss": rss, "peak_rss": peak}))
 """)
 
 
@@ -114,9 +117,12 @@ def main(argv=None) -> int:
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--clusters", type=int, default=2048, help="clusters of the synthetic vectors")
     parser.add_argument("--kind", default="ivfpq", choices=("ivfpq", "ivf", "hnsw", "exact"))
-    parser.add_argument("--vector-dtype", default="float32", choices=("float32", "float16"))
+    parser.add_argument("--vector-dtype", default="float32", choices=("float32", "float16"),
+                        help="how the index stores the vectors")
+    parser.add_argument("--shard-dtype", default="float32", choices=("float32", "float16"),
+                        help="dtype of the synthetic .npy shards (float16 halves their disk)")
     parser.add_argument("--nprobe", type=int, default=32)
-    parser.add_argument("--rerank-depth", type=int, default=256)
+    parser.add_argument("--rerank-depth", type=int, default=512)
     parser.add_argument("--shard-rows", type=int, default=1_000_000, help="rows per .npy shard")
     parser.add_argument("--recall-queries", type=int, default=100)
     parser.add_argument("--latency-queries", type=int, default=200)
@@ -134,7 +140,7 @@ def main(argv=None) -> int:
     try:
         t0 = time.perf_counter()
         shards = write_vector_shards(work / "shards", args.n, args.dim, shard_rows=args.shard_rows,
-                                     n_clusters=args.clusters, seed=0)
+                                     dtype=args.shard_dtype, n_clusters=args.clusters, seed=0)
         gen_s = time.perf_counter() - t0
         queries = clustered_unit_vectors(max(args.recall_queries, 1), args.dim, n_clusters=args.clusters, seed=1)
         t0 = time.perf_counter()
@@ -150,10 +156,10 @@ def main(argv=None) -> int:
         serve = run(SERVE, {"index": str(work / "index"), "queries": str(work / "queries.npy"),
                             "truth": str(work / "truth.npy"), "latency_queries": args.latency_queries})
         manifest = json.loads((work / "index" / "index.json").read_text())
-        row = {"n": args.n, "dim": args.dim, "kind": args.kind, "dtype": args.vector_dtype,
+        row = {"n": args.n, "dim": args.dim, "kind": args.kind, "shards": args.shard_dtype, "dtype": args.vector_dtype,
                "nlist": manifest["params"].get("nlist"), "nprobe": args.nprobe,
                "rerank": args.rerank_depth if args.kind == "ivfpq" else None,
-               "vectors_GiB": args.n * args.dim * 4 / 2**30,
+               "vectors_GiB": args.n * args.dim * np.dtype(args.shard_dtype).itemsize / 2**30,
                "build_s": build["seconds"], "build_peak_GiB": build["peak_rss"] / 2**30,
                "disk_GiB": folder_bytes(work / "index") / 2**30, "load_s": serve["load_s"],
                "p50_ms": serve["p50_ms"], "p99_ms": serve["p99_ms"], "recall@10": serve["recall10"],

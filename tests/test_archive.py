@@ -213,3 +213,13 @@ def test_index_add_grows_every_kind_and_a_crash_leaves_the_index(kind, tmp_path,
     assert grown.search(grown.vectors[2].astype(np.float32), k=1)["row"][0] == 2
     if kind != "exact":
         assert grown._faiss.ntotal == 3  # the stored structure was extended, not rebuilt from nothing
+
+
+def test_cli_states_the_library_rerank_depth(capsys):
+    from astrovl.clip import faiss_structures as fs
+
+    with pytest.raises(SystemExit):
+        main(["index", "build", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"re-scores exactly per query (default {fs.DEFAULT_RERANK_DEPTH})" in text
+    assert EmbeddingIndex(8, kind="ivfpq").params["rerank_depth"] == fs.DEFAULT_RERANK_DEPTH

@@ -13,6 +13,7 @@ from astrovl.datasets import ManifestDataset, SyntheticSkyDataset
 from astrovl.datasets.torch_datasets import ImageTextTorchDataset
 from astrovl.training import CLIPTrainingConfig, train_clip
 from astrovl.training import clip as tclip
+from astrovl.training.batches import StepBatches
 
 LONG = ("We image twelve nearby spiral galaxies. The bars drive gas inwards. Star formation "
         "follows in rings. We measure the rates with H-alpha. The rings are young. Older stars "
@@ -74,7 +75,7 @@ def test_accumulated_gradient_equals_full_batch_gradient(base):
 
 
 def test_batches_never_repeat_an_image_across_an_epoch_boundary():
-    sampler = tclip._StepBatches(n=50, batch_size=16, seed=3, start_step=0, steps=40)
+    sampler = StepBatches(n=50, batch_size=16, seed=3, start_step=0, steps=40)
     assert sampler.per_epoch == 3
     seen_in_epoch: set[int] = set()
     for step in range(40):
@@ -85,7 +86,7 @@ def test_batches_never_repeat_an_image_across_an_epoch_boundary():
         assert not seen_in_epoch & set(rows)
         seen_in_epoch |= set(rows)
     # a pure function of (seed, step): a resumed sampler gives the same batches
-    again = tclip._StepBatches(n=50, batch_size=16, seed=3, start_step=17, steps=40)
+    again = StepBatches(n=50, batch_size=16, seed=3, start_step=17, steps=40)
     assert list(again)[0] == sampler.batch(17)
 
 

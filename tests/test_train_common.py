@@ -241,3 +241,61 @@ def test_check_record_images_lists_every_unreadable_record(tmp_path, m13_path):
         assert f"record '{rid}'" in msg and name in msg
     assert "record 'a'" not in msg and "record 'b'" not in msg
     check_record_images(records[:2])
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+@pytest.mark.parametrize("warmup, total", [(0, 12), (1, 12), (3, 20), (12, 12), (30, 12), (7, 8)])
+def test_warmup_from_zero_gives_the_rates_of_transformers_schedules(schedule, warmup, total):
+    """LLaVA's schedule: the rates of transformers' schedulers at every step, and their saved state."""
+    from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
+
+    ours_opt, theirs_opt = _optimizer(2e-5), _optimizer(2e-5)
+    ours = warmup_schedule(ours_opt, warmup, total, schedule, warmup_from_zero=True)
+    theirs = get_cosine_schedule_with_warmup(theirs_opt, warmup, total) if schedule == "cosine" \
+        else get_constant_schedule_with_warmup(theirs_opt, warmup)
+    for _ in range(total + 2):
+        assert ours.get_last_lr() == theirs.get_last_lr()
+        assert ours_opt.param_groups[0]["lr"] == theirs_opt.param_groups[0]["lr"]
+        for opt, sched in ((ours_opt, ours), (theirs_opt, theirs)):
+            opt.step()
+            sched.step()
+    # a checkpoint written with transformers' scheduler resumes with ours
+    again_opt = _optimizer(2e-5)
+    again = warmup_schedule(again_opt, warmup, total, schedule, warmup_from_zero=True)
+    again.load_state_dict(theirs.state_dict())
+    assert again.get_last_lr() == theirs.get_last_lr()
+
+
+def test_epoch_batches_split_each_epoch_between_processes_and_resume_at_a_position():
+    from itertools import islice
+
+    from astrovl.training.batches import EpochBatches, epoch_order
+
+    plans = [EpochBatches(n=11, seed=5, world=2, rank=r, batch_size=2) for r in range(2)]
+    first = [list(islice(iter(p), 3)) for p in plans]  # 6 and 5 records: 3 micro-batches each
+    records = sorted(i for batches in first for batch in batches for i, _ in batch)
+    assert records == list(range(11))  # one epoch: every record once, across the processes
+    assert [i for batch in first[0] for i, _ in batch] == list(epoch_order(11, 0, 5)[0::2])
+    assert first[0][-1][0][1] == (1, 0)  # the last batch of the epoch points to the next epoch
+    # a plan started at the position after a batch goes on as the uninterrupted one
+    whole = list(islice(iter(plans[0]), 7))
+    epoch, micro = whole[3][0][1]
+    again = list(islice(iter(EpochBatches(n=11, seed=5, world=2, rank=0, batch_size=2, epoch=epoch,
+                                          micro=micro)), 3))
+    assert again == whole[4:7]
+
+
+def test_run_steps_counts_optimiser_steps_and_stops_at_the_last():
+    from astrovl.training.loop import RunState, run_steps
+
+    seen, hooks = [], []
+
+    def train_step(batch):
+        seen.append(batch)
+        return batch % 2 == 1  # two micro-batches per optimiser step
+
+    state = run_steps(iter(range(100)), RunState(step=1), 4, train_step, lambda s: hooks.append(s.step))
+    assert state.step == 4 and hooks == [2, 3, 4] and seen == list(range(6))
+    resumed = RunState.resumed({"step": 4, "history": [{"step": 4}], "finished": True, "changed": {"lr": [1, 2]}}, 4)
+    assert resumed.finished and resumed.start_step == 4 and resumed.resumes == [{"step": 4, "changed": {"lr": [1, 2]}}]
+    assert not RunState.resumed({"step": 4, "finished": True, "changed": {}}, 6).finished

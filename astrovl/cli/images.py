@@ -81,7 +81,8 @@ def register(sub) -> None:
     v.add_argument("--index", required=True,
                    help="index directory to write: a new or empty folder, or an earlier index (replaced)")
     v.add_argument("--approximate", default=None, choices=("ivf", "ivfpq", "hnsw"),
-                   help="approximate search structure (default: exact)")
+                   help="approximate search structure (default: exact); ivfpq builds and serves out of core, "
+                        "ivf and hnsw hold every vector in memory while building (N x dim x 4 bytes)")
     _add_structure_args(v)
     add_model_args(v, pretrained=True)
     a = add_command(actions, "add", "embed more images into an existing index with the index's own model",
@@ -144,14 +145,16 @@ def _add_structure_args(p) -> None:
     p.add_argument("--pq-m", type=int, default=None,
                    help="bytes per vector of an 'ivfpq' code; must divide the dimension (default dim/8)")
     p.add_argument("--opq", action="store_true", help="rotate vectors (OPQ) before 'ivfpq' quantization")
-    p.add_argument("--rerank-depth", type=int, default=256,
-                   help="candidates an 'ivfpq' index re-scores exactly per query (default 256)")
+    p.add_argument("--rerank-depth", type=int, default=None,
+                   help="candidates an 'ivfpq' index re-scores exactly per query (default 512)")
 
 
 def _structure_params(args) -> dict:
     params = {"nlist": args.nlist, "nprobe": args.nprobe}
     if args.approximate == "ivfpq":
-        params.update(pq_m=args.pq_m, opq=args.opq, rerank_depth=args.rerank_depth)
+        params.update(pq_m=args.pq_m, opq=args.opq)
+        if args.rerank_depth is not None:  # else the library's default
+            params["rerank_depth"] = args.rerank_depth
     elif args.pq_m is not None or args.opq:
         raise ValueError("--pq-m and --opq are options of --approximate ivfpq")
     return params

@@ -28,6 +28,7 @@ def register(sub) -> None:
                     astrovl serve my_index --port 8080 --device cuda
                     astrovl serve my_index --model ./my-clip --title "HST previews"
                     astrovl serve my_index --llava UniverseTBD/AstroLLaVA_v3 --device cuda
+                    astrovl serve my_index --rerank UniverseTBD/AstroLLaVA_v3 --rerank-top 20
                     {TOKEN_ENV}=$(openssl rand -hex 16) astrovl serve my_index --host 0.0.0.0
                     """, _cmd_serve)
     p.add_argument("index", metavar="INDEX_DIR", help="directory written by 'astrovl index build'")
@@ -69,6 +70,13 @@ def register(sub) -> None:
                    help="most assistant requests waiting; more are answered 503 (default 32)")
     p.add_argument("--llava-max-tokens", type=_positive_int, default=1024,
                    help="most new tokens one assistant request may ask for (default 1024)")
+    p.add_argument("--rerank", default=None, metavar="MODEL",
+                   help="re-order text searches by this AstroLLaVA model (hub id or directory, as for "
+                   "'astrovl search --rerank'): CLIP's best --rerank-top images are scored again and the "
+                   "results show both scores; a request turns it off with rerank=0")
+    p.add_argument("--rerank-top", type=_positive_int, default=None, metavar="N",
+                   help="CLIP candidates the --rerank model scores per text search (default 50; at least "
+                   "the k of the request)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
                    help="server log level (default info; 'warning' hides the access log)")
 
@@ -120,6 +128,9 @@ def _cmd_serve(args):
             check_token(token)
         except ValueError as exc:
             raise ValueError(f"--token / {TOKEN_ENV}: {exc}") from None
+    if args.rerank_top is not None and args.rerank is None:
+        raise ValueError("--rerank-top goes with --rerank MODEL (the AstroLLaVA model that re-scores CLIP's "
+                         "candidates)")
     loopback = is_loopback(args.host)
     if not loopback:
         print(f"astrovl serve: warning: listening on {args.host}: every machine that can reach this "
@@ -132,6 +143,13 @@ def _cmd_serve(args):
         from ..llava import AstroLLaVA
 
         llava = AstroLLaVA.from_pretrained(args.llava, device=args.device)
+    reranker = None
+    if args.rerank:
+        from ..llava import AstroLLaVA
+
+        # the same model as the assistant is loaded once
+        reranker = llava if args.rerank == args.llava else AstroLLaVA.from_pretrained(args.rerank,
+                                                                                      device=args.device)
     app = create_app(index, embedder, index_dir=args.index, token=token,
                      max_upload_bytes=int(args.max_upload_mb * 2**20), max_k=args.max_k,
                      max_image_pixels=int(args.max_image_mpix * 1e6),
@@ -141,11 +159,14 @@ def _cmd_serve(args):
                      cors_origins=args.cors_origin,
                      title=args.title, llava=llava, llava_batch=args.llava_batch,
                      llava_queue=args.llava_queue, llava_max_tokens=args.llava_max_tokens,
-                     text_batch=args.text_batch)
+                     text_batch=args.text_batch, rerank=reranker, rerank_top=args.rerank_top)
     print(f"astrovl serve: {len(index)} images from {args.index}; open {serve_url(args.host, args.port, token)}",
           flush=True)
     if llava is not None:
         print(f"astrovl serve: assistant {llava.source}; OpenAI-compatible API at "
               f"{serve_url(args.host, args.port)}v1", flush=True)
+    if reranker is not None:
+        print(f"astrovl serve: text searches re-ranked by {reranker.source} (CLIP's best "
+              f"{app.state.service.rerank_top} scored again)", flush=True)
     run_app(app, args.host, args.port, log_level=args.log_level)
     return 0

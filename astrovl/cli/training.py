@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..training.choices import BEST_METRICS, CAPTION_MODES, IMAGE_CACHES, LLAVA_STAGES, MODES
 from ._common import add_command, conf, emit, load_clip
 from .llava import add_llava_args
 
@@ -21,7 +22,7 @@ def register(sub) -> None:
                     """, _cmd_train_clip)
     p.add_argument("dataset", help="dataset directory with a manifest (train and val splits)")
     p.add_argument("--output", required=True, help="output directory (checkpoint/, best/, final/, metrics.csv)")
-    p.add_argument("--mode", default="finetune", choices=("finetune", "head", "scratch", "shuffled"),
+    p.add_argument("--mode", default="finetune", choices=MODES,
                    help="finetune all weights; head: frozen towers + MLP heads; scratch: random "
                    "initialisation of the architecture; shuffled: the shuffled-caption control "
                    "(default finetune)")
@@ -32,13 +33,13 @@ def register(sub) -> None:
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-5)")
     p.add_argument("--warmup-steps", type=int, default=None, help="linear warm-up steps (default 2000)")
     p.add_argument("--eval-every", type=int, default=None, help="validation and checkpoint interval (default 200)")
-    p.add_argument("--best-metric", default=None, choices=("val_loss", "val_top10", "val_top10_batch100"),
+    p.add_argument("--best-metric", default=None, choices=BEST_METRICS,
                    help="validation metric that picks best/ (default val_loss)")
     p.add_argument("--max-val", type=int, default=None,
                    help="validate on a random subset (seeded with --seed) of this many pairs")
-    p.add_argument("--caption-mode", default=None, choices=("caption", "abstract"),
+    p.add_argument("--caption-mode", default=None, choices=CAPTION_MODES,
                    help="train on the captions, or on runs of sentences of the raw abstracts (default caption)")
-    p.add_argument("--image-cache", default=None, choices=("auto", "memory", "disk", "none"),
+    p.add_argument("--image-cache", default=None, choices=IMAGE_CACHES,
                    help="how decoded images are kept (default auto: memory without DataLoader workers, "
                    "a shared file with them)")
     p.add_argument("--seed", type=int, default=0, help="seed of batches, augmentation and validation order")
@@ -57,7 +58,7 @@ def register(sub) -> None:
                     astrovl train-llava --model llava-hf/llava-1.5-7b-hf --stage 1 --data ./outreach --output ./runs/s1
                     astrovl train-llava --model ./runs/s1/model --stage 2 --data conv.json --image-root ./outreach --lora --output ./runs/s2
                     """, _cmd_train_llava)
-    p.add_argument("--stage", type=int, choices=(1, 2), required=True,
+    p.add_argument("--stage", type=int, choices=LLAVA_STAGES, required=True,
                    help="1: projector on captions (plain format); 2: conversations, end to end or --lora")
     p.add_argument("--data", required=True,
                    help="dataset directory (its train split is trained on, its val split gives the validation "
@@ -107,28 +108,23 @@ def _check_start(args, kind: str) -> None:
 
 
 def _cmd_train_clip(args):
-    from ..clip import CLIPEmbedder
     from ..datasets import ManifestDataset
     from ..training import CLIPTrainingConfig, train_clip
 
     if args.mode == "scratch" and args.pretrained is not None:
         raise ValueError(f"--pretrained {args.pretrained!r} has no effect with --mode scratch, which "
                          "starts from random weights; drop --pretrained, or use --mode finetune")
-    from ..training.clip import OUTPUT_KIND
+    from ..training.clip import OUTPUT_KIND, scratch_model
 
     names = ("steps", "batch_size", "grad_accum", "lr", "warmup_steps", "eval_every", "best_metric",
              "max_val", "caption_mode", "image_cache")
     options = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
     config = CLIPTrainingConfig(mode=args.mode, output_dir=args.output, device=args.device,
                                 seed=args.seed, resume=args.resume, overwrite=args.overwrite, **options)
-    config.validate()
     _check_start(args, OUTPUT_KIND)  # before any model loads
     ds = ManifestDataset(args.dataset)
-    if args.mode == "scratch" and (args.model == "tiny" or _is_open_clip_name(args.model)):
-        from ..clip import TINY_CLIP_CONFIG
-
-        embedder = CLIPEmbedder.from_config(TINY_CLIP_CONFIG if args.model == "tiny" else args.model)
-    else:
+    embedder = scratch_model(args.model, args.mode)  # an architecture to build from random weights
+    if embedder is None:
         embedder = load_clip(args)
     result = train_clip(embedder, ds.split("train"), ds.split("val"), config)
     if getattr(result, "finished_before", False):
@@ -137,14 +133,6 @@ def _cmd_train_clip(args):
     emit(result.history, argparse.Namespace(output=None, format="table"))
     print(f"best model: {result.best_path}")
     return 0
-
-
-def _is_open_clip_name(name) -> bool:
-    if not name:
-        return False
-    import open_clip
-
-    return open_clip.get_model_config(name) is not None
 
 
 def _cmd_train_llava(args):

@@ -42,7 +42,6 @@ from ..utils.files import atomic_directory, atomic_write, prepare_output_dir
 from . import faiss_structures as fs
 from .index_files import (
     FAISS_FILE,
-    METADATA,
     OUTPUT_KIND,
     STAGING,
     VECTOR_DTYPES,
@@ -51,6 +50,7 @@ from .index_files import (
     write_manifest,
     write_vectors,
 )
+from .index_metadata import write_metadata
 from .loading import ASTROVL_CONFIG
 
 __all__ = ["RowFile", "read_vector_files", "build_from_vector_files", "write_index_from_rows",
@@ -303,7 +303,7 @@ def write_index_from_rows(directory: str | os.PathLike, parts: Sequence, metadat
 
             faiss.write_index(structure, str(tmp / FAISS_FILE))
             del structure
-        metadata.write(tmp / METADATA, format="ascii.ecsv")
+        write_metadata(metadata, tmp)
         kept = {k: v for k, v in all_params.items()
                 if kind == "ivfpq" or k not in ("pq_m", "pq_bits", "opq", "rerank_depth")}
         write_manifest(tmp, directory, dim=dim, count=count, kind=kind,

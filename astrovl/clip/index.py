@@ -35,6 +35,7 @@ from .index_files import (  # noqa: F401  (the file names and OUTPUT_KIND are al
     write_manifest,
     write_vectors,
 )
+from .index_metadata import read_metadata, write_metadata
 from .loading import describe_source
 
 __all__ = ["EmbeddingIndex", "recorded_image_root", "common_image_root"]
@@ -80,7 +81,8 @@ class EmbeddingIndex:
     opq : bool
         ``"ivfpq"``: rotate the vectors (OPQ) before quantizing them.
     rerank_depth : int
-        ``"ivfpq"``: candidates re-scored exactly per query (at least ``k``).
+        ``"ivfpq"``: candidates re-scored exactly per query (at least ``k``;
+        default 512).
     vector_dtype : {"float32", "float16"}
         How the unit vectors are stored (float16 halves the disk and page cache;
         scores then differ from float32 ones by about 1e-3).
@@ -103,7 +105,7 @@ class EmbeddingIndex:
     def __init__(self, dim: int, *, kind: str = "exact", embedder=None, model_id: str | None = None,
                  device=None, hnsw_m: int = 32, ef_search: int = 128, ef_construction: int = 200,
                  nlist: int | None = None, nprobe: int = 32, pq_m: int | None = None, pq_bits: int = 8,
-                 opq: bool = False, rerank_depth: int = 256, vector_dtype: str = "float32",
+                 opq: bool = False, rerank_depth: int = fs.DEFAULT_RERANK_DEPTH, vector_dtype: str = "float32",
                  image_root: str | os.PathLike | None = None):
         if kind not in KINDS:
             raise ValueError(f"kind={kind!r} is not known; use one of {KINDS}")
@@ -560,7 +562,7 @@ class EmbeddingIndex:
                 raise ValueError(f"rerank_depth={rerank_depth!r} must be >= 1")
         if self.kind != "ivfpq":
             return None
-        return max(int(k), int(rerank_depth or self.params.get("rerank_depth", 256)))
+        return max(int(k), int(rerank_depth or self.params.get("rerank_depth", fs.DEFAULT_RERANK_DEPTH)))
 
     def _rescore(self, q: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The ``k`` best of the candidate ``rows`` by exact inner product with the stored vectors."""
@@ -675,7 +677,7 @@ class EmbeddingIndex:
         with atomic_directory(directory, kind=OUTPUT_KIND) as tmp:
             # chunk by chunk: memory-mapped vectors and the ones added since are not joined in memory
             write_vectors(tmp / VECTORS, (c for _, c in self._blocks()), len(self), self.dim, self.vector_dtype)
-            self.metadata.write(tmp / METADATA, format="ascii.ecsv")
+            write_metadata(self.metadata, tmp)
             if self.kind != "exact" and len(self):
                 import faiss
 
@@ -731,7 +733,7 @@ class EmbeddingIndex:
             random_access = manifest.get("kind") == "ivfpq"  # re-ranking reads a few rows per query
             vectors = (map_vectors(directory / VECTORS, random_access=random_access) if mmap
                        else load_file(str(directory / VECTORS))["vectors"])
-            metadata = Table.read(directory / METADATA, format="ascii.ecsv")
+            metadata = read_metadata(directory)
         except Exception as exc:
             raise CheckpointError(
                 f"embedding index {str(directory)!r} is corrupt or incomplete ({exc}); rebuild it"

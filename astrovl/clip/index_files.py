@@ -9,8 +9,9 @@ An index folder holds:
     The unit vectors, one ``vectors`` tensor of shape ``(N, dim)``, float32 or
     float16. Read as a memory map (:func:`map_vectors`) and written in chunks
     (:func:`write_vectors`), so neither needs the vectors in memory.
-``metadata.ecsv`` (:data:`METADATA`)
-    One metadata row per vector.
+``metadata.ecsv`` (:data:`METADATA`) or ``metadata.fits``
+    One metadata row per vector; FITS for large tables (see
+    :mod:`astrovl.clip.index_metadata`).
 ``index.faiss`` (:data:`FAISS_FILE`)
     The faiss structure of an approximate index.
 ``staging/`` (:data:`STAGING`)
@@ -30,6 +31,7 @@ import numpy as np
 
 from ..utils.files import INDEX_OUTPUT
 from .identity import digest_from_model_id
+from .index_metadata import METADATA
 
 __all__ = ["common_image_root", "MANIFEST", "VECTORS", "METADATA", "FAISS_FILE", "STAGING", "FORMAT", "OUTPUT_KIND",
            "VECTOR_DTYPES", "read_manifest", "relative_root", "recorded_image_root",
@@ -38,7 +40,6 @@ __all__ = ["common_image_root", "MANIFEST", "VECTORS", "METADATA", "FAISS_FILE",
 
 MANIFEST = "index.json"
 VECTORS = "vectors.safetensors"
-METADATA = "metadata.ecsv"
 FAISS_FILE = "index.faiss"
 STAGING = "staging"
 FORMAT = "astrovl-embedding-index"

@@ -25,7 +25,8 @@ from astropy.table import Table
 
 from ..exceptions import QueryError
 
-__all__ = ["RerankModel", "DEFAULT_RERANK_TOP", "rerank_search", "candidate_images"]
+__all__ = ["RerankModel", "DEFAULT_RERANK_TOP", "rerank_search", "rerank_hits", "check_rerank_model",
+           "candidate_images"]
 
 #: CLIP candidates scored again by the model when ``rerank_top`` is not given (at least ``k``).
 DEFAULT_RERANK_TOP = 50
@@ -94,9 +95,7 @@ def rerank_search(index, query: str, k: int, model, top: int | None = None, **se
         ``rank`` (by the model), ``rerank_score``, ``score`` (CLIP's cosine
         similarity), ``clip_rank``, ``row`` and the metadata columns, best first.
     """
-    if not callable(getattr(model, "rerank_scores", None)):
-        raise TypeError(f"rerank= takes a model with a rerank_scores(query, images) method (such as an "
-                        f"AstroLLaVA), not {type(model).__name__}")
+    check_rerank_model(model)
     if not isinstance(query, str):
         raise TypeError("re-ranking scores a text query against the images; give a text, not "
                         f"{type(query).__name__}")
@@ -111,12 +110,48 @@ def rerank_search(index, query: str, k: int, model, top: int | None = None, **se
     scores = np.zeros(0)
     if len(hits):
         images = [str(p) for p in candidate_images(index, hits)]
-        scores = np.asarray(model.rerank_scores(query, images), dtype=np.float64).reshape(-1)
+        scores = model.rerank_scores(query, images)
+    return rerank_hits(hits, scores, k)
+
+
+def check_rerank_model(model) -> None:
+    """Refuse an object without a ``rerank_scores(query, images)`` method (:class:`TypeError`)."""
+    if not callable(getattr(model, "rerank_scores", None)):
+        raise TypeError(f"rerank= takes a model with a rerank_scores(query, images) method (such as an "
+                        f"AstroLLaVA), not {type(model).__name__}")
+
+
+def rerank_hits(hits: Table, scores, k: int) -> Table:
+    """Re-order CLIP's search result ``hits`` by the model's ``scores``; keep the best ``k``.
+
+    Parameters
+    ----------
+    hits : astropy.table.Table
+        A search result (``rank``, ``score``, ``row``, metadata), CLIP's best first.
+    scores : array-like
+        The model's score of each row of ``hits`` (higher is better); a
+        non-finite score (an image the model could not read) ranks last.
+    k : int
+        Rows to keep.
+
+    Returns
+    -------
+    astropy.table.Table
+        ``rank`` (by the model), ``rerank_score``, ``score`` (CLIP's),
+        ``clip_rank``, ``row`` and the metadata columns, best first; ties keep
+        CLIP's order.
+
+    Raises
+    ------
+    ValueError
+        When there is not one score per row.
+    """
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
     if scores.shape != (len(hits),):
         raise ValueError(f"the model returned {scores.size} scores for {len(hits)} images")
     scores = np.where(np.isfinite(scores), scores, -np.inf)
     # best model score first; ties keep CLIP's order
-    order = np.lexsort((np.asarray(hits["rank"]), -scores))[:k]
+    order = np.lexsort((np.asarray(hits["rank"]), -scores))[:int(k)]
     out = hits[order]
     out.rename_column("rank", "clip_rank")
     out.add_column(scores[order], name="rerank_score", index=0)

@@ -210,6 +210,37 @@ def _build_index(out: Path, embedder, val):
     return index, items, real
 
 
+def _make_data(out: Path, settings: _Settings, *, seed, progress):
+    """The labelled synthetic sky of the run, in ``OUT/data`` (80% train, 20% validation)."""
+    from ..datasets import SyntheticSkyDataset
+
+    log.info("generating %d synthetic sky images", settings.n_images)
+    return SyntheticSkyDataset.generate(out / "data", n_images=settings.n_images, image_size=settings.image_size,
+                                        seed=seed, val_fraction=0.2, progress=progress)
+
+
+@dataclass
+class _Searches:
+    """What the index step shows: the text searches, their thumbnails, and zero-shot classification."""
+
+    searches: dict
+    thumbs: dict
+    zero_shot: object
+    real: list
+
+
+def _search_index(out: Path, trained, val, class_prompts: dict) -> _Searches:
+    """Index the validation and real images, run the demo's text searches, classify the real images."""
+    from ..imaging import load_image
+
+    index, items, real = _build_index(out, trained, val)
+    thumbs = {i: load_image(obj) for i, obj in enumerate(items)}
+    searches = {q: index.search(q, k=6) for q in DEMO_QUERIES}
+    zs = (trained.zero_shot([obj for _, obj in real], categories=list(class_prompts.values()), top_k=3)
+          if real else None)
+    return _Searches(searches, thumbs, zs, real)
+
+
 def _llava_part(out: Path, ds, embedder, *, llava: bool, quick: bool, seed, device, progress):
     """The AstroLLaVA part, or ``(None, why it did not run)``."""
     if not llava:
@@ -225,13 +256,14 @@ def _llava_part(out: Path, ds, embedder, *, llava: bool, quick: bool, seed, devi
                           progress=progress), ""
 
 
-def _write_report(out: Path, *, settings: _Settings, trained, runs, summary, curves, train, val, searches,
-                  thumbs, zs, real, llava_result, llava_note, seconds: float) -> Path:
+def _write_report(out: Path, *, settings: _Settings, trained, runs, summary, curves, train, val,
+                  shown: _Searches, llava_result, llava_note, seconds: float) -> Path:
     from ..evaluation.retrieval import plot_retrieval_curve
     from ..imaging import load_image
     from ..reporting import HTMLReport
     from ..training.common import plot_history
 
+    searches, thumbs, zs, real = shown.searches, shown.thumbs, shown.zero_shot, shown.real
     report = HTMLReport("astrovl demo: image-text retrieval on a procedural sky")
     report.paragraph(
         f"A CLIP model ({trained.model_name}, {settings.mode}) was trained for {settings.steps} steps on "
@@ -355,8 +387,6 @@ def run_demo(output_dir: str | os.PathLike = "astrovl-demo", *, steps: int | Non
     -------
     DemoResult
     """
-    from ..datasets import SyntheticSkyDataset
-    from ..imaging import load_image
     from ..utils.files import DEMO_OUTPUT, prepare_output_dir
 
     if pretrained is not None and model is None:
@@ -366,26 +396,21 @@ def run_demo(output_dir: str | os.PathLike = "astrovl-demo", *, steps: int | Non
     out = prepare_output_dir(output_dir, DEMO_OUTPUT)
     settings = _settings(steps, n_images, image_size, quick, model)
     base = _base_clip(model, pretrained, settings, device=device, seed=seed)
-    log.info("generating %d synthetic sky images", settings.n_images)
-    ds = SyntheticSkyDataset.generate(out / "data", n_images=settings.n_images, image_size=settings.image_size,
-                                      seed=seed, val_fraction=0.2, progress=progress)
+    ds = _make_data(out, settings, seed=seed, progress=progress)
     train, val = ds.split("train"), ds.split("val")
     runs = _train_clips(base, train, val, out, settings, device=device, seed=seed, progress=progress)
     summary, curves = _score_clips(runs, val)
     trained = runs[settings.mode].embedder
-    index, items, real = _build_index(out, trained, val)
-    thumbs = {i: load_image(obj) for i, obj in enumerate(items)}
-    searches = {q: index.search(q, k=6) for q in DEMO_QUERIES}
-    prompts = ds.class_prompts
-    zs = trained.zero_shot([obj for _, obj in real], categories=list(prompts.values()), top_k=3) if real else None
+    shown = _search_index(out, trained, val, ds.class_prompts)
     llava_result, llava_note = _llava_part(out, ds, trained, llava=llava, quick=quick, seed=seed, device=device,
                                            progress=progress)
     seconds = time.perf_counter() - t0
     path = _write_report(out, settings=settings, trained=trained, runs=runs, summary=summary, curves=curves,
-                         train=train, val=val, searches=searches, thumbs=thumbs, zs=zs, real=real,
-                         llava_result=llava_result, llava_note=llava_note, seconds=seconds)
+                         train=train, val=val, shown=shown, llava_result=llava_result, llava_note=llava_note,
+                         seconds=seconds)
     results = _write_results(out, summary, llava_result, llava_note, seconds)
-    return DemoResult(report_path=path, summary=summary, output_dir=out, searches=searches, zero_shot=zs,
+    return DemoResult(report_path=path, summary=summary, output_dir=out, searches=shown.searches,
+                      zero_shot=shown.zero_shot,
                       seconds=time.perf_counter() - t0, index_path=out / "index",
                       search_command=follow_up_command(out / "index"),
                       serve_command=serve_command(out / "index"), results_path=results, llava=llava_result,

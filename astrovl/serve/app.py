@@ -18,7 +18,7 @@ from .defaults import (
     DEFAULT_PORT,
     MAX_K,
 )
-from .parsing import read_json
+from .parsing import parse_flag, read_json
 from .security import Guard
 from .service import SearchService
 from .uploads import read_upload
@@ -42,13 +42,15 @@ def create_app(index, embedder=None, *, index_dir: str | os.PathLike | None = No
                allowed_hosts=None, cors_origins=None, search_threads: int | None = 1,
                device=None, title: str | None = None,
                max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, llava=None, llava_batch: int = 8,
-               llava_queue: int = 32, llava_max_tokens: int = 1024, text_batch: int = 32):
+               llava_queue: int = 32, llava_max_tokens: int = 1024, text_batch: int = 32,
+               rerank=None, rerank_top: int | None = None):
     """Build the ASGI application that serves an embedding index on the web.
 
     The index and its model are loaded once, here. The application answers:
 
     * ``GET /``: the search page (plain HTML, CSS and JavaScript from the package);
-    * ``GET /api/search?q=TEXT&k=N&filter=column:value``: a text search;
+    * ``GET /api/search?q=TEXT&k=N&filter=column:value``: a text search
+      (with ``rerank``: re-ordered by the model, ``rerank=0`` turns it off for one query);
     * ``POST /api/search?k=N&filter=...``: a search by an uploaded image
       (``multipart/form-data`` with a ``file`` field: FITS or a picture) or by
       an item ("more like this": a form or JSON field ``id``);
@@ -107,6 +109,13 @@ def create_app(index, embedder=None, *, index_dir: str | os.PathLike | None = No
     llava_batch, llava_queue, llava_max_tokens, text_batch : int
         Most assistant requests per batch, and waiting (more get 503); most new tokens per
         assistant request; most new query texts per pass of the text tower.
+    rerank : AstroLLaVA or str or path, optional
+        Re-order text searches by this model (a model, or a name
+        ``AstroLLaVA.from_pretrained`` takes, loaded here on ``device``): CLIP's best
+        ``max(k, rerank_top)`` images are scored again and each result carries both
+        scores (``score``, ``rerank_score``); see :class:`~astrovl.serve.SearchService`.
+    rerank_top : int, optional
+        CLIP candidates the ``rerank`` model scores per text search (default 50).
 
     Returns
     -------
@@ -128,9 +137,14 @@ def create_app(index, embedder=None, *, index_dir: str | os.PathLike | None = No
         index_dir = Path(index)
         index = EmbeddingIndex.load(index_dir, embedder=embedder, device=device)
     _set_search_threads(search_threads)
+    if rerank is not None and not callable(getattr(rerank, "rerank_scores", None)):
+        from ..llava import AstroLLaVA
+
+        rerank = AstroLLaVA.from_pretrained(rerank, device=device)
     service = SearchService(index, embedder, index_dir=index_dir, image_root=image_root,
                             thumbnail_cache=thumbnail_cache, thumbnail_size=thumbnail_size, max_k=max_k,
-                            title=title, max_image_pixels=int(max_image_pixels), text_batch=text_batch)
+                            title=title, max_image_pixels=int(max_image_pixels), text_batch=text_batch,
+                            reranker=rerank, rerank_top=rerank_top)
     if device is not None:
         service.embedder.to(device)
     handlers = _Handlers(service, int(max_upload_bytes), int(max_image_pixels))
@@ -294,31 +308,32 @@ class _Handlers:
 
     async def search(self, request):
         params = request.query_params
-        unknown = sorted(set(params) - {"q", "k", "filter", "token"})
+        unknown = sorted(set(params) - {"q", "k", "filter", "rerank", "token"})
         if unknown:
-            raise QueryError(f"unknown query parameter(s) {unknown}; use q, k and filter")
-        k, filters = params.get("k"), params.getlist("filter")
+            raise QueryError(f"unknown query parameter(s) {unknown}; use q, k, filter and rerank")
+        k, filters, rerank = params.get("k"), params.getlist("filter"), params.get("rerank")
         if request.method == "GET":
             if "q" not in params:
                 raise QueryError("GET /api/search needs q=TEXT; to search by an image or an item, "
                                  "POST a file or an id")
-            answer = await self._thread(self.service.search_text, params["q"], k, filters)
+            answer = await self._thread(self.service.search_text, params["q"], k, filters, rerank)
             return _json(self._with_urls(request, answer))
-        return await self._search_post(request, k, filters)
+        return await self._search_post(request, k, filters, rerank)
 
-    async def _search_post(self, request, k, filters):
+    async def _search_post(self, request, k, filters, rerank):
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if ctype == "application/json":
             body = await read_json(request)  # size and nesting bounded before parsing
-            if not isinstance(body, dict) or set(body) - {"id", "k", "filter", "q"}:
+            if not isinstance(body, dict) or set(body) - {"id", "k", "filter", "q", "rerank"}:
                 raise QueryError('POST a JSON object such as {"id": 12} (more like item 12) or '
                                  '{"q": "text"}')
-            k = body.get("k", k)
+            k, rerank = body.get("k", k), body.get("rerank", rerank)
             filters = list(filters) + _as_list(body.get("filter"))
             if "id" in body:
+                _text_only_rerank(rerank)
                 answer = await self._thread(self.service.search_like, body["id"], k, filters)
             elif "q" in body:
-                answer = await self._thread(self.service.search_text, body["q"], k, filters)
+                answer = await self._thread(self.service.search_text, body["q"], k, filters, rerank)
             else:
                 raise QueryError('the JSON body names no query: give "id" or "q"')
             return _json(self._with_urls(request, answer))
@@ -329,6 +344,7 @@ class _Handlers:
         async with request.form(max_files=1, max_fields=20) as form:
             upload = form.get("file")
             k = form.get("k", k)
+            _text_only_rerank(form.get("rerank", rerank))
             filters = list(filters) + [v for v in form.getlist("filter") if isinstance(v, str)]
             if upload is not None and not isinstance(upload, str):
                 image = await self._thread(self._read_upload, upload, limiter=self.image_limiter)
@@ -370,6 +386,13 @@ class _Handlers:
         if request.headers.get("if-none-match") == f'"{etag}"':
             return Response(status_code=304, headers=headers)
         return Response(data, media_type="image/png", headers=headers)
+
+
+def _text_only_rerank(rerank) -> None:
+    """Refuse ``rerank`` on for a search by an image or an item (400): the model scores a text query."""
+    if parse_flag(rerank, "rerank"):
+        raise QueryError("re-ranking scores a text query against the images; searches by an image or an "
+                         "item are not re-ranked (give q=TEXT, or leave rerank out)")
 
 
 def _as_list(value) -> list[str]:

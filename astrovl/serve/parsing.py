@@ -19,7 +19,7 @@ import numpy as np
 
 from ..exceptions import QueryError
 
-__all__ = ["parse_id", "parse_count", "check_json_depth", "parse_json", "read_json",
+__all__ = ["parse_id", "parse_count", "parse_flag", "check_json_depth", "parse_json", "read_json",
            "is_sky_position", "MAX_JSON_BYTES", "MAX_JSON_DEPTH", "MAX_ID_DIGITS"]
 
 #: largest JSON request body (bytes) of the search API
@@ -76,6 +76,29 @@ def parse_count(value: Any, name: str, low: int, high: int) -> int:
     if not low <= n <= high:
         raise QueryError(f"{name}={n} is out of range; use {low} to {high}")
     return n
+
+
+_FLAGS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+
+
+def parse_flag(value: Any, name: str) -> bool | None:
+    """A yes/no switch from a query parameter, form field or JSON value; None when not given.
+
+    JSON ``true``/``false`` and the texts ``1``/``0``, ``true``/``false``,
+    ``yes``/``no``, ``on``/``off`` (any case) are accepted.
+
+    Raises
+    ------
+    QueryError
+        400 for anything else.
+    """
+    if value is None or isinstance(value, bool):
+        return value
+    flag = _FLAGS.get(value.strip().lower()) if isinstance(value, str) else None
+    if flag is None:
+        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+        raise QueryError(f"{name}={shown} is not a yes/no switch; use {name}=1 or {name}=0")
+    return flag
 
 
 def check_json_depth(raw: bytes, max_depth: int = MAX_JSON_DEPTH) -> None:

@@ -20,7 +20,7 @@ from ..exceptions import IndexMismatchError, QueryError
 from .batching import MicroBatcher
 from .defaults import DEFAULT_K, DEFAULT_MAX_IMAGE_PIXELS, MAX_K
 from .images import RADEC_COLUMNS, IndexImages, LRUCache, json_value, recorded_image_root
-from .parsing import is_sky_position, parse_count, parse_id
+from .parsing import is_sky_position, parse_count, parse_flag, parse_id
 
 __all__ = ["SearchService", "DEFAULT_K", "MAX_K", "MAX_QUERY_CHARS", "LABEL_COLUMNS",
            "MAX_FILTER_TERMS", "MAX_FILTER_CHARS", "MASK_CACHE_BYTES"]
@@ -79,11 +79,24 @@ class SearchService:
         Seconds a new text waits for others to share its pass.
     text_queue : int
         Most texts waiting for the model; more are answered 503 (busy).
+    reranker : AstroLLaVA, optional
+        Re-order the results of text searches by this model's scores (anything
+        with ``rerank_scores(query, images)``, see :mod:`astrovl.clip.rerank`):
+        CLIP's best ``max(k, rerank_top)`` images are read and scored again, one
+        vision pass each, in batches, and the best ``k`` by the model come back
+        with both scores. A request may turn it off (``rerank=0``).
+    rerank_top : int, optional
+        CLIP candidates the re-ranking model scores (default
+        :data:`~astrovl.clip.rerank.DEFAULT_RERANK_TOP`; at least ``k`` of a request).
 
     Raises
     ------
     ValueError
-        No embedder is given and the index has none.
+        No embedder is given and the index has none; ``rerank_top`` is not a
+        whole number >= 1 or is given without ``reranker``; a ``reranker`` for an
+        index whose metadata names no image files.
+    TypeError
+        ``reranker`` has no ``rerank_scores`` method.
     IndexMismatchError
         The embedder's dimension differs from the index's.
     """
@@ -93,7 +106,8 @@ class SearchService:
                  thumbnail_cache: str | os.PathLike | None = None, thumbnail_size: int = 256,
                  max_k: int = MAX_K, text_cache_size: int = 4096, title: str | None = None,
                  max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-                 text_batch: int = 32, text_batch_wait: float = 0.002, text_queue: int = 256):
+                 text_batch: int = 32, text_batch_wait: float = 0.002, text_queue: int = 256,
+                 reranker=None, rerank_top: int | None = None):
         if len(index) == 0:
             raise ValueError("the index is empty; there is nothing to serve")
         if embedder is None:
@@ -131,6 +145,8 @@ class SearchService:
         self.text_batcher = MicroBatcher(self._embed_texts, max_batch=text_batch, max_wait=text_batch_wait,
                                          max_queue=text_queue, name="the text model")
         self._masks = LRUCache(128, max_bytes=MASK_CACHE_BYTES)
+        self.reranker, self.rerank_top = self._check_reranker(reranker, rerank_top)
+        self._rerank_lock = threading.Lock()
         self._warm_up()
 
     # ------------------------------------------------------------------ set-up
@@ -139,6 +155,28 @@ class SearchService:
         self.index.search(np.asarray(self.index.vectors[0]), k=1)
         with self._model_lock:
             self.embedder.embed_text(["a telescope image"])
+
+    def _check_reranker(self, reranker, rerank_top) -> tuple[object, int | None]:
+        """The re-ranking model and its number of candidates, checked now rather than at a query."""
+        from ..clip.rerank import DEFAULT_RERANK_TOP, check_rerank_model
+
+        if reranker is None:
+            if rerank_top is not None:
+                raise ValueError("rerank_top goes with a re-ranking model (--rerank MODEL), which scores "
+                                 "CLIP's best rerank_top images again")
+            return None, None
+        check_rerank_model(reranker)
+        top = DEFAULT_RERANK_TOP if rerank_top is None else rerank_top
+        if isinstance(top, bool) or not isinstance(top, (int, np.integer)) or top < 1:
+            raise ValueError(f"rerank_top={rerank_top!r} must be a whole number >= 1: the CLIP candidates the "
+                             "re-ranking model scores again for each text search")
+        if self.images.column is None:
+            from ..imaging.inputs import PATH_COLUMNS
+
+            raise ValueError("re-ranking reads the images of CLIP's candidates, but the index metadata has none "
+                             f"of the columns {list(PATH_COLUMNS)} naming image files (columns: {self.columns}); "
+                             "serve this index without a re-ranking model, or index image files")
+        return reranker, int(top)
 
     def _filter_options(self) -> dict[str, list[str]]:
         """Metadata columns with few distinct text or integer values, and those values.
@@ -256,14 +294,43 @@ class SearchService:
             return self.embedder.embed_images([image], progress=False, num_workers=0)[0]
 
     # ------------------------------------------------------------------ searches
-    def search_text(self, text, k=None, filters: Sequence[str] | None = None) -> dict:
-        """Search by a text; returns the JSON answer (see :meth:`_answer`)."""
+    def search_text(self, text, k=None, filters: Sequence[str] | None = None, rerank=None) -> dict:
+        """Search by a text; returns the JSON answer (see :meth:`_answer`).
+
+        With a re-ranking model, CLIP's best ``max(k, rerank_top)`` results are
+        re-ordered by the model (:meth:`_answer_reranked`); ``rerank`` (a yes/no
+        switch, default on when the service has a model) turns it off or on.
+
+        Raises
+        ------
+        QueryError
+            400 for a bad text, ``k``, filter or switch, and for ``rerank`` on
+            when the service has no re-ranking model.
+        """
         t0 = time.perf_counter()
         text = self.check_text(text)
         k = self.check_k(k)
         where = self.parse_filters(filters)
+        use_rerank = self.check_rerank(rerank)
         vec = self.text_vector(text)
+        if use_rerank:
+            return self._answer_reranked(vec, text, k, where, t0)
         return self._answer(vec, k, where, {"kind": "text", "text": text}, t0)
+
+    def check_rerank(self, rerank) -> bool:
+        """Whether a text search is re-ranked: the request's switch, else whether there is a model.
+
+        Raises
+        ------
+        QueryError
+            400 for a value that is no yes/no switch, or a request for
+            re-ranking when the service has no model.
+        """
+        flag = parse_flag(rerank, "rerank")
+        if flag and self.reranker is None:
+            raise QueryError("this server does not re-rank: it was started without a re-ranking model "
+                             "(astrovl serve INDEX --rerank MODEL); search without rerank")
+        return self.reranker is not None if flag is None else flag
 
     def search_image(self, image, k=None, filters: Sequence[str] | None = None) -> dict:
         """Search by an image (an :class:`~astrovl.AstroImage`, e.g. from an upload)."""
@@ -292,16 +359,67 @@ class SearchService:
         return {"query": query, "k": k, "filters": where, "count": len(results),
                 "results": results, "took_ms": round(1000 * (time.perf_counter() - t0), 2)}
 
+    def _answer_reranked(self, vec, text: str, k: int, where, t0) -> dict:
+        """CLIP's best ``max(k, rerank_top)`` rows re-ordered by the re-ranking model; ``k`` of them.
+
+        Each result carries ``score`` (CLIP's), ``rerank_score`` (the model's;
+        null for an image that could not be read, ranked last) and ``clip_rank``.
+        """
+        from ..clip.rerank import rerank_hits
+
+        top = max(k, self.rerank_top)
+        hits = self.index.search(vec, k=top, rows=self._rows_for(where))
+        scores = self._rerank_scores(text, [int(r) for r in hits["row"]])
+        results = self._rows_json(rerank_hits(hits, scores, k))
+        return {"query": {"kind": "text", "text": text}, "k": k, "filters": where, "count": len(results),
+                "results": results,
+                "rerank": {"model": self._reranker_name(), "candidates": len(hits), "top": top},
+                "took_ms": round(1000 * (time.perf_counter() - t0), 2)}
+
+    def _rerank_scores(self, text: str, rows: list[int]) -> np.ndarray:
+        """The re-ranking model's score of each row's image for ``text`` (-inf where the image is unreadable).
+
+        The images are read as thumbnails are (only files under the image root);
+        the model sees them all in one call (one vision pass per image, batched),
+        one request at a time.
+        """
+        scores = np.full(len(rows), -np.inf)
+        images, where = [], []
+        for i, row in enumerate(rows):
+            try:
+                images.append(self.images.image(row))
+            except QueryError as exc:
+                log.warning("re-ranking leaves out item %d: %s", row, exc)
+                continue
+            where.append(i)
+        if images:
+            with self._rerank_lock:
+                got = np.asarray(self.reranker.rerank_scores(text, images), dtype=np.float64).reshape(-1)
+            if got.shape != (len(images),):
+                raise ValueError(f"the re-ranking model returned {got.size} scores for {len(images)} images")
+            scores[where] = got
+        return scores
+
+    def _reranker_name(self) -> str | None:
+        source = getattr(self.reranker, "source", None)
+        return str(source) if source is not None else type(self.reranker).__name__
+
     def _rows_json(self, table) -> list[dict]:
-        meta_cols = [c for c in table.colnames if c not in ("rank", "score", "row")]
-        columns = {c: table[c].tolist() for c in meta_cols}
+        extra = [c for c in ("rerank_score", "clip_rank") if c in table.colnames]
+        meta_cols = [c for c in table.colnames if c not in ("rank", "score", "row", *extra)]
+        columns = {c: table[c].tolist() for c in meta_cols + extra}
         out = []
         for i, (score, row) in enumerate(zip(table["score"].tolist(), table["row"].tolist())):
             metadata = {c: json_value(columns[c][i]) for c in meta_cols}
             ra, dec = self._position(row, metadata)
-            out.append({"id": int(row), "rank": i + 1, "score": round(float(score), 5),
-                        "label": self._label(row, metadata), "metadata": metadata,
-                        "ra": ra, "dec": dec, "has_image": self.images.has_image(row)})
+            item = {"id": int(row), "rank": i + 1, "score": round(float(score), 5),
+                    "label": self._label(row, metadata), "metadata": metadata,
+                    "ra": ra, "dec": dec, "has_image": self.images.has_image(row)}
+            if extra:
+                value = float(columns["rerank_score"][i])
+                item["rerank_score"] = round(value, 5) if math.isfinite(value) else None
+                item["clip_rank"] = int(columns["clip_rank"][i])
+            out.append(item)
         return out
 
     # ------------------------------------------------------------------ items
@@ -373,7 +491,9 @@ class SearchService:
                           "random": bool(self.index.model_info.get("random", getattr(emb, "random_weights", False)))},
                 "columns": self.columns, "filters": self.filters,
                 "label_column": self.label_column, "images": self.images.column is not None,
-                "default_k": self.default_k, "max_k": self.max_k}
+                "default_k": self.default_k, "max_k": self.max_k,
+                "rerank": ({"model": self._reranker_name(), "top": self.rerank_top}
+                           if self.reranker is not None else None)}
 
 
 def _default_title(index_dir: Path | None) -> str:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -39,6 +40,16 @@ from astropy.table import Table
 
 from ..exceptions import CheckpointError, DatasetError
 from ..utils.files import CLIP_TRAINING_OUTPUT, atomic_write_text, prepare_output_dir
+from .batches import StepBatches
+from .choices import (
+    BEST_METRICS,
+    CAPTION_MODES,
+    CLIP_LOSSES,
+    IMAGE_CACHES,
+    MODES,
+    PRECISIONS,
+    SCHEDULES,
+)
 from .common import (
     CHECKPOINT_DIR,
     check_record_images,
@@ -56,17 +67,17 @@ from .common import (
     warmup_schedule,
     write_history,
 )
+from .loop import RunState, log_resume, run_steps
 
-__all__ = ["CLIPTrainingConfig", "CLIPTrainingResult", "train_clip", "interpolate_weights", "MODES"]
+__all__ = ["CLIPTrainingConfig", "CLIPTrainingResult", "train_clip", "interpolate_weights", "MODES", "BEST_METRICS",
+           "CAPTION_MODES", "ContrastiveLoss", "clip_features", "CLIPTask", "scratch_model"]
 
 log = logging.getLogger(__name__)
 
-MODES = ("finetune", "head", "scratch", "shuffled")
-BEST_METRICS = ("val_loss", "val_top10", "val_top10_batch100")
-CAPTION_MODES = ("caption", "abstract")
 HISTORY_COLUMNS = ("step", "train_loss", "val_loss", "val_top10", "val_top10_batch100", "lr", "samples_per_s")
 #: independent random streams of one seed
-_TRAIN_ITEMS, _VAL_ITEMS, _VAL_ORDER, _VAL_SUBSET, _SHUFFLED = 0, 1, 2, 3, 4
+#: (the training items use :data:`astrovl.training.batches.TRAIN_ITEMS`, 0)
+_VAL_ITEMS, _VAL_ORDER, _VAL_SUBSET, _SHUFFLED = 1, 2, 3, 4
 
 
 @dataclass
@@ -185,8 +196,11 @@ class CLIPTrainingConfig:
             names.discard("steps")
         return frozenset(names)
 
+    def __post_init__(self):
+        self.validate()
+
     def validate(self) -> None:
-        """Raise ValueError with the fix for inconsistent settings."""
+        """Raise ValueError with the fix for inconsistent settings (also when the configuration is made)."""
         if self.mode not in MODES:
             raise ValueError(f"mode={self.mode!r} is not known; use one of {MODES}")
         if self.batch_size < 2:
@@ -205,17 +219,17 @@ class CLIPTrainingConfig:
             raise ValueError(f"best_metric={self.best_metric!r} must be one of {BEST_METRICS}")
         if self.caption_mode not in CAPTION_MODES:
             raise ValueError(f"caption_mode={self.caption_mode!r} must be one of {CAPTION_MODES}")
-        if self.image_cache not in ("auto", "memory", "disk", "none"):
+        if self.image_cache not in IMAGE_CACHES:
             raise ValueError(f"image_cache={self.image_cache!r} must be 'auto', 'memory', 'disk' or 'none'")
         if self.max_val is not None and self.max_val < 2:
             raise ValueError(f"max_val={self.max_val} must be >= 2 (validation needs pairs)")
-        if self.loss not in ("clip", "siglip"):
+        if self.loss not in CLIP_LOSSES:
             raise ValueError(f"loss={self.loss!r} must be 'clip' or 'siglip'")
         if self.grad_accum < 1 or self.batch_size % self.grad_accum:
             raise ValueError(f"grad_accum={self.grad_accum} must be >= 1 and divide batch_size={self.batch_size}")
-        if self.precision not in ("auto", "fp32", "bf16"):
+        if self.precision not in PRECISIONS:
             raise ValueError(f"precision={self.precision!r} must be 'auto', 'fp32' or 'bf16'")
-        if self.schedule not in ("constant", "cosine"):
+        if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule={self.schedule!r} must be 'constant' or 'cosine'")
         if self.resume and self.overwrite:
             raise ValueError("resume=True and overwrite=True exclude each other; choose one")
@@ -314,48 +328,6 @@ def _param_groups(model, params, weight_decay: float):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-class _StepBatches:
-    """Batch sampler: the batch of global step ``s`` is a pure function of (seed, s).
-
-    Each epoch is a seeded permutation of the records cut into ``n // batch_size``
-    whole batches (the remainder of the permutation is left out of that epoch),
-    so a batch never spans two epochs and never holds a record twice. Every item
-    comes with its own augmentation seed. Each process takes its slice of the
-    global batch.
-    """
-
-    def __init__(self, n: int, batch_size: int, seed: int, start_step: int, steps: int,
-                 rank: int = 0, world: int = 1):
-        from ..datasets.torch_datasets import item_seed
-
-        self._item_seed = item_seed
-        self.n, self.bs, self.seed = n, batch_size, seed
-        self.start, self.steps, self.rank, self.world = start_step, steps, rank, world
-        self.per_epoch = n // batch_size
-        self._perms: dict[int, np.ndarray] = {}
-
-    def _perm(self, epoch: int) -> np.ndarray:
-        if epoch not in self._perms:
-            self._perms = {epoch: np.random.default_rng([self.seed & 0xFFFFFFFF, epoch]).permutation(self.n)}
-        return self._perms[epoch]
-
-    def global_batch(self, step: int) -> list[tuple[int, int]]:
-        epoch, k = divmod(step, self.per_epoch)
-        rows = self._perm(epoch)[k * self.bs:(k + 1) * self.bs]
-        return [(int(i), self._item_seed(self.seed, _TRAIN_ITEMS, step, j)) for j, i in enumerate(rows)]
-
-    def batch(self, step: int) -> list[tuple[int, int]]:
-        per = self.bs // self.world
-        return self.global_batch(step)[self.rank * per:(self.rank + 1) * per]
-
-    def __iter__(self):
-        for s in range(self.start, self.steps):
-            yield self.batch(s)
-
-    def __len__(self) -> int:
-        return max(0, self.steps - self.start)
-
-
 def _collate(batch):
     import torch
 
@@ -363,30 +335,64 @@ def _collate(batch):
     return images, [b[1] for b in batch]
 
 
-def _make_loss(config: CLIPTrainingConfig, rank: int, world: int):
-    from open_clip.loss import ClipLoss, SigLipLoss
+class ContrastiveLoss:
+    """open_clip's contrastive loss of a run, called one way: ``loss(**features)``.
 
-    if config.loss == "siglip":
-        return SigLipLoss(rank=rank, world_size=world)
-    return ClipLoss(local_loss=False, gather_with_grad=world > 1, cache_labels=True, rank=rank,
-                    world_size=world)
+    ``features`` are those of a CLIP forward (:func:`clip_features`):
+    ``image_features``, ``text_features``, ``logit_scale`` and, for models that
+    have one, ``logit_bias``. ``"clip"`` is ``ClipLoss`` (symmetric InfoNCE over
+    the whole batch, gathered across processes with gradients; a model's logit
+    bias is not used), ``"siglip"`` is ``SigLipLoss`` (a bias of 0 for models
+    without one).
+
+    Parameters
+    ----------
+    kind : {"clip", "siglip"}
+    rank, world : int
+        This process and the number of processes (features are gathered across them).
+    """
+
+    def __init__(self, kind: str = "clip", rank: int = 0, world: int = 1):
+        from open_clip.loss import ClipLoss, SigLipLoss
+
+        if kind not in CLIP_LOSSES:
+            raise ValueError(f"loss={kind!r} must be 'clip' or 'siglip'")
+        self.kind = kind
+        if kind == "siglip":
+            self._call = functools.partial(_with_bias, SigLipLoss(rank=rank, world_size=world))
+        else:
+            self._call = functools.partial(_without_bias, ClipLoss(
+                local_loss=False, gather_with_grad=world > 1, cache_labels=True, rank=rank, world_size=world))
+
+    def __call__(self, image_features, text_features, logit_scale, logit_bias=None):
+        """The loss over the batch of these features (a scalar tensor)."""
+        return self._call(image_features, text_features, logit_scale, logit_bias)
 
 
-def _features(out):
-    """``(image_features, text_features, logit_scale, logit_bias)`` of a CLIP forward."""
+def _with_bias(loss, image_features, text_features, logit_scale, logit_bias):
+    if logit_bias is None:
+        import torch
+
+        logit_bias = torch.zeros((), device=image_features.device)
+    return loss(image_features, text_features, logit_scale, logit_bias)
+
+
+def _without_bias(loss, image_features, text_features, logit_scale, logit_bias):
+    """InfoNCE adds no bias to the logits (older open_clip's ``ClipLoss`` takes none)."""
+    return loss(image_features, text_features, logit_scale)
+
+
+def clip_features(out) -> dict:
+    """The features of a CLIP forward (dict or tuple output), as the keywords of :class:`ContrastiveLoss`."""
     if isinstance(out, dict):
-        return out["image_features"], out["text_features"], out["logit_scale"], out.get("logit_bias")
-    return out[0], out[1], out[2], (out[3] if len(out) > 3 else None)
-
-
-def _contrastive_loss(loss_fn, img, txt, scale, bias):
-    if loss_fn.__class__.__name__ == "SigLipLoss":
-        if bias is None:
-            import torch
-
-            bias = torch.zeros((), device=img.device)
-        return loss_fn(img, txt, scale, bias)
-    return loss_fn(img, txt, scale)
+        features = {k: out[k] for k in ("image_features", "text_features", "logit_scale")}
+        bias = out.get("logit_bias")
+    else:
+        features = dict(zip(("image_features", "text_features", "logit_scale"), out[:3]))
+        bias = out[3] if len(out) > 3 else None
+    if bias is not None:
+        features["logit_bias"] = bias
+    return features
 
 
 def _train_step(model, fwd_model, train_model, loss_fn, images, tokens, grad_accum: int, autocast,
@@ -404,25 +410,26 @@ def _train_step(model, fwd_model, train_model, loss_fn, images, tokens, grad_acc
 
     if grad_accum == 1:
         with autocast():
-            loss = _contrastive_loss(loss_fn, *_features(fwd_model(images, tokens)))
+            loss = loss_fn(**clip_features(fwd_model(images, tokens)))
         loss.backward()
         return loss.detach()
     chunks = list(zip(images.chunk(grad_accum), tokens.chunk(grad_accum)))
     with torch.no_grad(), autocast():
-        cached = [_features(model(im, tk))[:2] for im, tk in chunks]
+        cached = [clip_features(model(im, tk)) for im, tk in chunks]
     loss = None
     for j, (im, tk) in enumerate(chunks):
         last = j == grad_accum - 1
         sync = contextlib.nullcontext() if (last or not distributed) else train_model.no_sync()
         with sync:
             with autocast():
-                img_j, txt_j, scale, bias = _features(fwd_model(im, tk))
-                if not last:
-                    scale = scale.detach()
-                    bias = bias.detach() if bias is not None else None
-                img = torch.cat([c[0] for c in cached[:j]] + [img_j] + [c[0] for c in cached[j + 1:]])
-                txt = torch.cat([c[1] for c in cached[:j]] + [txt_j] + [c[1] for c in cached[j + 1:]])
-                loss = _contrastive_loss(loss_fn, img, txt, scale, bias)
+                features = clip_features(fwd_model(im, tk))
+                if not last:  # the temperature (and bias) get their gradient once, from the last micro-batch
+                    features.update({k: features[k].detach() for k in ("logit_scale", "logit_bias")
+                                     if k in features})
+                for k in ("image_features", "text_features"):
+                    features[k] = torch.cat([c[k] for c in cached[:j]] + [features[k]]
+                                            + [c[k] for c in cached[j + 1:]])
+                loss = loss_fn(**features)
             loss.backward()
     return loss.detach()
 
@@ -538,6 +545,7 @@ def _evaluate(embedder, val_ds, config, autocast):
 
     model = embedder.model
     model.eval()
+    loss_fn = ContrastiveLoss("clip")  # the training loss (InfoNCE) on this process's validation batches
     n = len(val_ds)
     order = np.random.default_rng([config.seed & 0xFFFFFFFF, _VAL_ORDER]).permutation(n)
     total, count, img_feats, txt_feats = None, 0, [], []
@@ -552,10 +560,7 @@ def _evaluate(embedder, val_ds, config, autocast):
                 img = model.encode_image(images, normalize=True).float()
                 txt = model.encode_text(tokens, normalize=True).float()
             if len(rows) >= 2:
-                logits = model.logit_scale.exp().float() * img @ txt.T
-                labels = torch.arange(len(rows), device=images.device)
-                loss = (torch.nn.functional.cross_entropy(logits, labels)
-                        + torch.nn.functional.cross_entropy(logits.T, labels)) / 2
+                loss = loss_fn(image_features=img, text_features=txt, logit_scale=model.logit_scale.exp().float())
                 total = loss * len(rows) if total is None else total + loss * len(rows)
                 count += len(rows)
             img_feats.append(img.cpu().numpy())
@@ -617,19 +622,6 @@ def _context_check(emb, config: CLIPTrainingConfig):
         return count_tokens(text) <= ctx
 
     return fits_context
-
-
-def _restore(ckpt_dir: Path, state: dict, model, optimizer, scheduler):
-    """Weights, optimiser and schedule of a checkpoint; its step, history, resumes and best value.
-
-    The random states come back later, after the DataLoader's iterator is made (it draws a seed).
-    """
-    load_checkpoint(ckpt_dir, model=model, optimizer=optimizer, scheduler=scheduler, restore_rng=False)
-    start_step = int(state["step"])
-    rows = [dict(r) for r in state.get("history", [])]
-    resumes = list(state.get("resumes", [])) + [
-        {"step": start_step, "changed": {k: list(v) for k, v in state["changed"].items()}}]
-    return start_step, rows, resumes, state.get("best_value")
 
 
 def _wrapped_models(model, config: CLIPTrainingConfig, device, world: int):
@@ -711,10 +703,10 @@ def _optimizer(model, params, config: CLIPTrainingConfig, device):
 
 def _train_loader(train_ds, config: CLIPTrainingConfig, start_step: int, rank: int, world: int,
                   num_workers: int, device):
-    """The training batches from ``start_step`` on (the seeded plan of :class:`_StepBatches`)."""
+    """The training batches from ``start_step`` on (the seeded plan of :class:`~astrovl.training.batches.StepBatches`)."""
     from torch.utils.data import DataLoader
 
-    sampler = _StepBatches(len(train_ds), config.batch_size, config.seed, start_step, config.steps, rank, world)
+    sampler = StepBatches(len(train_ds), config.batch_size, config.seed, start_step, config.steps, rank, world)
     return DataLoader(train_ds, batch_sampler=sampler, collate_fn=_collate, num_workers=num_workers,
                       pin_memory=device.type == "cuda", prefetch_factor=4 if num_workers else None,
                       persistent_workers=False)
@@ -813,90 +805,163 @@ def train_clip(embedder, train, val, config: CLIPTrainingConfig | None = None, *
     The training loop reads values back from the device only at these
     validation steps.
     """
-    import torch
-
-    from ..utils.progress import progress_bar
-
-    config = dataclasses.replace(config or CLIPTrainingConfig(), **overrides)
-    config.validate()
+    config = dataclasses.replace(config or CLIPTrainingConfig(), **overrides)  # validated (__post_init__)
     rank, world = _dist_info()
     _check_sizes(train, val, config, world)
-    out, val_sub, identity, state = _prepare_run(embedder, train, val, config, rank, world)
-    ckpt_dir = out / CHECKPOINT_DIR
+    out, val_sub, identity, checkpoint = _prepare_run(embedder, train, val, config, rank, world)
     seed_everything(config.seed)
+    task = CLIPTask.build(embedder, train, val_sub, config, out, identity, rank=rank, world=world)
+    run = task.restore(checkpoint)
+    if run.finished:
+        return task.finished_result(run)
+    run_steps(task.start(run), run, config.steps, task.train_step, task.after_step, task.bar)
+    task.stop()  # the DataLoader's workers end before their image cache goes
+    return task.export(run)
 
-    device = _training_device(config, embedder, world)
-    emb = _prepare_embedder(embedder, config, device)
-    model = emb.model
-    params = _trainable_parameters(model, config.mode)
-    autocast = _autocast(config, device)
-    num_workers = config.num_workers if config.num_workers is not None else (8 if device.type == "cuda" else 0)
-    train_ds, val_ds = _torch_datasets(emb, config, train, _training_captions(train, config), val_sub,
-                                       num_workers, out, rank, _context_check(emb, config))
 
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    optimizer, scheduler = _optimizer(model, params, config, device)
-    loss_fn = _make_loss(config, rank, world)
+class CLIPTask:
+    """One CLIP training run: model, data, optimiser and loss; a training step, validation, checkpoint, export.
 
-    start_step, rows, resumes, best_value = 0, [], [], None
-    if state is not None:
-        start_step, rows, resumes, best_value = _restore(ckpt_dir, state, model, optimizer, scheduler)
-        if state.get("finished") and config.steps <= start_step:
-            return _finished_result(out, rows, config, emb, device, start_step, train_ds)
-        _log_resume(start_step, config.steps, state["changed"])
+    :func:`train_clip` composes it with :func:`~astrovl.training.loop.run_steps`;
+    build it with :meth:`build`.
+    """
 
-    train_model, fwd_model = _wrapped_models(model, config, device, world)
+    def __init__(self, *, config: CLIPTrainingConfig, out: Path, identity: dict, rank: int, world: int,
+                 device, emb, train_ds, val_ds, optimizer, scheduler, loss_fn, autocast, num_workers: int):
+        self.config, self.out, self.identity, self.rank, self.world = config, out, identity, rank, world
+        self.device, self.emb, self.model = device, emb, emb.model
+        self.train_ds, self.val_ds, self.num_workers = train_ds, val_ds, num_workers
+        self.optimizer, self.scheduler, self.loss_fn, self.autocast = optimizer, scheduler, loss_fn, autocast
+        self.ckpt_dir = out / CHECKPOINT_DIR
+        self.bar = self.writer = self._batches = None
+        self._running, self._running_n, self._samples, self._t_last = None, 0, 0, time.perf_counter()
 
-    loader = _train_loader(train_ds, config, start_step, rank, world, num_workers, device)
-    writer = _tensorboard_writer(out) if config.tensorboard and rank == 0 else None
+    @classmethod
+    def build(cls, embedder, train, val, config: CLIPTrainingConfig, out: Path, identity: dict, *,
+              rank: int = 0, world: int = 1) -> CLIPTask:
+        """The model of ``config.mode`` on this process's device, its data, optimiser and loss."""
+        import torch
 
-    running, running_n, t_last, samples = None, 0, time.perf_counter(), 0
-    bar = progress_bar(total=config.steps, initial=start_step, enabled=config.progress and rank == 0,
-                       desc=f"train-clip ({config.mode})", unit="step")
-    step = start_step
-    tok = emb.tokenizer
-    batches = named_data_errors(iter(loader))
-    if state is not None:
-        restore_rng_state(read_rng_state(ckpt_dir))
-    for images, caps in batches:
-        model.train()
-        images = images.to(device, non_blocking=True)
+        device = _training_device(config, embedder, world)
+        emb = _prepare_embedder(embedder, config, device)
+        params = _trainable_parameters(emb.model, config.mode)
+        num_workers = config.num_workers if config.num_workers is not None else (8 if device.type == "cuda" else 0)
+        train_ds, val_ds = _torch_datasets(emb, config, train, _training_captions(train, config), val,
+                                           num_workers, out, rank, _context_check(emb, config))
         if device.type == "cuda":
-            images = images.contiguous(memory_format=torch.channels_last)
-        tokens = tok(caps).to(device, non_blocking=True)
-        loss = _optimizer_step(model, fwd_model, train_model, loss_fn, images, tokens, optimizer, scheduler,
-                               config.grad_accum, autocast, world > 1)
-        step += 1
-        running = loss if running is None else running + loss  # stays on the device
-        running_n += 1
-        samples += config.batch_size
-        bar.update(1)
-        if step % config.eval_every == 0 or step == config.steps:
-            train_loss = float(running) / running_n  # the only read-back of the loop
-            elapsed = time.perf_counter() - t_last
-            rate = samples / elapsed if elapsed > 0 else float("nan")
-            if rank == 0:
-                rows.append({"step": step, "train_loss": train_loss, **_evaluate(emb, val_ds, config, autocast),
-                             "lr": float(scheduler.get_last_lr()[0]), "samples_per_s": rate})
-                bar.set_postfix(loss=f"{train_loss:.3f}", val_top10=f"{rows[-1]['val_top10']:.3f}",
-                                sps=f"{rate:.0f}")
-                _log_scalars(writer, rows[-1])
-                best_value = _keep_best(emb, rows[-1], config, best_value, out)
-                _save_progress(out, rows, model, optimizer, scheduler, config, best_value, identity, resumes)
-            _barrier(world)  # the other processes wait while process 0 validates
-            running, running_n, samples, t_last = None, 0, 0, time.perf_counter()
-    bar.close()
-    del batches, loader  # the worker processes end before their image cache goes
-    _close(writer, train_ds)
+            emb.model = emb.model.to(memory_format=torch.channels_last)
+        optimizer, scheduler = _optimizer(emb.model, params, config, device)
+        return cls(config=config, out=out, identity=identity, rank=rank, world=world, device=device, emb=emb,
+                   train_ds=train_ds, val_ds=val_ds, optimizer=optimizer, scheduler=scheduler,
+                   loss_fn=ContrastiveLoss(config.loss, rank, world), autocast=_autocast(config, device),
+                   num_workers=num_workers)
 
-    history = _result_history(rows, config)
-    final_path = None
-    if rank == 0:
-        final_path = _write_outputs(out, emb, history, config, step, device, identity, resumes)
-    _barrier(world)  # rank 0 has finished writing best/ and final/
-    return CLIPTrainingResult(history=history, best_path=out / "best", embedder=_best_model(out, emb, device),
-                              output_dir=out, final_path=final_path, start_step=start_step)
+    def restore(self, checkpoint: dict | None) -> RunState:
+        """The run's state: a fresh one, or the checkpoint's with its weights, optimiser and schedule loaded.
+
+        The random states come back in :meth:`start`, after the DataLoader's iterator is made (it draws a seed).
+        """
+        if checkpoint is None:
+            return RunState()
+        load_checkpoint(self.ckpt_dir, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
+                        restore_rng=False)
+        run = RunState.resumed(checkpoint, self.config.steps)
+        if not run.finished:
+            log_resume(run.step, self.config.steps, checkpoint["changed"], logger=log)
+        return run
+
+    def start(self, run: RunState):
+        """The training batches from ``run.step`` on (after which the random states of a resumed run return)."""
+        from ..utils.progress import progress_bar
+
+        config = self.config
+        self.train_model, self.fwd_model = _wrapped_models(self.model, config, self.device, self.world)
+        loader = _train_loader(self.train_ds, config, run.step, self.rank, self.world, self.num_workers,
+                               self.device)
+        self.writer = _tensorboard_writer(self.out) if config.tensorboard and self.rank == 0 else None
+        self._t_last = time.perf_counter()
+        self.bar = progress_bar(total=config.steps, initial=run.step, enabled=config.progress and self.rank == 0,
+                                desc=f"train-clip ({config.mode})", unit="step")
+        self._batches = named_data_errors(iter(loader))
+        if run.resumes:  # a resumed run
+            restore_rng_state(read_rng_state(self.ckpt_dir))
+        return self._batches
+
+    def train_step(self, batch) -> bool:
+        """One optimiser step on ``(images, captions)``; the loss stays on the device. Always True."""
+        import torch
+
+        images, caps = batch
+        self.model.train()
+        images = images.to(self.device, non_blocking=True)
+        if self.device.type == "cuda":
+            images = images.contiguous(memory_format=torch.channels_last)
+        tokens = self.emb.tokenizer(caps).to(self.device, non_blocking=True)
+        loss = _optimizer_step(self.model, self.fwd_model, self.train_model, self.loss_fn, images, tokens,
+                               self.optimizer, self.scheduler, self.config.grad_accum, self.autocast,
+                               self.world > 1)
+        self._running = loss if self._running is None else self._running + loss
+        self._running_n += 1
+        self._samples += self.config.batch_size
+        return True
+
+    def after_step(self, run: RunState) -> None:
+        """Every ``eval_every`` steps and at the end: validate, keep the best model, write the checkpoint."""
+        config = self.config
+        if run.step % config.eval_every and run.step != config.steps:
+            return
+        train_loss = float(self._running) / self._running_n  # the only read-back of the loop
+        elapsed = time.perf_counter() - self._t_last
+        rate = self._samples / elapsed if elapsed > 0 else float("nan")
+        if self.rank == 0:
+            row = {"step": run.step, "train_loss": train_loss, **self.evaluate(),
+                   "lr": float(self.scheduler.get_last_lr()[0]), "samples_per_s": rate}
+            run.rows.append(row)
+            self.bar.set_postfix(loss=f"{train_loss:.3f}", val_top10=f"{row['val_top10']:.3f}", sps=f"{rate:.0f}")
+            _log_scalars(self.writer, row)
+            run.best = _keep_best(self.emb, row, config, run.best, self.out)
+            self.save(run)
+        _barrier(self.world)  # the other processes wait while process 0 validates
+        self._running, self._running_n, self._samples, self._t_last = None, 0, 0, time.perf_counter()
+
+    def evaluate(self) -> dict:
+        """``val_loss``, ``val_top10`` and ``val_top10_batch100`` of the model now (see :func:`train_clip`)."""
+        return _evaluate(self.emb, self.val_ds, self.config, self.autocast)
+
+    def save(self, run: RunState) -> None:
+        """The metrics so far and a checkpoint to resume from."""
+        _save_progress(self.out, run.rows, self.model, self.optimizer, self.scheduler, self.config, run.best,
+                       self.identity, run.resumes)
+
+    def stop(self) -> None:
+        """End the DataLoader's workers, close the progress bar and TensorBoard, remove the image cache."""
+        self._batches = None
+        if self.bar is not None:
+            self.bar.close()
+        _close(self.writer, self.train_ds)
+
+    def export(self, run: RunState) -> CLIPTrainingResult:
+        """Write the final model, metrics, curves and run record (process 0); the result of the run."""
+        history = _result_history(run.rows, self.config)
+        final_path = None
+        if self.rank == 0:
+            final_path = _write_outputs(self.out, self.emb, history, self.config, run.step, self.device,
+                                        self.identity, run.resumes)
+        _barrier(self.world)  # rank 0 has finished writing best/ and final/
+        return CLIPTrainingResult(history=history, best_path=self.out / "best",
+                                  embedder=_best_model(self.out, self.emb, self.device), output_dir=self.out,
+                                  final_path=final_path, start_step=run.start_step)
+
+    def finished_result(self, run: RunState) -> CLIPTrainingResult:
+        """The result of a run that had already finished (nothing trained, nothing written)."""
+        log_resume(run.step, self.config.steps, {}, finished=True, out=self.out, logger=log)
+        if hasattr(self.train_ds.cache, "remove"):
+            self.train_ds.cache.remove()
+        final = self.out / "final"
+        return CLIPTrainingResult(history=_result_history(run.rows, self.config), best_path=self.out / "best",
+                                  embedder=_best_model(self.out, self.emb, self.device), output_dir=self.out,
+                                  final_path=final if final.is_dir() else None, start_step=run.step,
+                                  finished_before=True)
 
 
 def _choose_start(out: Path, config: CLIPTrainingConfig, rank: int, world: int) -> int | None:
@@ -917,26 +982,6 @@ def _record_images(ds):
     return zip((str(i) for i in ds.manifest["id"]), ds.image_paths)
 
 
-def _log_resume(step: int, total: int, changed: dict) -> None:
-    log.warning("resumed from step %d (of %d)%s", step, total,
-                "; changed since the checkpoint: " + ", ".join(f"{k} {old!r} -> {new!r}"
-                                                             for k, (old, new) in changed.items())
-                if changed else "")
-
-
-def _finished_result(out: Path, rows: list[dict], config: CLIPTrainingConfig, emb, device, step: int,
-                     train_ds):
-    """The result of a run that had already finished (nothing trained, nothing written)."""
-    log.warning("the run in %s finished at step %d; nothing to train, its outputs are left as they are",
-                out, step)
-    if hasattr(train_ds.cache, "remove"):
-        train_ds.cache.remove()
-    final = out / "final"
-    return CLIPTrainingResult(history=_result_history(rows, config), best_path=out / "best",
-                              embedder=_best_model(out, emb, device), output_dir=out,
-                              final_path=final if final.is_dir() else None, start_step=step, finished_before=True)
-
-
 def _result_history(rows: list[dict], config: CLIPTrainingConfig) -> Table:
     history = _history_table(rows)
     history.meta["mode"] = config.mode
@@ -954,6 +999,37 @@ def _best_model(out: Path, emb, device):
 
 def _jsonable(d: dict) -> dict:
     return {k: (str(v) if not isinstance(v, (int, float, str, bool, type(None))) else v) for k, v in d.items()}
+
+
+def scratch_model(model: str | None, mode: str):
+    """The randomly initialised model a ``mode="scratch"`` run starts from, when ``model`` names an architecture.
+
+    Parameters
+    ----------
+    model : str or None
+        ``"tiny"`` (:data:`~astrovl.clip.TINY_CLIP_CONFIG`, a 4M-parameter CLIP) or an
+        open_clip model name: the architecture a scratch run builds. Anything else
+        (a directory, a hub id) is a model to load, whose architecture the run uses.
+    mode : str
+        The run's :attr:`CLIPTrainingConfig.mode`.
+
+    Returns
+    -------
+    CLIPEmbedder or None
+        None when the run starts from a model to load (every mode but
+        ``"scratch"``, or a ``model`` that names no architecture).
+    """
+    if mode != "scratch" or not model:
+        return None
+    from ..clip import TINY_CLIP_CONFIG, CLIPEmbedder
+
+    if model == "tiny":
+        return CLIPEmbedder.from_config(TINY_CLIP_CONFIG)
+    import open_clip
+
+    if open_clip.get_model_config(model) is not None:
+        return CLIPEmbedder.from_config(model)
+    return None
 
 
 def interpolate_weights(base, finetuned, alpha: float):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import random
@@ -21,6 +22,7 @@ __all__ = [
     "load_checkpoint",
     "write_history",
     "plot_history",
+    "LOSS_STYLES",
     "CHECKPOINT_DIR",
     "checkpoint_errors",
     "checkpoint_to_resume",
@@ -50,7 +52,8 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def warmup_schedule(optimizer, warmup_steps: int, total_steps: int, schedule: str = "constant"):
+def warmup_schedule(optimizer, warmup_steps: int, total_steps: int, schedule: str = "constant", *,
+                    warmup_from_zero: bool = False):
     """Linear warm-up then a constant or cosine learning rate, from torch's scheduler building blocks.
 
     The multiplier of the base learning rate after ``step`` calls of ``scheduler.step()`` is
@@ -62,6 +65,12 @@ def warmup_schedule(optimizer, warmup_steps: int, total_steps: int, schedule: st
 
     chained with :class:`~torch.optim.lr_scheduler.SequentialLR`.
 
+    With ``warmup_from_zero`` (the LLaVA recipe), the warm-up starts at 0 instead:
+    the multiplier is ``step / warmup_steps`` while ``step < warmup_steps``, then
+    the same constant or cosine, from one :class:`~torch.optim.lr_scheduler.LambdaLR`
+    (the rates, and the saved state, of transformers'
+    ``get_constant_schedule_with_warmup`` and ``get_cosine_schedule_with_warmup``).
+
     Parameters
     ----------
     optimizer : torch.optim.Optimizer
@@ -71,6 +80,8 @@ def warmup_schedule(optimizer, warmup_steps: int, total_steps: int, schedule: st
         Steps of the whole run (the end of the cosine).
     schedule : {"constant", "cosine"}
         The rate after warm-up.
+    warmup_from_zero : bool
+        Start the warm-up at a rate of 0 (step 0) rather than ``1 / warmup_steps``.
 
     Returns
     -------
@@ -83,6 +94,11 @@ def warmup_schedule(optimizer, warmup_steps: int, total_steps: int, schedule: st
         raise ValueError(f"schedule={schedule!r} must be 'constant' or 'cosine'")
     if warmup_steps < 0:
         raise ValueError(f"warmup_steps={warmup_steps} must be >= 0")
+    if warmup_from_zero:
+        from torch.optim.lr_scheduler import LambdaLR
+
+        return LambdaLR(optimizer, functools.partial(_from_zero_multiplier, warmup_steps=warmup_steps,
+                                                     total_steps=total_steps, cosine=schedule == "cosine"))
     if schedule == "constant":
         after = ConstantLR(optimizer, factor=1.0, total_iters=0)
     else:
@@ -91,6 +107,16 @@ def warmup_schedule(optimizer, warmup_steps: int, total_steps: int, schedule: st
         return after
     warmup = LinearLR(optimizer, start_factor=1.0 / warmup_steps, end_factor=1.0, total_iters=warmup_steps - 1)
     return SequentialLR(optimizer, [warmup, after], milestones=[warmup_steps])
+
+
+def _from_zero_multiplier(step: int, *, warmup_steps: int, total_steps: int, cosine: bool) -> float:
+    """The multiplier of :func:`warmup_schedule` with ``warmup_from_zero`` after ``step`` steps."""
+    if step < warmup_steps:
+        return float(step) / float(max(1, warmup_steps))
+    if not cosine:
+        return 1.0
+    progress = float(step - warmup_steps) / float(max(1, total_steps - warmup_steps))
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
 def checkpoint_to_resume(output_dir, resume: bool) -> Path | None:
@@ -491,36 +517,68 @@ def write_history(history, path) -> None:
         history.write(fh, format="ascii.csv")
 
 
-def plot_history(history, path=None, *, title: str = "training"):
-    """Plot loss and accuracy curves; returns the matplotlib Figure (saved to ``path`` if given)."""
+#: how :func:`plot_history` draws each loss column: (label, line style, marker size)
+LOSS_STYLES = {"train_loss": ("training loss", "-o", 3), "val_loss": ("validation loss", "--s", 4)}
+
+
+def plot_history(history, path=None, *, title: str = "training", xlabel: str = "step",
+                 loss_label: str = "loss"):
+    """Plot the loss curves, and the retrieval accuracies when there are any; returns the Figure.
+
+    One panel of ``train_loss`` and ``val_loss`` (only the steps where a value was
+    computed, not NaN) against ``step``; with ``val_top*`` columns (CLIP) a second
+    panel of the accuracies, with the ``random_top10`` of ``history.meta`` as a
+    dashed line.
+
+    Parameters
+    ----------
+    history : astropy.table.Table
+        As the trainers return it.
+    path : path, optional
+        Where to write the PNG (atomically).
+    title : str
+    xlabel, loss_label : str
+        Axis labels of the loss panel.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(9, 3.5))
-    ax1, ax2 = fig.subplots(1, 2)
+    acc_cols = [c for c in history.colnames if c.startswith("val_top")]
+    fig = Figure(figsize=(9, 3.5) if acc_cols else (6, 3.5))
+    axes = fig.subplots(1, 2) if acc_cols else [fig.subplots()]
     steps = np.asarray(history["step"])
-    for col, style in (("train_loss", "-"), ("val_loss", "--")):
+    ax1 = axes[0]
+    for col, (label, style, size) in LOSS_STYLES.items():
         if col in history.colnames:
             vals = np.asarray(history[col], dtype=float)
             ok = np.isfinite(vals)
-            ax1.plot(steps[ok], vals[ok], style, label=col.replace("_", " "))
-    ax1.set_xlabel("step")
-    ax1.set_ylabel("loss")
+            if ok.any() or col == "train_loss":
+                ax1.plot(steps[ok], vals[ok], style, ms=size, label=label)
+    ax1.set_xlabel(xlabel)
+    ax1.set_ylabel(loss_label)
     ax1.legend()
-    ax1.set_title(f"{title}: loss")
-    acc_cols = [c for c in history.colnames if c.startswith("val_top")]
-    for col in acc_cols:
-        vals = np.asarray(history[col], dtype=float)
-        ok = np.isfinite(vals)
-        ax2.plot(steps[ok], vals[ok], "o-", label=col.replace("_", " "))
-    if "random_top10" in history.meta:
-        ax2.axhline(history.meta["random_top10"], ls="--", color="0.5", label="random")
-    ax2.set_xlabel("step")
-    ax2.set_ylabel("accuracy")
-    ax2.set_ylim(0, 1)
-    ax2.legend()
-    ax2.set_title(f"{title}: retrieval")
+    ax1.set_title(f"{title}: loss" if acc_cols else title)
+    if acc_cols:
+        _plot_accuracy(axes[1], history, steps, acc_cols, title)
     fig.tight_layout()
     if path is not None:
         with atomic_write(path, "wb") as fh:
             fig.savefig(fh, format="png", dpi=100)
     return fig
+
+
+def _plot_accuracy(ax, history, steps, acc_cols, title: str) -> None:
+    for col in acc_cols:
+        vals = np.asarray(history[col], dtype=float)
+        ok = np.isfinite(vals)
+        ax.plot(steps[ok], vals[ok], "o-", label=col.replace("_", " "))
+    if "random_top10" in history.meta:
+        ax.axhline(history.meta["random_top10"], ls="--", color="0.5", label="random")
+    ax.set_xlabel("step")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1)
+    ax.legend()
+    ax.set_title(f"{title}: retrieval")

@@ -34,6 +34,8 @@ from ..utils.files import (
 )
 from ..utils.imports import optional_import
 from ..utils.progress import progress_bar
+from .batches import EpochBatches
+from .choices import LLAVA_STAGES, SCHEDULES
 from .common import (
     CHECKPOINT_DIR,
     check_record_images,
@@ -42,18 +44,21 @@ from .common import (
     choose_start,
     load_checkpoint,
     named_data_errors,
+    plot_history,
     read_rng_state,
     records_digest,
     restore_rng_state,
     rng_state,
     save_checkpoint,
     seed_everything,
+    warmup_schedule,
     write_history,
 )
 from .llava_data import LLaVATorchDataset, collate_fn, load_conversation_records
 from .llava_validation import validation_loss
+from .loop import RunState, log_resume, run_steps
 
-__all__ = ["LLaVATrainingConfig", "LLaVATrainingResult", "train_llava", "plot_loss", "DEEPSPEED_ZERO3_CONFIG",
+__all__ = ["LLaVATrainingConfig", "LLaVATrainingResult", "LLaVATask", "train_llava", "plot_loss", "DEEPSPEED_ZERO3_CONFIG",
            "LORA_TARGET_MODULES", "RUN_OUTPUTS"]
 
 log = logging.getLogger(__name__)
@@ -92,7 +97,8 @@ class LLaVATrainingConfig:
     weight_decay, warmup_ratio, schedule, max_grad_norm : float, float, str, float
         AdamW weight decay; linear warm-up from 0 over this fraction of steps,
         then ``"cosine"`` down to 0 at the last step (recipe) or ``"constant"``
-        (transformers' ``get_cosine_schedule_with_warmup`` /
+        (:func:`~astrovl.training.common.warmup_schedule` with ``warmup_from_zero``:
+        the rates of transformers' ``get_cosine_schedule_with_warmup`` /
         ``get_constant_schedule_with_warmup``); gradient clipping.
     lora, lora_r, lora_alpha, lora_dropout
         LoRA on the language model's attention and MLP layers (peft); the
@@ -194,7 +200,13 @@ class LLaVATrainingConfig:
     RESUME_NOT_COMPARED: ClassVar[tuple[str, ...]] = ("output_dir", "resume", "overwrite", "extra")
 
     def __post_init__(self):
-        if self.stage not in (1, 2):
+        self.validate()
+        if self.lr is None:
+            self.lr = _DEFAULT_LR["lora"] if self.lora else _DEFAULT_LR[self.stage]
+
+    def validate(self) -> None:
+        """Raise ValueError with the fix for inconsistent settings (also when the configuration is made)."""
+        if self.stage not in LLAVA_STAGES:
             raise ValueError(f"stage={self.stage!r}; use 1 (projector) or 2 (end to end)")
         if self.lora and self.stage != 2:
             raise ValueError("lora=True applies to stage 2; stage 1 trains the projector only")
@@ -207,6 +219,8 @@ class LLaVATrainingConfig:
                              "records drawn from it, e.g. 0.1; with the default 0 nothing would be mixed in")
         if self.resume and self.overwrite:
             raise ValueError("resume=True and overwrite=True exclude each other; choose one")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule={self.schedule!r} must be 'constant' or 'cosine'")
         for name in ("batch_size", "gradient_accumulation_steps", "save_every", "log_every"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
@@ -216,8 +230,6 @@ class LLaVATrainingConfig:
             raise ValueError(f"eval_every={self.eval_every} must be >= 1")
         if int(self.num_workers) < 0:
             raise ValueError(f"num_workers={self.num_workers} must be >= 0")
-        if self.lr is None:
-            self.lr = _DEFAULT_LR["lora"] if self.lora else _DEFAULT_LR[self.stage]
 
 
 @dataclass
@@ -352,21 +364,6 @@ def _resumed_state(ckpt: Path, config: LLaVATrainingConfig, identity: dict, tota
     return state
 
 
-def _log_resume(out: Path, step: int, total: int, changed: dict, finished: bool) -> None:
-    if finished:
-        log.warning("the run in %s finished at step %d; nothing to train, its outputs are left as they are",
-                    out, step)
-        return
-    log.warning("resumed from step %d (of %d)%s", step, total,
-                "; changed since the checkpoint: " + ", ".join(f"{k} {old!r} -> {new!r}"
-                                                             for k, (old, new) in changed.items())
-                if changed else "")
-
-
-def _epoch_order(n: int, epoch: int, seed: int) -> np.ndarray:
-    return np.random.default_rng([seed, epoch]).permutation(n)
-
-
 def _as_llava(model):
     """An AstroLLaVA from an instance or a path; paths load on the CPU (accelerate places them)."""
     from ..llava import AstroLLaVA
@@ -374,31 +371,6 @@ def _as_llava(model):
     if isinstance(model, AstroLLaVA):
         return model
     return AstroLLaVA.from_pretrained(model, device="cpu", dtype="float32")
-
-
-def _batch_plan(n: int, *, seed: int, world: int, rank: int, batch_size: int, epoch: int, micro: int):
-    """Batches of ``(record index, position after the batch)`` keys, epoch after epoch, forever.
-
-    Each epoch is a seeded permutation of the records; this process takes every
-    ``world``-th record; the first epoch starts at micro-batch ``micro`` (resuming).
-    """
-    while True:
-        mine = _epoch_order(n, epoch, seed)[rank::world]
-        n_batches = math.ceil(len(mine) / batch_size)
-        for b in range(micro, n_batches):
-            position = (epoch + 1, 0) if b + 1 == n_batches else (epoch, b + 1)
-            yield [(int(i), position) for i in mine[b * batch_size:(b + 1) * batch_size]]
-        epoch, micro = epoch + 1, 0
-
-
-class _Plan:
-    """A re-iterable batch sampler over :func:`_batch_plan` (DataLoader wants ``__iter__``)."""
-
-    def __init__(self, **kwargs):
-        self.kwargs = kwargs
-
-    def __iter__(self):
-        return _batch_plan(**self.kwargs)
 
 
 def _datasets(records: list[dict], val_records: list[dict], llava, config: LLaVATrainingConfig):
@@ -462,7 +434,7 @@ def _prepare(accelerator, net, optimizer, scheduler, ckpt: Path | None, deepspee
 
 def _train_loader(dataset, config: LLaVATrainingConfig, collate, use_cpu: bool, *, world: int, rank: int,
                   epoch: int, micro: int):
-    """The training batches from (``epoch``, ``micro``) on, in the seeded plan of :class:`_Plan`.
+    """The training batches from (``epoch``, ``micro``) on, in the seeded plan of :class:`~astrovl.training.batches.EpochBatches`.
 
     Chat template, tokenization and image decoding run in the DataLoader's worker processes.
     """
@@ -471,7 +443,7 @@ def _train_loader(dataset, config: LLaVATrainingConfig, collate, use_cpu: bool, 
     options = dict(num_workers=config.num_workers, pin_memory=not use_cpu, collate_fn=collate)
     if config.num_workers > 0:
         options.update(persistent_workers=True, prefetch_factor=4)
-    plan = _Plan(n=len(dataset), seed=config.seed, world=world, rank=rank, batch_size=config.batch_size,
+    plan = EpochBatches(n=len(dataset), seed=config.seed, world=world, rank=rank, batch_size=config.batch_size,
                  epoch=epoch, micro=micro)
     return torch.utils.data.DataLoader(dataset, batch_sampler=plan, **options)
 
@@ -530,27 +502,12 @@ def _trainable_model(llava, config: LLaVATrainingConfig, use_cpu: bool):
 def _optimizer(params, config: LLaVATrainingConfig, total: int, use_cpu: bool):
     """AdamW, its learning-rate schedule (cosine or constant after warm-up) and the warm-up steps."""
     import torch
-    from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay,
                                   fused=not use_cpu and torch.cuda.is_available())
     warmup = int(round(config.warmup_ratio * total))
-    if config.schedule == "cosine":
-        scheduler = get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=warmup, num_training_steps=total)
-    else:
-        scheduler = get_constant_schedule_with_warmup(optimizer, num_warmup_steps=warmup)
+    scheduler = warmup_schedule(optimizer, warmup, total, config.schedule, warmup_from_zero=True)
     return optimizer, scheduler, warmup
-
-
-def _resume_position(state: dict, total: int, out: Path):
-    """Step, epoch, micro-batch, history, resumes and whether the run had finished, from a checkpoint."""
-    step, epoch, micro = int(state["step"]), int(state["epoch"]), int(state["micro"])
-    rows = list(state.get("history", []))
-    resumes = list(state.get("resumes", [])) + [
-        {"step": step, "changed": {k: list(v) for k, v in state["changed"].items()}}]
-    finished = bool(state.get("finished")) and total <= step
-    _log_resume(out, step, total, state["changed"], finished)
-    return step, epoch, micro, rows, resumes, finished
 
 
 def _config_record(config: LLaVATrainingConfig) -> dict:
@@ -621,103 +578,186 @@ def train_llava(model, data, config: LLaVATrainingConfig | None = None, *,
     -------
     LLaVATrainingResult
     """
-    import torch
     optional_import("transformers", purpose="LLaVA training")
-
     config = config or LLaVATrainingConfig()
     out = prepare_output_dir(config.output_dir, OUTPUT_KIND)
     accelerator, deepspeed, use_cpu = _accelerator(config)
-    resume_step = _choose_start(out, config, accelerator)
+    resume = _choose_start(out, config, accelerator) is not None
     records, all_val = _training_records(data, config, image_root)
-    val_records = all_val[:config.max_eval_records]
-    world = accelerator.num_processes
-    micro_per_epoch, total = _step_counts(len(records), config, world)
     seed_everything(config.seed)
-    llava = _as_llava(model)
-    processor = llava.processor
-    identity = _run_identity(llava, records, all_val)
-    ckpt = out / CHECKPOINT_DIR
-    state = _resumed_state(ckpt, config, identity, total) if resume_step is not None else None
-    dataset, val_set = _datasets(records, val_records, llava, config)
-
-    net, params = _trainable_model(llava, config, use_cpu)
-    n_trainable = sum(p.numel() for p in params)
-    optimizer, scheduler, warmup = _optimizer(params, config, total, use_cpu)
-
-    resume = state is not None
-    net, optimizer = _prepare(accelerator, net, optimizer, scheduler, ckpt if resume else None, deepspeed)
-    step, epoch, micro, rows, resumes, finished = _resume_position(state, total, out) if resume \
-        else (0, 0, 0, [], [], False)
-    start_step = step
-
-    collate = collate_fn(processor.tokenizer.pad_token_id)
-    loader = _train_loader(dataset, config, collate, use_cpu, world=world, rank=accelerator.process_index,
-                           epoch=epoch, micro=micro)
-    eval_every = config.eval_every or config.save_every
-
-    bar = progress_bar(total=total, initial=step, enabled=config.progress and accelerator.is_main_process,
-                       desc=f"LLaVA stage {config.stage}", unit="step")
-    # the loss is summed on the device; it reaches the host only at logging steps (no per-step sync)
-    running = torch.zeros((), device=accelerator.device)
-    count = 0
-    it = iter(loader)
-    batches = named_data_errors(it)  # errors of the workers name the record and its image
-    if resume and (ckpt / "rng.pt").is_file():
-        restore_rng_state(read_rng_state(ckpt))  # after every start-up draw: the run goes on as if never stopped
+    task = LLaVATask.build(model, records, all_val, config, out, accelerator, deepspeed=deepspeed,
+                           use_cpu=use_cpu, resume=resume)
+    run = task.restore(task.checkpoint)
     try:
-        while step < total:
-            batch = next(batches)
-            epoch, micro = batch.pop("position")
-            batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
-            running += _micro_step(accelerator, net, batch, optimizer, params, config.max_grad_norm)
-            count += 1
-            if accelerator.sync_gradients:
-                scheduler.step()
-                step += 1
-                bar.update(1)
-                logging_step = step % config.log_every == 0 or step == total
-                eval_step = val_set is not None and (step % eval_every == 0 or step == total)
-                if logging_step or eval_step:
-                    rows.append(_metrics_row(accelerator, net, running / count, step, epoch + micro / micro_per_epoch,
-                                             scheduler, val_set, eval_step, config.batch_size, collate))
-                    bar.set_postfix(loss=f"{rows[-1]['train_loss']:.4f}")
-                    running = torch.zeros((), device=accelerator.device)
-                    count = 0
-                if step % config.save_every == 0 or step == total:
-                    _save(accelerator, net, optimizer, scheduler, ckpt, deepspeed, state={
-                        "step": step, "epoch": epoch, "micro": micro, "n_records": len(records),
-                        "config": _config_record(config), "history": rows, "trainable_parameters": n_trainable,
-                        "run": identity, "total_steps": total, "finished": step == total, "resumes": resumes})
+        run_steps(task.start(run), run, task.total, task.train_step, task.after_step, task.bar)
     finally:
-        del batches, it  # shuts the worker processes down
-    bar.close()
+        task.stop()  # shuts the DataLoader's worker processes down
+    return task.export(run)
 
-    history = _history(rows, val_set is not None)
-    history.meta.update({"stage": config.stage, "lora": config.lora, "trainable_parameters": n_trainable,
-                         "records": len(records), "val_records": len(val_records)})
-    unwrapped = accelerator.unwrap_model(net)
-    unwrapped.eval()
-    full_state = accelerator.get_state_dict(net)  # gathers partitioned weights (collective under ZeRO-3)
-    model_dir = adapter_dir = None
-    if finished:  # nothing trained: the earlier run's outputs stay as they are
-        model_dir = out / "model" if (out / "model").is_dir() else None
-        adapter_dir = out / "adapter" if (out / "adapter").is_dir() else None
-    elif accelerator.is_main_process:
-        model_dir, adapter_dir = _write_outputs(out, history, config, unwrapped, full_state, processor)
-        _write_run_record(out, config, {"steps": step, "total_steps": total, "warmup_steps": warmup,
-                                        "device": str(accelerator.device), "processes": world, **identity,
-                                        "resumes": resumes}, model_dir, adapter_dir)
-    accelerator.wait_for_everyone()
-    from ..llava import AstroLLaVA
 
-    trained = AstroLLaVA(unwrapped, processor, device=accelerator.device, pad_to_square=llava.pad_to_square,
-                         source=str(model_dir or adapter_dir or out))
-    return LLaVATrainingResult(model=trained, model_dir=model_dir, adapter_dir=adapter_dir, output_dir=out,
-                               history=history, start_step=start_step, finished_before=finished)
+class LLaVATask:
+    """One LLaVA training run under accelerate: model, data, optimiser; a micro-batch step, validation,
+    checkpoint, export.
+
+    :func:`train_llava` composes it with :func:`~astrovl.training.loop.run_steps`;
+    build it with :meth:`build`.
+    """
+
+    def __init__(self, *, config: LLaVATrainingConfig, out: Path, accelerator, deepspeed, use_cpu: bool, world: int,
+                 llava, identity: dict, checkpoint: dict | None, records: list[dict], val_records: list[dict],
+                 dataset, val_set, net, params: list, optimizer, scheduler, warmup: int, total: int,
+                 micro_per_epoch: int, collate):
+        self.config, self.out, self.accelerator, self.deepspeed = config, out, accelerator, deepspeed
+        self.use_cpu, self.world, self.llava, self.identity = use_cpu, world, llava, identity
+        #: the checkpoint's state to resume from, checked against this run (None: a new run)
+        self.checkpoint = checkpoint
+        self.records, self.val_records, self.dataset, self.val_set = records, val_records, dataset, val_set
+        self.net, self.params, self.n_trainable = net, params, sum(p.numel() for p in params)
+        self.optimizer, self.scheduler, self.warmup = optimizer, scheduler, warmup
+        self.total, self.micro_per_epoch, self.collate = total, micro_per_epoch, collate
+        self.ckpt = self.out / CHECKPOINT_DIR
+        self.eval_every = self.config.eval_every or self.config.save_every
+        self.epoch = self.micro = 0
+        self.bar = self._batches = None
+
+    @classmethod
+    def build(cls, model, records: list[dict], all_val: list[dict], config: LLaVATrainingConfig, out: Path,
+              accelerator, *, deepspeed=None, use_cpu: bool = True, resume: bool = False) -> LLaVATask:
+        """The model with the stage's trainable parameters, the datasets, the optimiser and its schedule.
+
+        With ``resume``, the checkpoint's state is read and checked against this run
+        (:attr:`checkpoint`) before any dataset or optimiser is made.
+        """
+        world = accelerator.num_processes
+        val_records = all_val[:config.max_eval_records]
+        micro_per_epoch, total = _step_counts(len(records), config, world)
+        llava = _as_llava(model)
+        identity = _run_identity(llava, records, all_val)
+        checkpoint = _resumed_state(out / CHECKPOINT_DIR, config, identity, total) if resume else None
+        dataset, val_set = _datasets(records, val_records, llava, config)
+        net, params = _trainable_model(llava, config, use_cpu)
+        optimizer, scheduler, warmup = _optimizer(params, config, total, use_cpu)
+        return cls(config=config, out=out, accelerator=accelerator, deepspeed=deepspeed, use_cpu=use_cpu,
+                   world=world, llava=llava, identity=identity, checkpoint=checkpoint, records=records,
+                   val_records=val_records, dataset=dataset, val_set=val_set, net=net, params=params,
+                   optimizer=optimizer, scheduler=scheduler,
+                   warmup=warmup, total=total, micro_per_epoch=micro_per_epoch,
+                   collate=collate_fn(llava.processor.tokenizer.pad_token_id))
+
+    def restore(self, checkpoint: dict | None) -> RunState:
+        """``accelerator.prepare`` the model and optimiser, loading ``checkpoint`` (if any); the run's state.
+
+        The random states come back in :meth:`start`, after the DataLoader's iterator is made (it draws a seed).
+        """
+        self.net, self.optimizer = _prepare(self.accelerator, self.net, self.optimizer, self.scheduler,
+                                            self.ckpt if checkpoint is not None else None, self.deepspeed)
+        if checkpoint is None:
+            return RunState()
+        run = RunState.resumed(checkpoint, self.total)
+        self.epoch, self.micro = int(checkpoint["epoch"]), int(checkpoint["micro"])
+        log_resume(run.step, self.total, checkpoint["changed"], finished=run.finished, out=self.out, logger=log)
+        return run
+
+    def start(self, run: RunState):
+        """The micro-batches from the run's data position on (then a resumed run's random states return)."""
+        import torch
+
+        config, accelerator = self.config, self.accelerator
+        loader = _train_loader(self.dataset, config, self.collate, self.use_cpu, world=self.world,
+                               rank=accelerator.process_index, epoch=self.epoch, micro=self.micro)
+        self.bar = progress_bar(total=self.total, initial=run.step,
+                                enabled=config.progress and accelerator.is_main_process,
+                                desc=f"LLaVA stage {config.stage}", unit="step")
+        # the loss is summed on the device; it reaches the host only at logging steps (no per-step sync)
+        self._running, self._count = torch.zeros((), device=accelerator.device), 0
+        self._batches = named_data_errors(iter(loader))  # errors of the workers name the record and its image
+        if self.checkpoint is not None and (self.ckpt / "rng.pt").is_file():
+            restore_rng_state(read_rng_state(self.ckpt))  # after every start-up draw: as if never stopped
+        return self._batches
+
+    def train_step(self, batch: dict) -> bool:
+        """Forward and backward of one micro-batch; True when the optimiser stepped (gradients synchronised)."""
+        self.epoch, self.micro = batch.pop("position")
+        batch = {k: v.to(self.accelerator.device, non_blocking=True) for k, v in batch.items()}
+        self._running += _micro_step(self.accelerator, self.net, batch, self.optimizer, self.params,
+                                     self.config.max_grad_norm)
+        self._count += 1
+        if not self.accelerator.sync_gradients:
+            return False
+        self.scheduler.step()
+        return True
+
+    def after_step(self, run: RunState) -> None:
+        """Log the training loss every ``log_every`` steps, validate every ``eval_every``, checkpoint every
+        ``save_every`` (and all three at the last step)."""
+        import torch
+
+        config, step = self.config, run.step
+        logging_step = step % config.log_every == 0 or step == self.total
+        eval_step = self.val_set is not None and (step % self.eval_every == 0 or step == self.total)
+        if logging_step or eval_step:
+            run.rows.append(self.evaluate(step, eval_step))
+            self.bar.set_postfix(loss=f"{run.rows[-1]['train_loss']:.4f}")
+            self._running, self._count = torch.zeros_like(self._running), 0
+        if step % config.save_every == 0 or step == self.total:
+            self.save(run)
+
+    def evaluate(self, step: int, validate: bool) -> dict:
+        """The history row of a logging step: mean training loss since the last, lr, validation loss."""
+        return _metrics_row(self.accelerator, self.net, self._running / self._count, step,
+                            self.epoch + self.micro / self.micro_per_epoch, self.scheduler, self.val_set,
+                            validate, self.config.batch_size, self.collate)
+
+    def save(self, run: RunState) -> None:
+        """A checkpoint to resume from: weights, optimiser, schedule, random states, data position, history."""
+        _save(self.accelerator, self.net, self.optimizer, self.scheduler, self.ckpt, self.deepspeed, state={
+            "step": run.step, "epoch": self.epoch, "micro": self.micro, "n_records": len(self.records),
+            "config": _config_record(self.config), "history": run.rows, "trainable_parameters": self.n_trainable,
+            "run": self.identity, "total_steps": self.total, "finished": run.step == self.total,
+            "resumes": run.resumes})
+
+    def stop(self) -> None:
+        """End the DataLoader's worker processes and close the progress bar."""
+        self._batches = None
+        if self.bar is not None:
+            self.bar.close()
+
+    def export(self, run: RunState) -> LLaVATrainingResult:
+        """Metrics, loss plot, the trained model or adapter and the run record (main process); the result.
+
+        A run that had already finished writes nothing and returns the earlier run's folders.
+        """
+        from ..llava import AstroLLaVA
+
+        config, accelerator, out = self.config, self.accelerator, self.out
+        history = _history(run.rows, self.val_set is not None)
+        history.meta.update({"stage": config.stage, "lora": config.lora, "trainable_parameters": self.n_trainable,
+                             "records": len(self.records), "val_records": len(self.val_records)})
+        unwrapped = accelerator.unwrap_model(self.net)
+        unwrapped.eval()
+        full_state = accelerator.get_state_dict(self.net)  # gathers partitioned weights (collective under ZeRO-3)
+        model_dir = adapter_dir = None
+        if run.finished:  # nothing trained: the earlier run's outputs stay as they are
+            model_dir = out / "model" if (out / "model").is_dir() else None
+            adapter_dir = out / "adapter" if (out / "adapter").is_dir() else None
+        elif accelerator.is_main_process:
+            model_dir, adapter_dir = _write_outputs(out, history, config, unwrapped, full_state,
+                                                    self.llava.processor)
+            _write_run_record(out, config, {"steps": run.step, "total_steps": self.total,
+                                            "warmup_steps": self.warmup, "device": str(accelerator.device),
+                                            "processes": self.world, **self.identity, "resumes": run.resumes},
+                              model_dir, adapter_dir)
+        accelerator.wait_for_everyone()
+        trained = AstroLLaVA(unwrapped, self.llava.processor, device=accelerator.device,
+                             pad_to_square=self.llava.pad_to_square, source=str(model_dir or adapter_dir or out))
+        return LLaVATrainingResult(model=trained, model_dir=model_dir, adapter_dir=adapter_dir, output_dir=out,
+                                   history=history, start_step=run.start_step, finished_before=run.finished)
 
 
 def plot_loss(history: Table, path: str | os.PathLike | None = None, *, title: str = "LLaVA training"):
     """Plot the training loss, and the validation loss where it was computed; returns the Figure.
+
+    :func:`astrovl.training.common.plot_history` with the axis labels of a LLaVA run.
 
     Parameters
     ----------
@@ -728,23 +768,4 @@ def plot_loss(history: Table, path: str | os.PathLike | None = None, *, title: s
         Where to write the PNG.
     title : str
     """
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6, 3.5))
-    ax = fig.subplots()
-    steps = np.asarray(history["step"])
-    ax.plot(steps, history["train_loss"], "-o", ms=3, label="training loss")
-    if "val_loss" in history.colnames:
-        val = np.asarray(history["val_loss"], dtype=float)
-        ok = np.isfinite(val)
-        if ok.any():
-            ax.plot(steps[ok], val[ok], "--s", ms=4, label="validation loss")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (answers only)")
-    ax.legend()
-    ax.set_title(title)
-    fig.tight_layout()
-    if path is not None:
-        with atomic_write(path, "wb") as fh:
-            fig.savefig(fh, format="png", dpi=100)
-    return fig
+    return plot_history(history, path, title=title, xlabel="optimizer step", loss_label="loss (answers only)")

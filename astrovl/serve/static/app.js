@@ -13,7 +13,7 @@
     meta: $("detail-meta"), header: $("detail-header"), headerSection: $("detail-header-section"),
     score: $("detail-score"), dropzone: $("dropzone"), button: $("search-button"),
     assistant: $("assistant"), askForm: $("ask-form"), describe: $("describe"), question: $("question"),
-    answer: $("answer"), answerStatus: $("answer-status"),
+    answer: $("answer"), answerStatus: $("answer-status"), rerank: $("rerank"), rerankLabel: $("rerank-label"),
   };
   const state = { info: null, detailId: null, detailUpload: null, lastCard: null, request: 0, answer: null,
     lastUpload: null };
@@ -78,7 +78,12 @@
       document.title = shown(`astrovl · ${info.name}`);
       const model = (info.model && (info.model.name || info.model.id) ? ` · model ${info.model.name || info.model.id}` : "")
         + (info.model && info.model.random ? " (random weights: results carry no meaning)" : "");
-      setText(els.info, `${info.count.toLocaleString()} images · ${info.dim}-d ${info.kind} index${model}`);
+      const rerank = info.rerank ? ` · text searches re-ranked by ${info.rerank.model}` : "";
+      setText(els.info, `${info.count.toLocaleString()} images · ${info.dim}-d ${info.kind} index${model}${rerank}`);
+      if (info.rerank) {
+        els.rerankLabel.hidden = false;
+        els.rerankLabel.title = shown(`re-order CLIP's best ${info.rerank.top} results with ${info.rerank.model}`);
+      }
       buildFilters(info.filters || {});
     } catch (err) {
       setText(els.info, `could not read the index information: ${err.message}`);
@@ -155,6 +160,7 @@
       return;
     }
     const params = [["q", q], ["k", els.k.value], ...chosenFilters().map((f) => ["filter", f])];
+    if (state.info && state.info.rerank) params.push(["rerank", els.rerank.checked ? "1" : "0"]);
     lastQuery = () => searchText(q);
     remember(params);
     run(["for ", el("strong", { text: `“${q}”` })], () => call(apiUrl("api/search", params)));
@@ -209,8 +215,15 @@
     setStatus(parts.filter((p) => p != null));
   }
 
+  // both scores of a re-ranked result (CLIP's and the re-ranking model's), else CLIP's
+  function scoreText(result) {
+    if (!("rerank_score" in result)) return `score ${fmtScore(result.score)}`;
+    const model = result.rerank_score == null ? "image not read" : fmtScore(result.rerank_score);
+    return `CLIP score ${fmtScore(result.score)} (#${result.clip_rank}) · AstroLLaVA score ${model}`;
+  }
+
   function card(result) {
-    const button = el("button", { type: "button", class: "card", title: `${result.label} — score ${fmtScore(result.score)}` });
+    const button = el("button", { type: "button", class: "card", title: `${result.label} — ${scoreText(result)}` });
     button.dataset.id = String(result.id);
     button.dataset.score = String(result.score);
     const thumb = el("div", { class: "thumb" });
@@ -221,12 +234,17 @@
     } else {
       thumb.append(el("span", { class: "noimg", text: "no image file" }));
     }
-    thumb.append(el("span", { class: "score", text: fmtScore(result.score) }));
+    thumb.append(el("span", { class: "score", title: "CLIP score", text: fmtScore(result.score) }));
+    if ("rerank_score" in result) {
+      button.dataset.rerankScore = String(result.rerank_score);
+      thumb.append(el("span", { class: "rerank-score", title: "AstroLLaVA score",
+        text: result.rerank_score == null ? "–" : fmtScore(result.rerank_score) }));
+    }
     thumb.append(el("span", { class: "rank", text: `#${result.rank}` }));
     const sub = fmtPosition(result.ra, result.dec) || subtitle(result);
     button.append(thumb, el("span", { class: "caption" }, el("span", { class: "label", text: result.label }),
       el("span", { class: "sub", text: sub })));
-    button.addEventListener("click", () => openDetail(result.id, result.score, button));
+    button.addEventListener("click", () => openDetail(result.id, scoreText(result), button));
     return el("li", {}, button);
   }
 
@@ -239,14 +257,14 @@
   }
 
   // ------------------------------------------------------------------ detail view
-  async function openDetail(id, score, fromCard) {
+  async function openDetail(id, scoreLine, fromCard) {
     state.lastCard = fromCard || null;
     state.detailId = id;
     state.detailUpload = null;
     resetAnswer();
     els.more.hidden = false;
     setText(els.title, `item ${id}`);
-    setText(els.score, score != null ? `score ${fmtScore(score)}` : "");
+    setText(els.score, scoreLine || "");
     setText(els.sky, "…");
     els.meta.replaceChildren();
     els.header.replaceChildren();
@@ -518,6 +536,7 @@
   // ------------------------------------------------------------------ wiring
   els.form.addEventListener("submit", (event) => { event.preventDefault(); searchText(els.q.value); });
   els.k.addEventListener("change", () => rerun());
+  els.rerank.addEventListener("change", () => rerun());
   els.upload.addEventListener("change", () => { searchFile(els.upload.files[0]); els.upload.value = ""; });
   els.close.addEventListener("click", () => closeDetail());
   els.backdrop.addEventListener("click", () => closeDetail());
@@ -561,6 +580,7 @@
       const select = at > 0 ? els.filters.querySelector(`select[data-column="${CSS.escape(f.slice(0, at))}"]`) : null;
       if (select) select.value = f.slice(at + 1);
     }
+    if (params.get("rerank") === "0") els.rerank.checked = false;
     if (params.get("q")) {
       els.q.value = params.get("q");
       searchText(params.get("q"));
