@@ -119,7 +119,8 @@ def serve_url(host: str, port: int, token: str | None = None) -> str:
 
 def _cmd_serve(args):
     from ..clip import EmbeddingIndex
-    from ..serve import LOOPBACK_HOSTS, TOKEN_ENV, create_app, is_loopback, run_app
+    from ..serve import LOOPBACK_HOSTS, TOKEN_ENV, create_app, is_loopback
+    from ..serve.app import run_app  # the module's own name (a test may replace it there)
     from ..serve.security import check_token
 
     token = args.token or os.environ.get(TOKEN_ENV) or None

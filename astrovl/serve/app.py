@@ -125,7 +125,6 @@ def create_app(index, embedder=None, *, index_dir: str | os.PathLike | None = No
     optional_import("multipart", "serve", "uploads to the web service")
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
-    from starlette.routing import Route
 
     from ..clip import EmbeddingIndex
     from .security import BodyTooLarge, check_token
@@ -137,10 +136,7 @@ def create_app(index, embedder=None, *, index_dir: str | os.PathLike | None = No
         index_dir = Path(index)
         index = EmbeddingIndex.load(index_dir, embedder=embedder, device=device)
     _set_search_threads(search_threads)
-    if rerank is not None and not callable(getattr(rerank, "rerank_scores", None)):
-        from ..llava import AstroLLaVA
-
-        rerank = AstroLLaVA.from_pretrained(rerank, device=device)
+    rerank = _reranker(rerank, device)
     service = SearchService(index, embedder, index_dir=index_dir, image_root=image_root,
                             thumbnail_cache=thumbnail_cache, thumbnail_size=thumbnail_size, max_k=max_k,
                             title=title, max_image_pixels=int(max_image_pixels), text_batch=text_batch,
@@ -149,17 +145,9 @@ def create_app(index, embedder=None, *, index_dir: str | os.PathLike | None = No
         service.embedder.to(device)
     handlers = _Handlers(service, int(max_upload_bytes), int(max_image_pixels))
     assistant = _assistant(llava, device, llava_batch, llava_queue, llava_max_tokens)
-    routes = [
-        Route("/", handlers.page, methods=["GET"]),
-        Route("/static/{name}", handlers.static, methods=["GET"]),
-        Route("/api/health", handlers.health, methods=["GET"]),
-        Route("/api/info", handlers.info, methods=["GET"]),
-        Route("/api/search", handlers.search, methods=["GET", "POST"]),
-        Route("/api/item/{id}", handlers.item, methods=["GET"]),
-        Route("/thumb/{name}", handlers.thumbnail, methods=["GET"]),
-        *assistant_routes(assistant, service, int(max_upload_bytes), handlers.image_limiter,
-                          max_image_pixels=int(max_image_pixels)),
-    ]
+    routes = [*_page_routes(handlers),
+              *assistant_routes(assistant, service, int(max_upload_bytes), handlers.image_limiter,
+                                max_image_pixels=int(max_image_pixels))]
     middleware = _middleware(token, allowed_hosts, int(max_upload_bytes) + FORM_OVERHEAD, cors_origins)
     app = Starlette(routes=routes, middleware=middleware, exception_handlers={
         QueryError: _query_error, HTTPException: _http_error, BodyTooLarge: handlers.too_large,
@@ -167,6 +155,30 @@ def create_app(index, embedder=None, *, index_dir: str | os.PathLike | None = No
     app.state.service = service
     app.state.assistant = assistant
     return app
+
+
+def _reranker(rerank, device):
+    """The re-ranking model: ``rerank`` itself when it is one, else loaded by name (None: no re-ranking)."""
+    if rerank is None or callable(getattr(rerank, "rerank_scores", None)):
+        return rerank
+    from ..llava import AstroLLaVA
+
+    return AstroLLaVA.from_pretrained(rerank, device=device)
+
+
+def _page_routes(handlers) -> list:
+    """The routes of the search page and its API."""
+    from starlette.routing import Route
+
+    return [
+        Route("/", handlers.page, methods=["GET"]),
+        Route("/static/{name}", handlers.static, methods=["GET"]),
+        Route("/api/health", handlers.health, methods=["GET"]),
+        Route("/api/info", handlers.info, methods=["GET"]),
+        Route("/api/search", handlers.search, methods=["GET", "POST"]),
+        Route("/api/item/{id}", handlers.item, methods=["GET"]),
+        Route("/thumb/{name}", handlers.thumbnail, methods=["GET"]),
+    ]
 
 
 def _set_search_threads(threads: int | None) -> None:
