@@ -24,7 +24,8 @@ def client():
     import asyncio
 
     cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                                       dashboard_address=None)
+                                       dashboard_address=None,  # a free loopback port, not 8787
+                                       scheduler_kwargs={"dashboard_address": "127.0.0.1:0"})
     c = distributed.Client(cluster)
     yield c
     c.close()

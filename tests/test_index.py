@@ -127,7 +127,9 @@ def test_sharded_build_on_local_cluster_matches(embedder, tmp_path, m13_path, ng
     images = [str(m13_path), str(ngc1316_path), str(dss_path)] * 2
     single = EmbeddingIndex.build(embedder, images, progress=False)
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                                  dashboard_address=None) as cluster, distributed.Client(cluster) as client:
+                                  dashboard_address=None,  # its status page: a free loopback port
+                                  scheduler_kwargs={"dashboard_address": "127.0.0.1:0"}) as cluster, \
+            distributed.Client(cluster) as client:
         sharded = EmbeddingIndex.build(embedder, images, client=client, shard_size=2, progress=False)
     np.testing.assert_allclose(sharded.vectors, single.vectors, atol=1e-5)
     assert list(sharded.metadata["source"]) == list(single.metadata["source"])
