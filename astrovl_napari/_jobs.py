@@ -194,14 +194,14 @@ def build_index_job(registry: ModelRegistry, spec: ModelSpec, paths: Sequence[st
     from astropy.table import Table
 
     from astrovl.clip import EmbeddingIndex
-    from astrovl.clip.index import OUTPUT_KIND, is_saved_index
+    from astrovl.clip.index import OUTPUT_KIND
     from astrovl.utils.files import check_output_dir
 
     paths = [Path(p).resolve() for p in paths]
     if not paths:
         raise ValueError("no image files to index: the folder holds no FITS or picture files")
     if save_to:
-        check_output_dir(save_to, OUTPUT_KIND, recognize=is_saved_index)
+        check_output_dir(save_to, OUTPUT_KIND)
     if image_root is None:
         image_root = os.path.commonpath([str(p.parent) for p in paths])
     if batch_size < 1:

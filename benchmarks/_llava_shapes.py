@@ -1,6 +1,6 @@
 """LLaVA models for the LLaVA benchmarks: the tiny test model, or a 7B-shaped one with random weights.
 
-``--shape tiny`` writes :func:`astrovl.llava.testing.make_tiny_llava` and loads it
+``--shape tiny`` writes :func:`astrovl.testing.llava.make_tiny_llava` and loads it
 with :meth:`~astrovl.AstroLLaVA.from_pretrained` (the real architecture at toy
 sizes: it measures the code path, not a real model's speed).
 
@@ -59,7 +59,7 @@ def shape_processor(directory: str | os.PathLike, image_size: int, patch_size: i
     """
     from transformers import AutoProcessor
 
-    from astrovl.llava.testing import make_tiny_llava
+    from astrovl.testing.llava import make_tiny_llava
 
     path = make_tiny_llava(directory, seed=0, image_size=image_size, patch_size=patch_size)
     return AutoProcessor.from_pretrained(str(path))
@@ -163,7 +163,7 @@ def build_llava(shape: str, device, workdir: str | os.PathLike, *, dtype=None):
     if shape != "tiny":
         raise SystemExit(f"--shape {shape!r} is not known; use one of {', '.join(SHAPES)}")
     from astrovl import AstroLLaVA
-    from astrovl.llava.testing import make_tiny_llava
+    from astrovl.testing.llava import make_tiny_llava
 
     path = make_tiny_llava(Path(workdir) / "tiny-llava", seed=0)
     return AstroLLaVA.from_pretrained(path, device=device, dtype=dtype), "tiny random LLaVA"

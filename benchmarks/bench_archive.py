@@ -135,7 +135,7 @@ def main(argv=None) -> int:
     env = environment()
     print_environment(env)
     from astrovl.clip.faiss_structures import default_rerank_depth
-    from astrovl.clip.testing import clustered_unit_vectors, write_vector_shards
+    from astrovl.testing.clip import clustered_unit_vectors, write_vector_shards
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="astrovl-bench-archive-"))
     work.mkdir(parents=True, exist_ok=True)

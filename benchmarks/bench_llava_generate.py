@@ -19,7 +19,7 @@ untimed warm-up batch first (kernels, allocator, static cache, compilation).
 
 Models (``--shape``):
 
-``tiny`` (default)  ``astrovl.llava.testing.make_tiny_llava``: the real architecture at toy
+``tiny`` (default)  ``astrovl.testing.llava.make_tiny_llava``: the real architecture at toy
                     sizes; it measures the code path, not a real model's speed
 ``7b``              LLaVA-1.5-7B shapes with random weights, built on the GPU in bfloat16
                     (CUDA only; see ``_llava_shapes.py``)

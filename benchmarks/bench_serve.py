@@ -257,7 +257,7 @@ def main(argv=None) -> int:
               f"built in {time.perf_counter() - t0:.0f} s")
         rows = in_process(index, embedder, texts[:n_seq], n_seq)
         del index, embedder
-        from astrovl.serve.testing import ServerProcess
+        from astrovl.testing.serve import ServerProcess
 
         statuses = {}
         for i, text_batch in enumerate(args.text_batch):

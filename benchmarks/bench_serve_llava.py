@@ -18,7 +18,7 @@ Tokens are the ``completion_tokens`` the server reports (or that ``ask``
 generated); tokens/s is their sum over the wall time of the mode. Latency is
 per request, as the client saw it.
 
-Models: the tiny LLaVA of ``astrovl.llava.testing`` (default; real
+Models: the tiny LLaVA of ``astrovl.testing.llava`` (default; real
 architecture at toy size, so it measures the serving path, not a real model's
 speed), or ``--model NAME`` (any hub id or directory
 ``AstroLLaVA.from_pretrained`` takes) with ``--device cuda`` for a GPU run.
@@ -119,7 +119,7 @@ def main(argv=None) -> None:
     from transformers.utils import logging as hf_logging
 
     from astrovl import AstroLLaVA
-    from astrovl.serve.testing import ServerProcess
+    from astrovl.testing.serve import ServerProcess
 
     hf_logging.set_verbosity_error()
     device = resolve_bench_device(args.device, args.threads)
@@ -134,7 +134,7 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory(prefix="astrovl-bench-serve-llava-") as tmp:
         tmp = Path(tmp)
         if args.model is None:
-            from astrovl.llava.testing import make_tiny_llava
+            from astrovl.testing.llava import make_tiny_llava
 
             model_name = str(make_tiny_llava(tmp / "tiny-llava"))
         else:

@@ -184,3 +184,15 @@ def expect_warning():
             assert issubclass(w.category, category), f"unexpected {w.category.__name__}: {w.message}"
 
     return expect
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    """A headless Chromium driven by Selenium, one per test module (the harness is ``tests/browser.py``)."""
+    from browser import chromium_driver
+
+    driver = chromium_driver(tmp_path_factory.mktemp("chromium-profile"))
+    try:
+        yield driver
+    finally:
+        driver.quit()

@@ -15,7 +15,7 @@ from astropy.table import Table
 from astrovl.cli import main
 from astrovl.clip import TINY_CLIP_CONFIG, CLIPEmbedder, EmbeddingIndex
 from astrovl.clip.archive import read_vector_files
-from astrovl.clip.testing import clustered_unit_vectors, write_vector_shards
+from astrovl.testing.clip import clustered_unit_vectors, write_vector_shards
 
 
 @pytest.fixture(scope="module")

@@ -65,7 +65,8 @@ def workspace(tmp_path_factory, m13_path, ngc1316_path, acs_path, xdf_array):
 
     from astrovl import load_image
     from astrovl.clip import TINY_CLIP_CONFIG, CLIPEmbedder
-    from astrovl.clip.testing import add_to_hub_cache, make_tiny_transformers_clip
+    from astrovl.testing import write_hub_snapshot
+    from astrovl.testing.clip import make_tiny_transformers_clip
 
     root = tmp_path_factory.mktemp("examples")
     work, cache, build = root / "work", root / "hub-cache", root / "build"
@@ -82,11 +83,11 @@ def workspace(tmp_path_factory, m13_path, ngc1316_path, acs_path, xdf_array):
     mp.chdir(work)
 
     # models under the names the examples use
-    add_to_hub_cache(make_tiny_transformers_clip(build / "clip", seed=2), "openai/clip-vit-base-patch16", cache)
+    write_hub_snapshot(cache, "openai/clip-vit-base-patch16", make_tiny_transformers_clip(build / "clip", seed=2))
     tok = tg._train_tokenizer(tg.SENTENCES)
     tg._tiny_llama(len(tok)).save_pretrained(build / "llm")
     tok.save_pretrained(build / "llm")
-    add_to_hub_cache(build / "llm", "mistralai/Mixtral-8x7B-Instruct-v0.1", cache)
+    write_hub_snapshot(cache, "mistralai/Mixtral-8x7B-Instruct-v0.1", build / "llm")
     shutil.copytree(build / "llm", work / "llm")
     CLIPEmbedder.from_config(TINY_CLIP_CONFIG, seed=0).save_pretrained(work / "my-clip")
     CLIPEmbedder.from_config(TINY_CLIP_CONFIG, seed=9).save_pretrained(work / "runs" / "shuffled" / "best")

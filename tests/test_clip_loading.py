@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 
 from astrovl.clip import CLIPEmbedder, EmbeddingIndex
-from astrovl.clip.testing import (
+from astrovl.exceptions import CheckpointError, ModelNotFoundError
+from astrovl.testing import write_hub_snapshot
+from astrovl.testing.clip import (
     TINY_OPEN_CLIP_CONFIG,
-    add_to_hub_cache,
     make_tiny_open_clip,
     make_tiny_transformers_clip,
 )
-from astrovl.exceptions import CheckpointError, ModelNotFoundError
 
 TEXTS = ["a barred spiral galaxy", "Two merging galaxies, with tidal tails!", "M13"]
 
@@ -56,7 +56,7 @@ def test_transformers_clip_converts_with_identical_embeddings(hf_clip):
 
 def test_transformers_clip_by_hub_id_offline(hf_clip, hub_cache, tmp_path, m13_path):
     repo = "openai/clip-vit-base-patch16"
-    rev = add_to_hub_cache(hf_clip, repo, hub_cache)
+    rev = write_hub_snapshot(hub_cache, repo, hf_clip).name
     assert (hub_cache / "models--openai--clip-vit-base-patch16" / "refs" / "main").read_text() == rev
     emb = CLIPEmbedder.from_pretrained(repo, device="cpu")
     assert emb.source == {"kind": "hub", "repo_id": repo, "revision": rev, "format": "transformers"}
@@ -81,7 +81,7 @@ def test_open_clip_hub_repository_offline(hub_cache, tmp_path):
     from astrovl.clip.loading import build_model
 
     src = make_tiny_open_clip(tmp_path / "oc", seed=4)
-    rev = add_to_hub_cache(src, "astro/tiny-open-clip", hub_cache)
+    rev = write_hub_snapshot(hub_cache, "astro/tiny-open-clip", src).name
     for name in ("hf-hub:astro/tiny-open-clip", "astro/tiny-open-clip"):
         emb = CLIPEmbedder.from_pretrained(name, device="cpu")
         assert emb.model_name == "hf-hub:astro/tiny-open-clip"
@@ -108,7 +108,7 @@ def test_hub_errors_are_clear(hub_cache, tmp_path):
     other.mkdir()
     (other / "config.json").write_text('{"model_type": "bert"}')
     (other / "model.safetensors").write_bytes(b"")
-    add_to_hub_cache(other, "someone/bert", hub_cache)
+    write_hub_snapshot(hub_cache, "someone/bert", other)
     with pytest.raises(CheckpointError, match="model_type 'clip'"):
         CLIPEmbedder.from_pretrained("someone/bert")
     with pytest.raises(ModelNotFoundError, match="holds no CLIP model"):

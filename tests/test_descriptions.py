@@ -177,7 +177,7 @@ def test_bad_inputs(evaluator):
 
 def test_evaluate_model_with_tiny_llava(evaluator, tmp_path):
     from astrovl import AstroLLaVA
-    from astrovl.llava.testing import make_tiny_llava
+    from astrovl.testing.llava import make_tiny_llava
 
     model = AstroLLaVA.from_pretrained(make_tiny_llava(tmp_path / "tiny"), device="cpu")
     rng = np.random.default_rng(0)
@@ -208,7 +208,8 @@ def test_stratified_subset():
 def test_load_galaxy10_from_the_hub_dataset_offline(tmp_path, monkeypatch):
     import huggingface_hub.constants as hf_constants
 
-    from astrovl.llava.testing import make_tiny_galaxy10, write_hub_snapshot
+    from astrovl.testing import write_hub_snapshot
+    from astrovl.testing.galaxy10 import make_tiny_galaxy10
 
     cache = tmp_path / "hub"
     monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(cache))

@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from astrovl.llava.testing import make_tiny_clip_tower, make_tiny_original_llava
+from astrovl.testing.clip import make_tiny_clip_tower
+from astrovl.testing.llava import make_tiny_original_llava
 from astrovl.utils.distributed import ProcessRanks, main_process_first, process_ranks
 
 

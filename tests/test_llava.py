@@ -7,7 +7,7 @@ import torch
 from astrovl import AstroLLaVA
 from astrovl.exceptions import CheckpointError, ModelNotFoundError
 from astrovl.llava import convert_llava_checkpoint
-from astrovl.llava.testing import make_tiny_llava
+from astrovl.testing.llava import make_tiny_llava
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

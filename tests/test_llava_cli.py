@@ -17,7 +17,9 @@ from astrovl import AstroLLaVA, conf
 from astrovl.cli import build_parser, main
 from astrovl.llava import convert_llava_checkpoint
 from astrovl.llava.hub import resolve_checkpoint
-from astrovl.llava.testing import make_tiny_galaxy10, make_tiny_hub, write_hub_snapshot
+from astrovl.testing import write_hub_snapshot
+from astrovl.testing.galaxy10 import make_tiny_galaxy10
+from astrovl.testing.llava import make_tiny_hub
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -272,7 +274,7 @@ def test_convert_llava_src_dst_and_flags(in_work, capsys, env):
     _run(["convert-llava", "UniverseTBD/AstroLLaVA_v3", "conv-rev", "--revision", old], capsys)
     assert json.loads((in_work / "conv-rev" / "astrovl_conversion.json").read_text())["revision"] == old
     # --vision-tower: another tower (a different tiny CLIP) changes the vision weights
-    from astrovl.llava.testing import make_tiny_clip_tower
+    from astrovl.testing.clip import make_tiny_clip_tower
 
     make_tiny_clip_tower(in_work / "other-tower", seed=7)
     _run(["convert-llava", "UniverseTBD/AstroLLaVA_v3", "conv-tower", "--vision-tower", "other-tower"], capsys)

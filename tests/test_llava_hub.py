@@ -23,12 +23,8 @@ from astrovl.llava import (
 from astrovl.llava.checkpoints import load_weights, weight_files
 from astrovl.llava.convert import converted_cache_path
 from astrovl.llava.hub import resolve_checkpoint
-from astrovl.llava.testing import (
-    make_tiny_hub,
-    make_tiny_lora_release,
-    make_tiny_original_llava,
-    write_hub_snapshot,
-)
+from astrovl.testing import write_hub_snapshot
+from astrovl.testing.llava import make_tiny_hub, make_tiny_lora_release, make_tiny_original_llava
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

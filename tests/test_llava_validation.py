@@ -12,7 +12,7 @@ import torch
 
 from astrovl import AstroLLaVA
 from astrovl.datasets import SyntheticSkyDataset
-from astrovl.llava.testing import make_tiny_llava
+from astrovl.testing.llava import make_tiny_llava
 from astrovl.training import LLaVATrainingConfig, train_llava
 from astrovl.training.llava_data import LLaVATorchDataset, collate_fn, load_conversation_records
 from astrovl.training.llava_validation import token_loss_sum, validation_batches, validation_loss

@@ -387,7 +387,7 @@ def test_classify_job(tiny_clip_dir, m13_path):
 
 @pytest.fixture(scope="module")
 def tiny_llava_dir(tmp_path_factory):
-    testing = pytest.importorskip("astrovl.llava.testing")
+    testing = pytest.importorskip("astrovl.testing.llava")
     return testing.make_tiny_llava(tmp_path_factory.mktemp("llava") / "tiny-llava")
 
 

@@ -48,7 +48,7 @@ def tiny_clip_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny_llava_dir(tmp_path_factory):
-    testing = pytest.importorskip("astrovl.llava.testing")
+    testing = pytest.importorskip("astrovl.testing.llava")
     return testing.make_tiny_llava(tmp_path_factory.mktemp("llava") / "tiny-llava")
 
 

@@ -101,9 +101,10 @@ def test_llava_peft(monkeypatch):
     assert_names_extra(exc, "llava", "peft")
 
 
-def test_llava_accelerate(monkeypatch):
+def test_llava_accelerate(monkeypatch, tmp_path):
     from astrovl.training.llava import train_llava
 
+    monkeypatch.chdir(tmp_path)  # the default output folder is made before accelerate is imported
     hide(monkeypatch, "accelerate")
     with pytest.raises(ImportError) as exc:
         train_llava(None, None)
@@ -153,6 +154,7 @@ def test_datasets_outlines_and_transformers(monkeypatch):
 
 
 def test_evaluation(monkeypatch, tmp_path):
+    from astrovl.datasets import galaxy10
     from astrovl.evaluation import descriptions
 
     hide(monkeypatch, "sentence_transformers", "pyarrow", "h5py")
@@ -161,10 +163,10 @@ def test_evaluation(monkeypatch, tmp_path):
         evaluator.sentence_model  # noqa: B018
     assert_names_extra(exc, "evaluation", "sentence_transformers")
     with pytest.raises(ImportError) as exc:
-        descriptions._load_parquet([tmp_path / "x.parquet"], None, 0)
+        galaxy10._load_parquet([tmp_path / "x.parquet"], None, 0)
     assert_names_extra(exc, "evaluation", "pyarrow")
     with pytest.raises(ImportError) as exc:
-        descriptions._load_h5(tmp_path / "x.h5", "train", None, 0, 0.1)
+        galaxy10._load_h5(tmp_path / "x.h5", "train", None, 0, 0.1)
     assert_names_extra(exc, "evaluation", "h5py")
 
 

@@ -93,6 +93,58 @@ def test_check_output_dir_states(tmp_path):
     assert check_output_dir(legacy, "index", recognize=lambda p: (p / "notes.txt").is_file()) is True
 
 
+def test_one_rule_says_which_folder_is_an_output_of_a_kind(tmp_path):
+    """``is_output_of``: the marker, or for folders written before markers, the files their writers wrote."""
+    from astrovl.clip import embedder, index_files
+    from astrovl.datasets import hubble, outreach
+    from astrovl.datasets._builder import REPORT_NAME
+    from astrovl.llava.convert import CONVERSION_RECORD
+    from astrovl.training import clip as train_clip_mod
+    from astrovl.training import llava as train_llava_mod
+    from astrovl.training.common import CHECKPOINT_DIR
+
+    def folder(name, files):
+        d = tmp_path / name
+        for rel, text in files.items():
+            (d / rel).parent.mkdir(parents=True, exist_ok=True)
+            (d / rel).write_text(text)
+        return d
+
+    earlier = {
+        index_files.OUTPUT_KIND: {index_files.MANIFEST: json.dumps({"format": index_files.FORMAT})},
+        embedder.OUTPUT_KIND: {embedder.CONFIG_NAME: json.dumps({"format": embedder.FORMAT})},
+        files_mod.LLAVA_MODEL_OUTPUT: {CONVERSION_RECORD: "{}"},
+        train_clip_mod.OUTPUT_KIND: {f"{CHECKPOINT_DIR}/state.json": "{}"},
+        train_llava_mod.OUTPUT_KIND: {f"{CHECKPOINT_DIR}/state.json": "{}"},
+        hubble.OUTPUT_KIND: {REPORT_NAME: "{}"},
+        outreach.OUTPUT_KIND: {REPORT_NAME: "{}"},
+        files_mod.SYNTHETIC_DATASET_OUTPUT: {"images/sky_000000.fits": ""},
+        files_mod.CHECKPOINT_OUTPUT: {"state.json": "{}"},
+        files_mod.IMAGE_CACHE_OUTPUT: {"cache.json": "{}"},
+        files_mod.THUMBNAIL_CACHE_OUTPUT: {"0a/1b.png": ""},
+        files_mod.DEMO_OUTPUT: {"report.html": ""},
+    }
+    assert set(earlier) == {getattr(files_mod, name) for name in files_mod.__all__ if name.endswith("_OUTPUT")}
+    for i, (kind, written) in enumerate(earlier.items()):
+        d = folder(f"earlier-{i}", written)
+        assert files_mod.is_output_of(d, kind), kind
+        assert check_output_dir(d, kind) is True  # the writers accept it by default
+        assert not files_mod.is_output_of(d, "demo" if kind != "demo" else "index")
+    # the other signs of earlier outputs
+    assert files_mod.is_output_of(folder("run", {"config.json": "{}", "metrics.csv": ""}), "clip-training")
+    assert not files_mod.is_output_of(tmp_path / "run", "llava-training")
+    assert files_mod.is_output_of(folder("hubble", {"products.ecsv": ""}), "hubble-dataset")
+    assert not files_mod.is_output_of(tmp_path / "hubble", "outreach-dataset")
+    assert not files_mod.is_output_of(folder("other-index", {"index.json": '{"format": "other"}'}), "index")
+    assert not files_mod.is_output_of(folder("broken", {"astrovl_clip.json": "[1"}), "clip-model")
+    # a marker decides, whatever the files
+    marked = prepare_output_dir(tmp_path / "marked", "index")
+    assert files_mod.is_output_of(marked, "index") and not files_mod.is_output_of(marked, "clip-model")
+    assert not files_mod.is_output_of(tmp_path / "missing", "index")
+    with pytest.raises(OutputDirectoryError):
+        check_output_dir(folder("user", {"notes.txt": "mine"}), "index")
+
+
 def test_refusal_names_the_folder_and_a_new_subfolder(user_dir):
     with pytest.raises(OutputDirectoryError) as err:
         check_output_dir(user_dir, "index")
@@ -290,7 +342,7 @@ def test_index_is_not_an_embedder(tmp_path, embedder):
 
 @pytest.fixture(scope="module")
 def tiny_llava_dir(tmp_path_factory):
-    testing = pytest.importorskip("astrovl.llava.testing")
+    testing = pytest.importorskip("astrovl.testing.llava")
     return testing.make_tiny_llava(tmp_path_factory.mktemp("llava") / "tiny")
 
 

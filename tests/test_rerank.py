@@ -135,7 +135,7 @@ def test_astrollava_rerank_scores_match_its_score(tmp_path, sky):
     """One vision pass per image, batched: the same numbers as scoring each image on its own."""
     pytest.importorskip("transformers")
     from astrovl.llava import AstroLLaVA
-    from astrovl.llava.testing import make_tiny_llava
+    from astrovl.testing.llava import make_tiny_llava
 
     model = AstroLLaVA.from_pretrained(make_tiny_llava(tmp_path / "tiny"), device="cpu")
     images = sky.image_paths[:5]

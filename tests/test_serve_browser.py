@@ -18,17 +18,9 @@ pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 selenium = pytest.importorskip("selenium", reason="selenium is not installed (pip install selenium)")
 
-from astrovl.serve.testing import (  # noqa: E402
-    ServerProcess,
-    chromium_driver,
-    chromium_paths,
-    images_loaded,
-)
+from browser import cards, images_loaded, needs_browser, serve_tiny_index, wait_for  # noqa: E402
 
-CHROMIUM, CHROMEDRIVER = chromium_paths()
-pytestmark = pytest.mark.skipif(
-    CHROMIUM is None or CHROMEDRIVER is None,
-    reason="no Chromium and ChromeDriver on this machine (Debian: apt-get install chromium chromium-driver)")
+pytestmark = needs_browser
 
 EVIL = '<img src=x onerror="document.title=\'pwned\'">'
 
@@ -39,7 +31,6 @@ def served(tmp_path_factory, m13_path, ngc1316_path, dss_path, xdf_array):
     from PIL import Image
 
     from astrovl import SyntheticSkyDataset
-    from astrovl.clip import TINY_CLIP_CONFIG, CLIPEmbedder, EmbeddingIndex
 
     base = tmp_path_factory.mktemp("browser")
     images = base / "images"
@@ -55,39 +46,9 @@ def served(tmp_path_factory, m13_path, ngc1316_path, dss_path, xdf_array):
     names[-1] = EVIL
     meta = Table({"path": paths, "name": names,
                   "kind": ["real"] * len(real) + ["synthetic"] * len(sky)})
-    embedder = CLIPEmbedder.from_config(TINY_CLIP_CONFIG, seed=0)
-    embedder.save_pretrained(base / "clip")
-    embedder = CLIPEmbedder.from_pretrained(base / "clip")
-    EmbeddingIndex.build(embedder, paths, metadata=meta, progress=False).save(base / "index")
     # no --model: the index loads the model it was built with from where it was recorded
-    server = ServerProcess([base / "index", "--thumbnail-cache", base / "thumbs", "--log-level", "warning"],
-                           base / "server.log")
-    with server:
+    with serve_tiny_index(base, paths, meta) as server:
         yield {"url": server.url, "base": base, "names": names, "paths": paths, "proc": server.proc}
-
-
-@pytest.fixture(scope="module")
-def browser(tmp_path_factory):
-    driver = chromium_driver(tmp_path_factory.mktemp("chromium-profile"))
-    try:
-        yield driver
-    finally:
-        driver.quit()
-
-
-def _wait(driver, condition, timeout=60, message=""):
-    from selenium.common.exceptions import StaleElementReferenceException
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    # results are redrawn when an answer arrives: an element read a moment earlier may be gone
-    wait = WebDriverWait(driver, timeout, ignored_exceptions=(StaleElementReferenceException,))
-    return wait.until(condition, message)
-
-
-def _cards(driver):
-    from selenium.webdriver.common.by import By
-
-    return driver.find_elements(By.CSS_SELECTOR, "#results .card")
 
 
 def test_search_detail_more_like_this_in_a_browser(served, browser, tmp_path):
@@ -97,7 +58,7 @@ def test_search_detail_more_like_this_in_a_browser(served, browser, tmp_path):
 
     d = browser
     d.get(served["url"])
-    _wait(d, lambda d: "images" in d.find_element(By.ID, "index-info").text, message="index info")
+    wait_for(d, lambda d: "images" in d.find_element(By.ID, "index-info").text, message="index info")
     assert f"{len(served['paths'])} images" in d.find_element(By.ID, "index-info").text
     kind_filter = d.find_element(By.ID, "filter-kind")  # filters come from the metadata columns
     assert not d.find_elements(By.ID, "filter-name")  # one name per image: not a filter
@@ -107,15 +68,15 @@ def test_search_detail_more_like_this_in_a_browser(served, browser, tmp_path):
     box = d.find_element(By.ID, "q")
     assert d.switch_to.active_element == box
     box.send_keys("a dense globular star cluster", Keys.ENTER)
-    _wait(d, lambda d: len(_cards(d)) == len(served["paths"]), message="result cards")
-    _wait(d, images_loaded, message="thumbnails")
-    scores = [float(c.find_element(By.CSS_SELECTOR, ".score").text) for c in _cards(d)]
+    wait_for(d, lambda d: len(cards(d)) == len(served["paths"]), message="result cards")
+    wait_for(d, images_loaded, message="thumbnails")
+    scores = [float(c.find_element(By.CSS_SELECTOR, ".score").text) for c in cards(d)]
     assert all(-1 <= s <= 1 for s in scores) and scores == sorted(scores, reverse=True)
     assert "for “a dense globular star cluster”" in d.find_element(By.ID, "status").text
     assert "q=a+dense+globular" in d.current_url  # the address remembers the query
 
     # the metadata text is shown as text, never run as HTML
-    labels = [c.find_element(By.CSS_SELECTOR, ".label").text for c in _cards(d)]
+    labels = [c.find_element(By.CSS_SELECTOR, ".label").text for c in cards(d)]
     assert EVIL in labels
     assert d.title != "pwned" and not d.find_elements(By.CSS_SELECTOR, "img[src='x']")
 
@@ -123,55 +84,55 @@ def test_search_detail_more_like_this_in_a_browser(served, browser, tmp_path):
     d.find_element(By.TAG_NAME, "body").send_keys("/")
     assert d.switch_to.active_element == box
     box.send_keys(Keys.ARROW_DOWN)
-    first = _cards(d)[0]
+    first = cards(d)[0]
     assert d.switch_to.active_element == first
     d.switch_to.active_element.send_keys(Keys.ARROW_RIGHT)
-    assert d.switch_to.active_element == _cards(d)[1]
+    assert d.switch_to.active_element == cards(d)[1]
     d.switch_to.active_element.send_keys(Keys.ARROW_LEFT, Keys.ENTER)
     detail = d.find_element(By.ID, "detail")
-    _wait(d, lambda d: detail.is_displayed() and d.find_elements(By.CSS_SELECTOR, "#detail-meta tr"),
+    wait_for(d, lambda d: detail.is_displayed() and d.find_elements(By.CSS_SELECTOR, "#detail-meta tr"),
           message="detail view")
     first_label = labels[0]
-    _wait(d, lambda d: d.find_element(By.ID, "detail-title").text == first_label, message="detail title")
+    wait_for(d, lambda d: d.find_element(By.ID, "detail-title").text == first_label, message="detail title")
     d.switch_to.active_element.send_keys(Keys.ESCAPE)
-    _wait(d, lambda d: not detail.is_displayed(), message="detail closes on Escape")
-    assert d.switch_to.active_element == _cards(d)[0]  # focus returns to the card
+    wait_for(d, lambda d: not detail.is_displayed(), message="detail closes on Escape")
+    assert d.switch_to.active_element == cards(d)[0]  # focus returns to the card
 
     # open M13's detail: header and sky position from its WCS
-    m13 = next(c for c in _cards(d) if c.find_element(By.CSS_SELECTOR, ".label").text == "M13")
+    m13 = next(c for c in cards(d) if c.find_element(By.CSS_SELECTOR, ".label").text == "M13")
     m13.click()
-    _wait(d, lambda d: "RA 250.4" in d.find_element(By.ID, "detail-sky").text, message="sky position")
+    wait_for(d, lambda d: "RA 250.4" in d.find_element(By.ID, "detail-sky").text, message="sky position")
     sky = d.find_element(By.ID, "detail-sky").text
     assert "Dec +36.4" in sky and "16:41:" in sky
     header = d.find_element(By.ID, "detail-header").text
     assert "NAXIS1" in header and "CRVAL1" in header
-    _wait(d, lambda d: images_loaded(d, "#detail-image"), message="detail image")
+    wait_for(d, lambda d: images_loaded(d, "#detail-image"), message="detail image")
     shot = tmp_path / "detail.png"
     assert d.save_screenshot(str(shot))
 
     # "more like this" from the detail view: M13 itself is left out
     d.find_element(By.ID, "more-like").click()
-    _wait(d, lambda d: "like M13" in d.find_element(By.ID, "status").text, message="more like this")
-    _wait(d, lambda d: len(_cards(d)) == len(served["paths"]) - 1, message="similar results")
-    _wait(d, images_loaded, message="thumbnails of similar results")
-    assert "M13" not in [c.find_element(By.CSS_SELECTOR, ".label").text for c in _cards(d)]
+    wait_for(d, lambda d: "like M13" in d.find_element(By.ID, "status").text, message="more like this")
+    wait_for(d, lambda d: len(cards(d)) == len(served["paths"]) - 1, message="similar results")
+    wait_for(d, images_loaded, message="thumbnails of similar results")
+    assert "M13" not in [c.find_element(By.CSS_SELECTOR, ".label").text for c in cards(d)]
     assert not detail.is_displayed()
 
     # a metadata filter narrows the results
     from selenium.webdriver.support.ui import Select
 
     Select(kind_filter).select_by_visible_text("real")
-    _wait(d, lambda d: len(_cards(d)) == 3, message="filtered results")  # 4 real images minus M13
+    wait_for(d, lambda d: len(cards(d)) == 3, message="filtered results")  # 4 real images minus M13
     assert "where kind = real" in d.find_element(By.ID, "status").text
 
     # search by an uploaded FITS file
     Select(kind_filter).select_by_visible_text("any")
-    _wait(d, lambda d: len(_cards(d)) == len(served["paths"]) - 1)
+    wait_for(d, lambda d: len(cards(d)) == len(served["paths"]) - 1)
     d.find_element(By.ID, "upload").send_keys(served["paths"][1])  # NGC 1316
-    _wait(d, lambda d: "like the uploaded ngc1316.fits" in d.find_element(By.ID, "status").text,
+    wait_for(d, lambda d: "like the uploaded ngc1316.fits" in d.find_element(By.ID, "status").text,
           message="upload search")
-    _wait(d, lambda d: _cards(d) and _cards(d)[0].find_element(By.CSS_SELECTOR, ".label").text == "NGC 1316")
-    assert float(_cards(d)[0].find_element(By.CSS_SELECTOR, ".score").text) == pytest.approx(1.0, abs=1e-3)
+    wait_for(d, lambda d: cards(d) and cards(d)[0].find_element(By.CSS_SELECTOR, ".label").text == "NGC 1316")
+    assert float(cards(d)[0].find_element(By.CSS_SELECTOR, ".score").text) == pytest.approx(1.0, abs=1e-3)
 
     # an empty query is answered on the page, not sent
     box.clear()
@@ -180,8 +141,8 @@ def test_search_detail_more_like_this_in_a_browser(served, browser, tmp_path):
 
     # the whole page, with thumbnails and scores, is not blank
     box.send_keys("a dense globular star cluster", Keys.ENTER)
-    _wait(d, lambda d: "for “a dense" in d.find_element(By.ID, "status").text)
-    _wait(d, images_loaded)
+    wait_for(d, lambda d: "for “a dense" in d.find_element(By.ID, "status").text)
+    wait_for(d, images_loaded)
     page = tmp_path / "page.png"
     assert d.save_screenshot(str(page))
     for path in (page, shot):

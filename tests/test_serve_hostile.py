@@ -38,7 +38,7 @@ pytest.importorskip("multipart")
 from astrovl.clip import TINY_CLIP_CONFIG, CLIPEmbedder, EmbeddingIndex  # noqa: E402
 from astrovl.clip.index import common_image_root  # noqa: E402
 from astrovl.serve.security import check_token, neutralise_bidi, same_origin_path  # noqa: E402
-from astrovl.serve.testing import ServerProcess  # noqa: E402
+from astrovl.testing.serve import ServerProcess  # noqa: E402
 from astrovl.utils.lru import LRUCache  # noqa: E402
 
 HOST = "127.0.0.2"  # a loopback address other than the default: the Host check must accept it

@@ -30,10 +30,10 @@ from astrovl import AstroLLaVA  # noqa: E402
 from astrovl.clip import TINY_CLIP_CONFIG, CLIPEmbedder, EmbeddingIndex  # noqa: E402
 from astrovl.llava import ChatRequest  # noqa: E402
 from astrovl.llava.template import DEFAULT_CAPTION_PROMPT  # noqa: E402
-from astrovl.llava.testing import make_tiny_llava  # noqa: E402
 from astrovl.serve import create_app  # noqa: E402
 from astrovl.serve.batching import MicroBatcher, ServiceBusy  # noqa: E402
-from astrovl.serve.testing import free_port  # noqa: E402
+from astrovl.testing.llava import make_tiny_llava  # noqa: E402
+from astrovl.testing.serve import free_port  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 TOKEN = "llava-test-token"

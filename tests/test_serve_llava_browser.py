@@ -17,51 +17,28 @@ pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 selenium = pytest.importorskip("selenium", reason="selenium is not installed (pip install selenium)")
 
-from astrovl.serve.testing import ServerProcess, chromium_driver, chromium_paths  # noqa: E402
+from browser import cards, needs_browser, serve_tiny_index, wait_for  # noqa: E402
 
-CHROMIUM, CHROMEDRIVER = chromium_paths()
-pytestmark = pytest.mark.skipif(
-    CHROMIUM is None or CHROMEDRIVER is None,
-    reason="no Chromium and ChromeDriver on this machine (Debian: apt-get install chromium chromium-driver)")
+pytestmark = needs_browser
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, m13_path, ngc1316_path):
     """``astrovl serve INDEX --llava TINY`` in a subprocess, over two real FITS images."""
-    from astrovl.clip import TINY_CLIP_CONFIG, CLIPEmbedder, EmbeddingIndex
-    from astrovl.llava.testing import make_tiny_llava
+    from astrovl.testing.llava import make_tiny_llava
 
     base = tmp_path_factory.mktemp("browser-llava")
     images = base / "images"
     images.mkdir()
     paths = [str(shutil.copy(m13_path, images / "m13.fits")), str(shutil.copy(ngc1316_path, images / "n1316.fits"))]
-    embedder = CLIPEmbedder.from_config(TINY_CLIP_CONFIG, seed=0)
-    embedder.save_pretrained(base / "clip")
-    embedder = CLIPEmbedder.from_pretrained(base / "clip")
-    EmbeddingIndex.build(embedder, paths, metadata=Table({"path": paths, "name": ["M13", "NGC 1316"]}),
-                         progress=False).save(base / "index")
     llava = make_tiny_llava(base / "llava")
-    server = ServerProcess([base / "index", "--llava", llava, "--llava-max-tokens", "48",
-                            "--thumbnail-cache", base / "thumbs", "--log-level", "warning"], base / "server.log")
-    with server:
+    with serve_tiny_index(base, paths, Table({"path": paths, "name": ["M13", "NGC 1316"]}),
+                          ["--llava", llava, "--llava-max-tokens", "48"]) as server:
         yield {"url": server.url, "paths": paths}
 
 
-@pytest.fixture(scope="module")
-def browser(tmp_path_factory):
-    driver = chromium_driver(tmp_path_factory.mktemp("chromium-profile"))
-    try:
-        yield driver
-    finally:
-        driver.quit()
-
-
 def _wait(driver, condition, timeout=90, message=""):
-    from selenium.common.exceptions import StaleElementReferenceException
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    wait = WebDriverWait(driver, timeout, poll_frequency=0.05, ignored_exceptions=(StaleElementReferenceException,))
-    return wait.until(condition, message)
+    return wait_for(driver, condition, timeout, message, poll_frequency=0.05)
 
 
 def _post_json(url: str, body: dict) -> dict:
@@ -90,8 +67,8 @@ def test_describe_and_ask_stream_into_the_detail_view(served, browser):
     d.get(served["url"])
     _wait(d, lambda d: "images" in d.find_element(By.ID, "index-info").text, message="index info")
     d.find_element(By.ID, "q").send_keys("a globular cluster", Keys.ENTER)
-    _wait(d, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#results .card")) == 2, message="result cards")
-    card = next(c for c in d.find_elements(By.CSS_SELECTOR, "#results .card")
+    _wait(d, lambda d: len(cards(d)) == 2, message="result cards")
+    card = next(c for c in cards(d)
                 if c.find_element(By.CSS_SELECTOR, ".label").text == "M13")
     row = int(card.get_attribute("data-id"))
     card.click()

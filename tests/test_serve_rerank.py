@@ -23,7 +23,7 @@ from starlette.testclient import TestClient  # noqa: E402
 
 from astrovl.clip import TINY_CLIP_CONFIG, CLIPEmbedder, EmbeddingIndex  # noqa: E402
 from astrovl.serve import SearchService, create_app  # noqa: E402
-from astrovl.serve.testing import free_port  # noqa: E402
+from astrovl.testing.serve import free_port  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -167,8 +167,8 @@ def test_cli_serve_rerank_with_a_tiny_astrollava_on_loopback(monkeypatch, archiv
 
     from astrovl import AstroLLaVA
     from astrovl.cli import main
-    from astrovl.llava.testing import make_tiny_llava
     from astrovl.serve import app as app_module
+    from astrovl.testing.llava import make_tiny_llava
 
     llava_dir = make_tiny_llava(tmp_path / "llava")
     clip_dir = tmp_path / "clip"

@@ -14,7 +14,9 @@ pytest.importorskip("uvicorn")
 pytest.importorskip("transformers")
 pytest.importorskip("selenium", reason="selenium is not installed (pip install selenium)")
 
-from astrovl.serve.testing import ServerProcess, chromium_driver, chromium_paths  # noqa: E402
+from browser import chromium_driver, chromium_paths  # noqa: E402
+
+from astrovl.testing.serve import ServerProcess  # noqa: E402
 
 CHROMIUM, CHROMEDRIVER = chromium_paths()
 pytestmark = pytest.mark.skipif(
@@ -28,7 +30,7 @@ EVIL = '<img src=x onerror="document.title=\'pwned\'">'
 def served(tmp_path_factory):
     from astrovl import SyntheticSkyDataset
     from astrovl.clip import TINY_CLIP_CONFIG, CLIPEmbedder, EmbeddingIndex
-    from astrovl.llava.testing import make_tiny_llava
+    from astrovl.testing.llava import make_tiny_llava
 
     base = tmp_path_factory.mktemp("rerank-browser")
     sky = SyntheticSkyDataset.generate(base / "images", n_images=12, image_size=32, seed=5, val_fraction=0.0,

@@ -9,7 +9,7 @@ import torch
 from astrovl import AstroLLaVA
 from astrovl.datasets import SyntheticSkyDataset
 from astrovl.exceptions import CheckpointError, DatasetError
-from astrovl.llava.testing import make_tiny_llava
+from astrovl.testing.llava import make_tiny_llava
 from astrovl.training import LLaVATrainingConfig, train_llava
 from astrovl.training.llava import DEEPSPEED_ZERO3_CONFIG
 from astrovl.training.llava_data import (

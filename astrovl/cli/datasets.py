@@ -126,10 +126,10 @@ def _cmd_build_hubble(args):
     from astropy.table import Table
 
     from ..datasets import HubblePreviewDatasetBuilder
-    from ..datasets.hubble import OUTPUT_KIND, is_earlier_build
+    from ..datasets.hubble import OUTPUT_KIND
     from ..utils.files import check_output_dir
 
-    check_output_dir(args.output, OUTPUT_KIND, recognize=is_earlier_build)  # before any query
+    check_output_dir(args.output, OUTPUT_KIND)  # before any query
     observations = Table.read(args.observations) if args.observations else None  # before the model loads
     if args.abstracts and "://" not in args.abstracts and "\n" not in args.abstracts \
             and not Path(args.abstracts).is_file():

@@ -208,10 +208,10 @@ def _cmd_index(args):  # pragma: no cover - argparse requires an action
 
 def _cmd_index_build(args):
     from ..clip import EmbeddingIndex
-    from ..clip.index_files import OUTPUT_KIND, common_image_root, is_saved_index
+    from ..clip.index_files import OUTPUT_KIND, common_image_root
     from ..utils.files import check_output_dir
 
-    check_output_dir(args.index, OUTPUT_KIND, recognize=is_saved_index)  # before the long embedding
+    check_output_dir(args.index, OUTPUT_KIND)  # before the long embedding
     check_positive(args, "batch_size")
     files = check_images(args, expand_images(args.inputs))
     items, metadata = image_items(args, files), _metadata(args, files)

@@ -98,12 +98,12 @@ def _add_start_args(p) -> None:
                             "(and nothing else)")
 
 
-def _check_start(args, kind: str, recognize) -> None:
+def _check_start(args, kind: str) -> None:
     """Refuse, before any model loads, an output folder this run may not write or would replace silently."""
     from ..training.common import choose_start
     from ..utils.files import check_output_dir
 
-    if check_output_dir(args.output, kind, recognize=recognize) and not args.overwrite:
+    if check_output_dir(args.output, kind) and not args.overwrite:
         choose_start(args.output, resume=args.resume, overwrite=False, outputs=())
 
 
@@ -114,14 +114,14 @@ def _cmd_train_clip(args):
     if args.mode == "scratch" and args.pretrained is not None:
         raise ValueError(f"--pretrained {args.pretrained!r} has no effect with --mode scratch, which "
                          "starts from random weights; drop --pretrained, or use --mode finetune")
-    from ..training.clip import OUTPUT_KIND, is_earlier_run, scratch_model
+    from ..training.clip import OUTPUT_KIND, scratch_model
 
     names = ("steps", "batch_size", "grad_accum", "lr", "warmup_steps", "eval_every", "best_metric",
              "max_val", "caption_mode", "image_cache")
     options = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
     config = CLIPTrainingConfig(mode=args.mode, output_dir=args.output, device=args.device,
                                 seed=args.seed, resume=args.resume, overwrite=args.overwrite, **options)
-    _check_start(args, OUTPUT_KIND, is_earlier_run)  # before any model loads
+    _check_start(args, OUTPUT_KIND)  # before any model loads
     ds = ManifestDataset(args.dataset)
     embedder = scratch_model(args.model, args.mode)  # an architecture to build from random weights
     if embedder is None:
@@ -137,7 +137,7 @@ def _cmd_train_clip(args):
 
 def _cmd_train_llava(args):
     from ..training import LLaVATrainingConfig, train_llava
-    from ..training.llava import OUTPUT_KIND, is_earlier_run
+    from ..training.llava import OUTPUT_KIND
 
     options = {k: getattr(args, k) for k in ("epochs", "max_steps", "batch_size", "lr", "eval_every")
                if getattr(args, k) is not None}
@@ -147,7 +147,7 @@ def _cmd_train_llava(args):
                                  mix_image_root=args.mix_image_root, mix_ratio=args.mix_ratio,
                                  save_every=args.save_every, num_workers=args.num_workers, seed=args.seed,
                                  **options)
-    _check_start(args, OUTPUT_KIND, is_earlier_run)  # before any model loads
+    _check_start(args, OUTPUT_KIND)  # before any model loads
     # a name, not a loaded model: train_llava loads on the CPU and accelerate places it on
     # each process's device (also under `accelerate launch` with several GPUs)
     model = args.model or conf().llava_model

@@ -46,7 +46,6 @@ from .index_files import (
     STAGING,
     VECTOR_DTYPES,
     VECTORS,
-    is_saved_index,
     model_record,
     write_manifest,
     write_vectors,
@@ -285,7 +284,7 @@ def write_index_from_rows(directory: str | os.PathLike, parts: Sequence, metadat
         structure = fs.new_structure(kind, dim, all_params, count, train_sample=train_sample)
         _train_from_rows(structure, rows)
     directory = Path(directory)
-    with atomic_directory(directory, kind=OUTPUT_KIND, recognize=is_saved_index) as tmp:
+    with atomic_directory(directory, kind=OUTPUT_KIND) as tmp:
         bar = progress_bar(total=count, enabled=progress, desc="writing the index", unit="vec")
         step = fs.chunk_rows(dim)
 
@@ -373,7 +372,7 @@ def build_from_vector_files(paths: Sequence[str | os.PathLike], directory: str |
     from ..exceptions import IndexMismatchError
     from ..utils.files import check_output_dir
 
-    check_output_dir(directory, OUTPUT_KIND, recognize=is_saved_index)
+    check_output_dir(directory, OUTPUT_KIND)
     files, metadata = read_vector_files(paths)
     record = None
     if model is not None:
@@ -447,7 +446,7 @@ def embed_shards_to_files(client, embedder, items: list, staging: str | os.PathL
     staging.mkdir(parents=True, exist_ok=True)
     model_dir = staging / "model"
     if not same or not (model_dir / ASTROVL_CONFIG).is_file():
-        embedder.write_pretrained(model_dir)
+        embedder.save_pretrained(model_dir, update_source=False)
         with atomic_write(plan_path, "w") as fh:
             fh.write(json.dumps(plan))
     paths = [staging / _shard_name(i) for i in range(0, -(-len(items) // shard_size))]
@@ -509,7 +508,7 @@ def build_on_cluster(client, embedder, items: list, directory: str | os.PathLike
     if len(metadata) != len(items):
         raise ValueError(f"metadata has {len(metadata)} rows but there are {len(items)} images; give one "
                          "metadata row per image")
-    directory = prepare_output_dir(directory, OUTPUT_KIND, recognize=is_saved_index)
+    directory = prepare_output_dir(directory, OUTPUT_KIND)
     paths = embed_shards_to_files(client, embedder, items, directory / STAGING, batch_size=batch_size,
                                   shard_size=shard_size, device=device, progress=progress)
     files = [RowFile.from_npy(p) for p in paths]

@@ -14,7 +14,7 @@ import numpy as np
 
 from ..exceptions import ModelNotFoundError
 from ..utils.devices import resolve_device
-from ..utils.files import atomic_directory
+from ..utils.files import CLIP_MODEL_OUTPUT, atomic_directory
 from ..utils.progress import progress_bar
 from .categories import DEFAULT_TEMPLATES, HUBBLE_CATEGORIES
 from .identity import DigestCache, digest_from_model_id
@@ -34,15 +34,8 @@ CONFIG_NAME = ASTROVL_CONFIG
 WEIGHTS_NAME = ASTROVL_WEIGHTS
 FORMAT = ASTROVL_FORMAT
 #: kind of the output folder a model is saved in (see :func:`astrovl.utils.files.check_output_dir`)
-OUTPUT_KIND = "clip-model"
+OUTPUT_KIND = CLIP_MODEL_OUTPUT
 
-
-def _is_saved_model(directory: Path) -> bool:
-    """True for a model folder saved before output folders were marked."""
-    try:
-        return json.loads((directory / CONFIG_NAME).read_text("utf-8")).get("format") == FORMAT
-    except (OSError, ValueError, AttributeError):
-        return False
 
 #: A small CLIP (about 4 M parameters) that trains from scratch in minutes on a CPU;
 #: used by the demo, the tests and quick experiments.
@@ -298,38 +291,47 @@ class CLIPEmbedder:
                    model_cfg=resolved.model_cfg, preprocess_cfg=pp, device=device, precision=precision,
                    model_id=model_id, source=resolved.source, random_weights=resolved.random)
 
-    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+    def save_pretrained(self, directory: str | os.PathLike, *, update_source: bool = True) -> Path:
         """Write safetensors weights and a JSON config to ``directory`` (atomically).
 
         The directory reloads with :meth:`from_pretrained`; nothing is pickled.
-        Afterwards :attr:`source` names this directory, so an index built with this
-        embedder can load it again.
+        Afterwards :attr:`source` names this directory (unless ``update_source``
+        is False), so an index built with this embedder can load it again.
 
         The folder is written under a temporary name and renamed into place once
         complete. An existing ``directory`` is replaced only when it is empty or
         a model saved earlier by astrovl; a folder holding anything else is
         refused (:class:`~astrovl.exceptions.OutputDirectoryError`) and left
         untouched.
-        """
-        directory = self.write_pretrained(directory)
-        self.source = {"kind": "directory", "path": str(Path(directory).resolve())}
-        return directory
 
-    def write_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Write the model like :meth:`save_pretrained`, leaving :attr:`source` unchanged."""
+        Parameters
+        ----------
+        directory : path-like
+        update_source : bool
+            Make :attr:`source` name ``directory``. False leaves it as it is (a
+            copy written for other processes, such as the workers of a dask
+            cluster, while indexes keep recording where the model came from).
+
+        Returns
+        -------
+        pathlib.Path
+            ``directory``.
+        """
         from safetensors.torch import save_model
 
         from .. import __version__
 
         directory = Path(directory)
         digest = self.weights_digest
-        with atomic_directory(directory, kind=OUTPUT_KIND, recognize=_is_saved_model) as tmp:
+        with atomic_directory(directory, kind=OUTPUT_KIND) as tmp:
             save_model(self.model, str(tmp / WEIGHTS_NAME))
             cfg = {"format": FORMAT, "format_version": 1, "astrovl_version": __version__,
                    "model_id": self.model_id, "weights_digest": digest, **self.config}
             if self.random_weights:
                 cfg["random_weights"] = True
             (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=2), encoding="utf-8")
+        if update_source:
+            self.source = {"kind": "directory", "path": str(directory.resolve())}
         return directory
 
     def to(self, device) -> CLIPEmbedder:

@@ -26,7 +26,6 @@ from .index_files import (  # noqa: F401  (the file names and OUTPUT_KIND are al
     VECTOR_DTYPES,
     VECTORS,
     common_image_root,
-    is_saved_index,
     map_vectors,
     model_record,
     read_manifest,
@@ -677,7 +676,7 @@ class EmbeddingIndex:
             new subfolder instead.
         """
         directory = Path(directory)
-        with atomic_directory(directory, kind=OUTPUT_KIND, recognize=is_saved_index) as tmp:
+        with atomic_directory(directory, kind=OUTPUT_KIND) as tmp:
             # chunk by chunk: memory-mapped vectors and the ones added since are not joined in memory
             write_vectors(tmp / VECTORS, (c for _, c in self._blocks()), len(self), self.dim, self.vector_dtype)
             write_metadata(self.metadata, tmp)

@@ -29,11 +29,12 @@ from pathlib import Path
 
 import numpy as np
 
+from ..utils.files import INDEX_OUTPUT
 from .identity import digest_from_model_id
 from .index_metadata import METADATA
 
 __all__ = ["common_image_root", "MANIFEST", "VECTORS", "METADATA", "FAISS_FILE", "STAGING", "FORMAT", "OUTPUT_KIND",
-           "VECTOR_DTYPES", "is_saved_index", "read_manifest", "relative_root", "recorded_image_root",
+           "VECTOR_DTYPES", "read_manifest", "relative_root", "recorded_image_root",
            "map_vectors", "read_rows", "write_vectors", "write_manifest", "model_record", "model_manifest",
            "recorded_model"]
 
@@ -43,18 +44,10 @@ FAISS_FILE = "index.faiss"
 STAGING = "staging"
 FORMAT = "astrovl-embedding-index"
 #: kind of the output folder an index is saved in (see :func:`astrovl.utils.files.check_output_dir`)
-OUTPUT_KIND = "index"
+OUTPUT_KIND = INDEX_OUTPUT
 #: how stored vectors may be kept: numpy dtype name -> safetensors dtype name
 VECTOR_DTYPES = {"float32": "F32", "float16": "F16"}
 _NUMPY_DTYPES = {"F32": "<f4", "F16": "<f2"}
-
-
-def is_saved_index(directory: Path) -> bool:
-    """True for an index folder saved before output folders were marked."""
-    try:
-        return json.loads((Path(directory) / MANIFEST).read_text("utf-8")).get("format") == FORMAT
-    except (OSError, ValueError, AttributeError):
-        return False
 
 
 def read_manifest(directory: str | os.PathLike) -> dict:

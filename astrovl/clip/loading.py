@@ -15,8 +15,8 @@ that it can reload its model later. Sources are one of
     (``open_clip_config.json`` + ``open_clip_model.safetensors``) or the
     transformers layout (``config.json`` of a ``CLIPModel`` + ``model.safetensors``).
 
-Hub repositories are read through :func:`huggingface_hub.hf_hub_download` and its
-cache, so they load offline (``HF_HUB_OFFLINE=1``) once cached. Transformers
+Hub repositories are read through :func:`astrovl.utils.hub.fetch_file` (the hub's
+cache), so they load offline (``HF_HUB_OFFLINE=1``) once cached. Transformers
 ``CLIPModel`` checkpoints are converted to the open_clip architecture with the
 same numbers (:func:`convert_transformers_clip`).
 
@@ -336,9 +336,9 @@ def _looks_like_hub_id(name: str) -> bool:
 
 
 def _hub_download(repo_id: str, filename: str, revision: str | None, cache_dir) -> Path:
-    from huggingface_hub import hf_hub_download
+    from ..utils.hub import fetch_file
 
-    return Path(hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir))
+    return fetch_file(repo_id, filename, revision=revision, cache_dir=cache_dir)
 
 
 def _from_hub(repo_id: str, revision: str | None, cache_dir) -> ResolvedModel:

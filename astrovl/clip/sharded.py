@@ -39,7 +39,7 @@ def embed_on_cluster(client, embedder, items: list, *, batch_size: int = 64, sha
     tmp = tempfile.TemporaryDirectory(prefix="astrovl-shard-model-") if owned else None
     model_dir = str(Path(tmp.name) / "model") if owned else model_dir
     try:
-        embedder.write_pretrained(model_dir)
+        embedder.save_pretrained(model_dir, update_source=False)
         shards = [items[i:i + shard_size] for i in range(0, len(items), shard_size)]
         futures = [client.submit(_embed_shard, model_dir, shard, batch_size, device, pure=False)
                    for shard in shards]

@@ -53,6 +53,7 @@ from astropy.utils.exceptions import AstropyUserWarning
 
 from ..exceptions import DatasetError
 from ..utils.files import (
+    HUBBLE_DATASET_OUTPUT,
     atomic_write,
     atomic_write_text,
     check_output_dir,
@@ -100,12 +101,7 @@ _PRODUCT_CACHE = "products.ecsv"
 _SUMMARY_CACHE = "summaries.jsonl"
 _SUMMARY_FIELDS = ("objects_and_phenomena", "science_use_cases", "caption")
 #: kind of the output folder of a build (see :func:`astrovl.utils.files.check_output_dir`)
-OUTPUT_KIND = "hubble-dataset"
-
-
-def is_earlier_build(directory: Path) -> bool:
-    """True for a build folder written before output folders were marked."""
-    return (directory / _PRODUCT_CACHE).is_file() or (directory / REPORT_NAME).is_file()
+OUTPUT_KIND = HUBBLE_DATASET_OUTPUT
 
 
 def _cell(row, name: str, default=""):
@@ -302,7 +298,7 @@ class HubblePreviewDatasetBuilder:
             raise DatasetError(f"max_images_per_proposal={max_images_per_proposal!r} must be >= 1")
         check_builder_options(image_size, val_fraction, max_retries)
         self.directory = Path(directory)
-        check_output_dir(self.directory, OUTPUT_KIND, recognize=is_earlier_build)
+        check_output_dir(self.directory, OUTPUT_KIND)
         self.abstracts = None if abstracts is None else read_abstracts(abstracts)
         self.summarizer = summarizer
         self.caption_source = caption_source
@@ -354,7 +350,7 @@ class HubblePreviewDatasetBuilder:
         optional_import("astroquery", purpose="querying the Hubble archive (MAST)")
         from astroquery.mast import Observations
 
-        check_output_dir(directory, OUTPUT_KIND, recognize=is_earlier_build)
+        check_output_dir(directory, OUTPUT_KIND)
         ids: list[str] = []
         for p in proposal_ids:
             pid = _int_or_none(p)
@@ -654,7 +650,7 @@ class HubblePreviewDatasetBuilder:
             When no preview image is left after filtering (the dataset is empty).
         """
         self.report = BuildReport(self._report_keys())
-        prepare_output_dir(self.directory, OUTPUT_KIND, recognize=is_earlier_build)
+        prepare_output_dir(self.directory, OUTPUT_KIND)
         self.report["observations"] = len(self.observations)
         observations = self._observation_records()
         obsids = sorted({o["obsid"] for o in observations if o["obsid"]})

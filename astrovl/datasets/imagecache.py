@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..utils.files import OUTPUT_MARKER, prepare_output_dir
+from ..utils.files import IMAGE_CACHE_OUTPUT, OUTPUT_MARKER, prepare_output_dir
 
 __all__ = ["MemoryImageCache", "DiskImageCache", "CACHE_KINDS"]
 
@@ -87,7 +87,7 @@ class DiskImageCache:
         self.shape = tuple(int(s) for s in shape)
         self.n = len(keys)
         self.identity = _files_identity(keys, self.shape)
-        prepare_output_dir(self.directory, "image-cache", recognize=lambda p: (p / "cache.json").is_file())
+        prepare_output_dir(self.directory, IMAGE_CACHE_OUTPUT)
         meta_path = self.directory / "cache.json"
         reuse = False
         if meta_path.is_file():

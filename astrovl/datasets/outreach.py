@@ -56,6 +56,7 @@ from astropy.table import Row, Table
 
 from ..exceptions import DatasetError, ImageFileError, ImageInputError
 from ..utils.files import (
+    OUTREACH_DATASET_OUTPUT,
     atomic_write_text,
     check_output_dir,
     prepare_output_dir,
@@ -81,12 +82,7 @@ __all__ = ["OutreachDatasetBuilder", "load_outreach_records", "strip_html"]
 
 _RECORD_SUFFIXES = (".json", ".jsonl", ".ndjson", ".ecsv", ".csv")
 #: kind of the output folder of a build (see :func:`astrovl.utils.files.check_output_dir`)
-OUTPUT_KIND = "outreach-dataset"
-
-
-def is_earlier_build(directory: Path) -> bool:
-    """True for a build folder written before output folders were marked."""
-    return (directory / REPORT_NAME).is_file()
+OUTPUT_KIND = OUTREACH_DATASET_OUTPUT
 
 
 class _TextExtractor(HTMLParser):
@@ -281,7 +277,7 @@ class OutreachDatasetBuilder:
         check_builder_options(image_size, val_fraction, max_retries)
         self.raw_records = load_outreach_records(records)
         self.directory = Path(directory)
-        check_output_dir(self.directory, OUTPUT_KIND, recognize=is_earlier_build)
+        check_output_dir(self.directory, OUTPUT_KIND)
         self.image_root = Path(image_root).expanduser().resolve() if image_root is not None else None
         self.image_size = int(image_size)
         self.seed = int(seed)
@@ -420,7 +416,7 @@ class OutreachDatasetBuilder:
         self.report = BuildReport(self._report_keys())
         self.report["records"] = len(self.raw_records)
         plan = self._plan()  # refuses untrusted sources before anything is written
-        prepare_output_dir(self.directory, OUTPUT_KIND, recognize=is_earlier_build)
+        prepare_output_dir(self.directory, OUTPUT_KIND)
         splits = assign_splits([p["id"] for p in plan], self.seed, self.val_fraction)
         rows = []
         for item in progress_bar(plan, enabled=self.progress, desc="outreach images",

@@ -38,7 +38,7 @@ from astropy.table import Table
 from astropy.wcs import WCS
 
 from ..exceptions import DatasetError
-from ..utils.files import atomic_write, prepare_output_dir
+from ..utils.files import SYNTHETIC_DATASET_OUTPUT, atomic_write, prepare_output_dir
 from ..utils.progress import progress_bar
 from .records import ManifestDataset, write_manifest
 
@@ -451,8 +451,7 @@ class SyntheticSkyDataset(ManifestDataset):
             raise DatasetError(f"image_size={image_size} is too small; use at least 32 pixels")
         if not 0 <= val_fraction < 1:
             raise DatasetError(f"val_fraction={val_fraction} must be in [0, 1)")
-        root = prepare_output_dir(directory, "synthetic-dataset",
-                                  recognize=lambda p: (p / "images" / "sky_000000.fits").is_file())
+        root = prepare_output_dir(directory, SYNTHETIC_DATASET_OUTPUT)
         (root / "images").mkdir(parents=True, exist_ok=True)
         plan = np.random.default_rng([seed, 0])
         assignment = np.array([labels[i % len(labels)] for i in range(n_images)])

@@ -387,13 +387,13 @@ def run_demo(output_dir: str | os.PathLike = "astrovl-demo", *, steps: int | Non
     -------
     DemoResult
     """
-    from ..utils.files import prepare_output_dir
+    from ..utils.files import DEMO_OUTPUT, prepare_output_dir
 
     if pretrained is not None and model is None:
         raise ValueError(f"pretrained={pretrained!r} needs model= (the open_clip model name it is a tag "
                          "of); without a model the demo trains a small CLIP from scratch")
     t0 = time.perf_counter()
-    out = prepare_output_dir(output_dir, "demo", recognize=lambda p: (p / "report.html").is_file())
+    out = prepare_output_dir(output_dir, DEMO_OUTPUT)
     settings = _settings(steps, n_images, image_size, quick, model)
     base = _base_clip(model, pretrained, settings, device=device, seed=seed)
     ds = _make_data(out, settings, seed=seed, progress=progress)

@@ -26,7 +26,7 @@ import os
 from pathlib import Path
 
 from ..exceptions import CheckpointError
-from ..utils.files import atomic_directory, check_output_dir
+from ..utils.files import LLAVA_MODEL_OUTPUT, atomic_directory, check_output_dir
 from ..utils.imports import optional_import
 from .checkpoints import (
     drop_stale_buffers,
@@ -172,11 +172,6 @@ def converted_cache_path(source: ResolvedCheckpoint | str | os.PathLike, *,
     key = hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
     label = "tower" if base is None else "base-tower"
     return _cache_root() / _source_dir(source) / f"{label}-{key}"
-
-
-def _is_conversion(path: Path) -> bool:
-    """True for a conversion written before output folders were marked."""
-    return (path / CONVERSION_RECORD).is_file()
 
 
 def _is_complete(path: Path) -> bool:
@@ -426,7 +421,7 @@ def _convert(source: ResolvedCheckpoint, dst: Path, *, tower: ResolvedCheckpoint
               "base": source_identity(base) if base is not None else None,
               "image_aspect_ratio": orig.get("image_aspect_ratio", "pad"), "conversation": conversation,
               "prompt_tokenization": LLAVA_CHUNKS, "text_model": family, "added_tokens": added}
-    with atomic_directory(dst, kind="llava-model", recognize=_is_conversion) as tmp:
+    with atomic_directory(dst, kind=LLAVA_MODEL_OUTPUT) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         processor.save_pretrained(tmp)
         (tmp / CONVERSION_RECORD).write_text(json.dumps(record, indent=2), encoding="utf-8")
@@ -493,7 +488,7 @@ def convert_llava_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *,
     ModelNotFoundError
         When ``src`` or its vision tower is neither local nor in the hub cache.
     """
-    check_output_dir(dst, "llava-model", recognize=_is_conversion)  # before the long conversion
+    check_output_dir(dst, LLAVA_MODEL_OUTPUT)  # before the long conversion
     source = resolve_checkpoint(src, revision=revision)
     tower = resolve_vision_tower(_read_original_config(source, repr(source.name)), vision_tower)
     return _convert(source, Path(dst), tower=tower, explicit_tower=vision_tower is not None, dtype=dtype)

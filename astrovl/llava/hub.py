@@ -19,8 +19,8 @@ from ..exceptions import AstroVLWarning, ModelNotFoundError
 from ..utils.hub import (
     directory_not_found,
     download_command,
+    fetch_files,
     hub_cache_dir,
-    hub_offline,
     is_local_name,
     looks_like_repo_id,
 )
@@ -77,39 +77,6 @@ class ResolvedCheckpoint:
         if self.repo_id is None:
             return str(self.path)
         return f"{self.repo_id}@{self.revision[:12]}" if self.revision else self.repo_id
-
-
-def _not_found(repo_id: str, revision: str | None, repo_type: str, exc: Exception | None,
-               what: str = "") -> ModelNotFoundError:
-    cache = hub_cache_dir()
-    rev = f" at revision {revision!r}" if revision else ""
-    kind = "dataset" if repo_type == "dataset" else "model"
-    if hub_offline():
-        why = f"it is not in the Hugging Face cache {cache!r} and HF_HUB_OFFLINE=1 forbids downloading it"
-    else:
-        why = (f"it could not be downloaded into the Hugging Face cache {cache!r} "
-               f"({type(exc).__name__}: {str(exc).splitlines()[0] if exc and str(exc) else 'not found'})")
-    return ModelNotFoundError(
-        f"{kind} {repo_id!r}{rev}{what}: {why}. Download it on a machine with internet access with "
-        f"`{download_command(repo_id, revision, repo_type)}` (it goes to {cache!r}; set HF_HOME or "
-        f"HF_HUB_CACHE to put the cache elsewhere), or pass a local directory"
-    )
-
-
-def fetch_files(repo_id: str, patterns, *, revision: str | None = None, repo_type: str = "model") -> Path:
-    """Download (or find in the cache) the files of ``repo_id`` matching ``patterns``.
-
-    Returns the snapshot directory. Raises :class:`ModelNotFoundError` with the
-    download command when the repository (or revision) is neither cached nor
-    downloadable.
-    """
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(repo_id, revision=revision, repo_type=repo_type,
-                                      allow_patterns=list(patterns)))
-    except Exception as exc:  # not cached offline, HTTP errors (missing, gated, private), network
-        raise _not_found(repo_id, revision, repo_type, exc) from exc
 
 
 def resolve_checkpoint(name_or_path: str | os.PathLike, *, revision: str | None = None,

@@ -63,12 +63,6 @@ def default_thumbnail_cache() -> Path:
     return cache_path("serve-thumbnails")
 
 
-def _is_thumbnail_cache(directory: Path) -> bool:
-    """True for a thumbnail cache written before output folders were marked (two-hex-digit folders)."""
-    return all(len(p.name) == 2 and p.is_dir() and all(c in "0123456789abcdef" for c in p.name)
-               for p in directory.iterdir())
-
-
 class IndexImages:
     """Find, check and render the image file of each index row.
 
@@ -233,10 +227,10 @@ class IndexImages:
         a folder holding other files is never filled.
         """
         if self._cache_usable is None:
-            from ..utils.files import prepare_output_dir
+            from ..utils.files import THUMBNAIL_CACHE_OUTPUT, prepare_output_dir
 
             try:
-                prepare_output_dir(self.cache_dir, "thumbnail-cache", recognize=_is_thumbnail_cache)
+                prepare_output_dir(self.cache_dir, THUMBNAIL_CACHE_OUTPUT)
                 self._cache_usable = True
             except OSError as exc:  # OutputDirectoryError (a folder of other files) or read-only
                 log.warning("thumbnails are not cached: %s", exc)

@@ -4,15 +4,24 @@ Like astropy's test helpers, these are for the tests of astrovl and of code buil
 on it; nothing in the library imports them. Importing this package needs the
 ``test`` dependencies (torch, transformers, sentencepiece, safetensors).
 
+- :mod:`astrovl.testing.hub`: :func:`write_hub_snapshot`, the one writer that
+  puts any directory into a hub cache under a hub id (``cache_dir, repo_id,
+  source``), so that it loads by hub id offline.
+- :mod:`astrovl.testing.clip`: the one tiny CLIP configuration
+  (:func:`~astrovl.testing.clip.tiny_clip_config`), tiny CLIP checkpoints in the
+  transformers and open_clip layouts, a CLIP vision tower, synthetic embeddings.
+- :mod:`astrovl.testing.llava`: tiny LLaVA checkpoints in today's layouts
+  (transformers, original LLaVA, LoRA releases) and a hub of them.
+- :mod:`astrovl.testing.galaxy10`: a tiny Galaxy10 DECaLS in the hub dataset's layout.
 - :mod:`astrovl.testing.releases`: one writer per released checkpoint
   (``liuhaotian/llava-v1.5-7b``, ``openai/clip-vit-large-patch14-336``, the
   official LoRA and its Vicuna base, AstroLLaVA v1/v2/v3, ``llava-hf``) and
   :func:`make_release_hub`, which puts them all into a hub cache.
-- :func:`write_hub_snapshot`: any directory into a hub cache under a hub id
-  (also :mod:`astrovl.llava.testing`, with the tiny models of today's layouts).
+- :mod:`astrovl.testing.serve`: ``astrovl serve`` in a subprocess on a free port.
 """
 
-from ..llava.testing import make_sentencepiece_tokenizer, write_hub_snapshot
+from .hub import write_hub_snapshot
+from .llava import make_sentencepiece_tokenizer
 from .releases import (
     CURRENT_TOWER_ID,
     NOT_WRITTEN,

@@ -42,10 +42,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from ..clip.testing import make_tiny_transformers_clip
 from ..llava.template import LLAVA_HF_CHAT_TEMPLATE
-from ..llava.testing import make_sentencepiece_tokenizer, write_hub_snapshot
 from ..utils.files import atomic_directory
+from .clip import make_tiny_transformers_clip
+from .hub import write_hub_snapshot
+from .llava import make_sentencepiece_tokenizer
 
 __all__ = ["make_release_hub", "write_llava_v15", "write_clip_vit_l_336", "write_vicuna_v15",
            "write_llava_v15_lora", "write_astrollava_v1", "write_astrollava_v2", "write_astrollava_v3",

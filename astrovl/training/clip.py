@@ -39,7 +39,7 @@ import numpy as np
 from astropy.table import Table
 
 from ..exceptions import CheckpointError, DatasetError
-from ..utils.files import atomic_write_text, prepare_output_dir
+from ..utils.files import CLIP_TRAINING_OUTPUT, atomic_write_text, prepare_output_dir
 from .batches import StepBatches
 from .choices import (
     BEST_METRICS,
@@ -467,13 +467,7 @@ def _token_counter(tokenizer):
 
 
 #: kind of a CLIP training output folder (see :func:`astrovl.utils.files.check_output_dir`)
-OUTPUT_KIND = "clip-training"
-
-
-def is_earlier_run(directory: Path) -> bool:
-    """True for a training folder written before output folders were marked."""
-    return (directory / CHECKPOINT_DIR / "state.json").is_file() or (
-        (directory / "config.json").is_file() and (directory / "metrics.csv").is_file())
+OUTPUT_KIND = CLIP_TRAINING_OUTPUT
 
 
 #: what a CLIP run writes in its folder (what ``overwrite=True`` removes)
@@ -680,7 +674,7 @@ def _prepare_run(embedder, train, val, config: CLIPTrainingConfig, rank: int, wo
 
     Every record's image is checked here, before any model work.
     """
-    out = prepare_output_dir(config.output_dir, OUTPUT_KIND, recognize=is_earlier_run)
+    out = prepare_output_dir(config.output_dir, OUTPUT_KIND)
     resume_step = _choose_start(out, config, rank, world)
     val_sub = _validation_subset(val, config)
     identity = _run_identity(embedder, config, train, val_sub)

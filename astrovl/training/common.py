@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ..exceptions import CheckpointError, DatasetError, OutputDirectoryError
-from ..utils.files import atomic_directory, atomic_write, remove_outputs
+from ..utils.files import CHECKPOINT_OUTPUT, atomic_directory, atomic_write, remove_outputs
 
 __all__ = [
     "seed_everything",
@@ -160,7 +160,7 @@ def save_checkpoint(directory, *, model, optimizer, scheduler, state: dict, trai
     from safetensors.torch import save_file, save_model
 
     directory = Path(directory)
-    with atomic_directory(directory, kind="checkpoint", recognize=lambda p: (p / "state.json").is_file()) as tmp:
+    with atomic_directory(directory, kind=CHECKPOINT_OUTPUT) as tmp:
         if trainable_only:
             save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
         else:

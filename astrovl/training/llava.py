@@ -25,7 +25,13 @@ import numpy as np
 from astropy.table import Table
 
 from ..exceptions import CheckpointError
-from ..utils.files import atomic_directory, atomic_write, atomic_write_text, prepare_output_dir
+from ..utils.files import (
+    LLAVA_TRAINING_OUTPUT,
+    atomic_directory,
+    atomic_write,
+    atomic_write_text,
+    prepare_output_dir,
+)
 from ..utils.imports import optional_import
 from ..utils.progress import progress_bar
 from .batches import EpochBatches
@@ -294,7 +300,7 @@ def _enable_checkpointing(net) -> None:
 
 
 #: kind of a LLaVA training output folder (see :func:`astrovl.utils.files.check_output_dir`)
-OUTPUT_KIND = "llava-training"
+OUTPUT_KIND = LLAVA_TRAINING_OUTPUT
 
 #: what a LLaVA run writes in its folder (what ``overwrite=True`` removes)
 RUN_OUTPUTS = (CHECKPOINT_DIR, "model", "adapter", "metrics.csv", "loss.png", "training.json")
@@ -356,11 +362,6 @@ def _resumed_state(ckpt: Path, config: LLaVATrainingConfig, identity: dict, tota
         raise CheckpointError(f"the checkpoint {str(ckpt)!r} is at step {step}, past the {total} steps of this "
                               f"run; resume with max_steps >= {step}")
     return state
-
-
-def is_earlier_run(directory: Path) -> bool:
-    """True for a training folder written before output folders were marked (it holds a checkpoint)."""
-    return (directory / CHECKPOINT_DIR / "state.json").is_file()
 
 
 def _as_llava(model):
@@ -579,7 +580,7 @@ def train_llava(model, data, config: LLaVATrainingConfig | None = None, *,
     """
     optional_import("transformers", purpose="LLaVA training")
     config = config or LLaVATrainingConfig()
-    out = prepare_output_dir(config.output_dir, OUTPUT_KIND, recognize=is_earlier_run)
+    out = prepare_output_dir(config.output_dir, OUTPUT_KIND)
     accelerator, deepspeed, use_cpu = _accelerator(config)
     resume = _choose_start(out, config, accelerator) is not None
     records, all_val = _training_records(data, config, image_root)

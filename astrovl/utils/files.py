@@ -15,6 +15,7 @@ or overwritten by a save.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -33,11 +34,74 @@ def _umask() -> int:
 
 
 __all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_directory", "safe_join",
-           "OUTPUT_MARKER", "read_output_marker", "write_output_marker", "check_output_dir",
-           "prepare_output_dir", "remove_outputs", "resolve_source", "is_within"]
+           "OUTPUT_MARKER", "read_output_marker", "write_output_marker", "is_output_of", "check_output_dir",
+           "prepare_output_dir", "remove_outputs", "resolve_source", "is_within", "INDEX_OUTPUT",
+           "CLIP_MODEL_OUTPUT", "LLAVA_MODEL_OUTPUT", "CLIP_TRAINING_OUTPUT", "LLAVA_TRAINING_OUTPUT",
+           "HUBBLE_DATASET_OUTPUT", "OUTREACH_DATASET_OUTPUT", "SYNTHETIC_DATASET_OUTPUT", "CHECKPOINT_OUTPUT",
+           "IMAGE_CACHE_OUTPUT", "THUMBNAIL_CACHE_OUTPUT", "DEMO_OUTPUT"]
 
 #: name of the file that marks a folder as an astrovl output (see the module documentation)
 OUTPUT_MARKER = ".astrovl-output.json"
+
+# kinds of astrovl output folders (the ``kind`` of their marker) that astrovl wrote before it marked them
+#: an embedding index (:meth:`astrovl.clip.EmbeddingIndex.save`)
+INDEX_OUTPUT = "index"
+#: a CLIP model (:meth:`astrovl.CLIPEmbedder.save_pretrained`)
+CLIP_MODEL_OUTPUT = "clip-model"
+#: a LLaVA model in the transformers layout (a conversion, :meth:`astrovl.AstroLLaVA.save_pretrained`)
+LLAVA_MODEL_OUTPUT = "llava-model"
+#: a CLIP training run (:func:`astrovl.training.train_clip`)
+CLIP_TRAINING_OUTPUT = "clip-training"
+#: a LLaVA training run (:func:`astrovl.training.train_llava`)
+LLAVA_TRAINING_OUTPUT = "llava-training"
+#: a Hubble preview dataset (:class:`astrovl.HubblePreviewDatasetBuilder`)
+HUBBLE_DATASET_OUTPUT = "hubble-dataset"
+#: an outreach dataset (:class:`astrovl.OutreachDatasetBuilder`)
+OUTREACH_DATASET_OUTPUT = "outreach-dataset"
+#: a synthetic sky dataset (:class:`astrovl.SyntheticSkyDataset`)
+SYNTHETIC_DATASET_OUTPUT = "synthetic-dataset"
+#: a training checkpoint (``checkpoint/`` of a training run)
+CHECKPOINT_OUTPUT = "checkpoint"
+#: the image cache of a training run (``astrovl.datasets.imagecache.DiskImageCache``)
+IMAGE_CACHE_OUTPUT = "image-cache"
+#: the thumbnail cache of ``astrovl serve``
+THUMBNAIL_CACHE_OUTPUT = "thumbnail-cache"
+#: the demonstration's output folder (``astrovl demo``)
+DEMO_OUTPUT = "demo"
+
+
+def _is_thumbnail_cache(directory: Path) -> bool:
+    """True when every entry of ``directory`` is a two-hex-digit folder (the thumbnail cache's layout)."""
+    return all(len(p.name) == 2 and p.is_dir() and all(c in "0123456789abcdef" for c in p.name)
+               for p in directory.iterdir())
+
+
+def _json_format(path: Path) -> object:
+    """The ``"format"`` of the JSON object in ``path`` (None when unreadable or not an object)."""
+    try:
+        data = json.loads(path.read_text("utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data.get("format") if isinstance(data, dict) else None
+
+
+#: how a folder written before output folders were marked is recognised, per kind (the files its
+#: writer always wrote; the names are those of the writing modules, checked by the tests)
+_EARLIER_OUTPUTS: dict[str, Callable[[Path], bool]] = {
+    INDEX_OUTPUT: lambda d: _json_format(d / "index.json") == "astrovl-embedding-index",
+    CLIP_MODEL_OUTPUT: lambda d: _json_format(d / "astrovl_clip.json") == "astrovl-clip",
+    LLAVA_MODEL_OUTPUT: lambda d: (d / "astrovl_conversion.json").is_file(),
+    CLIP_TRAINING_OUTPUT: lambda d: (d / "checkpoint" / "state.json").is_file() or (
+        (d / "config.json").is_file() and (d / "metrics.csv").is_file()),
+    LLAVA_TRAINING_OUTPUT: lambda d: (d / "checkpoint" / "state.json").is_file(),
+    HUBBLE_DATASET_OUTPUT: lambda d: (d / "products.ecsv").is_file() or (d / "build_report.json").is_file(),
+    OUTREACH_DATASET_OUTPUT: lambda d: (d / "build_report.json").is_file(),
+    SYNTHETIC_DATASET_OUTPUT: lambda d: (d / "images" / "sky_000000.fits").is_file(),
+    CHECKPOINT_OUTPUT: lambda d: (d / "state.json").is_file(),
+    IMAGE_CACHE_OUTPUT: lambda d: (d / "cache.json").is_file(),
+    THUMBNAIL_CACHE_OUTPUT: lambda d: _is_thumbnail_cache(d),
+    DEMO_OUTPUT: lambda d: (d / "report.html").is_file(),
+}
 
 
 @contextlib.contextmanager
@@ -109,6 +173,37 @@ def write_output_marker(directory: str | os.PathLike, kind: str) -> Path:
     return path
 
 
+def is_output_of(directory: str | os.PathLike, kind: str) -> bool:
+    """True when the folder ``directory`` is astrovl's output of ``kind``.
+
+    A marked folder is one when its marker names ``kind``. An unmarked folder
+    is one when astrovl wrote it before it marked its output folders: the
+    kinds of this module's ``*_OUTPUT`` constants (:data:`INDEX_OUTPUT`,
+    :data:`CLIP_MODEL_OUTPUT`, :data:`CHECKPOINT_OUTPUT`...) are recognised by
+    the files their writers always wrote; other kinds never are. This is the
+    one rule every writer of astrovl applies (through :func:`check_output_dir`,
+    :func:`prepare_output_dir` and :func:`atomic_directory`).
+
+    Parameters
+    ----------
+    directory : path-like
+    kind : str
+        The kind of output (one of the constants above, or another marker kind).
+
+    Returns
+    -------
+    bool
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        return False
+    marker = read_output_marker(directory)
+    if marker is not None:
+        return marker["kind"] == kind
+    earlier = _EARLIER_OUTPUTS.get(kind)
+    return earlier is not None and earlier(directory)
+
+
 def _foreign_entries(path: Path) -> list[str]:
     """Names in ``path`` other than the marker and its temporary files, sorted."""
     with os.scandir(path) as it:
@@ -133,7 +228,8 @@ def check_output_dir(path: str | os.PathLike, kind: str, *,
     recognize : callable, optional
         ``recognize(path) -> bool``: True for an unmarked folder that is
         nevertheless an earlier output of this kind (written by an astrovl
-        version before markers existed).
+        version before markers existed). By default :func:`is_output_of`
+        decides (the kinds astrovl wrote before it marked its folders).
 
     Returns
     -------
@@ -169,7 +265,9 @@ def check_output_dir(path: str | os.PathLike, kind: str, *,
         entries = _foreign_entries(path)
     except OSError as exc:
         raise OutputDirectoryError(f"the output folder {str(path)!r} cannot be read ({exc})") from exc
-    if not entries or (recognize is not None and recognize(path)):
+    if recognize is None:
+        recognize = functools.partial(is_output_of, kind=kind)
+    if not entries or recognize(path):
         return True
     shown = ", ".join(repr(n) for n in entries[:3]) + (f" and {len(entries) - 3} more" if len(entries) > 3 else "")
     raise OutputDirectoryError(

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -42,7 +43,10 @@ def main() -> None:
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
-    from astrovl.serve.testing import ServerProcess, chromium_driver, images_loaded
+    sys.path.insert(0, str(ROOT / "tests"))  # the browser harness of the page tests
+    from browser import chromium_driver, images_loaded
+
+    from astrovl.testing.serve import ServerProcess
 
     with tempfile.TemporaryDirectory(prefix="astrovl-serve-shot-") as tmp:
         tmp = Path(tmp)

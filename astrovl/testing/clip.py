@@ -1,43 +1,45 @@
-"""Tiny CLIP checkpoints in the released layouts, and a Hugging Face hub cache to hold them.
+"""Tiny CLIP checkpoints in the released layouts, and synthetic embeddings.
 
 They exercise the real loading paths of :meth:`CLIPEmbedder.from_pretrained
-<astrovl.CLIPEmbedder.from_pretrained>` without a download:
+<astrovl.CLIPEmbedder.from_pretrained>` (and LLaVA's vision tower) without a download:
 
+* :func:`tiny_clip_config` is the one tiny transformers ``CLIPConfig`` every
+  tiny CLIP model (and the vision tower of the tiny LLaVA models) is built from;
 * :func:`make_tiny_transformers_clip` writes a transformers ``CLIPModel``
   directory as the ``openai/clip-*`` repositories hold it (``config.json`` with
   the legacy text token ids, ``model.safetensors``, the CLIP byte-pair tokenizer
   as ``vocab.json`` + ``merges.txt``, ``preprocessor_config.json``);
+* :func:`make_tiny_clip_tower` writes a full CLIP model with its image
+  processor only, as the vision tower that original LLaVA checkpoints name;
 * :func:`make_tiny_open_clip` writes an open_clip hub directory
   (``open_clip_config.json`` + ``open_clip_model.safetensors``);
-* :func:`add_to_hub_cache` puts a directory into a hub cache under a repository
-  id, in the cache's own layout (``models--ORG--NAME/blobs``, ``snapshots/REV``
-  links, ``refs/main``), so that ``huggingface_hub`` finds it offline;
 * :func:`clustered_unit_vectors` and :func:`write_vector_shards` make synthetic
   embeddings (clustered unit vectors) for archive-scale tests and benchmarks.
 
+Put any of them into a hub cache with :func:`astrovl.testing.write_hub_snapshot`.
 The weights are random: the models mean nothing, the files are the real ones.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["make_tiny_transformers_clip", "make_tiny_open_clip", "add_to_hub_cache", "TINY_OPEN_CLIP_CONFIG",
-           "clustered_unit_vectors", "write_vector_shards"]
+from ..clip.embedder import TINY_CLIP_CONFIG
+from ..utils.files import atomic_directory
 
-#: architecture of :func:`make_tiny_open_clip` (an open_clip ``model_cfg``)
-TINY_OPEN_CLIP_CONFIG: dict = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8,
-                   "mlp_ratio": 2.0},
-    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2,
-                 "mlp_ratio": 2.0},
-}
+__all__ = ["tiny_clip_config", "make_tiny_transformers_clip", "make_tiny_clip_tower", "make_tiny_open_clip",
+           "TINY_CLIP_WIDTH", "TINY_OPEN_CLIP_CONFIG", "clustered_unit_vectors", "write_vector_shards"]
+
+#: width of both towers of :func:`tiny_clip_config` (the vision features LLaVA's projector reads)
+TINY_CLIP_WIDTH = 32
+
+#: architecture of :func:`make_tiny_open_clip` (an open_clip ``model_cfg``): the library's own
+#: :data:`~astrovl.clip.TINY_CLIP_CONFIG` without its name
+TINY_OPEN_CLIP_CONFIG: dict = {k: v for k, v in TINY_CLIP_CONFIG.items() if k != "model_name"}
 
 
 def _clip_bpe_files(directory: Path) -> None:
@@ -59,8 +61,51 @@ def _clip_bpe_files(directory: Path) -> None:
         encoding="utf-8")
 
 
+def tiny_clip_config(*, image_size: int = 32, patch_size: int = 8, width: int = TINY_CLIP_WIDTH,
+                     layers: int = 2, projection_dim: int = 16, text_layers: int | None = None,
+                     vocab_size: int = 49408, max_positions: int = 77, token_ids: dict | None = None,
+                     sub_projection_dim: bool = False):
+    """The tiny transformers ``CLIPConfig`` of every tiny CLIP model here.
+
+    Both towers are ``width`` wide with ``2 * width`` wide MLPs, two attention
+    heads and the ``quick_gelu`` activation of the released CLIP models.
+
+    Parameters
+    ----------
+    image_size, patch_size : int
+        Vision tower input and patch size.
+    width, layers : int
+        Width and depth of both towers.
+    projection_dim : int
+        Size of the joint embedding.
+    text_layers : int, optional
+        Depth of the text tower (default ``layers``).
+    vocab_size, max_positions : int
+        Text vocabulary and context length.
+    token_ids : dict, optional
+        ``bos_token_id``, ``eos_token_id``, ``pad_token_id`` of the text tower.
+    sub_projection_dim : bool
+        Also write ``projection_dim`` into both towers' configs (as
+        ``CLIPVisionConfig`` users such as LLaVA read it).
+
+    Returns
+    -------
+    transformers.CLIPConfig
+    """
+    from transformers import CLIPConfig
+
+    extra = {"projection_dim": projection_dim} if sub_projection_dim else {}
+    text = {"vocab_size": vocab_size, "hidden_size": width, "intermediate_size": 2 * width,
+            "num_hidden_layers": layers if text_layers is None else text_layers, "num_attention_heads": 2,
+            "max_position_embeddings": max_positions, "hidden_act": "quick_gelu", **(token_ids or {}), **extra}
+    vision = {"image_size": image_size, "patch_size": patch_size, "hidden_size": width,
+              "intermediate_size": 2 * width, "num_hidden_layers": layers, "num_attention_heads": 2,
+              "hidden_act": "quick_gelu", **extra}
+    return CLIPConfig(text_config=text, vision_config=vision, projection_dim=projection_dim)
+
+
 def make_tiny_transformers_clip(directory: str | os.PathLike, *, seed: int = 0, image_size: int = 32,
-                                patch_size: int = 8, width: int = 32, layers: int = 2,
+                                patch_size: int = 8, width: int = TINY_CLIP_WIDTH, layers: int = 2,
                                 legacy_eos: bool = True) -> Path:
     """Write a tiny transformers ``CLIPModel`` checkpoint with its tokenizer and processor files.
 
@@ -81,20 +126,15 @@ def make_tiny_transformers_clip(directory: str | os.PathLike, *, seed: int = 0, 
     pathlib.Path
     """
     import torch
-    from transformers import CLIPConfig, CLIPModel
+    from transformers import CLIPModel
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    text = {"vocab_size": 49408, "hidden_size": width, "intermediate_size": 2 * width,
-            "num_hidden_layers": layers, "num_attention_heads": 2, "max_position_embeddings": 77,
-            "hidden_act": "quick_gelu"}
-    if legacy_eos:
-        text.update(bos_token_id=0, eos_token_id=2, pad_token_id=1)
-    vision = {"image_size": image_size, "patch_size": patch_size, "hidden_size": width,
-              "intermediate_size": 2 * width, "num_hidden_layers": layers, "num_attention_heads": 2,
-              "hidden_act": "quick_gelu"}
+    config = tiny_clip_config(image_size=image_size, patch_size=patch_size, width=width, layers=layers,
+                              token_ids={"bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1}
+                              if legacy_eos else None)
     torch.manual_seed(seed)
-    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
+    model = CLIPModel(config)
     with torch.no_grad():  # break the symmetry of freshly initialised norms and biases
         for name, p in model.named_parameters():
             if "norm" in name or name.endswith("bias"):
@@ -109,6 +149,34 @@ def make_tiny_transformers_clip(directory: str | os.PathLike, *, seed: int = 0, 
     return directory
 
 
+def make_tiny_clip_tower(directory: str | os.PathLike, *, seed: int = 0, image_size: int = 32,
+                         patch_size: int = 8) -> Path:
+    """Write a tiny full CLIP model (vision and text towers) with its image processor.
+
+    The layout of ``openai/clip-vit-large-patch14-336``, which original LLaVA
+    checkpoints name as their vision tower: :func:`tiny_clip_config` with a
+    one-layer text tower over a 99-token vocabulary (no tokenizer files).
+
+    Returns
+    -------
+    pathlib.Path
+    """
+    import torch
+    from transformers import CLIPImageProcessor, CLIPModel
+
+    config = tiny_clip_config(image_size=image_size, patch_size=patch_size, projection_dim=32, text_layers=1,
+                              vocab_size=99, max_positions=16, sub_projection_dim=True,
+                              token_ids={"bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1})
+    torch.manual_seed(seed)
+    model = CLIPModel(config).eval()
+    directory = Path(directory)
+    with atomic_directory(directory, kind="clip-tower") as tmp:
+        model.save_pretrained(tmp)
+        CLIPImageProcessor(size={"shortest_edge": image_size},
+                           crop_size={"height": image_size, "width": image_size}).save_pretrained(tmp)
+    return directory
+
+
 def make_tiny_open_clip(directory: str | os.PathLike, *, seed: int = 0) -> Path:
     """Write a tiny open_clip checkpoint as open_clip's hub repositories hold them.
 
@@ -119,7 +187,7 @@ def make_tiny_open_clip(directory: str | os.PathLike, *, seed: int = 0) -> Path:
     import torch
     from safetensors.torch import save_file
 
-    from .loading import build_model
+    from ..clip.loading import build_model
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -132,44 +200,6 @@ def make_tiny_open_clip(directory: str | os.PathLike, *, seed: int = 0) -> Path:
                               "interpolation": "bicubic", "resize_mode": "shortest"}}
     (directory / "open_clip_config.json").write_text(json.dumps(cfg, indent=2), encoding="utf-8")
     return directory
-
-
-def add_to_hub_cache(source: str | os.PathLike, repo_id: str, cache_dir: str | os.PathLike, *,
-                     revision: str | None = None) -> str:
-    """Copy the files of ``source`` into a hub cache as repository ``repo_id`` (branch ``main``).
-
-    The layout is the cache's own: file contents in ``blobs/`` (named by their
-    SHA-256), ``snapshots/REVISION/NAME`` relative symbolic links to them (plain
-    copies where links are not possible) and ``refs/main`` holding the revision.
-
-    Returns
-    -------
-    str
-        The revision (a 40-character commit hash; derived from the files unless given).
-    """
-    source, cache_dir = Path(source), Path(cache_dir)
-    files = sorted(p for p in source.rglob("*") if p.is_file())
-    revision = revision or hashlib.sha1(
-        b"".join(p.relative_to(source).as_posix().encode() + p.read_bytes() for p in files)).hexdigest()
-    repo = cache_dir / f"models--{repo_id.replace('/', '--')}"
-    (repo / "blobs").mkdir(parents=True, exist_ok=True)
-    (repo / "refs").mkdir(exist_ok=True)
-    snapshot = repo / "snapshots" / revision
-    for f in files:
-        data = f.read_bytes()
-        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
-        if not blob.exists():
-            blob.write_bytes(data)
-        target = snapshot / f.relative_to(source)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if target.exists() or target.is_symlink():
-            target.unlink()
-        try:
-            target.symlink_to(os.path.relpath(blob, target.parent))
-        except OSError:
-            target.write_bytes(data)
-    (repo / "refs" / "main").write_text(revision, encoding="utf-8")
-    return revision
 
 
 def clustered_unit_vectors(n: int, dim: int, *, n_clusters: int = 256, spread: float = 0.6, seed: int = 0,

@@ -9,8 +9,6 @@ written by :mod:`astrovl.testing.releases`.
 
 - :func:`make_tiny_llava`: transformers layout (``LlavaForConditionalGeneration``
   with a processor), as ``llava-hf`` publishes or astrovl writes.
-- :func:`make_tiny_clip_tower`: a full CLIP model with its image processor, as
-  ``openai/clip-vit-large-patch14-336`` is published.
 - :func:`make_tiny_original_llava`: the original LLaVA repository's layout
   (``llava_llama`` config, ``model.mm_projector.*``, sharded safetensors or
   ``.bin`` with an index json, a SentencePiece ``tokenizer.model``, the vision
@@ -18,27 +16,27 @@ written by :mod:`astrovl.testing.releases`.
   ``UniverseTBD/AstroLLaVA_v3``.
 - :func:`make_tiny_lora_release`: a peft LoRA adapter with
   ``non_lora_trainables.bin``, as AstroLLaVA v1/v2.
-- :func:`write_hub_snapshot`: put a directory into a Hugging Face hub cache
-  (``models--ORG--NAME/refs/main``, ``snapshots/REV/``, ``blobs/``) so that it
-  loads by hub id offline.
+- :func:`make_tiny_hub`: all of them in a hub cache under the released hub ids
+  (with the vision tower of :func:`astrovl.testing.clip.make_tiny_clip_tower`,
+  written by :func:`astrovl.testing.write_hub_snapshot`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
-from ..utils.files import OUTPUT_MARKER, atomic_directory
-from .build import SMALL_LLAMA
-from .template import LLAVA_CHAT_TEMPLATE
+from ..llava.build import SMALL_LLAMA
+from ..llava.template import LLAVA_CHAT_TEMPLATE
+from ..utils.files import atomic_directory
+from .clip import TINY_CLIP_WIDTH, make_tiny_clip_tower, tiny_clip_config
+from .hub import write_hub_snapshot
 
-__all__ = ["make_tiny_llava", "make_tiny_clip_tower", "make_tiny_original_llava", "make_tiny_lora_release",
-           "make_sentencepiece_tokenizer", "write_hub_snapshot", "make_tiny_hub", "make_tiny_galaxy10",
-           "TINY_CORPUS"]
+__all__ = ["make_tiny_llava", "make_tiny_original_llava", "make_tiny_lora_release", "make_sentencepiece_tokenizer",
+           "make_tiny_hub", "TINY_CORPUS"]
 
 TINY_CORPUS = [
     "USER: ASSISTANT: Describe this astronomical image in detail.",
@@ -57,13 +55,11 @@ TINY_CORPUS = [
     "detailed, and polite answers to the user's questions.",
 ]
 
-_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-               projection_dim=32)
 _TEXT = dict(SMALL_LLAMA)
 
 
 def _bpe_tokenizer(vocab_size: int):
-    from .build import train_bpe_tokenizer
+    from ..llava.build import train_bpe_tokenizer
 
     return train_bpe_tokenizer(TINY_CORPUS * 4, vocab_size)
 
@@ -139,7 +135,6 @@ def make_tiny_llava(directory: str | os.PathLike, *, seed: int = 0, image_size: 
     import torch
     from transformers import (
         CLIPImageProcessor,
-        CLIPVisionConfig,
         LlamaConfig,
         LlavaConfig,
         LlavaForConditionalGeneration,
@@ -155,7 +150,9 @@ def make_tiny_llava(directory: str | os.PathLike, *, seed: int = 0, image_size: 
     tok.padding_side = "left"
     tok.chat_template = chat_template
     image_token_id = tok.convert_tokens_to_ids("<image>")
-    vision = CLIPVisionConfig(**_VISION, image_size=image_size, patch_size=patch_size, attention_dropout=dropout)
+    vision = tiny_clip_config(image_size=image_size, patch_size=patch_size, projection_dim=32,
+                              sub_projection_dim=True).vision_config
+    vision.attention_dropout = dropout
     text = LlamaConfig(vocab_size=len(tok), **_TEXT, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                        pad_token_id=tok.pad_token_id, attention_dropout=dropout)
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_token_id,
@@ -176,30 +173,6 @@ def make_tiny_llava(directory: str | os.PathLike, *, seed: int = 0, image_size: 
     with atomic_directory(directory, kind="llava-model") as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
-    return directory
-
-
-def make_tiny_clip_tower(directory: str | os.PathLike, *, seed: int = 0, image_size: int = 32,
-                         patch_size: int = 8) -> Path:
-    """Write a tiny full CLIP model (vision and text towers) with its image processor.
-
-    The layout of ``openai/clip-vit-large-patch14-336``, which original LLaVA
-    checkpoints name as their vision tower.
-    """
-    import torch
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
-
-    config = CLIPConfig(vision_config=dict(**_VISION, image_size=image_size, patch_size=patch_size),
-                        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                         num_attention_heads=2, vocab_size=99, max_position_embeddings=16,
-                                         projection_dim=32, bos_token_id=0, eos_token_id=1, pad_token_id=1), projection_dim=32)
-    torch.manual_seed(seed)
-    model = CLIPModel(config).eval()
-    directory = Path(directory)
-    with atomic_directory(directory, kind="clip-tower") as tmp:
-        model.save_pretrained(tmp)
-        CLIPImageProcessor(size={"shortest_edge": image_size},
-                           crop_size={"height": image_size, "width": image_size}).save_pretrained(tmp)
     return directory
 
 
@@ -252,7 +225,7 @@ def make_tiny_original_llava(directory: str | os.PathLike, *, vision_tower: str 
                        tie_word_embeddings=False)
         torch.manual_seed(seed)
         lm = cls(text).eval()
-        hidden = mm_hidden_size or _VISION["hidden_size"]
+        hidden = mm_hidden_size or TINY_CLIP_WIDTH
         state = {k: v.contiguous() for k, v in lm.state_dict().items()}
         state["model.mm_projector.0.weight"] = torch.randn(text.hidden_size, hidden) * 0.05
         state["model.mm_projector.0.bias"] = torch.randn(text.hidden_size) * 0.01
@@ -367,68 +340,6 @@ def make_tiny_lora_release(directory: str | os.PathLike, *, base_model_name_or_p
     return directory
 
 
-def _sha(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def write_hub_snapshot(cache_dir: str | os.PathLike, repo_id: str, source: str | os.PathLike, *,
-                       revision: str | None = None, ref: str | None = "main", repo_type: str = "model") -> Path:
-    """Put the files of directory ``source`` into a Hugging Face hub cache as ``repo_id``.
-
-    The layout huggingface_hub writes: ``models--ORG--NAME/blobs/<sha256>``,
-    ``snapshots/<revision>/<file>`` (relative symbolic links to the blobs) and
-    ``refs/<ref>`` holding the revision.
-
-    Parameters
-    ----------
-    cache_dir : path
-        The hub cache (what ``HF_HUB_CACHE`` points at).
-    repo_id : str
-        ``ORG/NAME``.
-    source : path
-        Directory whose files (recursively) become the snapshot (but for
-        astrovl's output marker).
-    revision : str, optional
-        40-character commit hash; default a hash of the content.
-    ref : str or None
-        Branch or tag to point at the revision (None: no ref, only the commit).
-    repo_type : {"model", "dataset"}
-
-    Returns
-    -------
-    pathlib.Path
-        The snapshot directory.
-    """
-    source = Path(source)
-    # astrovl's output marker says who wrote the source folder; it is no file of the repository
-    files = sorted(p for p in source.rglob("*") if p.is_file() and p.name != OUTPUT_MARKER)
-    shas = {p: _sha(p) for p in files}
-    if revision is None:
-        revision = hashlib.sha1("".join(f"{p.relative_to(source)}:{s}" for p, s in shas.items()).encode()
-                                ).hexdigest()
-    prefix = {"model": "models", "dataset": "datasets"}[repo_type]
-    repo = Path(cache_dir) / f"{prefix}--{repo_id.replace('/', '--')}"
-    snapshot = repo / "snapshots" / revision
-    for p, sha in shas.items():
-        blob = repo / "blobs" / sha
-        blob.parent.mkdir(parents=True, exist_ok=True)
-        if not blob.exists():
-            shutil.copyfile(p, blob)
-        link = snapshot / p.relative_to(source)
-        link.parent.mkdir(parents=True, exist_ok=True)
-        if link.is_symlink() or link.exists():
-            link.unlink()
-        os.symlink(os.path.relpath(blob, link.parent), link)
-    if ref is not None:
-        (repo / "refs").mkdir(parents=True, exist_ok=True)
-        (repo / "refs" / ref).write_text(revision)
-    return snapshot
-
-
 def make_tiny_hub(cache_dir: str | os.PathLike, work_dir: str | os.PathLike) -> dict[str, Path]:
     """Fill a hub cache with tiny models in every released layout, under the released hub ids.
 
@@ -458,7 +369,7 @@ def make_tiny_hub(cache_dir: str | os.PathLike, work_dir: str | os.PathLike) -> 
     dict
         Hub id -> source directory.
     """
-    from .convert import convert_llava_checkpoint
+    from ..llava.convert import convert_llava_checkpoint
 
     work = Path(work_dir)
     tower = "openai/clip-vit-large-patch14-336"
@@ -487,46 +398,6 @@ def make_tiny_hub(cache_dir: str | os.PathLike, work_dir: str | os.PathLike) -> 
 
 
 def _llava_hf_template() -> str:
-    from .template import LLAVA_HF_CHAT_TEMPLATE
+    from ..llava.template import LLAVA_HF_CHAT_TEMPLATE
 
     return LLAVA_HF_CHAT_TEMPLATE
-
-
-def make_tiny_galaxy10(directory: str | os.PathLike, *, per_class: int = 2, image_size: int = 16,
-                       train_shards: int = 2) -> Path:
-    """Write a tiny Galaxy10 DECaLS in the layout of the hub dataset ``matthieulel/galaxy10_decals``.
-
-    ``data/train-0000K-of-0000N-<hash>.parquet`` and ``data/test-00000-of-00001-<hash>.parquet``
-    with the columns ``image`` (struct of PNG ``bytes`` and ``path``) and ``label``
-    (uint8), ``per_class`` images of each of the ten classes in each split. The red
-    channel of an image is ``20 * label`` (so images and labels can be checked
-    against each other), the green one its row number.
-    """
-    import io
-
-    import numpy as np
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    from PIL import Image
-
-    directory = Path(directory)
-    image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
-    with atomic_directory(directory, kind="galaxy10") as tmp:
-        (tmp / "data").mkdir()
-        for split, shards in (("train", train_shards), ("test", 1)):
-            labels = np.repeat(np.arange(10), per_class).astype(np.uint8)
-            rows = []
-            for k, lab in enumerate(labels):
-                buf = io.BytesIO()
-                Image.new("RGB", (image_size, image_size), (int(lab) * 20, k % 256, 7)).save(buf, format="PNG")
-                rows.append({"bytes": buf.getvalue(), "path": None})
-            for s in range(shards):
-                table = pa.table({"image": pa.array(rows[s::shards], type=image_type),
-                                  "label": pa.array(labels[s::shards], type=pa.uint8())})
-                pq.write_table(table, tmp / "data" / f"{split}-{s:05d}-of-{shards:05d}-0a1b2c3d.parquet",
-                               row_group_size=4)
-        (tmp / "README.md").write_text(
-            "---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n    path: data/train-*\n"
-            "  - split: test\n    path: data/test-*\ndataset_info:\n  features:\n  - name: image\n"
-            "    dtype: image\n  - name: label\n    dtype: uint8\n---\n")
-    return directory

@@ -1,15 +1,14 @@
-"""Run ``astrovl serve`` in a subprocess and drive its page in headless Chromium.
+"""Run ``astrovl serve`` in a subprocess on a free loopback port, and wait until it answers.
 
-Used by the browser tests, the load benchmark and the script that makes the
-documentation's screenshots; handy for checking a deployment the same way.
-Chromium and ChromeDriver come from the system (Debian packages ``chromium``
-and ``chromium-driver``), Selenium from PyPI.
+Used by the web service's tests, its load benchmarks and the script that makes
+the documentation's screenshots; handy for checking a deployment the same way.
+The browser (Selenium) harness of the page tests lives in the tests
+(``tests/browser.py``).
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -18,13 +17,7 @@ import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["free_port", "ServerProcess", "chromium_paths", "chromium_driver", "images_loaded",
-           "CHROMIUM_FLAGS"]
-
-#: flags for a headless Chromium that never reaches the network on its own
-CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--disable-quic", "--hide-scrollbars")
+__all__ = ["free_port", "ServerProcess"]
 
 
 def free_port() -> int:
@@ -106,43 +99,3 @@ class ServerProcess:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-
-
-def chromium_paths() -> tuple[str | None, str | None]:
-    """Paths of the Chromium browser and of ChromeDriver (None when missing)."""
-    browser = next((p for p in (shutil.which("chromium"), shutil.which("chromium-browser"),
-                                shutil.which("google-chrome")) if p), None)
-    return browser, shutil.which("chromedriver")
-
-
-def chromium_driver(profile: str | os.PathLike, width: int = 1360, height: int = 900):
-    """A Selenium driver for a headless Chromium with a fresh profile in ``profile``.
-
-    Raises
-    ------
-    RuntimeError
-        Chromium or ChromeDriver is not installed.
-    """
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    browser, driver = chromium_paths()
-    if browser is None or driver is None:
-        raise RuntimeError("Chromium and ChromeDriver are needed (Debian: apt-get install chromium "
-                           "chromium-driver)")
-    options = webdriver.ChromeOptions()
-    options.binary_location = browser
-    for flag in CHROMIUM_FLAGS:
-        options.add_argument(flag)
-    options.add_argument(f"--window-size={width},{height}")
-    options.add_argument(f"--user-data-dir={profile}")
-    chrome = webdriver.Chrome(service=Service(executable_path=driver), options=options)
-    chrome.set_page_load_timeout(60)
-    return chrome
-
-
-def images_loaded(driver, selector: str = "#results .card img") -> bool:
-    """True when the page has images matching ``selector`` and every one has loaded."""
-    return bool(driver.execute_script(
-        "const imgs = Array.from(document.querySelectorAll(arguments[0]));"
-        "return imgs.length > 0 && imgs.every(i => i.complete && i.naturalWidth > 0);", selector))
