@@ -123,7 +123,7 @@ def main(argv=None) -> int:
                         help="dtype of the synthetic .npy shards (float16 halves their disk)")
     parser.add_argument("--nprobe", type=int, default=32)
     parser.add_argument("--rerank-depth", type=int, default=None,
-                        help="default: the library's (512, or one per 4,000 vectors in larger indexes)")
+                        help="default: the library's (512, or one per 6,000 vectors in larger indexes)")
     parser.add_argument("--shard-rows", type=int, default=1_000_000, help="rows per .npy shard")
     parser.add_argument("--recall-queries", type=int, default=100)
     parser.add_argument("--latency-queries", type=int, default=200)

@@ -221,18 +221,18 @@ def test_cli_states_the_library_rerank_depth(capsys):
     with pytest.raises(SystemExit):
         main(["index", "build", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert f"re-scores exactly per query (default {fs.DEFAULT_RERANK_DEPTH}, or one per 4,000 vectors" in text
-    assert fs.RERANK_ROWS_PER_CANDIDATE == 4_000
+    assert f"re-scores exactly per query (default {fs.DEFAULT_RERANK_DEPTH}, or one per 6,000 vectors" in text
+    assert fs.RERANK_ROWS_PER_CANDIDATE == 6_000
 
 
 def test_default_rerank_depth_follows_the_index_size():
     from astrovl.clip import faiss_structures as fs
 
-    assert [fs.default_rerank_depth(n) for n in (0, 2_000_000, 2_048_001, 10_000_000)] == [512, 512, 513, 2_500]
+    assert [fs.default_rerank_depth(n) for n in (0, 2_000_000, 3_072_001, 10_000_000)] == [512, 512, 513, 1_667]
     grows = EmbeddingIndex(8, kind="ivfpq")
     assert grows.params["rerank_depth"] is None  # not fixed: follows len(index)
     assert grows._rerank_depth(None, 10) == 512 and grows._rerank_depth(None, 600) == 600
-    grows._vec.append(np.zeros((3_000_000, 1), dtype=np.float32))  # only its length matters here
-    assert len(grows) == 3_000_000 and grows._rerank_depth(None, 10) == 750
+    grows._vec.append(np.zeros((6_000_000, 1), dtype=np.float32))  # only its length matters here
+    assert len(grows) == 6_000_000 and grows._rerank_depth(None, 10) == 1_000
     fixed = EmbeddingIndex(8, kind="ivfpq", rerank_depth=300)
     assert fixed._rerank_depth(None, 10) == 300 and fixed._rerank_depth(40, 10) == 40

@@ -147,7 +147,7 @@ def _add_structure_args(p) -> None:
     p.add_argument("--opq", action="store_true", help="rotate vectors (OPQ) before 'ivfpq' quantization")
     p.add_argument("--rerank-depth", type=int, default=None,
                    help="candidates an 'ivfpq' index re-scores exactly per query (default 512, "
-                        "or one per 4,000 vectors in larger indexes)")
+                        "or one per 6,000 vectors in larger indexes)")
 
 
 def _structure_params(args) -> dict:

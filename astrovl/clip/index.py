@@ -82,8 +82,8 @@ class EmbeddingIndex:
         ``"ivfpq"``: rotate the vectors (OPQ) before quantizing them.
     rerank_depth : int, optional
         ``"ivfpq"``: candidates re-scored exactly per query (at least ``k``;
-        default: 512, or one per 4,000 vectors when the index holds more than
-        2,048,000, following the index as it grows).
+        default: 512, or one per 6,000 vectors when the index holds more than
+        3,072,000, following the index as it grows).
     vector_dtype : {"float32", "float16"}
         How the unit vectors are stored (float16 halves the disk and page cache;
         scores then differ from float32 ones by about 1e-3).
