@@ -217,3 +217,61 @@ def test_cli_serve_rerank_with_a_tiny_astrollava_on_loopback(monkeypatch, archiv
     np.testing.assert_allclose([x["rerank_score"] for x in results], expected[order], rtol=1e-4, atol=1e-4)
     assert [x["clip_rank"] for x in results] == [int(i) + 1 for i in order]
     assert all(isinstance(x["score"], float) for x in results)
+
+
+class Busy:
+    """A model whose calls last a while and record how many ran at once."""
+
+    source = "busy-model"
+
+    def __init__(self):
+        self.running = self.most = 0
+        self.guard = threading.Lock()
+
+    def _call(self, result):
+        with self.guard:
+            self.running += 1
+            self.most = max(self.most, self.running)
+        time.sleep(0.05)
+        with self.guard:
+            self.running -= 1
+        return result
+
+    def generate_chats(self, requests):
+        return self._call(["answer"] * len(requests))
+
+    def rerank_scores(self, query, images):
+        return self._call(np.zeros(len(images)))
+
+
+def _together(model, calls: int = 3) -> int:
+    """Most calls of ``model`` running at once when the assistant and re-ranking call it together."""
+    threads = [threading.Thread(target=model.generate_chats, args=([1],)) for _ in range(calls)]
+    threads += [threading.Thread(target=model.rerank_scores, args=("q", [1, 2])) for _ in range(calls)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return model.most if isinstance(model, Busy) else model.model.most
+
+
+def test_one_model_for_assistant_and_reranking_is_loaded_once_and_taken_in_turns(archive, monkeypatch):
+    from astrovl.llava import AstroLLaVA
+    from astrovl.serve.models import TakingTurns
+
+    loaded = []
+    monkeypatch.setattr(AstroLLaVA, "from_pretrained", classmethod(lambda cls, name, device=None:
+                                                                   loaded.append(name) or Busy()))
+    app = _app(archive, llava="some/astrollava", rerank="some/astrollava")
+    assert loaded == ["some/astrollava"]
+    shared = app.state.service.reranker
+    assert isinstance(shared, TakingTurns) and app.state.assistant.llava is shared
+    assert app.state.assistant.model_id == "some/astrollava"
+    assert _together(shared) == 1
+    assert _together(Busy()) > 1  # the same calls overlap without turns
+    app = _app(archive, llava="some/astrollava", rerank="another/astrollava")  # two models: each its own
+    assert loaded[1:] == ["some/astrollava", "another/astrollava"]
+    assert isinstance(app.state.service.reranker, Busy) and app.state.assistant.llava is not app.state.service.reranker
+    model = Busy()  # one object given twice, as the command line does for one name
+    app = _app(archive, llava=model, rerank=model)
+    assert app.state.service.reranker.model is model and app.state.assistant.llava is app.state.service.reranker

@@ -15,9 +15,11 @@ count as the process's own), so the peak memory is about
 * the training sample of an ``"ivf"``/``"ivfpq"`` structure: at most
   ``max(100_000, 64 * nlist)`` rows as float32 (and faiss's copy of its residuals);
 * one chunk (32 MiB of float32: 16384 rows at 512-d) and its normalised copy;
-* the structure itself: ``N * (pq_m + 8)`` bytes for ``"ivfpq"``, but
-  ``N * dim * 4`` bytes for ``"ivf"`` and ``N * (dim * 4 + hnsw_m * 8)`` for
-  ``"hnsw"`` (their structures hold the full vectors);
+* the structure itself: ``N * (pq_m + 8)`` bytes for ``"ivfpq"``; for ``"ivf"``
+  the centroids and the cell of each row (4 bytes), as its lists are written
+  into the file in a second pass over the rows, chunk by chunk
+  (:mod:`astrovl.clip.ivf_file`); but ``N * (dim * 4 + hnsw_m * 8)``
+  bytes for ``"hnsw"`` (its graph is built over the full vectors in memory);
 * the metadata table (one row per vector).
 
 Disk: the vectors are written once (``N * dim * 4`` bytes, or 2 for float16)
@@ -40,6 +42,7 @@ from astropy.table import Table
 
 from ..utils.files import atomic_directory, atomic_write, prepare_output_dir
 from . import faiss_structures as fs
+from . import ivf_file
 from .index_files import (
     FAISS_FILE,
     OUTPUT_KIND,
@@ -288,21 +291,28 @@ def write_index_from_rows(directory: str | os.PathLike, parts: Sequence, metadat
         bar = progress_bar(total=count, enabled=progress, desc="writing the index", unit="vec")
         step = fs.chunk_rows(dim)
 
+        cells = np.empty(count, dtype=np.int32) if kind == "ivf" else None  # an "ivf" file is written after
+
         def chunks():
             for start in range(0, count, step):
                 block = _normalized(rows[start:start + step], start)
-                if structure is not None:
+                if cells is not None:
+                    cells[start:start + len(block)] = ivf_file.assign(structure, block)
+                elif structure is not None:
                     fs.add_block(structure, block)
                 bar.update(len(block))
                 yield block
 
         write_vectors(tmp / VECTORS, chunks(), count, dim, vector_dtype)
         bar.close()
-        if structure is not None:
+        if cells is not None:  # out of core: the rows again, written at their cells' places
+            ivf_file.write_from_rows(tmp / FAISS_FILE, structure, cells,
+                                     (_normalized(rows[s:s + step], s) for s in range(0, count, step)))
+        elif structure is not None:
             import faiss
 
             faiss.write_index(structure, str(tmp / FAISS_FILE))
-            del structure
+        structure = None  # freed before the metadata is written
         write_metadata(metadata, tmp)
         kept = {k: v for k, v in all_params.items()
                 if kind == "ivfpq" or k not in ("pq_m", "pq_bits", "opq", "rerank_depth")}

@@ -36,6 +36,7 @@ from .index_files import (  # noqa: F401  (the file names and OUTPUT_KIND are al
     write_vectors,
 )
 from .index_metadata import read_metadata, write_metadata
+from .ivf_file import GrownStructure, write_from_lists
 from .loading import describe_source
 
 __all__ = ["EmbeddingIndex", "recorded_image_root", "common_image_root"]
@@ -138,6 +139,7 @@ class EmbeddingIndex:
         self._meta = ChunkedRows(_stack_tables)
         self._faiss = None
         self._faiss_file: Path | None = None  # the file a memory-mapped structure is read from
+        self._grown: GrownStructure | None = None  # a mapped "ivf" structure that took new vectors
 
     # ------------------------------------------------------------------ building
     @classmethod
@@ -252,12 +254,16 @@ class EmbeddingIndex:
             meta = metadata if isinstance(metadata, Table) else Table(dict(metadata))
         if len(meta) != len(vectors):
             raise ValueError(f"{len(meta)} metadata rows for {len(vectors)} vectors; give one row per vector")
-        if self._faiss_file is not None:  # memory-mapped, read-only: read it to grow it
+        if self._faiss_file is not None and self.kind != "ivf":  # mapped, read-only: read it to grow it
             self._faiss = fs.read_structure(self._faiss_file, self.kind)[0]
             self._faiss_file = None
         self._vec.append(stored)  # amortised: no concatenation of everything per call
         self._meta.append(meta.copy())
-        if self._faiss is not None and self._faiss.is_trained:
+        if self._faiss_file is not None:  # a mapped "ivf" structure: its lists stay on disk
+            if self._grown is None:
+                self._grown = GrownStructure(self._faiss)
+            self._grown.add(vectors)
+        elif self._faiss is not None and self._faiss.is_trained:
             fs.add_block(self._faiss, vectors)
         else:
             self._faiss = None  # (re)built lazily with all vectors
@@ -683,7 +689,9 @@ class EmbeddingIndex:
             if self.kind != "exact" and len(self):
                 import faiss
 
-                if self._faiss_file is not None:  # mapped from a file, unchanged since: copy it
+                if self._grown is not None:  # mapped lists and new ones, written cell after cell
+                    write_from_lists(tmp / FAISS_FILE, self._faiss)
+                elif self._faiss_file is not None:  # mapped from a file, unchanged since: copy it
                     shutil.copyfile(self._faiss_file, tmp / FAISS_FILE)
                 else:
                     faiss.write_index(self._structure(), str(tmp / FAISS_FILE))
@@ -712,8 +720,10 @@ class EmbeddingIndex:
             with other processes serving the same index, reclaimable) instead of
             in the private memory of the process. Vectors added later are kept in
             memory. The inverted lists of an ``"ivf"`` or ``"ivfpq"`` structure
-            are mapped from ``index.faiss`` too (``faiss.IO_FLAG_MMAP``); the
-            structure is read into memory when vectors are added.
+            are mapped from ``index.faiss`` too (``faiss.IO_FLAG_MMAP``). Vectors
+            added later join an ``"ivf"`` structure in memory beside its mapped
+            lists (:class:`~astrovl.clip.ivf_file.GrownStructure`); an
+            ``"ivfpq"`` structure (codes only) is read into memory first.
 
         Raises
         ------

@@ -18,6 +18,7 @@ from .defaults import (
     DEFAULT_PORT,
     MAX_K,
 )
+from .models import vision_language_models
 from .parsing import parse_flag, read_json
 from .security import Guard
 from .service import SearchService
@@ -105,7 +106,8 @@ def create_app(index, embedder=None, *, index_dir: str | os.PathLike | None = No
         Largest image (width x height, read from its header) decoded for an
         upload or a thumbnail; larger ones are answered 413 before decoding.
     llava : AstroLLaVA or str or path, optional
-        The assistant: a model, or a name ``AstroLLaVA.from_pretrained`` takes (on ``device``).
+        The assistant: a model, or a name ``AstroLLaVA.from_pretrained`` takes (on ``device``);
+        the same as ``rerank``: loaded once, used in turns (:class:`~astrovl.serve.models.TakingTurns`).
     llava_batch, llava_queue, llava_max_tokens, text_batch : int
         Most assistant requests per batch, and waiting (more get 503); most new tokens per
         assistant request; most new query texts per pass of the text tower.
@@ -136,7 +138,7 @@ def create_app(index, embedder=None, *, index_dir: str | os.PathLike | None = No
         index_dir = Path(index)
         index = EmbeddingIndex.load(index_dir, embedder=embedder, device=device)
     _set_search_threads(search_threads)
-    rerank = _reranker(rerank, device)
+    assistant, rerank = _assistant_and_reranker(llava, rerank, device, llava_batch, llava_queue, llava_max_tokens)
     service = SearchService(index, embedder, index_dir=index_dir, image_root=image_root,
                             thumbnail_cache=thumbnail_cache, thumbnail_size=thumbnail_size, max_k=max_k,
                             title=title, max_image_pixels=int(max_image_pixels), text_batch=text_batch,
@@ -144,7 +146,6 @@ def create_app(index, embedder=None, *, index_dir: str | os.PathLike | None = No
     if device is not None:
         service.embedder.to(device)
     handlers = _Handlers(service, int(max_upload_bytes), int(max_image_pixels))
-    assistant = _assistant(llava, device, llava_batch, llava_queue, llava_max_tokens)
     routes = [*_page_routes(handlers),
               *assistant_routes(assistant, service, int(max_upload_bytes), handlers.image_limiter,
                                 max_image_pixels=int(max_image_pixels))]
@@ -157,13 +158,15 @@ def create_app(index, embedder=None, *, index_dir: str | os.PathLike | None = No
     return app
 
 
-def _reranker(rerank, device):
-    """The re-ranking model: ``rerank`` itself when it is one, else loaded by name (None: no re-ranking)."""
-    if rerank is None or callable(getattr(rerank, "rerank_scores", None)):
-        return rerank
-    from ..llava import AstroLLaVA
+def _assistant_and_reranker(llava, rerank, device, max_batch: int, max_queue: int, max_tokens: int) -> tuple:
+    """The :class:`AssistantService` of ``llava`` (or None) and the re-ranking model (or None)."""
+    llava, name, rerank = vision_language_models(llava, rerank, device)
+    if llava is None:
+        return None, rerank
+    from .assistant import AssistantService  # the generation machinery: only when asked for
 
-    return AstroLLaVA.from_pretrained(rerank, device=device)
+    return AssistantService(llava, model_id=name, max_batch=max_batch, max_queue=max_queue,
+                            max_tokens=max_tokens), rerank
 
 
 def _page_routes(handlers) -> list:
@@ -200,20 +203,6 @@ def _middleware(token, allowed_hosts, max_body: int, cors_origins) -> list:
                                         allow_methods=["GET", "POST"],
                                         allow_headers=["Authorization", "Content-Type"]))
     return middleware
-
-
-def _assistant(llava, device, max_batch: int, max_queue: int, max_tokens: int):
-    """The :class:`AssistantService` of ``llava`` (a model, or a name to load), or None."""
-    if llava is None:
-        return None
-    from ..llava import AstroLLaVA
-    from .assistant import AssistantService
-
-    name = None
-    if not isinstance(llava, AstroLLaVA):
-        name = str(llava)
-        llava = AstroLLaVA.from_pretrained(llava, device=device)
-    return AssistantService(llava, model_id=name, max_batch=max_batch, max_queue=max_queue, max_tokens=max_tokens)
 
 
 def run_app(app, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, *, log_level: str = "info") -> None:
