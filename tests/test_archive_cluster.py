@@ -14,6 +14,7 @@ import pytest
 from astrovl.cli import main
 from astrovl.clip import TINY_CLIP_CONFIG, CLIPEmbedder, EmbeddingIndex
 from astrovl.clip.archive import build_on_cluster, embed_shards_to_files
+from astrovl.clip.sharded import local_cluster
 from astrovl.utils.files import prepare_output_dir
 
 distributed = pytest.importorskip("distributed")
@@ -23,9 +24,7 @@ distributed = pytest.importorskip("distributed")
 def client():
     import asyncio
 
-    cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                                       dashboard_address=None,  # a free loopback port, not 8787
-                                       scheduler_kwargs={"dashboard_address": "127.0.0.1:0"})
+    cluster = local_cluster(2)
     c = distributed.Client(cluster)
     yield c
     c.close()
@@ -135,3 +134,27 @@ def test_a_worker_killed_mid_shard_is_replaced_without_duplicates(client, embedd
     assert len(index) == len(many)
     np.testing.assert_allclose(index.vectors, np.tile(local.vectors, (5, 1)), atol=1e-5)
     assert list(index.metadata["source"]) == list(np.tile(local.metadata["source"], 5))
+
+
+def test_local_cluster_status_page_is_on_a_free_loopback_port():
+    """dask's default status page (port 8787 on every address) warns when the port is taken (an error
+    here) and shows the cluster to the network; astrovl's clusters take a free loopback port."""
+    import socket
+    from urllib.parse import urlsplit
+
+    holder = socket.socket()
+    try:
+        holder.bind(("127.0.0.1", 8787))
+    except OSError:
+        pass  # already taken: the same situation
+    try:
+        with local_cluster(1, processes=False) as cluster:
+            port = cluster.scheduler.http_server.port
+            assert port not in (None, 8787)
+            socket.create_connection(("127.0.0.1", port), timeout=5).close()
+            shown = urlsplit(cluster.dashboard_link).hostname  # the address dask shows: not listened on
+            if shown not in ("127.0.0.1", "localhost"):
+                with pytest.raises(OSError):
+                    socket.create_connection((shown, port), timeout=5).close()
+    finally:
+        holder.close()

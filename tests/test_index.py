@@ -5,6 +5,7 @@ import pytest
 from astropy.table import Table
 
 from astrovl.clip import TINY_CLIP_CONFIG, CLIPEmbedder, EmbeddingIndex
+from astrovl.clip.sharded import local_cluster
 from astrovl.exceptions import CheckpointError, IndexMismatchError
 
 
@@ -126,10 +127,7 @@ def test_sharded_build_on_local_cluster_matches(embedder, tmp_path, m13_path, ng
     distributed = pytest.importorskip("distributed")
     images = [str(m13_path), str(ngc1316_path), str(dss_path)] * 2
     single = EmbeddingIndex.build(embedder, images, progress=False)
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                                  dashboard_address=None,  # its status page: a free loopback port
-                                  scheduler_kwargs={"dashboard_address": "127.0.0.1:0"}) as cluster, \
-            distributed.Client(cluster) as client:
+    with local_cluster(2) as cluster, distributed.Client(cluster) as client:
         sharded = EmbeddingIndex.build(embedder, images, client=client, shard_size=2, progress=False)
     np.testing.assert_allclose(sharded.vectors, single.vectors, atol=1e-5)
     assert list(sharded.metadata["source"]) == list(single.metadata["source"])

@@ -11,6 +11,7 @@ import pytest
 
 from astrovl.clip import TINY_CLIP_CONFIG, CLIPEmbedder, EmbeddingIndex
 from astrovl.clip.identity import weights_digest
+from astrovl.clip.sharded import local_cluster
 from astrovl.exceptions import IndexMismatchError, ModelNotFoundError
 
 
@@ -147,10 +148,7 @@ def test_sharded_build_records_the_same_identity(saved, tmp_path, m13_path, ngc1
     path, _ = saved
     emb = CLIPEmbedder.from_pretrained(path, device="cpu")
     source, digest = dict(emb.source), emb.weights_digest
-    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
-                                  dashboard_address=None,  # its status page: a free loopback port
-                                  scheduler_kwargs={"dashboard_address": "127.0.0.1:0"}) as cluster, \
-            distributed.Client(cluster) as client:
+    with local_cluster(1) as cluster, distributed.Client(cluster) as client:
         index = EmbeddingIndex.build(emb, [str(m13_path), str(ngc1316_path)], client=client, progress=False)
     assert emb.source == source  # the temporary copy for the workers is not the model's source
     assert index.model_info["digest"] == digest

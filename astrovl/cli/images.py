@@ -246,10 +246,9 @@ def _dask_client(scheduler: str):
     if not n.isdigit() or int(n) < 1:
         raise ValueError(f"--scheduler {scheduler!r}: give local:N with N >= 1 worker processes, or the "
                          "address of a running dask scheduler")
-    with distributed.LocalCluster(n_workers=int(n), threads_per_worker=1, processes=True,
-                                  dashboard_address=None,  # its status page: a free loopback port
-                                  scheduler_kwargs={"dashboard_address": "127.0.0.1:0"}) as cluster, \
-            distributed.Client(cluster) as client:
+    from ..clip.sharded import local_cluster
+
+    with local_cluster(int(n)) as cluster, distributed.Client(cluster) as client:
         yield client
 
 

@@ -9,7 +9,26 @@ import numpy as np
 
 from ..utils.imports import optional_import
 
-__all__ = ["embed_on_cluster"]
+__all__ = ["embed_on_cluster", "local_cluster"]
+
+
+def local_cluster(n_workers: int, **kwargs):
+    """A :class:`dask.distributed.LocalCluster` of ``n_workers`` single-threaded processes on this machine.
+
+    Its status page listens on a free port of the loopback address (dask's
+    default, port 8787 on every address, fails when two clusters run at once,
+    and shows the cluster to the network). ``kwargs`` go to ``LocalCluster``.
+
+    Examples
+    --------
+    >>> from distributed import Client                     # doctest: +SKIP
+    >>> with local_cluster(4) as cluster, Client(cluster) as client:  # doctest: +SKIP
+    ...     index = EmbeddingIndex.build(clip, paths, client=client, directory="index")
+    """
+    distributed = optional_import("distributed", purpose="a local dask cluster")
+    options = {"threads_per_worker": 1, "processes": True, "dashboard_address": None,
+               "scheduler_kwargs": {"dashboard_address": "127.0.0.1:0"}, **kwargs}
+    return distributed.LocalCluster(n_workers=int(n_workers), **options)
 
 
 def _embed_shard(model_dir: str, items: list, batch_size: int, device: str | None) -> np.ndarray:
