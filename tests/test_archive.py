@@ -159,30 +159,33 @@ MEMORY_SCRIPT = textwrap.dedent("""
     def status(key):
         return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(key))
 
-    paths, out = sys.argv[1:-1], sys.argv[-1]
+    cfg = json.loads(sys.argv[1])
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current size
     base = status("VmRSS")
-    build_from_vector_files(paths, out, kind="ivfpq", nlist=64, pq_m=16, train_sample=20_000,
-                            progress=False)
+    build_from_vector_files(cfg["paths"], cfg["out"], kind=cfg["kind"], nlist=64, train_sample=20_000,
+                            progress=False, **cfg["params"])
     print(json.dumps({"base_kib": base, "peak_kib": status("VmHWM")}))
 """)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
-def test_out_of_core_build_stays_within_a_memory_budget(tmp_path):
+@pytest.mark.parametrize("kind, params", [("ivfpq", {"pq_m": 16}), ("ivf", {})])
+def test_out_of_core_build_stays_within_a_memory_budget(kind, params, tmp_path):
     """250k x 256 float32 (244 MiB of vectors) build in clearly less extra memory than the vectors take.
 
-    The growth is one chunk of 32 MiB with its copies, the training sample, the codes and the
-    metadata table (two columns of 250k rows, written as ECSV), about 150 MiB here."""
+    The growth is one chunk of 32 MiB with its copies, the training sample, the codes (``ivfpq``) or
+    the cell of each row (``ivf``, whose lists faiss would hold: 252 MiB) and the metadata table
+    (two columns of 250k rows, written as ECSV), about 150 MiB here."""
     paths = write_vector_shards(tmp_path / "shards", 250_000, 256, shard_rows=100_000, n_clusters=64)
     vector_bytes = 250_000 * 256 * 4
-    res = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, *map(str, paths), str(tmp_path / "idx")],
+    cfg = {"paths": list(map(str, paths)), "out": str(tmp_path / "idx"), "kind": kind, "params": params}
+    res = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, json.dumps(cfg)],
                          capture_output=True, text=True, check=True, timeout=300)
     mem = json.loads(res.stdout.strip().splitlines()[-1])
     grown = (mem["peak_kib"] - mem["base_kib"]) * 1024
     assert 0 < grown < 0.8 * vector_bytes, (grown / 2**20, mem)
     index = EmbeddingIndex.load(tmp_path / "idx")
-    assert len(index) == 250_000 and index.kind == "ivfpq"
+    assert len(index) == 250_000 and index.kind == kind
     q = np.array(np.load(paths[1], mmap_mode="r")[123])  # a stored vector finds itself first
     assert index.search(q, k=1)["row"][0] == 100_123
 

@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-import textwrap
-
 import faiss
 import numpy as np
 import pytest
@@ -15,7 +10,7 @@ from astrovl.clip import EmbeddingIndex
 from astrovl.clip import faiss_structures as fs
 from astrovl.clip.archive import build_from_vector_files
 from astrovl.clip.ivf_file import GrownStructure, assign, write_from_lists, write_from_rows
-from astrovl.testing.clip import clustered_unit_vectors, write_vector_shards
+from astrovl.testing.clip import clustered_unit_vectors
 
 
 @pytest.fixture(scope="module")
@@ -123,37 +118,3 @@ def test_index_built_out_of_core_equals_one_built_in_memory(vectors, tmp_path):
     again = EmbeddingIndex.load(tmp_path / "idx")
     assert again._faiss.ntotal == 6_000 and again._faiss_file is not None
     assert again.search(vectors[5_500], k=1)["row"][0] == 5_500
-
-
-MEMORY_SCRIPT = textwrap.dedent("""
-    import json, sys
-    from pathlib import Path
-    from astrovl.clip.archive import build_from_vector_files
-    import faiss, astropy.table  # imports count in the baseline
-
-    def status(key):
-        return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(key))
-
-    paths, out = sys.argv[1:-1], sys.argv[-1]
-    Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current size
-    base = status("VmRSS")
-    build_from_vector_files(paths, out, kind="ivf", nlist=64, train_sample=20_000, progress=False)
-    print(json.dumps({"base_kib": base, "peak_kib": status("VmHWM")}))
-""")
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
-def test_ivf_build_stays_within_a_memory_budget(tmp_path):
-    """250k x 256 float32 (244 MiB): faiss would hold 252 MiB of lists; the out-of-core build holds
-    chunks, the training sample, the cells and the metadata table."""
-    paths = write_vector_shards(tmp_path / "shards", 250_000, 256, shard_rows=100_000, n_clusters=64)
-    vector_bytes = 250_000 * 256 * 4
-    res = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, *map(str, paths), str(tmp_path / "idx")],
-                         capture_output=True, text=True, check=True, timeout=300)
-    mem = json.loads(res.stdout.strip().splitlines()[-1])
-    grown = (mem["peak_kib"] - mem["base_kib"]) * 1024
-    assert 0 < grown < 0.8 * vector_bytes, (grown / 2**20, mem)
-    index = EmbeddingIndex.load(tmp_path / "idx")
-    assert len(index) == 250_000 and index.kind == "ivf" and index._faiss_file is not None
-    q = np.array(np.load(paths[2], mmap_mode="r")[4_321])
-    assert index.search(q, k=1)["row"][0] == 204_321
