@@ -101,3 +101,27 @@ def test_metadata_of_many_adds(tmp_path):
     assert list(table["n"]) == list(range(10)) and len(index._meta.chunks) == 1
     with pytest.raises(ValueError, match="metadata rows"):
         index.metadata = Table({"n": [1]})
+
+
+def test_rows_are_read_from_the_vectors_file_exactly(tmp_path, monkeypatch):
+    """Re-ranking reads scattered rows from the file (no pages mapped): the same values as the map, in the
+    order asked (repeats too); a truncated file is an error naming it; without ``preadv``, the map."""
+    from astrovl.clip.index_files import VECTORS, map_vectors, read_rows
+
+    vectors = np.random.default_rng(0).standard_normal((500, 24)).astype(np.float16)
+    index = EmbeddingIndex(24, vector_dtype="float16")
+    index.add(vectors)
+    index.save(tmp_path / "idx")
+    mapped = map_vectors(tmp_path / "idx" / VECTORS)
+    rows = np.array([499, 3, 3, 250, 0, 17])
+    np.testing.assert_array_equal(read_rows(mapped, rows), np.asarray(mapped[rows]))
+    np.testing.assert_array_equal(read_rows(mapped, rows), index.vectors[rows])
+    assert read_rows(mapped, []).shape == (0, 24)
+    with monkeypatch.context() as m:
+        m.delattr("os.preadv")
+        np.testing.assert_array_equal(read_rows(mapped, rows), np.asarray(mapped[rows]))
+    size = (tmp_path / "idx" / VECTORS).stat().st_size
+    with open(tmp_path / "idx" / VECTORS, "r+b") as fh:
+        fh.truncate(size - 10)
+    with pytest.raises(OSError, match=r"vectors.safetensors.*row 499 is cut short"):
+        read_rows(mapped, [499])

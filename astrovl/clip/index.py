@@ -583,6 +583,9 @@ class EmbeddingIndex:
     def _stored_rows(self, rows: np.ndarray) -> np.ndarray:
         """The stored vectors of ``rows``; rows of a memory map are read from its file, not mapped."""
         which, local = self._vec.locate(rows)
+        if len(which) and which.min() == which.max():  # one chunk (a loaded index not grown since)
+            chunk = self._vec.chunks[int(which[0])]
+            return read_rows(chunk, local) if isinstance(chunk, np.memmap) else chunk[local]
         out = np.empty((len(rows), self.dim), dtype=self.vector_dtype)
         for c in np.unique(which):
             sel = np.flatnonzero(which == c)

@@ -152,20 +152,26 @@ def map_vectors(path: Path, *, random_access: bool = False) -> np.ndarray:
 
 
 def read_rows(mapped: np.memmap, rows) -> np.ndarray:
-    """Rows of a memory-mapped 2-d array, read from its file with ``pread``.
+    """Rows of a memory-mapped 2-d array, read from its file straight into the result (``preadv``).
 
     Reading maps no pages into the process: touching a few hundred scattered
     rows of a map can map hundreds of MiB of page cache (large folios), which
-    then count in the process's resident set.
+    then count in the process's resident set. Where the system has no
+    ``preadv`` (Windows), the rows are taken from the map.
     """
     rows = np.asarray(rows, dtype=np.int64)
+    if not hasattr(os, "preadv"):
+        return np.asarray(mapped[rows])
     row_bytes = mapped.shape[1] * mapped.dtype.itemsize
     out = np.empty((len(rows), mapped.shape[1]), dtype=mapped.dtype)
+    view = memoryview(out.reshape(-1).view(np.uint8))
+    offsets = (int(mapped.offset) + rows * row_bytes).tolist()
     fd = os.open(mapped.filename, os.O_RDONLY)
     try:
-        for i, r in enumerate(rows):
-            out[i] = np.frombuffer(os.pread(fd, row_bytes, int(mapped.offset) + int(r) * row_bytes),
-                                   dtype=mapped.dtype)
+        for i, offset in enumerate(offsets):
+            if os.preadv(fd, [view[i * row_bytes:(i + 1) * row_bytes]], offset) != row_bytes:
+                raise OSError(f"{mapped.filename}: row {int(rows[i])} is cut short; the index file is "
+                              "truncated, rebuild the index")
     finally:
         os.close(fd)
     return out
