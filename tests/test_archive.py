@@ -239,3 +239,38 @@ def test_default_rerank_depth_follows_the_index_size():
     assert len(grows) == 6_000_000 and grows._rerank_depth(None, 10) == 1_000
     fixed = EmbeddingIndex(8, kind="ivfpq", rerank_depth=300)
     assert fixed._rerank_depth(None, 10) == 300 and fixed._rerank_depth(40, 10) == 40
+
+
+def test_search_defaults_are_set_once_kept_when_saved_and_taken_by_serve(ivfpq, data, tmp_path, monkeypatch,
+                                                                         capsys):
+    import astrovl.serve.app as app_module
+
+    _, queries, truth = data
+    ivfpq.save(tmp_path / "pq")
+    index = EmbeddingIndex.load(tmp_path / "pq")
+    narrow = [list(index.search(q, k=10, nprobe=1, rerank_depth=10)["row"]) for q in queries[:20]]
+    index.set_search_defaults(nprobe=1, rerank_depth=10)
+    assert [list(index.search(q, k=10)["row"]) for q in queries[:20]] == narrow
+    assert _recall(index, queries, truth) < _recall(ivfpq, queries, truth)
+    index.save(tmp_path / "narrow")
+    again = EmbeddingIndex.load(tmp_path / "narrow")
+    assert again.params["nprobe"] == 1 and again.params["rerank_depth"] == 10
+    assert [list(again.search(q, k=10)["row"]) for q in queries[:20]] == narrow
+    for bad, match in (({"ef_search": 5}, "ef_search does not apply to an index of kind 'ivfpq'"),
+                       ({"nprobe": 0}, "nprobe=0 must be >= 1"), ({"rerank_depth": 0}, "rerank_depth=0")):
+        with pytest.raises(ValueError, match=match):
+            index.set_search_defaults(**bad)
+    assert index.params["nprobe"] == 1  # a refused setting changes nothing
+    with pytest.raises(ValueError, match="rerank_depth does not apply"):
+        EmbeddingIndex(8, kind="ivf").set_search_defaults(rerank_depth=5)
+
+    pytest.importorskip("starlette")
+    runs = []
+    monkeypatch.setattr(app_module, "run_app", lambda app, host, port, **kw: runs.append(app))
+    CLIPEmbedder.from_config(TINY_CLIP_CONFIG, seed=0).save_pretrained(tmp_path / "tiny")  # 64-d, as the index
+    serve = ["serve", str(tmp_path / "pq"), "--model", str(tmp_path / "tiny")]
+    assert main([*serve, "--nprobe", "1", "--rerank-depth", "10"]) == 0
+    served = runs[-1].state.service.index
+    assert served.params["nprobe"] == 1 and served.params["rerank_depth"] == 10
+    assert main([*serve, "--ef-search", "5"]) == 1
+    assert "ef_search does not apply" in capsys.readouterr().err

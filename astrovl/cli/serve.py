@@ -77,6 +77,12 @@ def register(sub) -> None:
     p.add_argument("--rerank-top", type=_positive_int, default=None, metavar="N",
                    help="CLIP candidates the --rerank model scores per text search (default 50; at least "
                    "the k of the request)")
+    p.add_argument("--nprobe", type=_positive_int, default=None,
+                   help="cells searched per query of an ivf/ivfpq index (default: the index's own)")
+    p.add_argument("--ef-search", type=_positive_int, default=None,
+                   help="search breadth of an hnsw index (default: the index's own)")
+    p.add_argument("--rerank-depth", type=_positive_int, default=None,
+                   help="candidates an ivfpq index re-scores exactly per query (default: the index's own)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
                    help="server log level (default info; 'warning' hides the access log)")
 
@@ -139,6 +145,10 @@ def _cmd_serve(args):
               + ("" if token else f"; set a token with {TOKEN_ENV} or --token"), file=sys.stderr)
     embedder = load_clip_if_named(args)
     index = EmbeddingIndex.load(args.index, embedder=embedder, device=args.device)
+    try:
+        index.set_search_defaults(nprobe=args.nprobe, ef_search=args.ef_search, rerank_depth=args.rerank_depth)
+    except ValueError as exc:
+        raise ValueError(f"{args.index}: {exc}") from None
     llava = None
     if args.llava:
         from ..llava import AstroLLaVA

@@ -32,7 +32,8 @@ import numpy as np
 
 __all__ = ["KINDS", "IVF_KINDS", "IVF_TRAIN_POINTS_PER_CELL", "IVF_TRAIN_SAMPLE", "ADD_CHUNK", "CHUNK_BYTES", "chunk_rows",
            "default_params", "default_nlist", "default_pq_m", "new_structure", "training_size",
-           "train_structure", "train_on", "add_block", "add_in_chunks", "build_structure", "search_parameters", "ivf_part",
+           "train_structure", "train_on", "add_block", "add_in_chunks", "build_structure", "apply_search_defaults", "check_search_settings",
+           "search_parameters", "ivf_part",
            "read_structure"]
 
 KINDS = ("exact", "hnsw", "ivf", "ivfpq")
@@ -224,6 +225,28 @@ def build_structure(kind: str, dim: int, params: dict, vectors):
     return index
 
 
+def apply_search_defaults(structure, kind: str, params: dict) -> None:
+    """Give ``structure`` the index's ``nprobe`` (at most ``nlist``) or ``ef_search`` from ``params``."""
+    if kind in IVF_KINDS and params.get("nprobe"):
+        ivf = ivf_part(structure)
+        ivf.nprobe = min(int(params["nprobe"]), int(ivf.nlist))
+    elif kind == "hnsw" and params.get("ef_search"):
+        structure.hnsw.efSearch = int(params["ef_search"])
+
+
+def check_search_settings(kind: str, ef_search: int | None, nprobe: int | None) -> None:
+    """Refuse a search setting below 1 or one that does not apply to ``kind`` (:class:`ValueError`)."""
+    for name, value in (("ef_search", ef_search), ("nprobe", nprobe)):
+        if value is not None and int(value) < 1:
+            raise ValueError(f"{name}={value!r} must be >= 1")
+    if (ef_search is not None and kind != "hnsw") or (nprobe is not None and kind not in IVF_KINDS):
+        given = "ef_search" if ef_search is not None else "nprobe"
+        raise ValueError(
+            f"{given} does not apply to an index of kind {kind!r}: ef_search is for "
+            "kind='hnsw' and nprobe for kind='ivf' or 'ivfpq'"
+        )
+
+
 def search_parameters(kind: str, params: dict, structure, ef_search: int | None, nprobe: int | None,
                       bitmap: np.ndarray | None = None):
     """faiss search parameters for one call, or None to use the structure's own.
@@ -245,15 +268,7 @@ def search_parameters(kind: str, params: dict, structure, ef_search: int | None,
         return None
     import faiss
 
-    for name, value in (("ef_search", ef_search), ("nprobe", nprobe)):
-        if value is not None and int(value) < 1:
-            raise ValueError(f"{name}={value!r} must be >= 1")
-    if (ef_search is not None and kind != "hnsw") or (nprobe is not None and kind not in IVF_KINDS):
-        given = "ef_search" if ef_search is not None else "nprobe"
-        raise ValueError(
-            f"{given} does not apply to an index of kind {kind!r}: ef_search is for "
-            "kind='hnsw' and nprobe for kind='ivf' or 'ivfpq'"
-        )
+    check_search_settings(kind, ef_search, nprobe)
     kw = {} if bitmap is None else {"sel": faiss.IDSelectorBitmap(bitmap)}
     if kind == "hnsw":
         return faiss.SearchParametersHNSW(efSearch=int(ef_search or params["ef_search"]), **kw)

@@ -560,6 +560,37 @@ class EmbeddingIndex:
             else:
                 yield start, chunk
 
+    def set_search_defaults(self, *, nprobe: int | None = None, ef_search: int | None = None,
+                            rerank_depth: int | None = None) -> None:
+        """Change what a search uses when it does not say: for this index, and kept when it is saved.
+
+        A server or a script that wants faster or more accurate answers than the
+        index was built with sets them once (``astrovl serve --nprobe ...``)
+        instead of passing them to every :meth:`search`.
+
+        Parameters
+        ----------
+        nprobe : int, optional
+            Cells searched (``"ivf"``, ``"ivfpq"``).
+        ef_search : int, optional
+            Search breadth (``"hnsw"``).
+        rerank_depth : int, optional
+            Candidates re-scored exactly (``"ivfpq"``); fixed from now on instead
+            of following the index's size.
+
+        Raises
+        ------
+        ValueError
+            A value below 1, or one that does not apply to this kind of index.
+        """
+        fs.check_search_settings(self.kind, ef_search, nprobe)
+        self._rerank_depth(rerank_depth, 1)  # checks it
+        for name, value in (("nprobe", nprobe), ("ef_search", ef_search), ("rerank_depth", rerank_depth)):
+            if value is not None:
+                self.params[name] = int(value)
+        if self._faiss is not None:
+            fs.apply_search_defaults(self._faiss, self.kind, self.params)
+
     def _rerank_depth(self, rerank_depth: int | None, k: int) -> int | None:
         """Candidates re-scored exactly by an ``"ivfpq"`` index (None for other kinds)."""
         if rerank_depth is not None:
@@ -776,6 +807,7 @@ class EmbeddingIndex:
         if index.kind != "exact" and (directory / FAISS_FILE).is_file():
             index._faiss, mapped = fs.read_structure(directory / FAISS_FILE, index.kind, mmap=mmap)
             index._faiss_file = (directory / FAISS_FILE).resolve() if mapped else None
+            fs.apply_search_defaults(index._faiss, index.kind, index.params)  # the manifest's, if changed since
             if index._faiss.ntotal != count:
                 index._faiss, index._faiss_file = None, None
         return index
