@@ -274,3 +274,5 @@ def test_search_defaults_are_set_once_kept_when_saved_and_taken_by_serve(ivfpq, 
     assert served.params["nprobe"] == 1 and served.params["rerank_depth"] == 10
     assert main([*serve, "--ef-search", "5"]) == 1
     assert "ef_search does not apply" in capsys.readouterr().err
+    assert main([*serve, "--nprobe", "0"]) == 1
+    assert "nprobe=0 must be >= 1" in capsys.readouterr().err

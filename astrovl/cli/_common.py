@@ -82,6 +82,14 @@ def add_image_args(p: argparse.ArgumentParser, what: str = "every FITS file") ->
                    "cube of 3 planes is shown as colour, other cubes need it)")
 
 
+def add_search_settings_args(p: argparse.ArgumentParser, scope: str) -> None:
+    """``--nprobe``, ``--ef-search`` and ``--rerank-depth``: an index's search settings, for ``scope``."""
+    for flag, what in (("--nprobe", "cells searched by an 'ivf' or 'ivfpq' index"),
+                       ("--ef-search", "search breadth of an 'hnsw' index"),
+                       ("--rerank-depth", "candidates an 'ivfpq' index re-scores exactly")):
+        p.add_argument(flag, type=int, default=None, help=f"{what} {scope} (default: the index's)")
+
+
 def add_on_error_arg(p: argparse.ArgumentParser) -> None:
     """``--on-error``: what a command on many files does with one it cannot read."""
     p.add_argument("--on-error", choices=("skip", "stop"), default="skip",

@@ -12,6 +12,7 @@ from ._common import (
     add_model_args,
     add_on_error_arg,
     add_output_args,
+    add_search_settings_args,
     check_images,
     check_output_name,
     check_positive,
@@ -106,12 +107,7 @@ def register(sub) -> None:
     p.add_argument("--image", default=None, help="query by this image instead of text")
     add_image_args(p, "the --image file")
     p.add_argument("-k", type=int, default=10, help="number of results (default 10)")
-    p.add_argument("--nprobe", type=int, default=None,
-                   help="cells searched by an 'ivf' index for this query (default: the index's)")
-    p.add_argument("--ef-search", type=int, default=None,
-                   help="search breadth of an 'hnsw' index for this query (default: the index's)")
-    p.add_argument("--rerank-depth", type=int, default=None,
-                   help="candidates an 'ivfpq' index re-scores exactly for this query (default: the index's)")
+    add_search_settings_args(p, "for this query")
     p.add_argument("--rerank", default=None, metavar="MODEL",
                    help="re-order CLIP's best --rerank-top images by this AstroLLaVA model (hub id or "
                    "directory): the likelihood of the text query as its description of each image")

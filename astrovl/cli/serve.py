@@ -7,7 +7,7 @@ import math
 import os
 import sys
 
-from ._common import add_command, add_model_args, load_clip_if_named
+from ._common import add_command, add_model_args, add_search_settings_args, load_clip_if_named
 
 __all__ = ["register", "serve_url"]
 
@@ -77,12 +77,7 @@ def register(sub) -> None:
     p.add_argument("--rerank-top", type=_positive_int, default=None, metavar="N",
                    help="CLIP candidates the --rerank model scores per text search (default 50; at least "
                    "the k of the request)")
-    p.add_argument("--nprobe", type=_positive_int, default=None,
-                   help="cells searched per query of an ivf/ivfpq index (default: the index's own)")
-    p.add_argument("--ef-search", type=_positive_int, default=None,
-                   help="search breadth of an hnsw index (default: the index's own)")
-    p.add_argument("--rerank-depth", type=_positive_int, default=None,
-                   help="candidates an ivfpq index re-scores exactly per query (default: the index's own)")
+    add_search_settings_args(p, "for every query of this server")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
                    help="server log level (default info; 'warning' hides the access log)")
 
