@@ -144,32 +144,22 @@ def _cmd_serve(args):
         index.set_search_defaults(nprobe=args.nprobe, ef_search=args.ef_search, rerank_depth=args.rerank_depth)
     except ValueError as exc:
         raise ValueError(f"{args.index}: {exc}") from None
-    llava = None
-    if args.llava:
-        from ..llava import AstroLLaVA
-
-        llava = AstroLLaVA.from_pretrained(args.llava, device=args.device)
-    reranker = None
-    if args.rerank:
-        from ..llava import AstroLLaVA
-
-        # the same model as the assistant is loaded once
-        reranker = llava if args.rerank == args.llava else AstroLLaVA.from_pretrained(args.rerank,
-                                                                                      device=args.device)
-    app = create_app(index, embedder, index_dir=args.index, token=token,
+    app = create_app(index, embedder, index_dir=args.index, token=token, device=args.device,
                      max_upload_bytes=int(args.max_upload_mb * 2**20), max_k=args.max_k,
                      max_image_pixels=int(args.max_image_mpix * 1e6),
                      image_root=args.image_root, thumbnail_cache=args.thumbnail_cache,
                      # the address it listens on is accepted too (127.0.0.2, a host name)
                      allowed_hosts=(*LOOPBACK_HOSTS, args.host) if loopback else None,
                      cors_origins=args.cors_origin,
-                     title=args.title, llava=llava, llava_batch=args.llava_batch,
+                     # one name for both is loaded once (create_app)
+                     title=args.title, llava=args.llava, llava_batch=args.llava_batch,
                      llava_queue=args.llava_queue, llava_max_tokens=args.llava_max_tokens,
-                     text_batch=args.text_batch, rerank=reranker, rerank_top=args.rerank_top)
+                     text_batch=args.text_batch, rerank=args.rerank, rerank_top=args.rerank_top)
     print(f"astrovl serve: {len(index)} images from {args.index}; open {serve_url(args.host, args.port, token)}",
           flush=True)
-    if llava is not None:
-        print(f"astrovl serve: assistant {llava.source}; OpenAI-compatible API at "
+    assistant, reranker = app.state.assistant, app.state.service.reranker
+    if assistant is not None:
+        print(f"astrovl serve: assistant {assistant.model_id}; OpenAI-compatible API at "
               f"{serve_url(args.host, args.port)}v1", flush=True)
     if reranker is not None:
         print(f"astrovl serve: text searches re-ranked by {reranker.source} (CLIP's best "
