@@ -615,13 +615,11 @@ class EmbeddingIndex:
         """The stored vectors of ``rows``; rows of a memory map are read from its file, not mapped."""
         which, local = self._vec.locate(rows)
         if len(which) and which.min() == which.max():  # one chunk (a loaded index not grown since)
-            chunk = self._vec.chunks[int(which[0])]
-            return read_rows(chunk, local) if isinstance(chunk, np.memmap) else chunk[local]
+            return _chunk_rows(self._vec.chunks[int(which[0])], local)
         out = np.empty((len(rows), self.dim), dtype=self.vector_dtype)
         for c in np.unique(which):
             sel = np.flatnonzero(which == c)
-            chunk = self._vec.chunks[c]
-            out[sel] = read_rows(chunk, local[sel]) if isinstance(chunk, np.memmap) else chunk[local[sel]]
+            out[sel] = _chunk_rows(self._vec.chunks[c], local[sel])
         return out
 
     def _search_parameters(self, ef_search: int | None, nprobe: int | None,
@@ -811,6 +809,11 @@ class EmbeddingIndex:
             if index._faiss.ntotal != count:
                 index._faiss, index._faiss_file = None, None
         return index
+
+
+def _chunk_rows(chunk: np.ndarray, local: np.ndarray) -> np.ndarray:
+    """Rows of one chunk of stored vectors: read from the file of a memory map, indexed otherwise."""
+    return read_rows(chunk, local) if isinstance(chunk, np.memmap) else chunk[local]
 
 
 def _stack_tables(tables) -> Table:
